@@ -1,0 +1,613 @@
+"""Pure tensor ops for Attentive CutMix, CutMix and Mixup (no Lightning import).
+
+Conventions used throughout this module:
+
+* images are ``(B, C, H, W)``; heatmaps are ``(B, gh, gw)``; masks are boolean ``(B, 1, H, W)``.
+* ``permutation`` ``p`` pairs sample ``i`` with its *partner* ``p[i]``: the partner is the
+  pasted image ``x_A = images[p[i]]`` and ``images[i]`` is the canvas ``x_B``.
+* ``lam[i]`` is the fraction of ``mixed[i]`` that came from the partner, so
+  ``soft_targets[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``.
+* All randomness (pairing, box positions, Beta draws) is drawn on the CPU from the given
+  ``torch.Generator`` (or torch's global generator) and then moved to the images' device,
+  so the same seed gives the same mixes on every device and no sampling needs a sync.
+
+Example::
+
+    >>> import torch
+    >>> from lightning_acm.functional import attentive_cutmix
+    >>> images, labels = torch.rand(4, 3, 224, 224), torch.tensor([0, 1, 2, 3])
+    >>> heatmaps = torch.rand(4, 7, 7)
+    >>> mixed, soft, lam = attentive_cutmix(
+    ...     images, labels, heatmaps, top_k=6, num_classes=10, generator=torch.Generator().manual_seed(0)
+    ... )
+    >>> mixed.shape, soft.shape, lam
+    (torch.Size([4, 3, 224, 224]), torch.Size([4, 10]), tensor([0.1224, 0.1224, 0.1224, 0.1224]))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "attention_grid",
+    "attentive_cutmix",
+    "cell_index_maps",
+    "cutmix",
+    "cutmix_box_mask",
+    "expand_grid",
+    "mix_targets",
+    "mixup",
+    "pairing_permutation",
+    "paste",
+    "pasted_attention_share",
+    "sample_beta",
+    "to_probabilities",
+    "topk_cell_mask",
+]
+
+Size2 = Union[int, tuple[int, int]]
+Reduction = Literal["mean", "max"]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _pair(value: Size2, name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be an int or a pair of ints, but got {value!r}.")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"Expected `{name}` to be an int or a pair of ints (h, w), but got {value!r}.")
+    if min(pair) < 1:
+        raise ValueError(f"Expected `{name}` to be positive, but got {value!r}.")
+    return pair
+
+
+def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"Expected `images` to be a torch.Tensor, but got {type(images).__name__}.")
+    if images.ndim != 4:
+        raise ValueError(
+            f"Expected `images` to be a 4-D batch (B, C, H, W), but got shape {tuple(images.shape)}."
+            " Add the batch dimension with `images.unsqueeze(0)` for a single image."
+        )
+    if images.shape[0] < 1:
+        raise ValueError("Expected `images` to hold at least one sample, but got an empty batch.")
+
+
+def _check_heatmaps(heatmaps: Tensor, batch_size: Optional[int] = None) -> None:
+    if not isinstance(heatmaps, Tensor):
+        raise TypeError(f"Expected `heatmaps` to be a torch.Tensor, but got {type(heatmaps).__name__}.")
+    if heatmaps.ndim != 3:
+        raise ValueError(f"Expected `heatmaps` to have shape (B, gh, gw), but got shape {tuple(heatmaps.shape)}.")
+    if batch_size is not None and heatmaps.shape[0] != batch_size:
+        raise ValueError(
+            "Expected `heatmaps` to have one map per image, but the batch sizes do not match:"
+            f" {heatmaps.shape[0]} != {batch_size}."
+        )
+
+
+def _check_alpha(alpha: float) -> None:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(
+            f"Expected `alpha` to be a finite number > 0 (the Beta(alpha, alpha) parameter), but got {alpha!r}."
+        )
+
+
+def _check_label_smoothing(label_smoothing: float) -> None:
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing!r}.")
+
+
+def _check_permutation(permutation: Tensor, batch_size: int) -> None:
+    if not isinstance(permutation, Tensor) or permutation.dtype not in (torch.int64, torch.int32):
+        raise TypeError("Expected `permutation` to be an integer tensor of shape (B,), e.g. `torch.randperm(B)`.")
+    if tuple(permutation.shape) != (batch_size,):
+        raise ValueError(
+            f"Expected `permutation` to have shape ({batch_size},), but got shape {tuple(permutation.shape)}."
+        )
+    expected = torch.arange(batch_size, device=permutation.device)
+    if not torch.equal(permutation.sort().values.long(), expected):
+        raise ValueError(
+            "Expected `permutation` to be a permutation of range(B) (each index exactly once),"
+            f" but got {permutation.tolist()}."
+        )
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+def pairing_permutation(
+    batch_size: int, *, generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None
+) -> Tensor:
+    """Draw a pairing ``p`` of ``range(batch_size)`` that never pairs a sample with itself.
+
+    The pairing is a uniformly drawn single cycle (so ``p[i] != i`` whenever ``batch_size > 1``);
+    with one sample it is ``[0]``. It is drawn on the CPU and moved to ``device``.
+
+    Example::
+
+        >>> p = pairing_permutation(5, generator=torch.Generator().manual_seed(0))
+        >>> bool((p != torch.arange(5)).all())
+        True
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
+    order = torch.randperm(batch_size, generator=generator)
+    permutation = torch.empty_like(order)
+    permutation[order] = order.roll(-1)
+    return permutation.to(device) if device is not None else permutation
+
+
+def sample_beta(
+    alpha: float, size: int, *, generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None
+) -> Tensor:
+    """Draw ``size`` samples of ``Beta(alpha, alpha)`` (float32) from ``generator``.
+
+    ``torch.distributions.Beta`` cannot take a generator, so the draw uses two Gamma variates
+    from Marsaglia and Tsang's method, vectorized with rejection rounds (not a loop per sample).
+
+    Example::
+
+        >>> lam = sample_beta(1.0, 3, generator=torch.Generator().manual_seed(0))
+        >>> lam.shape, bool(((lam >= 0) & (lam <= 1)).all())
+        (torch.Size([3]), True)
+    """
+    _check_alpha(alpha)
+    gamma = _sample_gamma(float(alpha), 2 * size, generator)
+    first, second = gamma[:size], gamma[size:]
+    total = first + second
+    # Both Gamma draws can underflow to 0 for tiny alpha; Beta then puts its mass on {0, 1}.
+    lam = torch.where(total > 0, first / total.clamp_min(torch.finfo(torch.float64).tiny), (first >= second).double())
+    lam = lam.float()
+    return lam.to(device) if device is not None else lam
+
+
+def _sample_gamma(shape: float, size: int, generator: Optional[torch.Generator]) -> Tensor:
+    boost = shape < 1.0
+    k = shape + 1.0 if boost else shape
+    d = k - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(size, dtype=torch.float64)
+    pending = torch.arange(size)
+    while pending.numel() > 0:
+        n = pending.numel()
+        x = torch.randn(n, generator=generator, dtype=torch.float64)
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        v = (1.0 + c * x) ** 3
+        accept = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        out[pending[accept]] = d * v[accept]
+        pending = pending[~accept]
+    if boost:
+        u = torch.rand(size, generator=generator, dtype=torch.float64)
+        out = out * u.pow(1.0 / shape)
+    return out
+
+
+# --------------------------------------------------------------------------- heatmaps and masks
+
+
+def attention_grid(features: Tensor, grid_size: Size2 = 7, reduction: Reduction = "mean") -> Tensor:
+    """Reduce a ``(B, C, h, w)`` feature map over channels and pool it to a ``(B, gh, gw)`` grid.
+
+    Args:
+        features: the attention model's feature map, e.g. ``(B, 2048, 7, 7)`` from ResNet-152.
+        grid_size: cells per side (``int``) or ``(gh, gw)``; must not be finer than ``(h, w)``.
+        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels.
+
+    Returns:
+        ``(B, gh, gw)`` heatmaps in the dtype of ``features``; when the grid is coarser than the
+        feature map, each cell is the average over the feature cells it covers.
+
+    Raises:
+        ValueError: if ``features`` is not 4-D, ``reduction`` is unknown or the grid is too fine.
+
+    Example::
+
+        >>> attention_grid(torch.rand(2, 2048, 14, 14), grid_size=7).shape
+        torch.Size([2, 7, 7])
+    """
+    if not isinstance(features, Tensor) or features.ndim != 4:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"Expected `features` to be a 4-D feature map (B, C, h, w), but got {shape}.")
+    gh, gw = _pair(grid_size, "grid_size")
+    h, w = features.shape[-2:]
+    if gh > h or gw > w:
+        raise ValueError(
+            f"Expected `grid_size` to be at most the feature map size {h}x{w}, but got {gh}x{gw}."
+            " Use a coarser grid, a larger attention input size, or an earlier layer with a finer map."
+        )
+    if reduction == "mean":
+        reduced = features.mean(dim=1, keepdim=True)
+    elif reduction == "max":
+        reduced = features.amax(dim=1, keepdim=True)
+    else:
+        raise ValueError(f"Expected `reduction` to be one of 'mean', 'max', but got {reduction!r}.")
+    if (gh, gw) != (h, w):
+        reduced = F.adaptive_avg_pool2d(reduced, (gh, gw))
+    return reduced.squeeze(1)
+
+
+def cell_index_maps(grid: tuple[int, int], image_size: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Map each pixel row and column to its grid cell (as evenly as possible; exact when divisible).
+
+    Row ``r`` of an ``H``-pixel image lies in cell row ``floor(r * gh / H)``, so cells differ in
+    height by at most one pixel. Returns ``(row_cells (H,), col_cells (W,))`` of dtype long.
+    """
+    (gh, gw), (height, width) = grid, image_size
+    rows = torch.arange(height, device=device) * gh // height
+    cols = torch.arange(width, device=device) * gw // width
+    return rows, cols
+
+
+def expand_grid(heatmaps: Tensor, image_size: Size2) -> Tensor:
+    """Nearest-cell upsampling of ``(B, gh, gw)`` grids to ``(B, 1, H, W)`` on the same tiling as the masks.
+
+    Example::
+
+        >>> expand_grid(torch.arange(4.0).view(1, 2, 2), 4)[0, 0]
+        tensor([[0., 0., 1., 1.],
+                [0., 0., 1., 1.],
+                [2., 2., 3., 3.],
+                [2., 2., 3., 3.]])
+    """
+    _check_heatmaps(heatmaps)
+    height, width = _pair(image_size, "image_size")
+    gh, gw = heatmaps.shape[-2:]
+    _check_grid_fits(gh, gw, height, width)
+    rows, cols = cell_index_maps((gh, gw), (height, width), heatmaps.device)
+    return heatmaps[:, rows[:, None], cols[None, :]].unsqueeze(1)
+
+
+def _check_grid_fits(gh: int, gw: int, height: int, width: int) -> None:
+    if gh > height or gw > width:
+        raise ValueError(
+            f"Expected `image_size` to be at least the grid size {gh}x{gw}, but got {height}x{width}."
+            " Use a coarser `grid_size` for such small images."
+        )
+
+
+def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
+    """Union of the ``top_k`` highest cells of each heatmap, as a pixel mask.
+
+    Ties are broken deterministically in favour of the cell that comes first in row-major
+    order, and NaN scores rank below every number: a constant (or all-NaN) heatmap selects
+    its first ``top_k`` cells in row-major order.
+
+    Args:
+        heatmaps: ``(B, gh, gw)`` scores.
+        top_k: number of cells to select, in ``[1, gh * gw]``.
+        image_size: ``H`` (square) or ``(H, W)``; cells tile the image exactly when ``H`` and
+            ``W`` are divisible by the grid, otherwise as evenly as possible (see
+            :func:`cell_index_maps`).
+
+    Returns:
+        Boolean mask ``(B, 1, H, W)`` on the heatmaps' device.
+
+    Raises:
+        ValueError: if ``top_k`` is out of range or the image is smaller than the grid.
+
+    Example::
+
+        >>> heatmap = torch.zeros(1, 2, 2)
+        >>> heatmap[0, 1, 0] = 1.0  # bottom-left cell is the hottest
+        >>> topk_cell_mask(heatmap, top_k=1, image_size=4)[0, 0].int()
+        tensor([[0, 0, 0, 0],
+                [0, 0, 0, 0],
+                [1, 1, 0, 0],
+                [1, 1, 0, 0]], dtype=torch.int32)
+    """
+    _check_heatmaps(heatmaps)
+    batch, gh, gw = heatmaps.shape
+    cells = gh * gw
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= cells:
+        raise ValueError(f"Expected `top_k` to be in [1, {cells}] for a {gh}x{gw} grid, but got {top_k!r}.")
+    height, width = _pair(image_size, "image_size")
+    _check_grid_fits(gh, gw, height, width)
+    scores = heatmaps.reshape(batch, cells).float()
+    scores = torch.nan_to_num(scores, nan=-math.inf)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k]
+    chosen = torch.zeros(batch, cells, dtype=torch.bool, device=heatmaps.device)
+    chosen.scatter_(1, order, True)
+    rows, cols = cell_index_maps((gh, gw), (height, width), heatmaps.device)
+    return chosen.view(batch, gh, gw)[:, rows[:, None], cols[None, :]].unsqueeze(1)
+
+
+def cutmix_box_mask(
+    batch_size: int,
+    image_size: Size2,
+    area: Tensor,
+    *,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """One random box per sample covering about ``area[i]`` of the image, clipped to the border.
+
+    The box has the image's aspect ratio and side ``sqrt(area)``; its centre is uniform over
+    the image (as in CutMix), so boxes near the border are clipped: the true pasted fraction is
+    the mask's mean, which is what the mixing functions use as ``lam``.
+
+    Returns:
+        Boolean mask ``(B, 1, H, W)`` on ``device``.
+    """
+    height, width = _pair(image_size, "image_size")
+    area = area.detach().to("cpu", torch.float64)
+    if tuple(area.shape) != (batch_size,):
+        raise ValueError(f"Expected `area` to have shape ({batch_size},), but got shape {tuple(area.shape)}.")
+    ratio = area.clamp(0, 1).sqrt()
+    box_h, box_w = ratio * height, ratio * width
+    centre_y = torch.rand(batch_size, generator=generator, dtype=torch.float64) * height
+    centre_x = torch.rand(batch_size, generator=generator, dtype=torch.float64) * width
+    bounds = torch.stack(
+        [
+            (centre_y - box_h / 2).round().clamp(0, height),
+            (centre_y + box_h / 2).round().clamp(0, height),
+            (centre_x - box_w / 2).round().clamp(0, width),
+            (centre_x + box_w / 2).round().clamp(0, width),
+        ],
+        dim=1,
+    ).long()
+    bounds = bounds.to(device) if device is not None else bounds
+    rows = torch.arange(height, device=bounds.device).view(1, height, 1)
+    cols = torch.arange(width, device=bounds.device).view(1, 1, width)
+    y1, y2, x1, x2 = (b.view(batch_size, 1, 1) for b in bounds.unbind(1))
+    inside = (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2)
+    return inside.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- pasting and targets
+
+
+def paste(images: Tensor, mask: Tensor, permutation: Tensor) -> Tensor:
+    """``mixed[i] = where(mask[i], images[p[i]], images[i])`` in the dtype and device of ``images``."""
+    return torch.where(mask, images[permutation], images)
+
+
+def to_probabilities(
+    targets: Tensor, num_classes: Optional[int] = None, *, label_smoothing: float = 0.0
+) -> Tensor:
+    """Turn class indices ``(B,)`` or probabilities ``(B, K)`` into float probabilities ``(B, K)``.
+
+    Index targets need ``num_classes`` and are checked to lie in ``[0, num_classes)``; soft
+    targets must be ``num_classes`` wide when it is given. ``label_smoothing`` ``eps`` maps
+    ``y`` to ``(1 - eps) * y + eps / K``. The result is at least float32.
+
+    Raises:
+        ValueError: for a missing ``num_classes``, out-of-range labels or a wrong width.
+
+    Example::
+
+        >>> to_probabilities(torch.tensor([1, 0]), 3)
+        tensor([[0., 1., 0.],
+                [1., 0., 0.]])
+    """
+    _check_label_smoothing(label_smoothing)
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"Expected `targets` to be a torch.Tensor, but got {type(targets).__name__}.")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
+    if targets.ndim == 1 and not targets.is_floating_point():
+        if num_classes is None:
+            raise ValueError(
+                "Expected `num_classes` for class-index targets of shape (B,), but got None."
+                " Pass `num_classes=K` or give one-hot/probability targets of shape (B, K)."
+            )
+        if targets.numel() > 0:
+            low, high = torch.aminmax(targets)
+            low, high = int(low), int(high)
+            if low < 0 or high >= num_classes:
+                raise ValueError(
+                    f"Expected class-index `targets` in [0, {num_classes}), but got values in [{low}, {high}]."
+                    " Check `num_classes` or the dataset's labels."
+                )
+        probabilities = F.one_hot(targets.long(), num_classes).float()
+    elif targets.ndim == 2:
+        if num_classes is not None and targets.shape[1] != num_classes:
+            raise ValueError(
+                f"Expected soft `targets` of width `num_classes`, but the widths do not match:"
+                f" {targets.shape[1]} != {num_classes}."
+            )
+        dtype = torch.promote_types(targets.dtype, torch.float32) if targets.is_floating_point() else torch.float32
+        probabilities = targets.to(dtype)
+    else:
+        raise ValueError(
+            "Expected `targets` to be class indices of shape (B,) (an integer tensor) or probabilities of"
+            f" shape (B, K), but got shape {tuple(targets.shape)} and dtype {targets.dtype}."
+        )
+    if label_smoothing > 0:
+        probabilities = probabilities * (1.0 - label_smoothing) + label_smoothing / probabilities.shape[1]
+    return probabilities
+
+
+def mix_targets(
+    targets: Tensor,
+    lam: Tensor,
+    permutation: Tensor,
+    num_classes: Optional[int] = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """``soft[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]`` with ``y`` from :func:`to_probabilities`."""
+    probabilities = to_probabilities(targets, num_classes, label_smoothing=label_smoothing)
+    if probabilities.shape[0] != lam.shape[0]:
+        raise ValueError(
+            "Expected `targets` to have one entry per image, but the batch sizes do not match:"
+            f" {probabilities.shape[0]} != {lam.shape[0]}."
+        )
+    weight = lam.to(probabilities.device, probabilities.dtype).unsqueeze(1)
+    return weight * probabilities[permutation] + (1.0 - weight) * probabilities
+
+
+def _resolve_permutation(
+    batch_size: int, permutation: Optional[Tensor], generator: Optional[torch.Generator], device: torch.device
+) -> Tensor:
+    if permutation is None:
+        return pairing_permutation(batch_size, generator=generator, device=device)
+    _check_permutation(permutation, batch_size)
+    return permutation.to(device=device, dtype=torch.long)
+
+
+def _mask_mixing(
+    images: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    permutation: Tensor,
+    num_classes: Optional[int],
+    label_smoothing: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    mixed = paste(images, mask, permutation)
+    lam = mask.flatten(1).float().mean(dim=1)
+    soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
+    return mixed, soft, lam
+
+
+def attentive_cutmix(
+    images: Tensor,
+    targets: Tensor,
+    heatmaps: Tensor,
+    *,
+    top_k: int = 6,
+    num_classes: Optional[int] = None,
+    permutation: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Attentive CutMix (Walawalkar et al., 2020): paste the partner's ``top_k`` hottest cells.
+
+    ``mixed[i]`` is ``images[i]`` outside the mask and ``images[p[i]]`` inside it, where the mask
+    is ``topk_cell_mask(heatmaps[p[i]])``: the cells come from the heatmap of the pasted image.
+
+    Args:
+        images: ``(B, C, H, W)`` batch, any float dtype, any device.
+        targets: class indices ``(B,)`` (needs ``num_classes``) or probabilities ``(B, K)``.
+        heatmaps: ``(B, gh, gw)`` attention of each image of ``images`` (not of its partner).
+        top_k: cells pasted, in ``[1, gh * gw]`` (6 of 7x7 in the paper).
+        num_classes: number of classes ``K``.
+        permutation: the pairing ``p``; drawn with :func:`pairing_permutation` when omitted.
+        generator: CPU generator for the pairing.
+        label_smoothing: smoothing folded into the soft targets.
+
+    Returns:
+        ``(mixed (B, C, H, W), soft_targets (B, K) float32+, lam (B,) float32)``.
+
+    Example::
+
+        >>> images = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+        >>> heatmaps = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
+        >>> mixed, soft, lam = attentive_cutmix(
+        ...     images, torch.tensor([0, 1]), heatmaps, top_k=1, num_classes=2, permutation=torch.tensor([1, 0])
+        ... )
+        >>> mixed[0, 0]  # image 1's hottest cell (bottom right) pasted onto image 0
+        tensor([[0., 0., 0., 0.],
+                [0., 0., 0., 0.],
+                [0., 0., 1., 1.],
+                [0., 0., 1., 1.]])
+        >>> lam, soft[0]
+        (tensor([0.2500, 0.2500]), tensor([0.7500, 0.2500]))
+    """
+    _check_images(images)
+    batch = images.shape[0]
+    _check_heatmaps(heatmaps, batch)
+    permutation = _resolve_permutation(batch, permutation, generator, images.device)
+    mask = topk_cell_mask(heatmaps.to(images.device)[permutation], top_k, tuple(images.shape[-2:]))
+    return _mask_mixing(images, targets, mask, permutation, num_classes, label_smoothing)
+
+
+def cutmix(
+    images: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float = 1.0,
+    num_classes: Optional[int] = None,
+    permutation: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CutMix (Yun et al., 2019) with one box per sample, vectorized.
+
+    The box area is drawn from ``Beta(alpha, alpha)`` per sample, its centre uniformly; after
+    clipping to the border ``lam[i]`` is corrected to the pasted pixel fraction. Same pairing and
+    return conventions as :func:`attentive_cutmix`.
+
+    Example::
+
+        >>> images, labels = torch.rand(8, 3, 32, 32), torch.arange(8)
+        >>> mixed, soft, lam = cutmix(images, labels, num_classes=8, generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(soft.sum(1), torch.ones(8))
+        True
+    """
+    _check_images(images)
+    _check_alpha(alpha)
+    batch = images.shape[0]
+    permutation = _resolve_permutation(batch, permutation, generator, images.device)
+    area = sample_beta(alpha, batch, generator=generator)
+    mask = cutmix_box_mask(batch, tuple(images.shape[-2:]), area, generator=generator, device=images.device)
+    return _mask_mixing(images, targets, mask, permutation, num_classes, label_smoothing)
+
+
+def mixup(
+    images: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float = 1.0,
+    num_classes: Optional[int] = None,
+    permutation: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mixup (Zhang et al., 2018): ``mixed[i] = lam[i] * images[p[i]] + (1 - lam[i]) * images[i]``.
+
+    ``lam`` is drawn from ``Beta(alpha, alpha)`` per sample. Same conventions as
+    :func:`attentive_cutmix`.
+
+    Example::
+
+        >>> images, labels = torch.rand(8, 3, 32, 32), torch.arange(8)
+        >>> mixed, soft, lam = mixup(images, labels, num_classes=8, generator=torch.Generator().manual_seed(0))
+        >>> mixed.shape, lam.shape
+        (torch.Size([8, 3, 32, 32]), torch.Size([8]))
+    """
+    _check_images(images)
+    _check_alpha(alpha)
+    batch = images.shape[0]
+    permutation = _resolve_permutation(batch, permutation, generator, images.device)
+    lam = sample_beta(alpha, batch, generator=generator, device=images.device)
+    weight = lam.to(images.dtype).view(batch, 1, 1, 1) if images.is_floating_point() else None
+    if weight is None:
+        raise TypeError(f"Expected floating-point `images` for mixup, but got dtype {images.dtype}.")
+    mixed = images.lerp(images[permutation], weight)
+    soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
+    return mixed, soft, lam
+
+
+def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:
+    """Share of each partner's attention mass that lies inside the pasted region, ``(B,)`` float32.
+
+    ``partner_heatmaps[i]`` is the ``(gh, gw)`` heatmap of the pasted image ``images[p[i]]`` and
+    ``mask[i]`` the ``(1, H, W)`` pasted region. Heatmaps are shifted to be non-negative (their
+    minimum becomes 0) and spread over the pixels of each cell; a heatmap with no mass (constant)
+    gives the pasted area fraction, i.e. what a uniform heatmap would give.
+
+    Example::
+
+        >>> heat = torch.tensor([[[3.0, 1.0], [1.0, 1.0]]])
+        >>> mask = topk_cell_mask(heat, 1, 2)
+        >>> pasted_attention_share(heat, mask)
+        tensor([1.])
+    """
+    _check_heatmaps(partner_heatmaps, mask.shape[0])
+    dense = expand_grid(partner_heatmaps.float().nan_to_num(0.0), tuple(mask.shape[-2:])).flatten(1)
+    dense = dense - dense.amin(dim=1, keepdim=True)
+    inside = mask.flatten(1).float()
+    total = dense.sum(dim=1)
+    area = inside.mean(dim=1)
+    share = (dense * inside).sum(dim=1) / total.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(total > 0, share, area)

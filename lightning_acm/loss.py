@@ -1,0 +1,109 @@
+"""Soft-target cross-entropy and a LightningModule mixin that accepts index or mixed targets.
+
+Example::
+
+    >>> import torch
+    >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    >>> hard = soft_target_cross_entropy(logits, torch.tensor([0, 1]))
+    >>> soft = soft_target_cross_entropy(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    >>> torch.allclose(hard, soft)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SoftTargetLossMixin", "dominant_class", "soft_target_cross_entropy"]
+
+
+def soft_target_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of ``(B, K)`` logits against index ``(B,)`` or probability ``(B, K)`` targets.
+
+    The loss is computed in float32 whatever the logits' dtype (bf16/fp16 autocast included).
+    ``label_smoothing`` ``eps`` replaces the targets by ``(1 - eps) * y + eps / K`` (as
+    ``torch.nn.functional.cross_entropy`` does for index targets).
+
+    Raises:
+        ValueError: if the shapes do not match or ``label_smoothing`` is outside ``[0, 1)``.
+
+    Example::
+
+        >>> logits = torch.zeros(2, 4)
+        >>> float(soft_target_cross_entropy(logits, torch.full((2, 4), 0.25)))  # log(4)
+        1.3862...
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing!r}.")
+    if logits.ndim != 2:
+        raise ValueError(f"Expected `logits` of shape (B, K), but got shape {tuple(logits.shape)}.")
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    if targets.ndim == 1 and not targets.is_floating_point():
+        if targets.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"Expected one target per row of `logits`, but the batch sizes do not match:"
+                f" {targets.shape[0]} != {logits.shape[0]}."
+            )
+        return F.nll_loss(log_probs, targets.long()) if label_smoothing == 0 else F.cross_entropy(
+            logits.float(), targets.long(), label_smoothing=label_smoothing
+        )
+    if targets.shape != logits.shape:
+        raise ValueError(
+            "Expected soft `targets` with the shape of `logits` (B, K), but the shapes do not match:"
+            f" {tuple(targets.shape)} != {tuple(logits.shape)}."
+        )
+    probabilities = targets.float()
+    if label_smoothing > 0:
+        probabilities = probabilities * (1.0 - label_smoothing) + label_smoothing / probabilities.shape[1]
+    return -(probabilities * log_probs).sum(dim=1).mean()
+
+
+def dominant_class(targets: Tensor) -> Tensor:
+    """Class indices ``(B,)``: index targets unchanged, soft targets reduced by ``argmax``.
+
+    On a mixed batch this is the label that holds the larger share (``1 - lam`` vs ``lam``),
+    which is what training accuracy is measured against.
+    """
+    if targets.ndim == 2:
+        return targets.argmax(dim=1)
+    return targets.long()
+
+
+class SoftTargetLossMixin:
+    """Mixin for a ``LightningModule``: one loss method for index targets and mixed soft targets.
+
+    The same ``training_step`` then works with or without a mixing callback. Training accuracy
+    on a mixed batch is measured against the dominant label (:func:`dominant_class`), i.e. the
+    label with the larger weight; it is therefore lower than on clean data and is a training
+    signal, not an evaluation metric.
+
+    Example::
+
+        >>> import lightning as L
+        >>> class Net(SoftTargetLossMixin, L.LightningModule):
+        ...     label_smoothing = 0.0
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Linear(4, 3)
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return self.soft_target_loss(self.net(x), y)
+        >>> net = Net()
+        >>> float(net.training_step([torch.zeros(2, 4), torch.tensor([0, 1])], 0)) > 0
+        True
+        >>> float(net.training_step([torch.zeros(2, 4), torch.full((2, 3), 1 / 3)], 0)) > 0
+        True
+    """
+
+    label_smoothing: float = 0.0
+
+    def soft_target_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy against index ``(B,)`` or soft ``(B, K)`` targets, with ``self.label_smoothing``."""
+        return soft_target_cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+
+    @staticmethod
+    def hard_targets(targets: Tensor) -> Tensor:
+        """The dominant class of each target, for accuracy metrics on possibly mixed batches."""
+        return dominant_class(targets)
