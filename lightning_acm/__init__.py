@@ -1,3 +1,31 @@
-"""lightning_acm: Attentive CutMix, CutMix and Mixup for PyTorch Lightning."""
+"""lightning_acm: Attentive CutMix, CutMix and Mixup for PyTorch Lightning.
+
+Example::
+
+    >>> import lightning as L
+    >>> from lightning_acm import AttentiveCutMix
+    >>> trainer = L.Trainer(callbacks=[AttentiveCutMix(top_k=6)], accelerator="cpu", logger=False)
+"""
+
+from lightning_acm.attention import AttentionModel, build_attention_model
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
+from lightning_acm.functional import attention_grid, attentive_cutmix, cutmix, mixup, topk_cell_mask
+from lightning_acm.loss import SoftTargetLossMixin, soft_target_cross_entropy
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AttentionModel",
+    "AttentiveCutMix",
+    "CutMix",
+    "MixUp",
+    "MixingCallback",
+    "SoftTargetLossMixin",
+    "attention_grid",
+    "attentive_cutmix",
+    "build_attention_model",
+    "cutmix",
+    "mixup",
+    "soft_target_cross_entropy",
+    "topk_cell_mask",
+]

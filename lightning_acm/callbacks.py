@@ -1,0 +1,540 @@
+"""Lightning callbacks that mix training batches: Attentive CutMix, CutMix and Mixup.
+
+Each callback replaces, in ``on_train_batch_start``, the images and targets of the batch
+*in place* (Lightning passes the same list or dict to ``training_step``), so an existing
+``LightningModule`` needs only a loss that takes soft targets
+(:class:`~lightning_acm.loss.SoftTargetLossMixin`).
+
+Example::
+
+    >>> import lightning as L
+    >>> from lightning_acm import CutMix
+    >>> trainer = L.Trainer(callbacks=[CutMix(alpha=1.0, seed=0)], accelerator="cpu", logger=False)
+
+Randomness: the generator of each callback is re-seeded for every batch from
+``(seed, global rank, epoch, batch index)``. Ranks therefore mix differently, a rerun with the
+same seed mixes identically, and a run resumed from a checkpoint continues exactly as the
+uninterrupted run would (the seed is part of the callback's ``state_dict``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, MutableSequence, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_acm import functional as AF
+
+__all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def batch_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (order included); used to seed each batch."""
+    state = 0
+    for key in keys:
+        state = _splitmix64(state ^ (int(key) & _MASK64))
+    return state & ((1 << 63) - 1)
+
+
+@dataclass
+class MixResult:
+    """What one mixed batch is made of; ``mask`` and ``partner_heatmaps`` are ``None`` for Mixup.
+
+    Attributes:
+        mixed: ``(B, C, H, W)`` mixed images.
+        soft_targets: ``(B, K)`` mixed label distributions.
+        lam: ``(B,)`` fraction of each mixed image taken from its partner.
+        permutation: ``(B,)`` partner index of each sample.
+        mask: ``(B, 1, H, W)`` pasted region, for the box methods.
+        partner_heatmaps: ``(B, gh, gw)`` attention of each partner, when a teacher ran.
+    """
+
+    mixed: Tensor
+    soft_targets: Tensor
+    lam: Tensor
+    permutation: Tensor
+    mask: Optional[Tensor] = None
+    partner_heatmaps: Optional[Tensor] = None
+
+
+def _check_probability(p: float) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"Expected `p` (the probability that a batch is mixed) to be in [0, 1], but got {p!r}.")
+
+
+def _check_optional_nonnegative(value: Optional[int], name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"Expected `{name}` to be None or an int >= 0, but got {value!r}.")
+
+
+class MixingCallback(Callback):
+    """Base of the mixing callbacks: when to mix, where the batch lives, seeding, logging.
+
+    Subclasses implement :meth:`mix`. The batch must be a mutable ``list`` (``[images, targets,
+    ...]``, what ``DataLoader``'s default collate gives for ``(image, target)`` samples) or a
+    ``dict`` with ``image_key`` and ``target_key``.
+
+    Args:
+        p: probability that a batch is mixed (per batch, drawn from the callback's generator).
+        num_classes: number of classes; taken from ``trainer.datamodule.num_classes`` or the
+            LightningModule's ``num_classes`` (attribute or hyperparameter) when ``None``.
+        seed: base seed of the mixing; ``None`` takes ``torch.initial_seed()`` at setup, so
+            ``lightning.seed_everything`` makes the mixing reproducible.
+        label_smoothing: smoothing folded into the targets of every batch, mixed or not (do not
+            also smooth in the loss).
+        stop_after_step: stop mixing once ``trainer.global_step`` reaches this value.
+        stop_after_epoch: stop mixing from this epoch on (0-based).
+        image_key: key of the images in dict batches.
+        target_key: key of the targets in dict batches.
+        log_prefix: prefix of the logged metrics ``{prefix}/lam`` and ``{prefix}/mixed``.
+
+    Raises:
+        ValueError: for an argument out of range.
+    """
+
+    def __init__(
+        self,
+        *,
+        p: float = 1.0,
+        num_classes: Optional[int] = None,
+        seed: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        stop_after_step: Optional[int] = None,
+        stop_after_epoch: Optional[int] = None,
+        image_key: str = "image",
+        target_key: str = "target",
+        log_prefix: str = "mix",
+    ) -> None:
+        super().__init__()
+        _check_probability(p)
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"Expected `num_classes` to be None or an int >= 2, but got {num_classes!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"Expected `seed` to be None or an int, but got {seed!r}.")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing!r}.")
+        _check_optional_nonnegative(stop_after_step, "stop_after_step")
+        _check_optional_nonnegative(stop_after_epoch, "stop_after_epoch")
+        self.p = float(p)
+        self.num_classes = num_classes
+        self.seed = seed
+        self.label_smoothing = float(label_smoothing)
+        self.stop_after_step = stop_after_step
+        self.stop_after_epoch = stop_after_epoch
+        self.image_key = image_key
+        self.target_key = target_key
+        self.log_prefix = log_prefix
+
+        self._num_classes: Optional[int] = num_classes
+        self._seed: Optional[int] = seed
+        self._rank: int = 0
+        self._generator = torch.Generator()
+        self._batches_seen = 0
+        self._batches_mixed = 0
+        self._warned_single = False
+        self.last_mix: Optional[MixResult] = None
+        """The most recent :class:`MixResult` (``None`` when the last batch was not mixed)."""
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(p=self.p, log_prefix=self.log_prefix)
+
+    @property
+    def batches_seen(self) -> int:
+        """Training batches this callback has seen on this rank."""
+        return self._batches_seen
+
+    @property
+    def batches_mixed(self) -> int:
+        """Training batches this callback has mixed on this rank."""
+        return self._batches_mixed
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._num_classes = self._resolve_num_classes(trainer, pl_module)
+        if self._seed is None:
+            self._seed = torch.initial_seed() & ((1 << 63) - 1)
+        self._rank = trainer.global_rank
+
+    def _resolve_num_classes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        if self.num_classes is not None:
+            return self.num_classes
+        candidates = [
+            getattr(getattr(trainer, "datamodule", None), "num_classes", None),
+            getattr(pl_module, "num_classes", None),
+            getattr(getattr(pl_module, "hparams", {}), "get", lambda _k: None)("num_classes"),
+        ]
+        for found in candidates:
+            if isinstance(found, int) and not isinstance(found, bool) and found >= 2:
+                return found
+        raise MisconfigurationException(
+            f"{type(self).__name__} needs the number of classes to build soft targets, but `num_classes` is None and"
+            " neither the datamodule nor the LightningModule has a `num_classes` attribute."
+            f" Pass `{type(self).__name__}(num_classes=K)`."
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self._seed, "batches_seen": self._batches_seen, "batches_mixed": self._batches_mixed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seed = state_dict["seed"]
+        self._batches_seen = state_dict["batches_seen"]
+        self._batches_mixed = state_dict["batches_mixed"]
+
+    # ------------------------------------------------------------------ the batch
+
+    def is_active(self, trainer: pl.Trainer) -> bool:
+        """Whether mixing is still on (``stop_after_step`` / ``stop_after_epoch`` not reached)."""
+        if self.stop_after_step is not None and trainer.global_step >= self.stop_after_step:
+            return False
+        if self.stop_after_epoch is not None and trainer.current_epoch >= self.stop_after_epoch:
+            return False
+        return True
+
+    def _locate(self, batch: Any) -> tuple[Union[int, str], Union[int, str]]:
+        if isinstance(batch, MutableMapping):
+            for key, name in ((self.image_key, "image_key"), (self.target_key, "target_key")):
+                if key not in batch:
+                    raise KeyError(
+                        f"{type(self).__name__}: the dict batch has no key {key!r} (`{name}`); its keys are"
+                        f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key."
+                    )
+            return self.image_key, self.target_key
+        if isinstance(batch, tuple):
+            raise TypeError(
+                f"{type(self).__name__} mixes the batch in place, but the batch is a tuple, which cannot be changed."
+                " Return a list from your collate_fn (e.g. `collate_fn=lambda s: list(default_collate(s))`)"
+                " or make the dataset return (image, target) samples, which the default collate turns into a list."
+            )
+        if isinstance(batch, MutableSequence) and len(batch) >= 2:
+            return 0, 1
+        raise TypeError(
+            f"{type(self).__name__} expects a batch list [images, targets, ...] or a dict with `image_key` and"
+            f" `target_key`, but got {type(batch).__name__}."
+        )
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self.is_active(trainer):
+            self.last_mix = None
+            return
+        image_slot, target_slot = self._locate(batch)
+        images, targets = batch[image_slot], batch[target_slot]  # type: ignore[index]
+        if not isinstance(images, Tensor) or images.ndim != 4:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}.")
+        num_classes = self._num_classes
+        if num_classes is None:
+            raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
+
+        self._generator.manual_seed(batch_seed(self._seed or 0, self._rank, trainer.current_epoch, batch_idx))
+        self._batches_seen += 1
+        mix_now = self.p > 0 and float(torch.rand((), generator=self._generator)) < self.p
+        if mix_now and images.shape[0] < 2:
+            if not self._warned_single:
+                rank_zero_warn(
+                    f"{type(self).__name__}: a batch of one sample has no partner to mix with; it is left unmixed."
+                    " Use `drop_last=True` in the training DataLoader to avoid a short last batch."
+                )
+                self._warned_single = True
+            mix_now = False
+
+        if not mix_now:
+            self.last_mix = None
+            if self.label_smoothing > 0:
+                batch[target_slot] = AF.to_probabilities(targets, num_classes, label_smoothing=self.label_smoothing)  # type: ignore[index]
+            else:
+                AF.to_probabilities(targets, num_classes)  # validates labels on unmixed batches too
+            pl_module.log(f"{self.log_prefix}/mixed", 0.0, on_step=False, on_epoch=True, batch_size=images.shape[0])
+            return
+
+        result = self.mix(images, targets, num_classes, batch)
+        batch[image_slot] = result.mixed  # type: ignore[index]
+        batch[target_slot] = result.soft_targets  # type: ignore[index]
+        self.last_mix = result
+        self._batches_mixed += 1
+        size = images.shape[0]
+        pl_module.log(f"{self.log_prefix}/mixed", 1.0, on_step=False, on_epoch=True, batch_size=size)
+        pl_module.log(f"{self.log_prefix}/lam", result.lam.mean(), on_step=False, on_epoch=True, batch_size=size)
+
+    def draw_permutation(self, batch_size: int, device: torch.device) -> Tensor:
+        """The pairing for the current batch, from the callback's generator."""
+        return AF.pairing_permutation(batch_size, generator=self._generator, device=device)
+
+    def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
+        """Mix one batch: ``(B, C, H, W)`` images, ``(B,)`` or ``(B, K)`` targets.
+
+        ``batch`` is the whole batch as it arrived (for extra fields such as augmentation
+        geometry); implementations must not modify it.
+        """
+        raise NotImplementedError
+
+
+class CutMix(MixingCallback):
+    """CutMix (Yun et al., 2019): paste a random box of the partner, box area ~ ``Beta(alpha, alpha)``.
+
+    Args:
+        alpha: Beta parameter of the box area; ``1.0`` draws it uniformly.
+        **kwargs: see :class:`MixingCallback` (``p``, ``num_classes``, ``seed``, ...).
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[CutMix(alpha=1.0, p=0.5, seed=0)], accelerator="cpu", logger=False)
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        AF._check_alpha(alpha)
+        self.alpha = float(alpha)
+
+    @override
+    def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
+        batch = images.shape[0]
+        permutation = self.draw_permutation(batch, images.device)
+        area = AF.sample_beta(self.alpha, batch, generator=self._generator)
+        mask = AF.cutmix_box_mask(batch, tuple(images.shape[-2:]), area, generator=self._generator, device=images.device)
+        mixed, soft, lam = AF.mix_with_mask(images, targets, mask, permutation, num_classes, self.label_smoothing)
+        return MixResult(mixed, soft, lam, permutation, mask)
+
+
+class MixUp(MixingCallback):
+    """Mixup (Zhang et al., 2018): blend each image with its partner, weight ~ ``Beta(alpha, alpha)``.
+
+    Args:
+        alpha: Beta parameter of the blend weight.
+        **kwargs: see :class:`MixingCallback`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[MixUp(alpha=0.2, seed=0)], accelerator="cpu", logger=False)
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        AF._check_alpha(alpha)
+        self.alpha = float(alpha)
+
+    @override
+    def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
+        permutation = self.draw_permutation(images.shape[0], images.device)
+        mixed, soft, lam = AF.mixup(
+            images,
+            targets,
+            alpha=self.alpha,
+            num_classes=num_classes,
+            permutation=permutation,
+            generator=self._generator,
+            label_smoothing=self.label_smoothing,
+        )
+        return MixResult(mixed, soft, lam, permutation)
+
+
+class AttentiveCutMix(MixingCallback):
+    """Attentive CutMix (Walawalkar et al., 2020): paste the partner's ``top_k`` most attended cells.
+
+    A frozen attention model (see :mod:`lightning_acm.attention`) is built in ``setup()`` on the
+    training device, kept on this callback (never a submodule of the LightningModule, so it is
+    neither optimized nor checkpointed) and run under ``torch.no_grad()`` on each batch that is
+    mixed; batches that ``p`` leaves unmixed skip it.
+
+    Args:
+        top_k: cells pasted (6 of a 7x7 grid in the paper).
+        grid_size: cells per side of the heatmap grid (int or ``(gh, gw)``).
+        attention: attention source: a preset (``"efficientnet_lite0"``, the offline default;
+            ``"paper"`` = ResNet-152), a torchvision model name, or an architecture name for
+            a local ``attention_weights`` file.
+        attention_weights: torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V2"``) or the path
+            of a local state_dict / checkpoint.
+        attention_layer: layer (or method) of the teacher to tap; the preset's when ``None``.
+        attention_input_size: teacher input size (224 by default for the presets).
+        reduction: channel reduction of the tapped features, ``"mean"`` (paper) or ``"max"``.
+        attention_precision: run the teacher under autocast (``"bf16"`` or ``"fp16"``), or in fp32.
+        attention_model: a ready ``nn.Module`` to use instead of building one (Python use);
+            an :class:`~lightning_acm.attention.AttentionModel` is used as it is, any other module
+            is tapped at ``attention_layer``.
+        input_mean: the normalisation the training images carry (to be undone before the teacher);
+            taken from ``trainer.datamodule.mean`` when ``None``.
+        input_std: as ``input_mean``, from ``trainer.datamodule.std``.
+        **kwargs: see :class:`MixingCallback`.
+
+    Example::
+
+        >>> import lightning as L, torch
+        >>> from lightning_acm.attention import attention_model_from_module
+        >>> tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU())
+        >>> callback = AttentiveCutMix(attention_model=tiny, attention_layer="1", attention_input_size=28, seed=0)
+        >>> trainer = L.Trainer(callbacks=[callback], accelerator="cpu", logger=False)
+    """
+
+    def __init__(
+        self,
+        *,
+        top_k: int = 6,
+        grid_size: Union[int, tuple[int, int]] = 7,
+        attention: str = "efficientnet_lite0",
+        attention_weights: Optional[str] = None,
+        attention_layer: Optional[str] = None,
+        attention_input_size: Optional[int] = None,
+        reduction: Literal["mean", "max"] = "mean",
+        attention_precision: Optional[Literal["bf16", "fp16"]] = None,
+        attention_model: Optional[nn.Module] = None,
+        input_mean: Optional[Sequence[float]] = None,
+        input_std: Optional[Sequence[float]] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        grid = AF._pair(grid_size, "grid_size")
+        cells = grid[0] * grid[1]
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= cells:
+            raise ValueError(
+                f"Expected `top_k` to be in [1, {cells}] for a {grid[0]}x{grid[1]} grid, but got {top_k!r}."
+            )
+        if reduction not in ("mean", "max"):
+            raise ValueError(f"Expected `reduction` to be one of 'mean', 'max', but got {reduction!r}.")
+        if attention_precision not in (None, "bf16", "fp16"):
+            raise ValueError(f"Expected `attention_precision` to be None, 'bf16' or 'fp16', but got {attention_precision!r}.")
+        if attention_input_size is not None and (not isinstance(attention_input_size, int) or attention_input_size < 1):
+            raise ValueError(f"Expected `attention_input_size` to be None or a positive int, but got {attention_input_size!r}.")
+        if (input_mean is None) != (input_std is None):
+            raise ValueError("Expected `input_mean` and `input_std` to be given together, but got only one of them.")
+        if attention_model is not None and not isinstance(attention_model, nn.Module):
+            raise TypeError(f"Expected `attention_model` to be an nn.Module, but got {type(attention_model).__name__}.")
+        self.top_k = top_k
+        self.grid_size = grid
+        self.attention = attention
+        self.attention_weights = attention_weights
+        self.attention_layer = attention_layer
+        self.attention_input_size = attention_input_size
+        self.reduction = reduction
+        self.attention_precision = attention_precision
+        self.input_mean = tuple(input_mean) if input_mean is not None else None
+        self.input_std = tuple(input_std) if input_std is not None else None
+        self._given_model = attention_model
+        self._attention: Optional[nn.Module] = None
+
+    @property
+    def attention_model(self) -> Optional[nn.Module]:
+        """The frozen attention model once built (after ``setup``), else ``None``."""
+        return self._attention
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self._attention is not None:
+            return
+        self._attention = self.build_attention(trainer)
+
+    def _input_normalization(self, trainer: pl.Trainer) -> tuple[Sequence[float], Sequence[float]]:
+        if self.input_mean is not None and self.input_std is not None:
+            return self.input_mean, self.input_std
+        datamodule = getattr(trainer, "datamodule", None)
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if mean is not None and std is not None:
+            return tuple(mean), tuple(std)
+        rank_zero_warn(
+            f"{type(self).__name__}: the training images' normalisation is unknown (no `input_mean`/`input_std` and no"
+            " `datamodule.mean`/`std`), so they are taken to be in [0, 1]. Pass `input_mean=` and `input_std=` if your"
+            " images are normalised, or the teacher sees wrongly scaled images."
+        )
+        return (0.0,), (1.0,)
+
+    def build_attention(self, trainer: pl.Trainer) -> nn.Module:
+        """Build the frozen attention model on the training device (called by ``setup``)."""
+        from lightning_acm.attention import AttentionModel, attention_model_from_module, build_attention_model
+
+        if isinstance(self._given_model, AttentionModel):
+            # A ready AttentionModel carries its own normalisation; explicit callback arguments win.
+            if self.input_mean is not None and self.input_std is not None:
+                self._given_model.set_input_normalization(self.input_mean, self.input_std)
+            model: nn.Module = self._given_model
+        else:
+            if self._given_model is not None and self.attention_layer is None:
+                raise MisconfigurationException(
+                    f"{type(self).__name__}: `attention_model` is a plain nn.Module, so `attention_layer` must name"
+                    " the layer whose output gives the heatmap (e.g. 'layer4')."
+                )
+            mean, std = self._input_normalization(trainer)
+            common: dict[str, Any] = {
+                "grid_size": self.grid_size,
+                "reduction": self.reduction,
+                "amp_dtype": self.attention_precision,
+                "input_mean": mean,
+                "input_std": std,
+            }
+            if self.attention_input_size is not None:
+                common["input_size"] = self.attention_input_size
+            if self._given_model is not None:
+                model = attention_model_from_module(self._given_model, self.attention_layer, **common)
+            else:
+                model = build_attention_model(
+                    self.attention, weights=self.attention_weights, layer=self.attention_layer, **common
+                )
+        device = trainer.strategy.root_device
+        return model.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def heatmaps(self, images: Tensor) -> Tensor:
+        """``(B, gh, gw)`` attention of each image, from the frozen model on the images' device."""
+        if self._attention is None:
+            raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
+        first = next(self._attention.parameters(), None)
+        if first is not None and first.device != images.device:
+            self._attention.to(images.device)
+        return self._attention(images)
+
+    @override
+    def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
+        heatmaps = self.heatmaps(images)
+        gh, gw = heatmaps.shape[-2:]
+        if (gh, gw) != tuple(self.grid_size):
+            raise ValueError(
+                f"The attention model returned a {gh}x{gw} grid but `grid_size` is {self.grid_size[0]}x{self.grid_size[1]}."
+            )
+        permutation = self.draw_permutation(images.shape[0], images.device)
+        partner_heatmaps = heatmaps[permutation]
+        mask = AF.topk_cell_mask(partner_heatmaps, self.top_k, tuple(images.shape[-2:]))
+        mixed, soft, lam = AF.mix_with_mask(images, targets, mask, permutation, num_classes, self.label_smoothing)
+        return MixResult(mixed, soft, lam, permutation, mask, partner_heatmaps)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Free the teacher's memory after fit; a built-in one is rebuilt by the next fit's setup.
+        if stage == "fit" and self._given_model is None:
+            self._attention = None
+

@@ -1,0 +1,365 @@
+"""The mixing callbacks inside a real lightning.Trainer on CPU, with a tiny attention network."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_acm.attention import attention_model_from_module
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, batch_seed
+from lightning_acm.loss import SoftTargetLossMixin
+
+NUM_CLASSES = 4
+SIZE = 28  # 7 cells of 4 px
+
+
+class Recorder(SoftTargetLossMixin, L.LightningModule):
+    """Tiny classifier that keeps a copy of every batch that reaches training_step."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 3) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+        self.net(torch.zeros(1, in_channels, SIZE, SIZE))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, targets = (batch["image"], batch["target"]) if isinstance(batch, dict) else (batch[0], batch[1])
+        self.seen.append((images.detach().clone(), targets.detach().clone()))
+        return self.soft_target_loss(self.net(images), targets)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def tiny_teacher() -> nn.Module:
+    """Conv net whose stride-4 feature map is 7x7 at 28 px; its heatmap follows the image's brightness."""
+    conv = nn.Conv2d(3, 2, kernel_size=4, stride=4, bias=False)
+    nn.init.constant_(conv.weight, 1.0 / 48)
+    return nn.Sequential(conv, nn.ReLU())
+
+
+def tiny_attention(**kwargs: Any) -> nn.Module:
+    return attention_model_from_module(tiny_teacher(), "1", input_size=SIZE, grid_size=7, **kwargs)
+
+
+def loader(n: int = 16, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, SIZE, SIZE, generator=g)
+    labels = torch.arange(n) % NUM_CLASSES
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=False)
+
+
+def fit(callback: Optional[MixingCallback], model: Optional[Recorder] = None, data: Any = None, **trainer_kwargs: Any):
+    model = model or Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=trainer_kwargs.pop("max_epochs", 1),
+        callbacks=[callback] if callback is not None else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, train_dataloaders=data if data is not None else loader())
+    return trainer, model
+
+
+def test_attentive_cutmix_training_step_sees_mixed_batch():
+    callback = AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0)
+    data = loader()
+    originals = [batch for batch in data]
+    trainer, model = fit(callback, data=data)
+
+    assert len(model.seen) == 2
+    images, targets = model.seen[-1]
+    mix = callback.last_mix
+    assert mix is not None and mix.mask is not None
+    torch.testing.assert_close(images, mix.mixed)
+    torch.testing.assert_close(targets, mix.soft_targets)
+    x, y = originals[-1]
+    expected = torch.where(mix.mask, x[mix.permutation], x)
+    torch.testing.assert_close(images, expected)
+    assert not torch.equal(images, x)
+    # lam is the pasted fraction: 6 of 49 cells of 4x4 px
+    torch.testing.assert_close(mix.lam, torch.full((8,), 6 / 49))
+    assert targets.shape == (8, NUM_CLASSES)
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    # the cells are the partner's hottest: recompute its heatmap independently
+    heat = tiny_teacher()(x).mean(1)[mix.permutation]
+    top = heat.flatten(1).topk(6, dim=1).indices
+    chosen = mix.mask[:, 0, ::4, ::4].flatten(1)
+    assert torch.equal(chosen.nonzero()[:, 1].view(8, 6).sort(1).values, top.sort(1).values)
+    assert callback.batches_mixed == 2 and callback.batches_seen == 2
+
+
+def test_attention_model_is_frozen_and_not_part_of_the_module(tmp_path):
+    callback = AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0)
+    model = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    params_before = sum(p.numel() for p in model.parameters())
+    trainer.fit(model, train_dataloaders=loader())
+    teacher = callback.attention_model
+    assert teacher is not None and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert sum(p.numel() for p in model.parameters()) == params_before
+    assert all(m is not teacher for m in model.modules())
+    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimizer_params & {id(p) for p in teacher.parameters()}
+    checkpoint = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
+    assert all(not key.startswith(("attention", "_attention")) for key in checkpoint["state_dict"])
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if "AttentiveCutMix" in k]
+    assert set(state) == {"seed", "batches_seen", "batches_mixed"}
+
+
+@pytest.mark.parametrize("make", [lambda: CutMix(seed=1), lambda: MixUp(seed=1, alpha=0.4)], ids=["cutmix", "mixup"])
+def test_random_mixing_callbacks_mix_in_place(make):
+    callback = make()
+    data = loader()
+    originals = [batch for batch in data]
+    _, model = fit(callback, model=Recorder(), data=data)
+    images, targets = model.seen[-1]
+    mix = callback.last_mix
+    torch.testing.assert_close(images, mix.mixed)
+    x, y = originals[-1]
+    if mix.mask is not None:
+        torch.testing.assert_close(images, torch.where(mix.mask, x[mix.permutation], x))
+        torch.testing.assert_close(mix.lam, mix.mask.flatten(1).float().mean(1))
+    else:
+        lam = mix.lam.view(-1, 1, 1, 1)
+        torch.testing.assert_close(images, lam * x[mix.permutation] + (1 - lam) * x)
+    one_hot = torch.nn.functional.one_hot(y, NUM_CLASSES).float()
+    torch.testing.assert_close(targets, mix.lam[:, None] * one_hot[mix.permutation] + (1 - mix.lam[:, None]) * one_hot)
+
+
+def test_probability_zero_is_identity():
+    data = loader()
+    originals = [batch for batch in data]
+    callback = CutMix(p=0.0, seed=0)
+    _, model = fit(callback, data=data)
+    for (seen_x, seen_y), (x, y) in zip(model.seen, originals):
+        assert torch.equal(seen_x, x) and torch.equal(seen_y, y)
+    assert callback.batches_mixed == 0 and callback.last_mix is None
+
+
+def test_probability_half_mixes_some_batches_and_skips_the_teacher_on_the_others():
+    calls = []
+    teacher = tiny_attention()
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    callback = AttentiveCutMix(attention_model=teacher, p=0.5, num_classes=NUM_CLASSES, seed=3)
+    fit(callback, data=loader(n=160), max_epochs=1)
+    assert 0 < callback.batches_mixed < callback.batches_seen == 20
+    assert len(calls) == callback.batches_mixed
+
+
+def test_logs_mean_lam_and_mixed_fraction():
+    callback = AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0, log_prefix="acm")
+    trainer, _ = fit(callback)
+    metrics = trainer.callback_metrics
+    assert float(metrics["acm/mixed"]) == 1.0
+    assert float(metrics["acm/lam"]) == pytest.approx(6 / 49)
+
+
+def test_same_seed_same_mixes_and_ranks_differ():
+    def run(seed: int, rank: int = 0) -> list[torch.Tensor]:
+        callback = CutMix(seed=seed)
+        perms: list[torch.Tensor] = []
+        original = callback.mix
+
+        def spy(*args: Any) -> Any:
+            result = original(*args)
+            perms.append(torch.cat([result.permutation.float(), result.lam]))
+            return result
+
+        callback.mix = spy  # type: ignore[method-assign]
+        callback._rank = rank
+        setup = callback.setup
+
+        def setup_keep_rank(trainer, pl_module, stage):
+            setup(trainer, pl_module, stage)
+            callback._rank = rank
+
+        callback.setup = setup_keep_rank  # type: ignore[method-assign]
+        fit(callback, data=loader(n=32), max_epochs=2)
+        return perms
+
+    first, again = run(7), run(7)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == 8
+    assert any(not torch.equal(a, b) for a, b in zip(first, run(8)))
+    assert any(not torch.equal(a, b) for a, b in zip(first, run(7, rank=1)))
+
+
+def test_seed_none_follows_seed_everything():
+    L.seed_everything(123)
+    a = CutMix()
+    fit(a)
+    L.seed_everything(123)
+    b = CutMix()
+    fit(b)
+    assert a.state_dict()["seed"] == b.state_dict()["seed"]
+    torch.testing.assert_close(a.last_mix.lam, b.last_mix.lam)
+
+
+def test_batch_seed_depends_on_every_key_and_order():
+    seeds = {batch_seed(0, 0, e, b) for e in range(3) for b in range(50)}
+    assert len(seeds) == 150
+    assert batch_seed(1, 2) != batch_seed(2, 1)
+
+
+def test_state_dict_round_trip():
+    callback = CutMix(seed=5)
+    fit(callback)
+    state = callback.state_dict()
+    fresh = CutMix()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state == {"seed": 5, "batches_seen": 2, "batches_mixed": 2}
+
+
+def test_stop_after_step_and_epoch():
+    callback = CutMix(seed=0, stop_after_step=3)
+    _, model = fit(callback, data=loader(n=48), max_epochs=1)
+    assert callback.batches_mixed == 3 and callback.batches_seen == 3
+    assert model.seen[-1][1].ndim == 1  # index targets after mixing stopped
+    callback = CutMix(seed=0, stop_after_epoch=1)
+    fit(callback, data=loader(n=16), max_epochs=3)
+    assert callback.batches_mixed == 2
+
+
+class DictDataset(Dataset):
+    def __init__(self, n: int = 16) -> None:
+        self.images = torch.rand(n, 3, SIZE, SIZE)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"pixels": self.images[i], "label": i % NUM_CLASSES}
+
+
+class DictRecorder(Recorder):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen.append((batch["pixels"].clone(), batch["label"].clone()))
+        return self.soft_target_loss(self.net(batch["pixels"]), batch["label"])
+
+
+def test_dict_batches_with_configurable_keys():
+    callback = CutMix(seed=0, image_key="pixels", target_key="label")
+    _, model = fit(callback, model=DictRecorder(), data=DataLoader(DictDataset(), batch_size=8))
+    torch.testing.assert_close(model.seen[-1][0], callback.last_mix.mixed)
+    assert model.seen[-1][1].shape == (8, NUM_CLASSES)
+
+
+def test_dict_batch_missing_key_names_the_argument():
+    with pytest.raises(KeyError, match="no key 'image'.*`image_key`.*'label', 'pixels'"):
+        fit(CutMix(seed=0), model=DictRecorder(), data=DataLoader(DictDataset(), batch_size=8))
+
+
+def test_tuple_batch_is_refused_with_the_fix():
+    data = DataLoader(TensorDataset(torch.rand(8, 3, SIZE, SIZE), torch.zeros(8).long()), batch_size=4,
+                      collate_fn=lambda s: (torch.stack([a for a, _ in s]), torch.stack([b for _, b in s])))
+    with pytest.raises(TypeError, match="tuple.*Return a list from your collate_fn"):
+        fit(CutMix(seed=0), data=data)
+
+
+def test_batch_of_one_is_left_unmixed_with_one_warning():
+    with pytest.warns(UserWarning, match="batch of one sample has no partner"):
+        callback = CutMix(seed=0)
+        _, model = fit(callback, data=loader(n=9, batch_size=8))
+    assert callback.batches_mixed == 1 and callback.batches_seen == 2
+    assert model.seen[-1][1].ndim == 1
+
+
+def test_num_classes_from_module_or_datamodule_or_error():
+    callback = CutMix(seed=0)
+    fit(callback)
+    assert callback._num_classes == NUM_CLASSES
+
+    class NoClasses(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            del self.num_classes
+
+    with pytest.raises(MisconfigurationException, match=r"`num_classes` is None.*CutMix\(num_classes=K\)"):
+        fit(CutMix(seed=0), model=NoClasses())
+
+    class DataWithClasses(L.LightningDataModule):
+        num_classes = NUM_CLASSES
+
+        def train_dataloader(self) -> DataLoader:
+            return loader()
+
+    callback = CutMix(seed=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(NoClasses(), datamodule=DataWithClasses())
+    assert callback._num_classes == NUM_CLASSES
+
+
+def test_labels_out_of_range_are_refused():
+    data = DataLoader(TensorDataset(torch.rand(8, 3, SIZE, SIZE), torch.full((8,), 9)), batch_size=8)
+    with pytest.raises(ValueError, match=r"targets` in \[0, 4\), but got values in \[9, 9\]"):
+        fit(CutMix(seed=0), data=data)
+
+
+def test_label_smoothing_applies_to_unmixed_batches_too():
+    callback = CutMix(p=0.0, seed=0, label_smoothing=0.1)
+    _, model = fit(callback)
+    targets = model.seen[-1][1]
+    assert targets.shape == (8, NUM_CLASSES)
+    torch.testing.assert_close(targets.max(1).values, torch.full((8,), 0.9 + 0.1 / NUM_CLASSES))
+
+
+def test_plain_module_needs_a_layer():
+    with pytest.raises(MisconfigurationException, match="`attention_layer` must name the layer"):
+        fit(AttentiveCutMix(attention_model=tiny_teacher(), num_classes=NUM_CLASSES))
+
+
+def test_plain_module_with_layer_and_datamodule_normalisation():
+    class Normalised(L.LightningDataModule):
+        num_classes = NUM_CLASSES
+        mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+        def train_dataloader(self) -> DataLoader:
+            return loader()
+
+    callback = AttentiveCutMix(attention_model=tiny_teacher(), attention_layer="1", attention_input_size=SIZE, seed=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Recorder(), datamodule=Normalised())
+    assert callback.last_mix is not None
+    torch.testing.assert_close(callback.last_mix.lam, torch.full((8,), 6 / 49))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: CutMix(p=1.5), r"`p` .* to be in \[0, 1\], but got 1.5"),
+        (lambda: MixUp(p=-0.1), r"`p` .* to be in \[0, 1\]"),
+        (lambda: CutMix(alpha=0.0), r"`alpha` to be a finite number > 0"),
+        (lambda: MixUp(alpha=float("nan")), r"`alpha` to be a finite number > 0"),
+        (lambda: AttentiveCutMix(top_k=50), r"`top_k` to be in \[1, 49\] for a 7x7 grid, but got 50"),
+        (lambda: AttentiveCutMix(top_k=0), r"`top_k` to be in \[1, 49\]"),
+        (lambda: AttentiveCutMix(grid_size=0), r"`grid_size` to be positive"),
+        (lambda: AttentiveCutMix(grid_size=2, top_k=6), r"`top_k` to be in \[1, 4\] for a 2x2 grid"),
+        (lambda: AttentiveCutMix(reduction="sum"), r"`reduction` to be one of 'mean', 'max'"),
+        (lambda: AttentiveCutMix(attention_precision="fp8"), r"`attention_precision` to be None, 'bf16' or 'fp16'"),
+        (lambda: AttentiveCutMix(input_mean=[0.5]), r"`input_mean` and `input_std` to be given together"),
+        (lambda: CutMix(num_classes=1), r"`num_classes` to be None or an int >= 2"),
+        (lambda: CutMix(label_smoothing=1.0), r"`label_smoothing` to be in \[0, 1\)"),
+        (lambda: CutMix(stop_after_step=-1), r"`stop_after_step` to be None or an int >= 0"),
+        (lambda: CutMix(seed="x"), r"`seed` to be None or an int"),
+    ],
+)
+def test_bad_arguments_fail_early(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
