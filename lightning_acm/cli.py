@@ -40,6 +40,7 @@ class AttentiveCutMixCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", VisionDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

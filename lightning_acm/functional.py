@@ -41,6 +41,7 @@ __all__ = [
     "cutmix_box_mask",
     "expand_grid",
     "mix_targets",
+    "mix_with_mask",
     "mixup",
     "pairing_permutation",
     "paste",
@@ -455,14 +456,15 @@ def _resolve_permutation(
     return permutation.to(device=device, dtype=torch.long)
 
 
-def _mask_mixing(
+def mix_with_mask(
     images: Tensor,
     targets: Tensor,
     mask: Tensor,
     permutation: Tensor,
-    num_classes: Optional[int],
-    label_smoothing: float,
+    num_classes: Optional[int] = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Paste ``images[p]`` inside ``mask``; ``lam`` = the mask's mean; soft targets to match."""
     mixed = paste(images, mask, permutation)
     lam = mask.flatten(1).float().mean(dim=1)
     soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
@@ -518,7 +520,7 @@ def attentive_cutmix(
     _check_heatmaps(heatmaps, batch)
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
     mask = topk_cell_mask(heatmaps.to(images.device)[permutation], top_k, tuple(images.shape[-2:]))
-    return _mask_mixing(images, targets, mask, permutation, num_classes, label_smoothing)
+    return mix_with_mask(images, targets, mask, permutation, num_classes, label_smoothing)
 
 
 def cutmix(
@@ -550,7 +552,7 @@ def cutmix(
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
     area = sample_beta(alpha, batch, generator=generator)
     mask = cutmix_box_mask(batch, tuple(images.shape[-2:]), area, generator=generator, device=images.device)
-    return _mask_mixing(images, targets, mask, permutation, num_classes, label_smoothing)
+    return mix_with_mask(images, targets, mask, permutation, num_classes, label_smoothing)
 
 
 def mixup(

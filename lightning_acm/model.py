@@ -1,0 +1,449 @@
+"""The image classifier ``LightningModule`` used by the CLI: a torchvision classifier, SGD/AdamW, warmup + schedule.
+
+Images are ``(B, C, H, W)``; targets are class indices ``(B,)`` or, on batches mixed by a
+callback (Attentive CutMix, CutMix, Mixup), soft targets ``(B, K)`` whose rows sum to 1.
+The module holds only the classifier: the attention model of Attentive CutMix lives on its
+callback, so it never reaches the optimizer or the checkpoint.
+
+Example::
+
+    >>> import torch
+    >>> model = ImageClassifier(arch="resnet18", num_classes=10, small_input=True)
+    >>> model(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
+from urllib.parse import urlparse
+
+import lightning as L
+import torch
+import torchvision
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from lightning_acm.loss import SoftTargetLossMixin, soft_target_cross_entropy
+
+__all__ = ["ImageClassifier", "available_archs", "build_classifier"]
+
+#: DenseNet-264 (Huang et al., 2017), used by the Attentive CutMix paper; torchvision ships
+#: the DenseNet class but not this configuration, and no pretrained weights for it.
+DENSENET264_CONFIG: dict[str, Any] = {"growth_rate": 32, "block_config": (6, 12, 64, 48), "num_init_features": 64}
+
+# Auxiliary heads return a tuple in training mode and add a loss this module does not use.
+_BUILDER_KWARGS: dict[str, dict[str, Any]] = {"inception_v3": {"aux_logits": False}, "googlenet": {"aux_logits": False}}
+
+
+def available_archs() -> list[str]:
+    """Names accepted by ``arch``: torchvision's classification models plus ``"densenet264"``."""
+    return sorted([*torchvision.models.list_models(module=torchvision.models), "densenet264"])
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _resolve_weights(arch: str, weights: str) -> torchvision.models.WeightsEnum:
+    if arch == "densenet264":
+        raise ValueError(
+            "Expected `weights` to be None for `arch='densenet264'`: torchvision has no pretrained"
+            f" DenseNet-264, but got {weights!r}."
+        )
+    enum = torchvision.models.get_model_weights(arch)
+    prefix, _, name = weights.rpartition(".")
+    names = ["DEFAULT", *(member.name for member in enum)]
+    if (prefix and prefix != enum.__name__) or name not in names:
+        raise ValueError(f"Expected `weights` to be one of {names} for `arch={arch!r}`, but got {weights!r}.")
+    return enum[name]
+
+
+def _download_path(weights: torchvision.models.WeightsEnum) -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+
+
+def _replace_head(model: nn.Module, num_classes: int, arch: str) -> None:
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    name, head = linears[-1] if linears else ("", None)
+    if head is None:
+        raise ValueError(
+            f"Expected `arch={arch!r}` to end with an `nn.Linear` head so that pretrained `weights` can be used"
+            f" with `num_classes={num_classes}`, but found none."
+        )
+    _set_submodule(model, name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
+
+
+def _make_small_input(model: nn.Module, arch: str) -> None:
+    if isinstance(model, torchvision.models.ResNet):
+        old = model.conv1
+        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    elif isinstance(model, torchvision.models.DenseNet):
+        old = model.features.conv0
+        model.features.conv0 = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.features.conv0.weight)
+        model.features.pool0 = nn.Identity()
+    elif isinstance(model, torchvision.models.EfficientNet):
+        model.features[0][0].stride = (1, 1)
+    else:
+        raise ValueError(
+            "Expected `arch` to be a ResNet, DenseNet or EfficientNet when `small_input=True`,"
+            f" but got {arch!r} ({type(model).__name__})."
+        )
+
+
+def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
+    name, old = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    if old.groups != 1:
+        raise ValueError(
+            f"Expected the first convolution to have groups=1 to change `in_channels`, but got {old.groups}."
+        )
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+    )
+    with torch.no_grad():
+        # Summing (1 channel) or tiling and rescaling (others) keeps the stem's response to
+        # a uniform image, so pretrained stems stay useful and random ones keep their scale.
+        weight = old.weight
+        if in_channels == 1:
+            weight = weight.sum(dim=1, keepdim=True)
+        else:
+            repeats = math.ceil(in_channels / weight.shape[1])
+            weight = weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
+        new.weight.copy_(weight)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    _set_submodule(model, name, new)
+
+
+def build_classifier(
+    arch: str = "resnet18",
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    small_input: bool = False,
+    weights: Optional[str] = None,
+) -> nn.Module:
+    """Build a torchvision classifier by name, optionally pretrained, for ``(B, in_channels, H, W)`` inputs.
+
+    Args:
+        arch: a name from :func:`available_archs` (case-insensitive). ``"densenet264"`` builds
+            ``torchvision.models.DenseNet(growth_rate=32, block_config=(6, 12, 64, 48),
+            num_init_features=64)``, i.e. DenseNet-264, without pretrained weights.
+        num_classes: outputs of the head. With ``weights``, a pretrained head of another size is
+            replaced by a new ``nn.Linear`` (the last ``nn.Linear`` of the model).
+        in_channels: input channels; the first convolution is rebuilt when not 3, its weights
+            summed over channels (1 channel) or tiled and rescaled (others).
+        small_input: CIFAR-style stem for 32 px inputs. ResNets: ``conv1`` becomes a 3x3,
+            stride-1 convolution and ``maxpool`` an ``nn.Identity``. DenseNets:
+            ``features.conv0`` becomes a 3x3, stride-1 convolution and ``features.pool0`` an
+            ``nn.Identity``. EfficientNets: the stride of ``features[0][0]`` becomes 1. Replaced
+            convolutions are freshly initialised even with ``weights``.
+        weights: a torchvision weights name for ``arch`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``, or
+            qualified, ``"ResNet18_Weights.IMAGENET1K_V1"``), or None for random initialisation.
+
+    Raises:
+        ValueError: if ``arch`` or ``weights`` is unknown, or ``small_input`` is set for another family.
+        RuntimeError: if the weights cannot be downloaded (offline); the message says where to put the file.
+    """
+    arch = arch.lower()
+    names = available_archs()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
+        hint = f" Did you mean one of {close}?" if close else ""
+        raise ValueError(f"Expected `arch` to be a torchvision classification model name, but got {arch!r}.{hint}")
+    if arch == "densenet264":
+        if weights is not None:
+            _resolve_weights(arch, weights)
+        model = torchvision.models.DenseNet(**DENSENET264_CONFIG, num_classes=num_classes)
+    else:
+        kwargs = dict(_BUILDER_KWARGS.get(arch, {}))
+        if weights is None:
+            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        else:
+            resolved = _resolve_weights(arch, weights)
+            path = _download_path(resolved)
+            try:
+                model = torchvision.models.get_model(arch, weights=resolved, **kwargs)
+            except (OSError, RuntimeError) as err:
+                raise RuntimeError(
+                    f"Could not load the `weights={weights!r}` of `arch={arch!r}` ({type(err).__name__}: {err})."
+                    f" Without internet access, download {resolved.url} elsewhere and put the file at {path}"
+                    " (that is, `torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it)."
+                ) from err
+            if len(resolved.meta["categories"]) != num_classes:
+                _replace_head(model, num_classes, arch)
+    if small_input:
+        _make_small_input(model, arch)
+    if in_channels != 3:
+        _adapt_input_channels(model, in_channels)
+    return model
+
+
+def _lr_factor(
+    step: int,
+    *,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: float,
+    milestone_steps: Sequence[int],
+    gamma: float,
+) -> float:
+    """Multiplier of the base learning rate after ``step`` optimizer steps (for ``LambdaLR``)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "multistep":
+        return gamma ** sum(step >= milestone for milestone in milestone_steps)
+    return 1.0
+
+
+def _unpack(batch: Any, *, with_target: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    if isinstance(batch, dict):
+        return batch["image"], batch["target"] if with_target else batch.get("target")
+    if isinstance(batch, (list, tuple)):
+        if with_target and len(batch) < 2:
+            raise ValueError(f"Expected a batch of at least (images, targets), but got {len(batch)} element(s).")
+        return batch[0], batch[1] if len(batch) > 1 else None
+    if isinstance(batch, Tensor) and not with_target:
+        return batch, None
+    raise TypeError(
+        f"Expected a batch as a tuple/list (images, targets, ...) or a dict with 'image' and 'target' keys,"
+        f" but got {type(batch).__name__}."
+    )
+
+
+class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
+    """A torchvision classifier trained with soft-target cross-entropy, for plain or mixed batches.
+
+    Batches are ``(images, targets, ...)`` tuples/lists (extra elements, such as the geometry
+    of a paste, are ignored) or dicts with ``"image"`` and ``"target"`` keys. Targets are
+    ``(B,)`` class indices or ``(B, K)`` soft targets from a mixing callback.
+
+    Metrics (torchmetrics, micro-averaged): ``train/loss`` (per step), ``train/acc`` (per
+    epoch, against the *dominant* label of each mixed target, i.e. the class with the larger
+    share ``max(lam, 1 - lam)``: a training signal that is lower than clean accuracy, not an
+    evaluation metric); ``val/loss``, ``val/acc``, ``val/acc_top5`` and the ``test/`` equivalents
+    (per epoch, synced across processes; top-5 is top-``min(5, num_classes)``). Evaluation
+    losses are plain cross-entropy, without ``label_smoothing``. ``predict_step`` returns
+    softmax probabilities ``(B, K)``; take ``argmax(dim=1)`` for the predicted class.
+
+    Args:
+        arch: torchvision classification model name, or ``"densenet264"``; see :func:`build_classifier`.
+        num_classes: number of classes ``K``.
+        in_channels: input channels; the stem is adapted when not 3.
+        small_input: CIFAR-style stem for 32 px inputs (ResNet, DenseNet and EfficientNet families).
+        weights: torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``) for fine-tuning, or None.
+            Pretrained files are read from ``torch.hub.get_dir()/checkpoints`` (downloaded if missing).
+        label_smoothing: ``eps`` in ``[0, 1)`` for the training loss.
+        optimizer: ``"sgd"`` (``momentum``, ``nesterov``) or ``"adamw"`` (``momentum`` and
+            ``nesterov`` are unused; pick an ``lr`` near 1e-3).
+        lr: base learning rate (the peak after warmup).
+        momentum: SGD momentum in ``[0, 1)``.
+        nesterov: Nesterov momentum for SGD (needs ``momentum > 0``).
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay, ``>= 0``.
+        no_weight_decay_on_bn_and_bias: put every parameter with at most one dimension (biases,
+            BatchNorm/LayerNorm scales and shifts) in a parameter group without weight decay.
+        lr_scheduler: ``"cosine"`` (from ``lr`` to 0 over all training steps), ``"multistep"``
+            (times ``gamma`` at each of ``milestones``) or ``"none"``. Updated every step.
+        milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``;
+            the default is CutMix's CIFAR recipe (300 epochs).
+        gamma: factor in ``(0, 1]`` for ``"multistep"``.
+        warmup_epochs: epochs of linear warmup from ``lr / warmup_steps`` to ``lr``, before any schedule.
+
+    Raises:
+        ValueError: if an argument is out of range (see the messages), or from :func:`build_classifier`.
+        MisconfigurationException: from ``configure_optimizers`` if the schedule needs a length
+            the trainer cannot give (infinite or iterable training without ``max_steps``).
+
+    Example::
+
+        >>> import torch
+        >>> model = ImageClassifier(arch="resnet18", num_classes=10, small_input=True)
+        >>> images, targets = torch.randn(2, 3, 32, 32), torch.tensor([[0.7, 0.3] + [0.0] * 8, [0.0] * 9 + [1.0]])
+        >>> loss = model.training_step((images, targets), 0)
+        >>> bool(torch.isfinite(loss))
+        True
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        small_input: bool = False,
+        weights: Optional[str] = None,
+        label_smoothing: float = 0.0,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        no_weight_decay_on_bn_and_bias: bool = True,
+        lr_scheduler: Literal["cosine", "multistep", "none"] = "cosine",
+        milestones: Sequence[int] = (150, 225),
+        gamma: float = 0.1,
+        warmup_epochs: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"Expected `num_classes` to be >= 2, but got {num_classes}.")
+        if in_channels < 1:
+            raise ValueError(f"Expected `in_channels` to be >= 1, but got {in_channels}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing}.")
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"Expected `optimizer` to be one of ['sgd', 'adamw'], but got {optimizer!r}.")
+        if not lr > 0:
+            raise ValueError(f"Expected `lr` to be > 0, but got {lr}.")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Expected `momentum` to be in [0, 1), but got {momentum}.")
+        if optimizer == "sgd" and nesterov and momentum == 0:
+            raise ValueError(f"Expected `momentum` to be > 0 when `nesterov=True`, but got {momentum}.")
+        if not weight_decay >= 0:
+            raise ValueError(f"Expected `weight_decay` to be >= 0, but got {weight_decay}.")
+        if lr_scheduler not in ("cosine", "multistep", "none"):
+            raise ValueError(
+                f"Expected `lr_scheduler` to be one of ['cosine', 'multistep', 'none'], but got {lr_scheduler!r}."
+            )
+        milestones = list(milestones)  # a list, so that hparams.yaml stays plain YAML
+        valid_epochs = all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones)
+        if not valid_epochs or milestones != sorted(set(milestones)):
+            raise ValueError(f"Expected `milestones` to be strictly increasing epochs >= 1, but got {milestones}.")
+        if lr_scheduler == "multistep" and not milestones:
+            raise ValueError("Expected `milestones` to be non-empty with `lr_scheduler='multistep'`, but got [].")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"Expected `gamma` to be in (0, 1], but got {gamma}.")
+        if warmup_epochs < 0:
+            raise ValueError(f"Expected `warmup_epochs` to be >= 0, but got {warmup_epochs}.")
+        if optimizer == "adamw" and lr > 0.01:
+            rank_zero_warn(f"`lr={lr}` is large for AdamW; values near 1e-3 are usual. Set `lr` explicitly.")
+        self.save_hyperparameters()
+        self.label_smoothing = label_smoothing
+        self.net = build_classifier(
+            arch, num_classes=num_classes, in_channels=in_channels, small_input=small_input, weights=weights
+        )
+        top_k = min(5, num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, K)`` of images ``(B, C, H, W)``."""
+        return self.net(x)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, targets = _unpack(batch)
+        logits = self(images)
+        loss = self.soft_target_loss(logits, targets)
+        self.train_acc.update(logits.detach(), self.hard_targets(targets))
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: Any, stage: str, top1: MulticlassAccuracy, top5: MulticlassAccuracy) -> Tensor:
+        images, targets = _unpack(batch)
+        logits = self(images)
+        loss = soft_target_cross_entropy(logits, targets)
+        hard = self.hard_targets(targets)
+        top1.update(logits, hard)
+        top5.update(logits, hard)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True)
+        self.log(f"{stage}/acc", top1, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc_top5", top5, on_step=False, on_epoch=True)
+        return loss
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "val", self.val_acc, self.val_acc_top5)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._evaluate(batch, "test", self.test_acc, self.test_acc_top5)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Softmax probabilities ``(B, K)`` (float32) of a batch of images, with or without targets."""
+        images, _ = _unpack(batch, with_target=False)
+        return self(images).float().softmax(dim=1)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups for the optimizer: with and (optionally) without weight decay."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not self.hparams.no_weight_decay_on_bn_and_bias:
+            return [{"params": params, "weight_decay": self.hparams.weight_decay}]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def _steps_per_epoch(self) -> int:
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches) or batches <= 0:
+            raise MisconfigurationException(
+                "`warmup_epochs` and `lr_scheduler='multistep'` need the number of training batches per epoch,"
+                f" but the trainer reports {batches}. Use a sized training dataloader and a finite `max_epochs`."
+            )
+        return math.ceil(batches / self.trainer.accumulate_grad_batches)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self.parameter_groups()
+        if hp.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+            )
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_scheduler == "none" and hp.warmup_epochs == 0:
+            return optimizer
+        total_steps = self.trainer.estimated_stepping_batches
+        if hp.lr_scheduler == "cosine" and (not math.isfinite(total_steps) or total_steps <= 0):
+            raise MisconfigurationException(
+                f"`lr_scheduler='cosine'` needs the total number of training steps, but the trainer estimates"
+                f" {total_steps}. Set `max_epochs` with a sized training dataloader, or `max_steps`."
+            )
+        needs_epochs = hp.warmup_epochs > 0 or hp.lr_scheduler == "multistep"
+        steps_per_epoch = self._steps_per_epoch() if needs_epochs else 0
+        warmup_steps = hp.warmup_epochs * steps_per_epoch
+        milestone_steps = [m * steps_per_epoch for m in hp.milestones]
+        schedule, gamma = hp.lr_scheduler, hp.gamma
+
+        def factor(step: int) -> float:
+            return _lr_factor(
+                step,
+                schedule=schedule,
+                warmup_steps=warmup_steps,
+                total_steps=total_steps,
+                milestone_steps=milestone_steps,
+                gamma=gamma,
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
