@@ -313,9 +313,15 @@ def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
         raise ValueError(f"Expected `top_k` to be in [1, {cells}] for a {gh}x{gw} grid, but got {top_k!r}.")
     height, width = _pair(image_size, "image_size")
     _check_grid_fits(gh, gw, height, width)
-    scores = heatmaps.reshape(batch, cells).float()
-    scores = torch.nan_to_num(scores, nan=-math.inf)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :top_k]
+    scores = heatmaps.reshape(batch, cells)
+    # Rank in the heatmap's own precision (at least float32): a cast down could merge close scores.
+    rank_dtype = torch.promote_types(scores.dtype, torch.float32) if scores.is_floating_point() else torch.float64
+    scores = scores.to(rank_dtype)
+    is_nan = torch.isnan(scores)
+    order = torch.sort(torch.where(is_nan, -math.inf, scores), dim=1, descending=True, stable=True).indices
+    # A second stable sort moves NaN below every number, real -inf included, keeping the order otherwise.
+    nan_last = torch.sort(is_nan.gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+    order = order.gather(1, nan_last)[:, :top_k]
     chosen = torch.zeros(batch, cells, dtype=torch.bool, device=heatmaps.device)
     chosen.scatter_(1, order, True)
     rows, cols = cell_index_maps((gh, gw), (height, width), heatmaps.device)
@@ -584,7 +590,10 @@ def mixup(
     lam = sample_beta(alpha, batch, generator=generator, device=images.device)
     weight = lam.to(images.dtype).view(batch, 1, 1, 1) if images.is_floating_point() else None
     if weight is None:
-        raise TypeError(f"Expected floating-point `images` for mixup, but got dtype {images.dtype}.")
+        raise TypeError(
+            f"Expected floating-point `images` for mixup, but got dtype {images.dtype}."
+            " Convert the batch first, e.g. `images.float() / 255`."
+        )
     mixed = images.lerp(images[permutation], weight)
     soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
     return mixed, soft, lam

@@ -1,0 +1,926 @@
+"""Tests for ``lightning_acm.functional``: grids, masks, pairing, Attentive CutMix, CutMix and Mixup.
+
+Expected masks are built by explicit slicing loops (``reference_topk_mask``) and the vectorized
+``attentive_cutmix`` is compared with a per-sample loop (``reference_attentive_cutmix``). Images
+that are a distinct constant per sample (``constant_images``) tell where every mixed pixel came from.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lightning_acm.functional import (
+    attention_grid,
+    attentive_cutmix,
+    cell_index_maps,
+    cutmix,
+    cutmix_box_mask,
+    expand_grid,
+    mix_targets,
+    mixup,
+    pairing_permutation,
+    pasted_attention_share,
+    sample_beta,
+    to_probabilities,
+    topk_cell_mask,
+)
+
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+TOLERANCES = {
+    torch.float16: {"rtol": 1e-3, "atol": 2e-3},
+    torch.bfloat16: {"rtol": 1e-2, "atol": 2e-2},
+    torch.float32: {"rtol": 1.3e-6, "atol": 1e-5},
+    torch.float64: {"rtol": 1e-7, "atol": 1e-7},
+}
+NAN, INF = float("nan"), float("inf")
+
+
+# --------------------------------------------------------------------------- reference implementation
+
+
+def cell_bounds(cells: int, pixels: int) -> list[tuple[int, int]]:
+    """Pixel range ``[start, stop)`` of each cell: pixel ``r`` lies in cell ``floor(r * cells / pixels)``."""
+    return [(-(-j * pixels // cells), -(-(j + 1) * pixels // cells)) for j in range(cells)]
+
+
+def ranked_cells(heatmap: torch.Tensor) -> list[int]:
+    """Row-major cell indices, highest first; ties keep row-major order and NaN ranks last."""
+    values = heatmap.flatten().tolist()
+    return sorted(range(len(values)), key=lambda i: (1, 0.0, i) if math.isnan(values[i]) else (0, -values[i], i))
+
+
+def reference_topk_mask(heatmaps: torch.Tensor, top_k: int, image_size: tuple[int, int]) -> torch.Tensor:
+    batch, gh, gw = heatmaps.shape
+    height, width = image_size
+    rows, cols = cell_bounds(gh, height), cell_bounds(gw, width)
+    mask = torch.zeros(batch, 1, height, width, dtype=torch.bool)
+    for b in range(batch):
+        for cell in ranked_cells(heatmaps[b])[:top_k]:
+            (r0, r1), (c0, c1) = rows[cell // gw], cols[cell % gw]
+            mask[b, 0, r0:r1, c0:c1] = True
+    return mask
+
+
+def reference_attentive_cutmix(
+    images: torch.Tensor, probabilities: torch.Tensor, heatmaps: torch.Tensor, top_k: int, permutation: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sample at a time: paste the ``top_k`` cells of the partner's heatmap onto the canvas."""
+    mixed, soft, lam = images.clone(), [], []
+    height, width = images.shape[-2:]
+    for i, j in enumerate(permutation.tolist()):
+        mask = reference_topk_mask(heatmaps[j : j + 1], top_k, (height, width))[0, 0]
+        mixed[i][:, mask] = images[j][:, mask]
+        fraction = mask.sum().item() / (height * width)
+        lam.append(fraction)
+        soft.append(fraction * probabilities[j] + (1 - fraction) * probabilities[i])
+    return mixed, torch.stack(soft), torch.tensor(lam)
+
+
+def constant_images(batch: int, height: int, width: int, channels: int = 3, dtype=torch.float32) -> torch.Tensor:
+    """Sample ``i`` is the constant ``i + 1``, so every mixed pixel tells which image it came from."""
+    values = torch.arange(1, batch + 1, dtype=dtype).view(batch, 1, 1, 1)
+    return values.expand(batch, channels, height, width).contiguous()
+
+
+def is_rectangle(mask: torch.Tensor) -> bool:
+    """Whether a 2-D boolean mask is empty or a single axis-aligned rectangle."""
+    rows, cols = mask.any(dim=1), mask.any(dim=0)
+    if not rows.any():
+        return True
+    r, c = rows.nonzero().flatten(), cols.nonzero().flatten()
+    contiguous = int(r[-1] - r[0]) + 1 == r.numel() and int(c[-1] - c[0]) + 1 == c.numel()
+    return contiguous and torch.equal(mask, rows[:, None] & cols[None, :])
+
+
+def one_hot_heatmap(grid: tuple[int, int], *cells: tuple[int, int]) -> torch.Tensor:
+    """A ``(1, gh, gw)`` heatmap whose listed cells are hottest, in decreasing order."""
+    heatmap = torch.zeros(1, *grid)
+    for rank, (r, c) in enumerate(cells):
+        heatmap[0, r, c] = len(cells) - rank
+    return heatmap
+
+
+# --------------------------------------------------------------------------- attention_grid
+
+
+def test_attention_grid_mean_and_max_reduction():
+    features = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[3.0, 0.0], [5.0, -4.0]]]])
+    torch.testing.assert_close(attention_grid(features, 2, "mean"), torch.tensor([[[2.0, 1.0], [4.0, 0.0]]]))
+    torch.testing.assert_close(attention_grid(features, 2, "max"), torch.tensor([[[3.0, 2.0], [5.0, 4.0]]]))
+
+
+def test_attention_grid_pools_blocks_to_the_grid():
+    features = torch.arange(24.0).view(1, 1, 4, 6)
+    expected = torch.tensor([[[3.5, 5.5, 7.5], [15.5, 17.5, 19.5]]])
+    torch.testing.assert_close(attention_grid(features, (2, 3)), expected)
+    torch.testing.assert_close(attention_grid(features, [2, 3]), expected)
+    torch.testing.assert_close(attention_grid(features.expand(3, 5, 4, 6), (2, 3), "max"), expected.expand(3, 2, 3))
+
+
+def test_attention_grid_identity_when_grid_equals_map(generator):
+    features = torch.rand(2, 16, 7, 7, generator=generator)
+    torch.testing.assert_close(attention_grid(features, 7), features.mean(1))
+    torch.testing.assert_close(attention_grid(features, 7, "max"), features.amax(1))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_attention_grid_keeps_dtype(dtype, generator):
+    features = torch.rand(2, 8, 14, 14, generator=generator).to(dtype)
+    grid = attention_grid(features, 7)
+    assert grid.dtype == dtype and grid.shape == (2, 7, 7)
+    expected = F.avg_pool2d(features.double().mean(1, keepdim=True), 2).squeeze(1)
+    torch.testing.assert_close(grid.double(), expected, **TOLERANCES[dtype])
+
+
+# --------------------------------------------------------------------------- topk_cell_mask
+
+
+def test_topk_mask_is_the_union_of_the_top_cells_224():
+    cells = [(0, 0), (1, 5), (3, 3), (6, 6), (2, 0), (5, 4)]
+    heatmap = one_hot_heatmap((7, 7), *cells) + 0.5  # the other 43 cells rank below
+    heatmap[0, 4, 1] = 0.9  # 7th best: must stay out with top_k=6
+    expected = torch.zeros(1, 1, 224, 224, dtype=torch.bool)
+    for r, c in cells:
+        expected[0, 0, 32 * r : 32 * (r + 1), 32 * c : 32 * (c + 1)] = True
+    mask = topk_cell_mask(heatmap, 6, 224)
+    assert mask.dtype == torch.bool and mask.shape == (1, 1, 224, 224)
+    assert torch.equal(mask, expected)
+    assert int(mask.sum()) == 6 * 32 * 32
+
+
+def test_topk_mask_rows_and_columns_are_not_swapped():
+    mask = topk_cell_mask(one_hot_heatmap((7, 7), (1, 5)), 1, 224)[0, 0]
+    assert mask[32:64, 160:192].all()
+    assert int(mask.sum()) == 32 * 32
+    assert not mask[160:192, 32:64].any()
+
+
+def test_topk_mask_non_square_grid():
+    heatmap = torch.tensor([[[0.0, 0.0, 3.0], [2.0, 0.0, 0.0]]])
+    expected = torch.tensor(
+        [
+            [0, 0, 0, 0, 1, 1],
+            [0, 0, 0, 0, 1, 1],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(topk_cell_mask(heatmap, 2, (4, 6))[0, 0], expected)
+    assert torch.equal(topk_cell_mask(heatmap, 2, [4, 6])[0, 0], expected)
+    # Non-divisible: 5 rows over 2 cells, 7 columns over 3 cells.
+    assert torch.equal(topk_cell_mask(heatmap, 2, (5, 7)), reference_topk_mask(heatmap, 2, (5, 7)))
+
+
+@pytest.mark.parametrize(("grid", "size"), [((7, 7), (30, 45)), ((2, 3), (5, 7)), ((7, 7), (7, 7)), ((3, 5), (11, 13))])
+def test_topk_mask_non_divisible_tiling(grid, size):
+    gh, gw = grid
+    height, width = size
+    heatmaps = torch.eye(gh * gw).view(gh * gw, gh, gw)  # map k selects cell k alone
+    masks = topk_cell_mask(heatmaps, 1, size)[:, 0]
+    assert torch.equal(masks.sum(0), torch.ones(height, width, dtype=torch.long))  # a partition
+    assert all(is_rectangle(mask) for mask in masks)
+    heights = masks.any(2).sum(1).view(gh, gw)
+    widths = masks.any(1).sum(1).view(gh, gw)
+    assert (heights == heights[:, :1]).all() and (widths == widths[:1, :]).all()  # cells form a grid
+    assert int(heights.max() - heights.min()) <= 1 and int(widths.max() - widths.min()) <= 1
+    # Row-major: cell k sits in cell row k // gw and cell column k % gw.
+    top = masks.any(2).float().argmax(1).view(gh, gw)
+    left = masks.any(1).float().argmax(1).view(gh, gw)
+    assert (top.diff(dim=0) > 0).all() and (left.diff(dim=1) > 0).all()
+    assert torch.equal(masks.unsqueeze(1), reference_topk_mask(heatmaps, 1, size))
+
+
+def test_cell_index_maps_are_exact_when_divisible():
+    rows, cols = cell_index_maps((7, 4), (224, 64), torch.device("cpu"))
+    assert torch.equal(rows, torch.arange(224) // 32)
+    assert torch.equal(cols, torch.arange(64) // 16)
+
+
+def test_topk_mask_ties_go_to_the_first_cell_in_row_major_order():
+    heatmap = torch.zeros(1, 7, 7)
+    heatmap[0, 6, 6] = 9.0
+    for r, c in [(4, 4), (0, 3), (5, 0), (2, 1)]:
+        heatmap[0, r, c] = 5.0
+    expected = torch.zeros(1, 7, 7, dtype=torch.bool)
+    for r, c in [(6, 6), (0, 3), (2, 1)]:
+        expected[0, r, c] = True
+    mask = topk_cell_mask(heatmap, 3, 7)
+    assert torch.equal(mask[:, 0], expected)
+    assert torch.equal(mask, topk_cell_mask(heatmap.clone(), 3, 7))
+
+
+@pytest.mark.parametrize("value", [0.0, -3.5, NAN])
+def test_topk_mask_constant_heatmap_selects_the_first_cells(value):
+    mask = topk_cell_mask(torch.full((2, 7, 7), value), 6, 7)
+    expected = torch.zeros(2, 1, 7, 7, dtype=torch.bool)
+    expected[:, 0, 0, :6] = True
+    assert torch.equal(mask, expected)
+
+
+def test_topk_mask_nan_ranks_below_every_number():
+    heatmap = torch.full((1, 3, 3), NAN)
+    heatmap[0, 2, 2] = -INF
+    heatmap[0, 2, 0] = -1e30
+    expected = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    expected[0, 0, 2, 0] = True
+    assert torch.equal(topk_cell_mask(heatmap, 1, 3), expected)
+    expected[0, 0, 2, 2] = True
+    assert torch.equal(topk_cell_mask(heatmap, 2, 3), expected)
+    expected[0, 0, 0, 0] = True  # then the first NaN cell
+    assert torch.equal(topk_cell_mask(heatmap, 3, 3), expected)
+
+
+def test_topk_mask_float64_scores_keep_their_precision():
+    heatmap = torch.tensor([[[0.1, 0.1 + 1e-9]]], dtype=torch.float64)
+    assert torch.equal(topk_cell_mask(heatmap, 1, (1, 2)).flatten(), torch.tensor([False, True]))
+
+
+def test_topk_mask_infinite_scores_rank_at_the_ends():
+    largest = torch.finfo(torch.float32).max
+    assert torch.equal(topk_cell_mask(torch.tensor([[[largest, INF]]]), 1, (1, 2)).flatten(), torch.tensor([False, True]))
+    assert torch.equal(topk_cell_mask(torch.tensor([[[-INF, -largest]]]), 1, (1, 2)).flatten(), torch.tensor([False, True]))
+    assert torch.equal(topk_cell_mask(torch.tensor([[[NAN, -INF]]]), 1, (1, 2)).flatten(), torch.tensor([False, True]))
+    big = torch.tensor([[[2**24, 2**24 + 1]]], dtype=torch.int64)
+    assert torch.equal(topk_cell_mask(big, 1, (1, 2)).flatten(), torch.tensor([False, True]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64])
+def test_topk_mask_accepts_heatmaps_of_any_dtype(dtype, generator):
+    heatmaps = torch.randperm(49, generator=generator).view(1, 7, 7).expand(3, 7, 7)
+    expected = topk_cell_mask(heatmaps.float(), 6, 28)
+    assert torch.equal(topk_cell_mask(heatmaps.to(dtype), 6, 28), expected)
+    assert torch.equal(expected, reference_topk_mask(heatmaps.float(), 6, (28, 28)))
+
+
+def test_topk_mask_matches_thresholding_the_expanded_heatmap(generator):
+    heatmaps = torch.rand(5, 4, 6, generator=generator)
+    kth = heatmaps.flatten(1).topk(7, dim=1).values[:, -1].view(5, 1, 1, 1)
+    assert torch.equal(topk_cell_mask(heatmaps, 7, (17, 23)), expand_grid(heatmaps, (17, 23)) >= kth)
+
+
+@given(
+    data=st.data(),
+    batch=st.integers(1, 4),
+    gh=st.integers(1, 7),
+    gw=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_topk_mask_equals_reference(data, batch, gh, gw, seed):
+    height = data.draw(st.integers(gh, 40), label="height")
+    width = data.draw(st.integers(gw, 40), label="width")
+    top_k = data.draw(st.integers(1, gh * gw), label="top_k")
+    generator = torch.Generator().manual_seed(seed)
+    heatmaps = torch.randint(0, 4, (batch, gh, gw), generator=generator).float()  # many ties
+    heatmaps[torch.rand(batch, gh, gw, generator=generator) < 0.1] = NAN
+    mask = topk_cell_mask(heatmaps, top_k, (height, width))
+    assert torch.equal(mask, reference_topk_mask(heatmaps, top_k, (height, width)))
+    cells_chosen = mask[:, 0][:, [start for start, _ in cell_bounds(gh, height)]][
+        :, :, [start for start, _ in cell_bounds(gw, width)]
+    ]
+    assert (cells_chosen.flatten(1).sum(1) == top_k).all()
+
+
+# --------------------------------------------------------------------------- Attentive CutMix
+
+
+def test_attentive_cutmix_pastes_the_hottest_cells_of_the_pasted_image():
+    heatmaps = torch.cat(
+        [one_hot_heatmap((7, 7), (0, 0)), one_hot_heatmap((7, 7), (6, 6)), one_hot_heatmap((7, 7), (1, 5))]
+    )
+    images = constant_images(3, 224, 224)
+    permutation = torch.tensor([1, 2, 0])  # a 3-cycle tells p from its inverse
+    mixed, soft, lam = attentive_cutmix(
+        images, torch.tensor([0, 1, 2]), heatmaps, top_k=1, num_classes=3, permutation=permutation
+    )
+    blocks = {0: (slice(0, 32), slice(0, 32)), 1: (slice(192, 224), slice(192, 224)), 2: (slice(32, 64), slice(160, 192))}
+    for i, j in enumerate(permutation.tolist()):
+        expected = images[i].clone()
+        expected[(slice(None), *blocks[j])] = j + 1
+        assert torch.equal(mixed[i], expected), f"sample {i} should show image {j}'s cell"
+    torch.testing.assert_close(lam, torch.full((3,), 1 / 49))
+
+
+def test_attentive_cutmix_lam_is_six_of_49_cells(generator):
+    images = torch.rand(4, 3, 224, 224, generator=generator)
+    heatmaps = torch.rand(4, 7, 7, generator=generator)
+    permutation = torch.tensor([2, 0, 3, 1])
+    mixed, soft, lam = attentive_cutmix(
+        images, torch.tensor([0, 1, 2, 3]), heatmaps, num_classes=4, permutation=permutation
+    )
+    assert lam.dtype == torch.float32
+    assert torch.equal(lam, torch.full((4,), 6 / 49))
+    mask = topk_cell_mask(heatmaps[permutation], 6, 224)
+    assert torch.equal(lam, mask.float().mean(dim=(1, 2, 3)))
+    assert torch.equal(mixed, torch.where(mask, images[permutation], images))
+
+
+def test_attentive_cutmix_soft_targets_are_exact():
+    images = torch.zeros(4, 3, 28, 28)
+    heatmaps = torch.rand(4, 7, 7, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([3, 0, 4, 0])
+    _, soft, lam = attentive_cutmix(
+        images, labels, heatmaps, top_k=6, num_classes=5, permutation=torch.tensor([1, 2, 3, 0])
+    )
+    w = 6 / 49
+    expected = torch.tensor(
+        [
+            [w, 0, 0, 1 - w, 0],  # canvas label 3, pasted label 0
+            [1 - w, 0, 0, 0, w],  # canvas 0, pasted 4
+            [w, 0, 0, 0, 1 - w],  # canvas 4, pasted 0
+            [1 - w, 0, 0, w, 0],  # canvas 0, pasted 3
+        ]
+    )
+    torch.testing.assert_close(soft, expected)
+    assert soft.dtype == torch.float32
+
+
+def test_attentive_cutmix_probability_targets(generator):
+    targets = torch.distributions.Dirichlet(torch.ones(6)).sample((5,)).double()
+    permutation = torch.tensor([4, 3, 0, 1, 2])
+    _, soft, lam = attentive_cutmix(
+        torch.rand(5, 1, 14, 14, generator=generator),
+        targets,
+        torch.rand(5, 7, 7, generator=generator),
+        top_k=10,
+        permutation=permutation,
+    )
+    assert soft.dtype == torch.float64
+    expected = (10 / 49) * targets[permutation] + (39 / 49) * targets
+    torch.testing.assert_close(soft, expected)
+    torch.testing.assert_close(soft.sum(1), torch.ones(5, dtype=torch.float64))
+
+
+def test_attentive_cutmix_folds_label_smoothing():
+    eps, k = 0.1, 4
+    labels = torch.tensor([0, 1, 2])
+    permutation = torch.tensor([2, 0, 1])
+    _, soft, lam = attentive_cutmix(
+        torch.rand(3, 3, 14, 14),
+        labels,
+        torch.rand(3, 7, 7),
+        top_k=6,
+        num_classes=k,
+        permutation=permutation,
+        label_smoothing=eps,
+    )
+    smooth = F.one_hot(labels, k).float() * (1 - eps) + eps / k
+    torch.testing.assert_close(soft, lam[:, None] * smooth[permutation] + (1 - lam[:, None]) * smooth)
+    assert (soft >= eps / k - 1e-7).all()
+    assert torch.allclose(soft[:, 3], torch.full((3,), eps / k))
+    torch.testing.assert_close(soft.sum(1), torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_attentive_cutmix_keeps_image_dtype(dtype, generator):
+    images = torch.randn(4, 3, 21, 21, generator=generator).to(dtype)
+    heatmaps = torch.rand(4, 7, 7, generator=generator).to(dtype)
+    permutation = torch.tensor([1, 0, 3, 2])
+    mixed, soft, lam = attentive_cutmix(
+        images, torch.tensor([0, 1, 2, 3]), heatmaps, num_classes=4, permutation=permutation
+    )
+    assert mixed.dtype == dtype and mixed.device == images.device
+    assert soft.dtype == torch.float32 and lam.dtype == torch.float32
+    # Pasting moves pixels, it never rounds them.
+    mask = topk_cell_mask(heatmaps[permutation].float(), 6, 21)
+    assert torch.equal(mixed, torch.where(mask, images[permutation], images))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_attentive_cutmix_matches_the_per_sample_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch, grid, size, top_k = 6, (4, 5), (26, 33), 1 + seed * 4
+    images = torch.randn(batch, 2, *size, generator=generator)
+    heatmaps = torch.randint(0, 3, (batch, *grid), generator=generator).float()
+    heatmaps[0, 1, 2] = NAN
+    labels = torch.randint(0, 5, (batch,), generator=generator)
+    permutation = torch.randperm(batch, generator=generator)
+    mixed, soft, lam = attentive_cutmix(
+        images, labels, heatmaps, top_k=top_k, num_classes=5, permutation=permutation
+    )
+    expected = reference_attentive_cutmix(images, F.one_hot(labels, 5).double(), heatmaps, top_k, permutation)
+    assert torch.equal(mixed, expected[0])
+    torch.testing.assert_close(soft, expected[1].float())
+    torch.testing.assert_close(lam, expected[2].float())
+
+
+def test_attentive_cutmix_single_sample_is_paired_with_itself(generator):
+    images = torch.rand(1, 3, 14, 14, generator=generator)
+    mixed, soft, lam = attentive_cutmix(
+        images, torch.tensor([2]), torch.rand(1, 7, 7), num_classes=3, generator=generator
+    )
+    assert torch.equal(mixed, images)
+    assert torch.equal(soft, torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+@given(
+    data=st.data(),
+    batch=st.integers(1, 8),
+    gh=st.integers(1, 7),
+    gw=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+    drawn=st.booleans(),
+)
+def test_attentive_cutmix_invariants(data, batch, gh, gw, seed, drawn):
+    height = data.draw(st.integers(gh, 32), label="height")
+    width = data.draw(st.integers(gw, 32), label="width")
+    top_k = data.draw(st.integers(1, gh * gw), label="top_k")
+    generator = torch.Generator().manual_seed(seed)
+    images = constant_images(batch, height, width)
+    heatmaps = torch.rand(batch, gh, gw, generator=generator)
+    labels = torch.arange(batch)  # distinct labels: soft[i] names the partner
+    permutation = None if drawn else torch.randperm(batch, generator=generator)
+    mixed, soft, lam = attentive_cutmix(
+        images, labels, heatmaps, top_k=top_k, num_classes=batch, permutation=permutation, generator=generator
+    )
+    torch.testing.assert_close(soft.sum(1), torch.ones(batch))
+    assert ((lam > 0) & (lam <= 1)).all()
+    if permutation is None:
+        permutation = torch.arange(batch) if batch == 1 else soft.clone().fill_diagonal_(0).argmax(1)
+        assert torch.equal(permutation.sort().values, torch.arange(batch))
+        if batch > 1:
+            assert (permutation != torch.arange(batch)).all()
+    expected_soft = lam[:, None] * F.one_hot(permutation, batch) + (1 - lam[:, None]) * torch.eye(batch)
+    torch.testing.assert_close(soft, expected_soft)
+    mask = topk_cell_mask(heatmaps[permutation], top_k, (height, width))
+    assert torch.equal(mask, reference_topk_mask(heatmaps[permutation], top_k, (height, width)))
+    assert torch.equal(mixed, torch.where(mask, images[permutation], images))
+    torch.testing.assert_close(lam, mask.float().mean((1, 2, 3)))
+    for i in range(batch):
+        j = int(permutation[i])
+        if j != i:
+            pasted = mixed[i] == j + 1
+            assert (pasted | (mixed[i] == i + 1)).all()
+            assert lam[i].item() == pytest.approx(pasted.float().mean().item(), abs=1e-6)
+            if lam[i] < 1:
+                assert int((soft[i] > 0).sum()) == 2
+
+
+# --------------------------------------------------------------------------- pairing and sampling
+
+
+@given(batch=st.integers(1, 64), seed=st.integers(0, 2**16))
+def test_pairing_permutation_is_a_single_cycle_without_fixed_points(batch, seed):
+    p = pairing_permutation(batch, generator=torch.Generator().manual_seed(seed))
+    assert p.dtype == torch.long and p.shape == (batch,)
+    assert torch.equal(p.sort().values, torch.arange(batch))
+    if batch > 1:
+        assert (p != torch.arange(batch)).all()
+    i, length = 0, 0
+    while True:
+        i, length = int(p[i]), length + 1
+        if i == 0:
+            break
+    assert length == batch
+
+
+def test_pairing_permutation_single_sample_and_seeding():
+    assert torch.equal(pairing_permutation(1), torch.tensor([0]))
+    first = pairing_permutation(16, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, pairing_permutation(16, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, pairing_permutation(16, generator=torch.Generator().manual_seed(4)))
+
+
+def test_sample_beta_shape_dtype_range_and_seeding():
+    lam = sample_beta(0.4, 100, generator=torch.Generator().manual_seed(0))
+    assert lam.shape == (100,) and lam.dtype == torch.float32
+    assert ((lam >= 0) & (lam <= 1)).all()
+    assert torch.equal(lam, sample_beta(0.4, 100, generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(lam, sample_beta(0.4, 100, generator=torch.Generator().manual_seed(1)))
+    tiny = sample_beta(1e-3, 1000, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(tiny).all() and ((tiny >= 0) & (tiny <= 1)).all()
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 2.0, 8.0])
+def test_sample_beta_moments(alpha):
+    lam = sample_beta(alpha, 40_000, generator=torch.Generator().manual_seed(0)).double()
+    # Standard errors are below 0.003 (mean) and 0.001 (variance): these bounds are over 5 sigma.
+    assert lam.mean().item() == pytest.approx(0.5, abs=0.015)
+    assert lam.var().item() == pytest.approx(1 / (4 * (2 * alpha + 1)), abs=0.005)
+    torch.testing.assert_close(lam.mean(), 1 - lam.mean(), atol=0.03, rtol=0)  # symmetric
+
+
+def test_sample_beta_alpha_one_is_uniform():
+    n = 20_000
+    lam = sample_beta(1.0, n, generator=torch.Generator().manual_seed(0)).double().sort().values
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = torch.maximum((grid - lam).abs(), (grid - 1 / n - lam).abs()).max().item()
+    assert ks < 1.63 / math.sqrt(n) * 1.5  # well above the 1% critical value; seeded, so never flaky
+
+
+# --------------------------------------------------------------------------- common checks per augmentation
+
+
+def _heatmaps_for(images: torch.Tensor) -> torch.Tensor:
+    return torch.rand(images.shape[0], 4, 4, generator=torch.Generator().manual_seed(7))
+
+
+AUGMENTATIONS: dict[str, Callable] = {
+    "attentive_cutmix": lambda images, targets, **kw: attentive_cutmix(
+        images, targets, _heatmaps_for(images), top_k=3, **kw
+    ),
+    "cutmix": cutmix,
+    "mixup": mixup,
+}
+
+
+@pytest.fixture(params=sorted(AUGMENTATIONS))
+def augment(request) -> Callable:
+    return AUGMENTATIONS[request.param]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_common_shapes_and_dtypes(augment, dtype, generator):
+    images = torch.rand(6, 3, 16, 20, generator=generator).to(dtype)
+    mixed, soft, lam = augment(images, torch.arange(6) % 4, num_classes=4, generator=generator)
+    assert mixed.shape == images.shape and mixed.dtype == dtype and mixed.device == images.device
+    assert soft.shape == (6, 4) and soft.dtype == torch.float32
+    assert lam.shape == (6,) and lam.dtype == torch.float32
+    assert ((lam >= 0) & (lam <= 1)).all()
+    assert (mixed >= images.amin()).all() and (mixed <= images.amax()).all()
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("kind", ["index", "probabilities"])
+def test_common_soft_targets_follow_lam(augment, kind, label_smoothing, generator):
+    permutation = torch.tensor([3, 2, 4, 0, 1])
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    targets = labels if kind == "index" else torch.distributions.Dirichlet(torch.ones(5)).sample((5,))
+    mixed, soft, lam = augment(
+        torch.rand(5, 3, 16, 16, generator=generator),
+        targets,
+        num_classes=5,
+        permutation=permutation,
+        generator=generator,
+        label_smoothing=label_smoothing,
+    )
+    y = to_probabilities(targets, 5) * (1 - label_smoothing) + label_smoothing / 5
+    torch.testing.assert_close(soft, lam[:, None] * y[permutation] + (1 - lam[:, None]) * y)
+    torch.testing.assert_close(soft.sum(1), torch.ones(5))
+    torch.testing.assert_close(soft, mix_targets(targets, lam, permutation, 5, label_smoothing=label_smoothing))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_common_identity_pairing_is_a_no_op(augment, dtype, generator):
+    images = torch.randn(4, 3, 16, 16, generator=generator).to(dtype)
+    labels = torch.tensor([2, 0, 1, 2])
+    mixed, soft, _ = augment(images, labels, num_classes=3, permutation=torch.arange(4), generator=generator)
+    assert torch.equal(mixed, images)
+    assert torch.equal(soft, F.one_hot(labels, 3).float())
+
+
+def test_common_same_seed_same_batch_other_seed_other_batch(augment):
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8)
+
+    def run(seed):
+        return augment(images, labels, num_classes=8, generator=torch.Generator().manual_seed(seed))
+
+    first, again, other = run(11), run(11), run(12)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])
+
+
+def test_common_drawn_pairing_never_pairs_a_sample_with_itself(augment):
+    labels = torch.arange(8)
+    for seed in range(5):
+        _, soft, lam = augment(
+            torch.rand(8, 3, 16, 16), labels, num_classes=8, generator=torch.Generator().manual_seed(seed)
+        )
+        mixed_rows = (lam > 0) & (lam < 1)
+        assert mixed_rows.sum() >= 4
+        partners = soft.clone().fill_diagonal_(0)
+        assert ((partners > 0).sum(1)[mixed_rows] == 1).all()  # exactly two nonzero classes
+        torch.testing.assert_close(partners.sum(1)[mixed_rows], lam[mixed_rows])
+
+
+def test_common_int32_permutation_is_accepted(augment, generator):
+    images = torch.rand(3, 3, 16, 16, generator=generator)
+    permutation = torch.tensor([1, 2, 0], dtype=torch.int32)
+    outputs = [
+        augment(images, torch.arange(3), num_classes=3, permutation=p, generator=torch.Generator().manual_seed(5))
+        for p in (permutation, permutation.long())
+    ]
+    for got, want in zip(*outputs):
+        assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- CutMix
+
+
+@given(
+    batch=st.integers(1, 8),
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    alpha=st.floats(0.1, 5.0),
+    seed=st.integers(0, 2**16),
+)
+def test_cutmix_invariants(batch, height, width, alpha, seed):
+    generator = torch.Generator().manual_seed(seed)
+    images = constant_images(batch, height, width)
+    permutation = pairing_permutation(batch, generator=generator)
+    mixed, soft, lam = cutmix(
+        images, torch.arange(batch), alpha=alpha, num_classes=batch, permutation=permutation, generator=generator
+    )
+    torch.testing.assert_close(soft.sum(1), torch.ones(batch))
+    expected_soft = lam[:, None] * F.one_hot(permutation, batch) + (1 - lam[:, None]) * torch.eye(batch)
+    torch.testing.assert_close(soft, expected_soft)
+    for i in range(batch):
+        j = int(permutation[i])
+        if j == i:
+            continue
+        pasted = mixed[i] == j + 1
+        assert (pasted | (mixed[i] == i + 1)).all()
+        assert (pasted == pasted[:1]).all()  # same box on every channel
+        assert is_rectangle(pasted[0])
+        assert lam[i].item() == pytest.approx(pasted.float().mean().item(), abs=1e-6)
+        if 0 < lam[i] < 1:
+            assert int((soft[i] > 0).sum()) == 2
+
+
+def test_cutmix_box_mask_boxes_are_clipped_at_the_border():
+    height, width, batch = 40, 60, 300
+    mask = cutmix_box_mask(batch, (height, width), torch.full((batch,), 0.25), generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (batch, 1, height, width) and mask.dtype == torch.bool
+    lam = mask.float().mean((1, 2, 3))
+    clipped = unclipped = 0
+    for m, fraction in zip(mask[:, 0], lam.tolist()):
+        assert is_rectangle(m)
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        h, w = rows.numel(), cols.numel()
+        touches = rows[0] == 0 or rows[-1] == height - 1 or cols[0] == 0 or cols[-1] == width - 1
+        if h < 19 or w < 29:  # box is 20 x 30 before clipping; rounding moves a side by one at most
+            assert touches and fraction < 0.25
+            clipped += 1
+        else:
+            assert abs(h - 20) <= 1 and abs(w - 30) <= 1
+            unclipped += 1
+    assert clipped > 50 and unclipped > 50
+    assert lam.mean() < 0.25
+
+
+def test_cutmix_box_mask_empty_and_full_areas(generator):
+    empty = cutmix_box_mask(4, 16, torch.zeros(4), generator=generator)
+    assert not empty.any()
+    full = cutmix_box_mask(64, (16, 24), torch.ones(64), generator=generator)
+    lam = full.float().mean((1, 2, 3))
+    assert (lam <= 1).all() and (lam > 0.2).all() and (lam < 1).sum() > 50
+    assert all(is_rectangle(m) for m in full[:, 0])
+
+
+def test_cutmix_lam_is_the_clipped_box_fraction(generator):
+    images = constant_images(16, 32, 32)
+    permutation = pairing_permutation(16, generator=generator)
+    mixed, soft, lam = cutmix(images, torch.arange(16), num_classes=16, permutation=permutation, generator=generator)
+    pasted = mixed[:, :1] == (permutation + 1).view(16, 1, 1, 1).float()
+    assert torch.equal(lam, pasted.float().mean((1, 2, 3)))
+    torch.testing.assert_close(soft[torch.arange(16), permutation], lam)
+
+
+# --------------------------------------------------------------------------- Mixup
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_mixup_is_a_convex_combination(dtype, generator):
+    images = torch.randn(6, 3, 8, 8, generator=generator).to(dtype)
+    permutation = torch.tensor([5, 0, 1, 2, 3, 4])
+    mixed, soft, lam = mixup(images, torch.arange(6), num_classes=6, permutation=permutation, generator=generator)
+    assert mixed.dtype == dtype
+    w = lam.double().view(6, 1, 1, 1)
+    expected = w * images[permutation].double() + (1 - w) * images.double()
+    torch.testing.assert_close(mixed.double(), expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(soft[torch.arange(6), permutation], lam)
+
+
+@given(batch=st.integers(1, 8), alpha=st.floats(0.05, 10.0), seed=st.integers(0, 2**16))
+def test_mixup_invariants(batch, alpha, seed):
+    generator = torch.Generator().manual_seed(seed)
+    images = constant_images(batch, 4, 5)
+    mixed, soft, lam = mixup(images, torch.arange(batch), alpha=alpha, num_classes=batch, generator=generator)
+    torch.testing.assert_close(soft.sum(1), torch.ones(batch))
+    assert ((lam >= 0) & (lam <= 1)).all()
+    # The partner's label carries weight lam, and the pixels say which image it was.
+    partner_value = (soft * torch.arange(1, batch + 1)).sum(1) - (1 - lam) * torch.arange(1, batch + 1)
+    expected = (1 - lam) * torch.arange(1, batch + 1) + partner_value
+    torch.testing.assert_close(mixed[:, 0, 0, 0], expected)
+    assert (mixed == mixed[:, :1, :1, :1]).all()
+
+
+def test_mixup_lam_follows_beta():
+    batch = 4000
+    _, _, lam = mixup(torch.rand(batch, 1, 1, 1), torch.zeros(batch, 2), generator=torch.Generator().manual_seed(0))
+    # Beta(1, 1): mean 1/2 and variance 1/12; the standard errors are about 0.005 and 0.0015.
+    assert lam.mean().item() == pytest.approx(0.5, abs=0.025)
+    assert lam.var().item() == pytest.approx(1 / 12, abs=0.008)
+
+
+def test_cutmix_lam_follows_the_clipped_beta_area():
+    """A box of area ``a`` (side ``s = sqrt(a)``) with a uniform centre keeps ``(s - s**2 / 4) ** 2`` on
+    average after clipping; with ``a ~ U(0, 1)`` (alpha = 1) that is ``1/2 - 1/5 + 1/48``."""
+    batch = 4000
+    _, _, lam = cutmix(torch.rand(batch, 1, 64, 64), torch.zeros(batch, 2), generator=torch.Generator().manual_seed(0))
+    assert lam.mean().item() == pytest.approx(0.5 - 0.2 + 1 / 48, abs=0.02)  # standard error about 0.004
+
+
+# --------------------------------------------------------------------------- pasted_attention_share
+
+
+def test_pasted_attention_share_by_hand():
+    heat = torch.tensor([[[4.0, 2.0], [1.0, 1.0]]])  # shifted: [[3, 1], [0, 0]]
+    torch.testing.assert_close(pasted_attention_share(heat, topk_cell_mask(heat, 1, 4)), torch.tensor([0.75]))
+    torch.testing.assert_close(pasted_attention_share(heat, topk_cell_mask(heat, 2, 4)), torch.tensor([1.0]))
+    bottom = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    bottom[..., 2:, :] = True
+    torch.testing.assert_close(pasted_attention_share(heat, bottom), torch.tensor([0.0]))
+    left = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    left[..., :, :1] = True  # half of cells (0, 0) and (1, 0)
+    torch.testing.assert_close(pasted_attention_share(heat, left), torch.tensor([0.375]))
+
+
+def test_pasted_attention_share_of_a_constant_heatmap_is_the_area():
+    mask = topk_cell_mask(torch.rand(3, 7, 7), 6, 28)
+    share = pasted_attention_share(torch.full((3, 7, 7), 2.0), mask)
+    assert share.dtype == torch.float32
+    torch.testing.assert_close(share, torch.full((3,), 6 / 49))
+
+
+def test_attentive_mask_holds_more_attention_than_a_random_box(generator):
+    batch = 64
+    peaks = torch.randint(0, 49, (batch, 3), generator=generator)
+    heatmaps = 0.05 * torch.rand(batch, 49, generator=generator)
+    heatmaps.scatter_(1, peaks, 1.0)
+    heatmaps = heatmaps.view(batch, 7, 7)
+    attentive = pasted_attention_share(heatmaps, topk_cell_mask(heatmaps, 6, 224))
+    boxes = cutmix_box_mask(batch, 224, torch.full((batch,), 6 / 49), generator=generator)
+    random = pasted_attention_share(heatmaps, boxes)
+    no_larger = boxes.float().mean((1, 2, 3)) <= 6 / 49
+    assert (attentive[no_larger] >= random[no_larger] - 1e-6).all()
+    assert attentive.mean() > 0.7 and attentive.mean() > 2 * random.mean()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _acm(images=None, targets=None, heatmaps=None, **kw):
+    images = torch.rand(4, 3, 14, 14) if images is None else images
+    targets = torch.tensor([0, 1, 2, 0]) if targets is None else targets
+    heatmaps = torch.rand(images.shape[0] if images.ndim else 4, 7, 7) if heatmaps is None else heatmaps
+    kw.setdefault("num_classes", 3)
+    return attentive_cutmix(images, targets, heatmaps, **kw)
+
+
+@pytest.mark.parametrize("top_k", [0, 50, -1, True, 2.0])
+def test_error_top_k_out_of_range(top_k):
+    with pytest.raises(ValueError, match=rf"Expected `top_k` to be in \[1, 49\] for a 7x7 grid, but got {top_k!r}\."):
+        topk_cell_mask(torch.rand(2, 7, 7), top_k, 224)
+    with pytest.raises(ValueError, match=r"`top_k` to be in \[1, 49\]"):
+        _acm(top_k=top_k)
+
+
+def test_error_top_k_non_square_grid():
+    with pytest.raises(ValueError, match=r"in \[1, 6\] for a 2x3 grid, but got 7"):
+        topk_cell_mask(torch.rand(1, 2, 3), 7, 12)
+
+
+def test_error_grid_finer_than_features():
+    with pytest.raises(ValueError, match=r"at most the feature map size 5x5, but got 7x7"):
+        attention_grid(torch.rand(1, 4, 5, 5), 7)
+    with pytest.raises(ValueError, match=r"at most the feature map size 8x4, but got 2x5"):
+        attention_grid(torch.rand(1, 4, 8, 4), (2, 5))
+
+
+@pytest.mark.parametrize("features", [torch.rand(4, 7, 7), torch.rand(1, 1, 4, 7, 7), [[1.0]]])
+def test_error_features_not_4d(features):
+    with pytest.raises(ValueError, match=r"Expected `features` to be a 4-D feature map"):
+        attention_grid(features)
+
+
+def test_error_bad_reduction():
+    with pytest.raises(ValueError, match=r"`reduction` to be one of 'mean', 'max', but got 'sum'"):
+        attention_grid(torch.rand(1, 4, 7, 7), reduction="sum")
+
+
+@pytest.mark.parametrize(("grid_size", "error", "match"), [
+    (True, TypeError, r"`grid_size` to be an int or a pair of ints, but got True"),
+    ((7, 7, 7), TypeError, r"`grid_size` to be an int or a pair of ints \(h, w\)"),
+    (7.0, TypeError, r"`grid_size` to be an int or a pair of ints \(h, w\)"),
+    (0, ValueError, r"`grid_size` to be positive, but got 0"),
+    ((3, -1), ValueError, r"`grid_size` to be positive"),
+])
+def test_error_bad_grid_size(grid_size, error, match):
+    with pytest.raises(error, match=match):
+        attention_grid(torch.rand(1, 4, 7, 7), grid_size)
+
+
+def test_error_image_smaller_than_grid():
+    with pytest.raises(ValueError, match=r"`image_size` to be at least the grid size 7x7, but got 5x9"):
+        topk_cell_mask(torch.rand(1, 7, 7), 1, (5, 9))
+    with pytest.raises(ValueError, match=r"at least the grid size 7x7, but got 6x6"):
+        _acm(images=torch.rand(4, 3, 6, 6))
+    with pytest.raises(ValueError, match=r"at least the grid size 2x2, but got 1x4"):
+        expand_grid(torch.rand(1, 2, 2), (1, 4))
+    with pytest.raises(ValueError, match=r"`image_size` to be positive"):
+        topk_cell_mask(torch.rand(1, 7, 7), 1, (0, 9))
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+@pytest.mark.parametrize("images", [torch.rand(3, 14, 14), torch.rand(1, 4, 3, 14, 14)])
+def test_error_images_not_4d(name, images):
+    with pytest.raises(ValueError, match=r"Expected `images` to be a 4-D batch \(B, C, H, W\), but got shape"):
+        AUGMENTATIONS[name](images, torch.tensor([0]), num_classes=2)
+
+
+def test_error_images_not_a_tensor_or_empty():
+    with pytest.raises(TypeError, match=r"Expected `images` to be a torch.Tensor, but got list"):
+        cutmix([[0.0]], torch.tensor([0]), num_classes=2)
+    with pytest.raises(ValueError, match=r"at least one sample, but got an empty batch"):
+        mixup(torch.rand(0, 3, 8, 8), torch.tensor([], dtype=torch.long), num_classes=2)
+
+
+def test_error_heatmaps():
+    with pytest.raises(ValueError, match=r"one map per image, but the batch sizes do not match: 3 != 4\."):
+        _acm(heatmaps=torch.rand(3, 7, 7))
+    with pytest.raises(ValueError, match=r"`heatmaps` to have shape \(B, gh, gw\), but got shape \(4, 49\)"):
+        _acm(heatmaps=torch.rand(4, 49))
+    with pytest.raises(TypeError, match=r"`heatmaps` to be a torch.Tensor, but got ndarray"):
+        _acm(heatmaps=torch.rand(4, 7, 7).numpy())
+    with pytest.raises(ValueError, match=r"batch sizes do not match: 2 != 3"):
+        pasted_attention_share(torch.rand(2, 7, 7), torch.ones(3, 1, 7, 7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_error_targets(name):
+    augment, images = AUGMENTATIONS[name], torch.rand(4, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"Expected `num_classes` for class-index targets of shape \(B,\), but got None"):
+        augment(images, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"class-index `targets` in \[0, 3\), but got values in \[0, 3\]"):
+        augment(images, torch.tensor([0, 1, 3, 0]), num_classes=3)
+    with pytest.raises(ValueError, match=r"class-index `targets` in \[0, 3\), but got values in \[-1, 2\]"):
+        augment(images, torch.tensor([0, -1, 2, 0]), num_classes=3)
+    with pytest.raises(ValueError, match=r"soft `targets` of width `num_classes`.*widths do not match: 4 != 3\."):
+        augment(images, torch.full((4, 4), 0.25), num_classes=3)
+    with pytest.raises(ValueError, match=r"one entry per image, but the batch sizes do not match: 3 != 4\."):
+        augment(images, torch.tensor([0, 1, 2]), num_classes=3)
+    with pytest.raises(ValueError, match=r"class indices of shape \(B,\) \(an integer tensor\) or probabilities"):
+        augment(images, torch.rand(4), num_classes=3)
+    with pytest.raises(ValueError, match=r"`num_classes` to be a positive int, but got 0"):
+        augment(images, torch.tensor([0, 0, 0, 0]), num_classes=0)
+    with pytest.raises(ValueError, match=r"`num_classes` to be a positive int, but got True"):
+        augment(images, torch.tensor([0, 0, 0, 0]), num_classes=True)
+    with pytest.raises(TypeError, match=r"`targets` to be a torch.Tensor, but got list"):
+        augment(images, [0, 1, 2, 0], num_classes=3)
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+@pytest.mark.parametrize("label_smoothing", [-0.1, 1.0, 1.5, NAN, "0.1"])
+def test_error_label_smoothing(name, label_smoothing):
+    with pytest.raises(ValueError, match=r"Expected `label_smoothing` to be in \[0, 1\), but got"):
+        AUGMENTATIONS[name](torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), num_classes=2, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_error_permutation(name):
+    augment, images, labels = AUGMENTATIONS[name], torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"`permutation` to have shape \(4,\), but got shape \(3,\)"):
+        augment(images, labels, num_classes=3, permutation=torch.tensor([1, 2, 0]))
+    with pytest.raises(ValueError, match=r"permutation of range\(B\) \(each index exactly once\), but got \[1, 1, 2, 3\]"):
+        augment(images, labels, num_classes=3, permutation=torch.tensor([1, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"permutation of range\(B\)"):
+        augment(images, labels, num_classes=3, permutation=torch.tensor([1, 2, 3, 4]))
+    with pytest.raises(TypeError, match=r"`permutation` to be an integer tensor of shape \(B,\)"):
+        augment(images, labels, num_classes=3, permutation=torch.tensor([1.0, 0.0, 3.0, 2.0]))
+    with pytest.raises(TypeError, match=r"`permutation` to be an integer tensor"):
+        augment(images, labels, num_classes=3, permutation=[1, 0, 3, 2])
+
+
+@pytest.mark.parametrize("fn", [cutmix, mixup])
+@pytest.mark.parametrize("alpha", [0.0, -1.0, NAN, INF, True, "1"])
+def test_error_alpha(fn, alpha):
+    with pytest.raises(ValueError, match=r"Expected `alpha` to be a finite number > 0 \(the Beta\(alpha, alpha\) parameter\)"):
+        fn(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), alpha=alpha, num_classes=2)
+    with pytest.raises(ValueError, match=r"Expected `alpha` to be a finite number > 0"):
+        sample_beta(alpha, 4)
+
+
+def test_error_mixup_integer_images():
+    with pytest.raises(TypeError, match=r"floating-point `images` for mixup, but got dtype torch.uint8"):
+        mixup(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]), num_classes=2)
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.0])
+def test_error_pairing_batch_size(batch_size):
+    with pytest.raises(ValueError, match=r"`batch_size` to be a positive int, but got"):
+        pairing_permutation(batch_size)
+
+
+def test_error_cutmix_box_area_shape():
+    with pytest.raises(ValueError, match=r"`area` to have shape \(4,\), but got shape \(3,\)"):
+        cutmix_box_mask(4, 16, torch.rand(3))

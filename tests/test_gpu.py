@@ -1,0 +1,115 @@
+"""The callbacks on a CUDA device; skipped where there is none (CI has none).
+
+Run on a GPU machine with ``python -m pytest -m gpu tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_acm.attention import attention_model_from_module
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
+from lightning_acm.functional import attentive_cutmix, cutmix, mixup
+from lightning_acm.loss import SoftTargetLossMixin
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+NUM_CLASSES = 4
+SIZE = 28
+
+
+class DeviceRecorder(SoftTargetLossMixin, L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = NUM_CLASSES
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, NUM_CLASSES))
+        self.devices_seen: list[torch.device] = []
+        self.dtypes_seen: list[torch.dtype] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, targets = batch[0], batch[1]
+        self.devices_seen.append(images.device)
+        self.dtypes_seen.append(targets.dtype)
+        loss = self.soft_target_loss(self(images), targets)
+        assert torch.isfinite(loss)
+        return loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def tiny_attention() -> nn.Module:
+    teacher = nn.Sequential(nn.Conv2d(3, 4, kernel_size=4, stride=4), nn.ReLU())
+    return attention_model_from_module(teacher, "1", input_size=SIZE, grid_size=7)
+
+
+def make_callbacks() -> list[MixingCallback]:
+    return [
+        AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0),
+        AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0, attention_precision="bf16"),
+        CutMix(seed=0),
+        MixUp(seed=0),
+    ]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("index", range(4), ids=["acm", "acm-bf16-teacher", "cutmix", "mixup"])
+def test_callbacks_mix_on_the_gpu(precision: str, index: int) -> None:
+    callback = make_callbacks()[index]
+    data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), torch.arange(32) % NUM_CLASSES), batch_size=8)
+    model = DeviceRecorder()
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, precision=precision, max_epochs=1, callbacks=[callback], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, train_dataloaders=data)
+    mix = callback.last_mix
+    assert mix is not None
+    assert mix.mixed.device.type == "cuda" and mix.soft_targets.device.type == "cuda"
+    assert mix.soft_targets.dtype == torch.float32
+    torch.testing.assert_close(mix.soft_targets.sum(1), torch.ones(8, device="cuda"))
+    assert all(d.type == "cuda" for d in model.devices_seen)
+    if isinstance(callback, AttentiveCutMix):
+        teacher = callback.attention_model
+        assert next(teacher.parameters()).device.type == "cuda"
+        torch.testing.assert_close(mix.lam, torch.full((8,), 6 / 49, device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_functional_ops_keep_device_and_dtype(dtype: torch.dtype) -> None:
+    images = torch.rand(16, 3, 32, 32, device="cuda", dtype=dtype)
+    labels = torch.arange(16, device="cuda") % 10
+    heatmaps = torch.rand(16, 7, 7, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    for mixed, soft, lam in (
+        attentive_cutmix(images, labels, heatmaps, num_classes=10, generator=g),
+        cutmix(images, labels, num_classes=10, generator=g),
+        mixup(images, labels, num_classes=10, generator=g),
+    ):
+        assert mixed.dtype == dtype and mixed.device.type == "cuda"
+        assert soft.dtype == torch.float32 and not torch.isnan(soft).any()
+        assert lam.device.type == "cuda"
+
+
+def test_same_seed_gives_the_same_mix_on_cpu_and_gpu() -> None:
+    images = torch.rand(8, 3, 32, 32)
+    labels = torch.arange(8)
+    heatmaps = torch.rand(8, 7, 7)
+    cpu = attentive_cutmix(images, labels, heatmaps, num_classes=8, generator=torch.Generator().manual_seed(3))
+    gpu = attentive_cutmix(
+        images.cuda(), labels.cuda(), heatmaps.cuda(), num_classes=8, generator=torch.Generator().manual_seed(3)
+    )
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a, b.cpu())
