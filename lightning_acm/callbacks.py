@@ -32,6 +32,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_acm import functional as AF
+from lightning_acm.cache import (
+    HeatmapCache,
+    batch_geometry,
+    cache_for_trainer,
+    reference_datamodule,
+    regrid_attention_model,
+)
 
 __all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp"]
 
@@ -64,6 +71,9 @@ class MixResult:
         permutation: ``(B,)`` partner index of each sample.
         mask: ``(B, 1, H, W)`` pasted region, for the box methods.
         partner_heatmaps: ``(B, gh, gw)`` attention of each partner, when a teacher ran.
+        source: ``(B, C, H, W)`` images before mixing, kept only when the callback's
+            ``keep_source`` is set (by :class:`~lightning_acm.visualize.MixVisualizer`).
+        source_targets: the targets before mixing, kept with ``source``.
     """
 
     mixed: Tensor
@@ -72,6 +82,21 @@ class MixResult:
     permutation: Tensor
     mask: Optional[Tensor] = None
     partner_heatmaps: Optional[Tensor] = None
+    source: Optional[Tensor] = None
+    source_targets: Optional[Tensor] = None
+
+    def pasted_attention(self) -> Optional[Tensor]:
+        """``(B,)`` share of each partner's attention mass that reaches the mixed image, or ``None``.
+
+        For a pasted region it is :func:`~lightning_acm.functional.pasted_attention_share` (needs
+        ``partner_heatmaps``). For Mixup (no ``mask``) every pixel of the partner enters with weight
+        ``lam``, so the share is ``lam`` whatever the heatmap, and no teacher is needed.
+        """
+        if self.mask is None:
+            return self.lam
+        if self.partner_heatmaps is None:
+            return None
+        return AF.pasted_attention_share(self.partner_heatmaps, self.mask)
 
 
 def _check_probability(p: float) -> None:
@@ -103,7 +128,10 @@ class MixingCallback(Callback):
         stop_after_epoch: stop mixing from this epoch on (0-based).
         image_key: key of the images in dict batches.
         target_key: key of the targets in dict batches.
-        log_prefix: prefix of the logged metrics ``{prefix}/lam`` and ``{prefix}/mixed``.
+        log_prefix: prefix of the logged metrics ``{prefix}/lam``, ``{prefix}/mixed`` and
+            ``{prefix}/pasted_attention`` (see :meth:`MixResult.pasted_attention`; logged when
+            the method has heatmaps or is Mixup, and for CutMix by
+            :class:`~lightning_acm.visualize.PastedAttentionMonitor`).
 
     Raises:
         ValueError: for an argument out of range.
@@ -151,6 +179,8 @@ class MixingCallback(Callback):
         self._warned_single = False
         self.last_mix: Optional[MixResult] = None
         """The most recent :class:`MixResult` (``None`` when the last batch was not mixed)."""
+        self.keep_source: bool = False
+        """Keep the unmixed batch in ``last_mix.source`` (for visualisation; off to save memory)."""
 
     @property
     @override
@@ -234,7 +264,9 @@ class MixingCallback(Callback):
             return 0, 1
         raise TypeError(
             f"{type(self).__name__} expects a batch list [images, targets, ...] or a dict with `image_key` and"
-            f" `target_key`, but got {type(batch).__name__}."
+            f" `target_key`, but got {type(batch).__name__}"
+            f"{f' of length {len(batch)}' if isinstance(batch, Sequence) else ''}."
+            " Make the dataset return (image, target) samples, or collate batches into such a list or dict."
         )
 
     @override
@@ -246,7 +278,10 @@ class MixingCallback(Callback):
         images, targets = batch[image_slot], batch[target_slot]  # type: ignore[index]
         if not isinstance(images, Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}.")
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}. Make the dataset"
+                " return (C, H, W) image tensors (not flattened), or point `image_key` at the images of a dict batch."
+            )
         num_classes = self._num_classes
         if num_classes is None:
             raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
@@ -275,11 +310,16 @@ class MixingCallback(Callback):
         result = self.mix(images, targets, num_classes, batch)
         batch[image_slot] = result.mixed  # type: ignore[index]
         batch[target_slot] = result.soft_targets  # type: ignore[index]
+        if self.keep_source:
+            result.source, result.source_targets = images, targets
         self.last_mix = result
         self._batches_mixed += 1
         size = images.shape[0]
         pl_module.log(f"{self.log_prefix}/mixed", 1.0, on_step=False, on_epoch=True, batch_size=size)
         pl_module.log(f"{self.log_prefix}/lam", result.lam.mean(), on_step=False, on_epoch=True, batch_size=size)
+        share = result.pasted_attention()
+        if share is not None:
+            pl_module.log(f"{self.log_prefix}/pasted_attention", share.mean(), on_step=False, on_epoch=True, batch_size=size)
 
     def draw_permutation(self, batch_size: int, device: torch.device) -> Tensor:
         """The pairing for the current batch, from the callback's generator."""
@@ -319,10 +359,8 @@ class CutMix(MixingCallback):
 
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
-        batch = images.shape[0]
-        permutation = self.draw_permutation(batch, images.device)
-        area = AF.sample_beta(self.alpha, batch, generator=self._generator)
-        mask = AF.cutmix_box_mask(batch, tuple(images.shape[-2:]), area, generator=self._generator, device=images.device)
+        permutation = self.draw_permutation(images.shape[0], images.device)
+        mask = AF.sample_cutmix_mask(images, self.alpha, generator=self._generator)
         mixed, soft, lam = AF.mix_with_mask(images, targets, mask, permutation, num_classes, self.label_smoothing)
         return MixResult(mixed, soft, lam, permutation, mask)
 
@@ -384,13 +422,31 @@ class AttentiveCutMix(MixingCallback):
         attention_layer: layer (or method) of the teacher to tap; the preset's when ``None``.
         attention_input_size: teacher input size (224 by default for the presets).
         reduction: channel reduction of the tapped features, ``"mean"`` (paper) or ``"max"``.
-        attention_precision: run the teacher under autocast (``"bf16"`` or ``"fp16"``), or in fp32.
+        attention_precision: run the teacher under autocast (``"bf16"`` or ``"fp16"``), or in fp32
+            (``None``; a given :class:`~lightning_acm.attention.AttentionModel` then keeps its ``amp_dtype``).
         attention_model: a ready ``nn.Module`` to use instead of building one (Python use);
-            an :class:`~lightning_acm.attention.AttentionModel` is used as it is, any other module
+            an :class:`~lightning_acm.attention.AttentionModel` is used as it is (but for
+            ``attention_precision`` and ``input_mean``/``input_std`` when given), any other module
             is tapped at ``attention_layer``.
         input_mean: the normalisation the training images carry (to be undone before the teacher);
             taken from ``trainer.datamodule.mean`` when ``None``.
         input_std: as ``input_mean``, from ``trainer.datamodule.std``.
+        heatmap_cache: compute each training sample's heatmap once, on its un-augmented image, at
+            ``cache_grid_size``, and warp it through the crop and flip that the batch records
+            (:mod:`lightning_acm.cache`), instead of running the teacher on every mixed batch. Needs a
+            datamodule with ``record_augmentation=True`` and ``train_reference_dataset()``. The cache
+            is filled in ``on_fit_start`` (sharded over DDP ranks) and kept on the training device,
+            out of the checkpoint and of this callback's ``state_dict``.
+        cache_grid_size: cells per side of the cached heatmaps, at least ``grid_size``; ``None`` (the
+            default) caches the teacher's own grid at its own input size, which matched heatmaps of
+            the augmented images best in ``benchmarks/bench_cache.py`` (a finer grid made by a larger
+            input shows the teacher the objects at another scale).
+        cache_input_size: teacher input size while filling the cache; ``None`` scales the teacher's
+            input size by ``cache_grid_size / grid_size`` (448 px for a 14x14 cache of a 224 px teacher).
+        cache_path: a file to load the cache from when it matches the dataset and teacher, and to
+            save it to otherwise (rank 0 writes).
+        cache_batch_size: teacher batch size while filling the cache.
+        geometry_key: key of the geometry in dict batches (list batches carry it at index 2).
         **kwargs: see :class:`MixingCallback`.
 
     Example::
@@ -416,6 +472,12 @@ class AttentiveCutMix(MixingCallback):
         attention_model: Optional[nn.Module] = None,
         input_mean: Optional[Sequence[float]] = None,
         input_std: Optional[Sequence[float]] = None,
+        heatmap_cache: bool = False,
+        cache_grid_size: Optional[Union[int, tuple[int, int]]] = None,
+        cache_input_size: Optional[int] = None,
+        cache_path: Optional[str] = None,
+        cache_batch_size: int = 64,
+        geometry_key: str = "geometry",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -447,6 +509,26 @@ class AttentiveCutMix(MixingCallback):
         self.input_std = tuple(input_std) if input_std is not None else None
         self._given_model = attention_model
         self._attention: Optional[nn.Module] = None
+        # --- heatmap cache (issue 4): all of it is off unless `heatmap_cache=True`.
+        cache_grid = grid if cache_grid_size is None else AF._pair(cache_grid_size, "cache_grid_size")
+        if cache_grid[0] < grid[0] or cache_grid[1] < grid[1]:
+            raise ValueError(
+                f"Expected `cache_grid_size` to be at least `grid_size` {grid[0]}x{grid[1]}, but got"
+                f" {cache_grid[0]}x{cache_grid[1]}."
+            )
+        if cache_input_size is not None and (
+            isinstance(cache_input_size, bool) or not isinstance(cache_input_size, int) or cache_input_size < 1
+        ):
+            raise ValueError(f"Expected `cache_input_size` to be None or a positive int, but got {cache_input_size!r}.")
+        if isinstance(cache_batch_size, bool) or not isinstance(cache_batch_size, int) or cache_batch_size < 1:
+            raise ValueError(f"Expected `cache_batch_size` to be a positive int, but got {cache_batch_size!r}.")
+        self.heatmap_cache = bool(heatmap_cache)
+        self.cache_grid_size = cache_grid
+        self.cache_input_size = cache_input_size
+        self.cache_path = cache_path
+        self.cache_batch_size = cache_batch_size
+        self.geometry_key = geometry_key
+        self._cache: Optional[HeatmapCache] = None
 
     @property
     def attention_model(self) -> Optional[nn.Module]:
@@ -456,6 +538,8 @@ class AttentiveCutMix(MixingCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.heatmap_cache:
+            reference_datamodule(trainer, type(self).__name__)
         if stage != "fit" or self._attention is not None:
             return
         self._attention = self.build_attention(trainer)
@@ -482,6 +566,8 @@ class AttentiveCutMix(MixingCallback):
             # A ready AttentionModel carries its own normalisation; explicit callback arguments win.
             if self.input_mean is not None and self.input_std is not None:
                 self._given_model.set_input_normalization(self.input_mean, self.input_std)
+            if self.attention_precision is not None:
+                self._given_model.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.attention_precision]
             model: nn.Module = self._given_model
         else:
             if self._given_model is not None and self.attention_layer is None:
@@ -520,17 +606,70 @@ class AttentiveCutMix(MixingCallback):
 
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
-        heatmaps = self.heatmaps(images)
+        heatmaps = self.cached_heatmaps(batch, images.shape[0]) if self.heatmap_cache else self.heatmaps(images)
         gh, gw = heatmaps.shape[-2:]
         if (gh, gw) != tuple(self.grid_size):
             raise ValueError(
                 f"The attention model returned a {gh}x{gw} grid but `grid_size` is {self.grid_size[0]}x{self.grid_size[1]}."
+                " Build the given `attention_model` with the same `grid_size`, or pass the callback its grid."
             )
         permutation = self.draw_permutation(images.shape[0], images.device)
         partner_heatmaps = heatmaps[permutation]
         mask = AF.topk_cell_mask(partner_heatmaps, self.top_k, tuple(images.shape[-2:]))
         mixed, soft, lam = AF.mix_with_mask(images, targets, mask, permutation, num_classes, self.label_smoothing)
         return MixResult(mixed, soft, lam, permutation, mask, partner_heatmaps)
+
+    # ------------------------------------------------------------------ heatmap cache (issue 4)
+
+    @property
+    def cache(self) -> Optional[HeatmapCache]:
+        """The :class:`~lightning_acm.cache.HeatmapCache` once filled (``heatmap_cache=True``), else ``None``."""
+        return self._cache
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.heatmap_cache:
+            return
+        if self._attention is None:
+            raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
+        teacher = regrid_attention_model(self._attention, self.cache_grid_size, self._cache_input_size(trainer))
+        self._cache = cache_for_trainer(
+            trainer,
+            teacher,
+            grid_size=self.cache_grid_size,
+            path=self.cache_path,
+            batch_size=self.cache_batch_size,
+            meta=self._cache_meta(teacher),
+            previous=self._cache,
+            owner=type(self).__name__,
+        )
+
+    def _cache_input_size(self, trainer: pl.Trainer) -> Optional[tuple[int, int]]:
+        if self.cache_input_size is not None:
+            return (self.cache_input_size, self.cache_input_size)
+        size = getattr(self._attention, "input_size", None)
+        if size is None:
+            size = tuple(trainer.datamodule.train_reference_dataset()[0][0].shape[-2:])  # type: ignore[union-attr]
+        return tuple(  # type: ignore[return-value]
+            round(side * fine / coarse) for side, fine, coarse in zip(size, self.cache_grid_size, self.grid_size)
+        )
+
+    def _cache_meta(self, teacher: nn.Module) -> dict[str, Any]:
+        # What a saved cache must match to be reused: a given module can only be named by its type.
+        return {
+            "attention": self.attention if self._given_model is None else type(self._given_model).__name__,
+            "attention_weights": self.attention_weights,
+            "teacher": teacher.extra_repr(),
+        }
+
+    def cached_heatmaps(self, batch: Any, batch_size: int) -> Tensor:
+        """``(B, gh, gw)`` heatmaps of an augmented batch, warped from the cache by the batch's geometry."""
+        if self._cache is None:
+            raise MisconfigurationException(
+                f"{type(self).__name__}(heatmap_cache=True) has no cache yet: it is filled in `on_fit_start`."
+            )
+        geometry = batch_geometry(batch, self.geometry_key, batch_size, type(self).__name__)
+        return self._cache.warp(geometry, self.grid_size)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

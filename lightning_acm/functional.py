@@ -47,6 +47,7 @@ __all__ = [
     "paste",
     "pasted_attention_share",
     "sample_beta",
+    "sample_cutmix_mask",
     "to_probabilities",
     "topk_cell_mask",
 ]
@@ -370,6 +371,18 @@ def cutmix_box_mask(
     return inside.unsqueeze(1)
 
 
+def sample_cutmix_mask(images: Tensor, alpha: float = 1.0, *, generator: Optional[torch.Generator] = None) -> Tensor:
+    """CutMix boxes for a batch: area ~ ``Beta(alpha, alpha)`` per sample, see :func:`cutmix_box_mask`.
+
+    Returns a boolean ``(B, 1, H, W)`` mask on the images' device.
+    """
+    _check_images(images)
+    _check_alpha(alpha)
+    batch = images.shape[0]
+    area = sample_beta(alpha, batch, generator=generator)
+    return cutmix_box_mask(batch, tuple(images.shape[-2:]), area, generator=generator, device=images.device)
+
+
 # --------------------------------------------------------------------------- pasting and targets
 
 
@@ -556,8 +569,7 @@ def cutmix(
     _check_alpha(alpha)
     batch = images.shape[0]
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
-    area = sample_beta(alpha, batch, generator=generator)
-    mask = cutmix_box_mask(batch, tuple(images.shape[-2:]), area, generator=generator, device=images.device)
+    mask = sample_cutmix_mask(images, alpha, generator=generator)
     return mix_with_mask(images, targets, mask, permutation, num_classes, label_smoothing)
 
 

@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from lightning_acm.loss import SoftTargetLossMixin, soft_target_cross_entropy
 
-__all__ = ["ImageClassifier", "available_archs", "build_classifier"]
+__all__ = ["CifarResNet", "ImageClassifier", "available_archs", "build_classifier"]
 
 #: DenseNet-264 (Huang et al., 2017), used by the Attentive CutMix paper; torchvision ships
 #: the DenseNet class but not this configuration, and no pretrained weights for it.
@@ -43,9 +43,70 @@ DENSENET264_CONFIG: dict[str, Any] = {"growth_rate": 32, "block_config": (6, 12,
 _BUILDER_KWARGS: dict[str, dict[str, Any]] = {"inception_v3": {"aux_logits": False}, "googlenet": {"aux_logits": False}}
 
 
+#: CIFAR ResNets (He et al., 2016, section 4.2): name -> blocks per stage (depth = 6n + 2).
+CIFAR_RESNET_BLOCKS: dict[str, int] = {"cifar_resnet8": 1, "cifar_resnet20": 3}
+
+
+class _CifarBasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016, section 4.2): a 3x3 stem, three stages of ``blocks`` basic blocks.
+
+    Stages have ``width``, ``2 * width`` and ``4 * width`` channels at strides 1, 2, 2, then global
+    average pooling and a linear head; depth is ``6 * blocks + 2`` (ResNet-8: 1 block, 78k
+    parameters; ResNet-20: 3 blocks, 0.27M). Built for 32 px inputs: it is a cheap student where a
+    torchvision ResNet-18 is too slow (CPU runs). The 1x1-convolution shortcut ("option B") is used
+    where the shape changes.
+
+    Example::
+
+        >>> CifarResNet(blocks=1, num_classes=10)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, blocks: int, *, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
+        super().__init__()
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"Expected `blocks` to be a positive int, but got {blocks!r}.")
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers: list[nn.Module] = []
+        channels = width
+        for stage, out_channels in enumerate((width, 2 * width, 4 * width)):
+            for block in range(blocks):
+                stride = 2 if stage > 0 and block == 0 else 1
+                layers.append(_CifarBasicBlock(channels, out_channels, stride))
+                channels = out_channels
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def available_archs() -> list[str]:
-    """Names accepted by ``arch``: torchvision's classification models plus ``"densenet264"``."""
-    return sorted([*torchvision.models.list_models(module=torchvision.models), "densenet264"])
+    """Names accepted by ``arch``: torchvision's classification models, ``"densenet264"`` and the CIFAR ResNets."""
+    return sorted([*torchvision.models.list_models(module=torchvision.models), "densenet264", *CIFAR_RESNET_BLOCKS])
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -58,6 +119,10 @@ def _resolve_weights(arch: str, weights: str) -> torchvision.models.WeightsEnum:
         raise ValueError(
             "Expected `weights` to be None for `arch='densenet264'`: torchvision has no pretrained"
             f" DenseNet-264, but got {weights!r}."
+        )
+    if arch in CIFAR_RESNET_BLOCKS:
+        raise ValueError(
+            f"Expected `weights` to be None for `arch={arch!r}`: it has no pretrained weights, but got {weights!r}."
         )
     enum = torchvision.models.get_model_weights(arch)
     prefix, _, name = weights.rpartition(".")
@@ -147,15 +212,16 @@ def build_classifier(
         arch: a name from :func:`available_archs` (case-insensitive). ``"densenet264"`` builds
             ``torchvision.models.DenseNet(growth_rate=32, block_config=(6, 12, 64, 48),
             num_init_features=64)``, i.e. DenseNet-264, without pretrained weights.
+            ``"cifar_resnet8"``/``"cifar_resnet20"`` build a :class:`CifarResNet`, without pretrained weights.
         num_classes: outputs of the head. With ``weights``, a pretrained head of another size is
             replaced by a new ``nn.Linear`` (the last ``nn.Linear`` of the model).
         in_channels: input channels; the first convolution is rebuilt when not 3, its weights
             summed over channels (1 channel) or tiled and rescaled (others).
-        small_input: CIFAR-style stem for 32 px inputs. ResNets: ``conv1`` becomes a 3x3,
-            stride-1 convolution and ``maxpool`` an ``nn.Identity``. DenseNets:
-            ``features.conv0`` becomes a 3x3, stride-1 convolution and ``features.pool0`` an
-            ``nn.Identity``. EfficientNets: the stride of ``features[0][0]`` becomes 1. Replaced
-            convolutions are freshly initialised even with ``weights``.
+        small_input: CIFAR-style stem for 32 px inputs (the CIFAR ResNets always have it; the flag
+            does not change them). ResNets: ``conv1`` becomes a 3x3, stride-1 convolution and
+            ``maxpool`` an ``nn.Identity``. DenseNets: ``features.conv0`` becomes a 3x3, stride-1
+            convolution and ``features.pool0`` an ``nn.Identity``. EfficientNets: the stride of
+            ``features[0][0]`` becomes 1. Replaced convolutions are freshly initialised even with ``weights``.
         weights: a torchvision weights name for ``arch`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``, or
             qualified, ``"ResNet18_Weights.IMAGENET1K_V1"``), or None for random initialisation.
 
@@ -169,6 +235,11 @@ def build_classifier(
         close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
         hint = f" Did you mean one of {close}?" if close else ""
         raise ValueError(f"Expected `arch` to be a torchvision classification model name, but got {arch!r}.{hint}")
+    if arch in CIFAR_RESNET_BLOCKS:
+        if weights is not None:
+            _resolve_weights(arch, weights)
+        # Already a small-input network: `small_input` has nothing to change.
+        return CifarResNet(CIFAR_RESNET_BLOCKS[arch], num_classes=num_classes, in_channels=in_channels)
     if arch == "densenet264":
         if weights is not None:
             _resolve_weights(arch, weights)

@@ -1,0 +1,106 @@
+"""Our mixing ops vs torchvision.transforms.v2 CutMix/MixUp on the same batch, measured side by side.
+
+"Attentive CutMix (heatmaps given)" is the whole op once heatmaps exist: top-k cell mask, paste
+and soft targets (lightning_acm.functional.attentive_cutmix). "(from cache)" adds the cache
+lookup and the warp of 14x14 maps through each sample's crop box and flip
+(lightning_acm.cache.HeatmapCache.warp). Neither includes the teacher. Ratios are against
+torchvision's CutMix on the same batch (< 1 is faster). Note that torchvision draws one box and
+one lam per batch, ours one per sample.
+
+With --device cuda, "syncs" counts the host-device synchronisations of one call
+(torch.cuda.set_sync_debug_mode), i.e. the points where the CPU waits for the GPU.
+
+Example::
+
+    python benchmarks/bench_mixing_op.py                      # CPU, 128x3x32x32 and 64x3x224x224
+    python benchmarks/bench_mixing_op.py --device cuda --repeats 50
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any, Callable
+
+import torch
+from torchvision.transforms import v2
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # _common, and lightning_acm without installing it
+from _common import base_parser, describe_machine, markdown_table, setup_run, time_call  # noqa: E402
+
+from lightning_acm import functional as AF  # noqa: E402
+from lightning_acm.cache import HeatmapCache  # noqa: E402
+
+
+def count_syncs(fn: Callable[[], Any], device: torch.device) -> Any:
+    if device.type != "cuda":
+        return "n/a"
+    fn()
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="128x3x32x32,64x3x224x224", help="comma-separated BxCxHxW batches")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--grid", type=int, default=7)
+    parser.add_argument("--cache-grid", type=int, default=14)
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per op (median reported)")
+    args = parser.parse_args()
+    device = setup_run(args)
+
+    print(f"# Mixing op: lightning_acm vs torchvision.transforms.v2\n\n{describe_machine(device)}\n")
+    rows = []
+    for shape in args.shapes.split(","):
+        b, c, h, w = (int(v) for v in shape.lower().split("x"))
+        images = torch.randn(b, c, h, w, device=device)
+        labels = torch.randint(0, args.num_classes, (b,), device=device)
+        heatmaps = torch.rand(b, args.grid, args.grid, device=device)
+        cache = HeatmapCache(4 * b, args.cache_grid, device=device)
+        cache.update(torch.arange(4 * b), torch.rand(4 * b, args.cache_grid, args.cache_grid))
+        corner = torch.rand(b, 2) * 0.25 - 0.125
+        geometry = torch.cat(
+            [torch.randperm(4 * b)[:b, None].float(), corner, corner + 1.0, (torch.rand(b, 1) < 0.5).float()], 1
+        ).to(device)
+        generator = torch.Generator().manual_seed(args.seed)
+        tv_cutmix = v2.CutMix(num_classes=args.num_classes)
+        tv_mixup = v2.MixUp(num_classes=args.num_classes)
+        k = args.num_classes
+
+        ops: list[tuple[str, Callable[[], Any]]] = [
+            ("torchvision v2.CutMix", lambda: tv_cutmix(images, labels)),
+            ("ours: Attentive CutMix (heatmaps given)",
+             lambda: AF.attentive_cutmix(images, labels, heatmaps, top_k=args.top_k, num_classes=k, generator=generator)),
+            ("ours: Attentive CutMix (from cache: lookup + warp + mix)",
+             lambda: AF.attentive_cutmix(images, labels, cache.warp(geometry, args.grid), top_k=args.top_k,
+                                         num_classes=k, generator=generator)),
+            ("ours: cache lookup + warp only", lambda: cache.warp(geometry, args.grid)),
+            ("ours: cutmix", lambda: AF.cutmix(images, labels, num_classes=k, generator=generator)),
+            ("torchvision v2.MixUp", lambda: tv_mixup(images, labels)),
+            ("ours: mixup", lambda: AF.mixup(images, labels, num_classes=k, generator=generator)),
+        ]
+        reference = None
+        for name, fn in ops:
+            seconds = time_call(fn, device, repeats=args.repeats)
+            reference = reference or seconds
+            rows.append({
+                "batch": shape, "op": name, "ms / batch": seconds * 1e3, "images/s": b / seconds,
+                "vs tv CutMix": seconds / reference, "syncs": count_syncs(fn, device),
+            })
+    print(markdown_table(rows))
+    print("\nvs tv CutMix: time relative to torchvision's v2.CutMix on the same batch (< 1 is faster).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Bad inputs that had no test yet, each through the public entry point a user would hit.
+
+Every bad input of issue 5 has a test with ``pytest.raises(..., match=...)`` (or ``pytest.warns``)
+whose message names the argument and the fix. Most live beside the code they guard; this file
+holds the missing ones, mostly through a real ``Trainer``. The inventory (item: where it is tested):
+
+ 1. ``top_k`` out of range: test_callbacks::test_bad_arguments_fail_early, test_functional::test_error_top_k_*,
+    here test_top_k_for_a_non_square_grid
+ 2. ``p`` out of [0, 1]: test_callbacks::test_bad_arguments_fail_early
+ 3. ``alpha`` <= 0 or not finite: test_callbacks::test_bad_arguments_fail_early, test_functional::test_error_alpha
+ 4. ``grid_size`` not a positive int or pair: test_callbacks::test_bad_arguments_fail_early,
+    test_functional::test_error_bad_grid_size
+ 5. grid finer than the teacher's feature map: test_attention::test_grid_finer_than_feature_map,
+    test_functional::test_error_grid_finer_than_features, here test_grid_finer_than_the_teachers_map*
+ 6. images not 4-D: test_functional::test_error_images_not_4d, test_attention::test_images_must_be_4d,
+    here test_images_not_4d_in_a_trainer
+ 7. channels the teacher cannot take: test_attention::test_bad_channel_count, here
+    test_two_channel_images_are_refused_by_an_rgb_teacher; grayscale into an RGB teacher is repeated to
+    3 channels with one warning: test_attention::test_grayscale_batch_is_repeated_with_one_warning,
+    here test_grayscale_batch_with_an_rgb_teacher_warns_once_and_mixes
+ 8. a batch of one: test_callbacks::test_batch_of_one_is_left_unmixed_with_one_warning
+ 9. a tuple batch: test_callbacks::test_tuple_batch_is_refused_with_the_fix
+10. a batch that is neither a list nor a dict: here test_batch_without_targets_is_refused_with_the_fix
+11. dict batches, configurable keys, a missing key: test_callbacks::test_dict_batches_with_configurable_keys,
+    test_callbacks::test_dict_batch_missing_key_names_the_argument, here test_dict_batch_missing_target_key
+12. labels outside [0, num_classes): test_callbacks::test_labels_out_of_range_are_refused,
+    test_functional::test_error_targets, here test_labels_out_of_range_are_refused_on_unmixed_batches_too
+13. soft labels of the wrong width: test_functional::test_error_targets, here test_soft_labels_of_the_wrong_width
+14. ``num_classes`` unknown: test_callbacks::test_num_classes_from_module_or_datamodule_or_error
+15. unknown model name, close names suggested: test_attention::test_unknown_source_suggests_close_names,
+    test_attention::test_unknown_layer_suggests_close_names, test_model::test_unknown_arch_suggests_close_names,
+    here test_unknown_attention_name_through_the_callback
+16. missing or corrupt weights file: test_attention::test_missing_weights_file, test_corrupt_weights_file,
+    test_weights_file_with_python_objects, here test_missing_or_corrupt_attention_weights_through_the_callback
+17. dataset folder missing, empty or of the wrong layout: test_data::test_fmnist_missing_files,
+    test_data::test_cifar_errors, test_data::test_imagenet_layout_errors, test_data::test_imagenet_no_class_folders
+18. unreadable image file: test_data::test_imagenet_corrupt_image_names_the_file
+19. constant or NaN heatmap (documented: the first ``top_k`` cells in row-major order):
+    test_functional::test_topk_mask_constant_heatmap_selects_the_first_cells,
+    test_functional::test_topk_mask_nan_ranks_below_every_number, here test_constant_or_nan_teacher_*
+20. non-square images and sizes the grid does not divide: test_functional::test_topk_mask_non_divisible_tiling,
+    test_functional::test_error_image_smaller_than_grid, here test_non_square_and_non_divisible_images_*,
+    test_images_smaller_than_the_grid
+21. integer images into Mixup: test_functional::test_error_mixup_integer_images, here test_uint8_images_into_mixup
+22. ``cache_grid_size`` coarser than ``grid_size``: here test_cache_grid_coarser_than_the_grid
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+
+from lightning_acm import functional as AF
+from lightning_acm.attention import attention_model_from_module
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
+from lightning_acm.loss import soft_target_cross_entropy
+
+NUM_CLASSES, SIZE, BATCH = 4, 28, 8
+
+
+class Net(L.LightningModule):
+    """Tiny classifier for list or dict batches of any channel count and size; records what training_step saw."""
+
+    def __init__(self, image_key: Any = 0, target_key: Any = 1) -> None:
+        super().__init__()
+        self.num_classes = NUM_CLASSES
+        self.image_key, self.target_key = image_key, target_key
+        self.net = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4, NUM_CLASSES))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, targets = batch[self.image_key], batch[self.target_key]
+        self.seen.append((images.clone(), targets.clone()))
+        return soft_target_cross_entropy(self.net(images.float().mean(1, keepdim=True)), targets)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def conv(in_channels: int = 3, value: float = 1.0 / 48) -> nn.Module:
+    layer = nn.Conv2d(in_channels, 2, kernel_size=4, stride=4, bias=False)
+    nn.init.constant_(layer.weight, value)
+    return nn.Sequential(layer, nn.ReLU())
+
+
+def teacher(value: float = 1.0 / 48, **kwargs: Any) -> nn.Module:
+    kwargs.setdefault("input_size", SIZE)
+    kwargs.setdefault("grid_size", 7)
+    return attention_model_from_module(conv(value=value), "1", **kwargs)
+
+
+def data(images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2 * BATCH, 3, SIZE, SIZE, generator=g) if images is None else images
+    labels = torch.arange(len(images)) % NUM_CLASSES if labels is None else labels
+    return DataLoader(TensorDataset(images, labels), batch_size=BATCH, shuffle=False, **kwargs)
+
+
+def fit(callback: MixingCallback, loader: DataLoader, model: Optional[Net] = None, **kwargs: Any) -> tuple[L.Trainer, Net]:
+    model = model or Net()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    return trainer, model
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def test_top_k_for_a_non_square_grid():
+    with pytest.raises(ValueError, match=r"Expected `top_k` to be in \[1, 6\] for a 2x3 grid, but got 7\."):
+        AttentiveCutMix(grid_size=(2, 3), top_k=7)
+
+
+def test_cache_grid_coarser_than_the_grid():
+    with pytest.raises(ValueError, match=r"`cache_grid_size` to be at least `grid_size` 7x7, but got 4x4"):
+        AttentiveCutMix(cache_grid_size=4)
+
+
+# --------------------------------------------------------------------------- the batch
+
+
+def test_images_not_4d_in_a_trainer():
+    flat = data(torch.rand(2 * BATCH, 3 * SIZE * SIZE))
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, C, H, W\), but got \(8, 2352\)\..*not flattened"):
+        fit(CutMix(seed=0), flat)
+
+
+class ImagesOnly(Dataset):
+    def __len__(self) -> int:
+        return BATCH
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.rand(3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("collate", "shape"), [(None, "Tensor"), (lambda s: [default_collate(s)], "list of length 1")], ids=["tensor", "list"]
+)
+def test_batch_without_targets_is_refused_with_the_fix(collate, shape):
+    loader = DataLoader(ImagesOnly(), batch_size=BATCH, collate_fn=collate)
+    with pytest.raises(TypeError, match=rf"batch list \[images, targets, ...\].*but got {shape}\..*\(image, target\) samples"):
+        fit(MixUp(seed=0), loader)
+
+
+class DictDataset(Dataset):
+    def __len__(self) -> int:
+        return 2 * BATCH
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"pixels": torch.rand(3, SIZE, SIZE), "label": i % NUM_CLASSES}
+
+
+def test_dict_batch_missing_target_key():
+    loader = DataLoader(DictDataset(), batch_size=BATCH)
+    with pytest.raises(KeyError, match=r"no key 'target' \(`target_key`\); its keys are \['label', 'pixels'\]\. Pass `target_key="):
+        fit(CutMix(seed=0, image_key="pixels"), loader, Net("pixels", "label"))
+    _, model = fit(CutMix(seed=0, image_key="pixels", target_key="label"), loader, Net("pixels", "label"))
+    assert model.seen[-1][1].shape == (BATCH, NUM_CLASSES)
+
+
+def test_labels_out_of_range_are_refused_on_unmixed_batches_too():
+    labels = torch.full((2 * BATCH,), -1)
+    with pytest.raises(ValueError, match=r"class-index `targets` in \[0, 4\), but got values in \[-1, -1\]\. Check `num_classes`"):
+        fit(CutMix(p=0.0, seed=0), data(labels=labels))
+
+
+def test_soft_labels_of_the_wrong_width():
+    soft = torch.full((2 * BATCH, 3), 1 / 3)
+    with pytest.raises(ValueError, match=r"soft `targets` of width `num_classes`, but the widths do not match: 3 != 4\."):
+        fit(MixUp(seed=0), data(labels=soft))
+    right = torch.full((2 * BATCH, NUM_CLASSES), 1 / NUM_CLASSES)
+    callback = MixUp(seed=0)
+    _, model = fit(callback, data(labels=right))
+    torch.testing.assert_close(model.seen[-1][1], right[:BATCH])  # a uniform label stays uniform when mixed
+
+
+def test_uint8_images_into_mixup():
+    images = (torch.rand(2 * BATCH, 3, SIZE, SIZE) * 255).to(torch.uint8)
+    with pytest.raises(TypeError, match=r"floating-point `images` for mixup, but got dtype torch.uint8\. Convert"):
+        fit(MixUp(seed=0), data(images))
+    callback = CutMix(seed=0)  # pasting needs no arithmetic: integer images are fine
+    _, model = fit(callback, data(images))
+    assert model.seen[-1][0].dtype == torch.uint8 and torch.equal(model.seen[-1][0], callback.last_mix.mixed)
+
+
+# --------------------------------------------------------------------------- the teacher
+
+
+def test_grid_finer_than_the_teachers_map_through_the_callback():
+    callback = AttentiveCutMix(
+        attention_model=conv(), attention_layer="1", attention_input_size=SIZE, grid_size=14, top_k=6,
+        input_mean=(0.0,), input_std=(1.0,), seed=0,
+    )
+    with pytest.raises(ValueError, match=r"`grid_size` to be at most the feature map size 7x7 .*but got 14x14\. Use a coarser `grid_size`"):
+        fit(callback, data())
+
+
+def test_grid_finer_than_the_teachers_map_given_a_ready_attention_model():
+    callback = AttentiveCutMix(attention_model=teacher(), grid_size=5, top_k=6, seed=0)
+    with pytest.raises(ValueError, match=r"returned a 7x7 grid but `grid_size` is 5x5\. Build the given `attention_model` with the same"):
+        fit(callback, data())
+
+
+def test_two_channel_images_are_refused_by_an_rgb_teacher():
+    callback = AttentiveCutMix(attention_model=teacher(), seed=0)
+    with pytest.raises(ValueError, match=r"3 channels \(the attention model's `channels`\), but got 2\. Convert the batch"):
+        fit(callback, data(torch.rand(2 * BATCH, 2, SIZE, SIZE)))
+
+
+def test_grayscale_batch_with_an_rgb_teacher_warns_once_and_mixes():
+    callback = AttentiveCutMix(attention_model=teacher(), seed=0)
+    gray = torch.rand(4 * BATCH, 1, SIZE, SIZE)
+    with pytest.warns(UserWarning, match=r"1-channel images; they are repeated to the teacher's 3 channels") as record:
+        _, model = fit(callback, data(gray))
+    assert sum("1-channel images" in str(w.message) for w in record) == 1  # one notice for 4 batches
+    assert callback.batches_mixed == 4 and model.seen[-1][0].shape == (BATCH, 1, SIZE, SIZE)
+    # the heatmap of the grayscale image is that of the same image repeated to RGB
+    rgb = teacher()(gray[-BATCH:].expand(-1, 3, -1, -1))
+    torch.testing.assert_close(callback.last_mix.partner_heatmaps, rgb[callback.last_mix.permutation])
+
+
+def test_unknown_attention_name_through_the_callback():
+    with pytest.raises(ValueError, match=r"but got 'resnet15'\. Did you mean .*'resnet152'"):
+        fit(AttentiveCutMix(attention="resnet15", seed=0, input_mean=(0.0,), input_std=(1.0,)), data())
+
+
+def test_missing_or_corrupt_attention_weights_through_the_callback(tmp_path: Path):
+    missing = tmp_path / "teacher.pth"
+    callback = AttentiveCutMix(attention="resnet18", attention_weights=str(missing), input_mean=(0.0,), input_std=(1.0,))
+    with pytest.raises(FileNotFoundError, match=rf"`weights` to be an existing weights file, but '{missing}' does not exist"):
+        fit(callback, data())
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    callback = AttentiveCutMix(attention="resnet18", attention_weights=str(corrupt), input_mean=(0.0,), input_std=(1.0,))
+    with pytest.raises(ValueError, match=r"corrupt.pth' to be a file saved with torch.save"):
+        fit(callback, data())
+
+
+@pytest.mark.parametrize("value", [0.0, math.nan], ids=["constant", "nan"])
+def test_constant_or_nan_teacher_pastes_the_first_cells_in_row_major_order(value):
+    # A zero conv gives a constant (all-zero) heatmap, a NaN conv an all-NaN one: every cell ties.
+    callback = AttentiveCutMix(attention_model=teacher(value=value), top_k=6, seed=0)
+    trainer, model = fit(callback, data())
+    mix = callback.last_mix
+    expected = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    expected[:4, : 6 * 4] = True  # cells (0, 0) .. (0, 5), 4x4 px each
+    assert torch.equal(mix.mask, expected.expand(BATCH, 1, SIZE, SIZE))
+    torch.testing.assert_close(mix.lam, torch.full((BATCH,), 6 / 49))
+    assert torch.isfinite(mix.soft_targets).all() and torch.isfinite(model.seen[-1][0]).all()
+    # the logged share of pasted attention is defined too: a heatmap without mass counts as uniform
+    assert float(trainer.callback_metrics["mix/pasted_attention"]) == pytest.approx(6 / 49)
+
+
+# --------------------------------------------------------------------------- image sizes
+
+
+@pytest.mark.parametrize("size", [(28, 36), (30, 30), (29, 57)], ids=["28x36", "30x30", "29x57"])
+@pytest.mark.parametrize("method", ["attentive_cutmix", "cutmix"])
+def test_non_square_and_non_divisible_images_are_tiled_as_evenly_as_possible(method, size):
+    images = torch.rand(2 * BATCH, 3, *size, generator=torch.Generator().manual_seed(0))
+    callback = AttentiveCutMix(attention_model=teacher(), seed=0) if method == "attentive_cutmix" else CutMix(seed=0)
+    _, model = fit(callback, data(images))
+    mix = callback.last_mix
+    x = images[BATCH:]
+    assert torch.equal(model.seen[-1][0], torch.where(mix.mask, x[mix.permutation], x))
+    torch.testing.assert_close(mix.lam, mix.mask.flatten(1).float().mean(1))
+    if method == "attentive_cutmix":
+        assert torch.equal(mix.mask, AF.topk_cell_mask(mix.partner_heatmaps, 6, size))
+        # every cell is 1 px at most taller or wider than another, so lam stays near 6/49
+        rows, cols = AF.cell_index_maps((7, 7), size, torch.device("cpu"))
+        assert max(rows.bincount()) - min(rows.bincount()) <= 1 and max(cols.bincount()) - min(cols.bincount()) <= 1
+        assert (mix.lam - 6 / 49).abs().max() < 0.05
+
+
+def test_images_smaller_than_the_grid():
+    callback = AttentiveCutMix(attention_model=teacher(), seed=0)
+    with pytest.raises(ValueError, match=r"`image_size` to be at least the grid size 7x7, but got 6x6\. Use a coarser `grid_size`"):
+        fit(callback, data(torch.rand(2 * BATCH, 3, 6, 6)))
