@@ -1,0 +1,114 @@
+"""The LightningCLI: every YAML in configs/ parses and instantiates (run=False), and a tiny fit runs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixUp
+from lightning_acm.cli import AttentiveCutMixCLI
+from lightning_acm.data import FASHION_MNIST_SYSTEM_DIR, FashionMNISTDataModule, read_idx, write_idx
+from lightning_acm.model import ImageClassifier
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DATA = sorted((CONFIGS / "data").glob("*.yaml"))
+MODELS = sorted((CONFIGS / "model").glob("*.yaml"))
+METHODS = sorted((CONFIGS / "method").glob("*.yaml"))
+FMNIST = str(CONFIGS / "data" / "fashion_mnist.yaml")
+SMALL_MODEL = str(CONFIGS / "model" / "cifar_resnet8.yaml")
+BASELINE = str(CONFIGS / "method" / "baseline.yaml")
+
+
+def cli(*configs: str, extra: tuple[str, ...] = ()) -> AttentiveCutMixCLI:
+    args = [arg for config in configs for arg in ("--config", config)]
+    return AttentiveCutMixCLI(args=[*args, "--trainer.logger=false", *extra], run=False)
+
+
+def test_the_paper_grid_is_covered():
+    assert {p.stem for p in DATA} >= {"cifar10", "cifar100", "imagenet", "fashion_mnist"}
+    paper_models = {f"resnet{d}" for d in (18, 34, 101, 152)} | {f"densenet{d}" for d in (121, 169, 201, 264)}
+    paper_models |= {f"efficientnet_b{i}" for i in (0, 1, 6, 7)}
+    assert {p.stem for p in MODELS} >= paper_models
+    assert {p.stem for p in METHODS} >= {"baseline", "mixup", "cutmix", "attentive_cutmix"}
+
+
+@pytest.mark.parametrize("data", DATA, ids=lambda p: p.stem)
+def test_data_configs_instantiate(data: Path):
+    run = cli(str(data), SMALL_MODEL, BASELINE)
+    assert run.datamodule.num_classes == run.model.hparams.num_classes
+    assert run.model.hparams.in_channels == run.datamodule.dims[0]
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda p: p.stem)
+def test_model_configs_instantiate(model: Path):
+    run = cli(FMNIST, str(model), BASELINE)
+    assert isinstance(run.model, ImageClassifier)
+    assert run.model.hparams.arch == model.stem
+    assert run.model.hparams.num_classes == 10
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)
+def test_method_configs_instantiate(method: Path):
+    run = cli(FMNIST, SMALL_MODEL, str(method))
+    mixing = [c for c in run.trainer.callbacks if isinstance(c, (AttentiveCutMix, CutMix, MixUp))]
+    if method.stem == "baseline":
+        assert mixing == []
+    else:
+        assert len(mixing) == 1
+        expected = {"mixup": MixUp, "cutmix": CutMix}.get(method.stem, AttentiveCutMix)
+        assert type(mixing[0]) is expected
+    if method.stem == "attentive_cutmix":
+        assert mixing[0].attention == "paper" and mixing[0].top_k == 6 and mixing[0].grid_size == (7, 7)
+
+
+def test_demo_config_instantiates():
+    run = cli(str(CONFIGS / "demo.yaml"))
+    assert isinstance(run.datamodule, FashionMNISTDataModule)
+    (mixing,) = [c for c in run.trainer.callbacks if isinstance(c, AttentiveCutMix)]
+    assert mixing.heatmap_cache and mixing.attention == "efficientnet_lite0"
+    assert any(isinstance(c, ModelCheckpoint) for c in run.trainer.callbacks)
+
+
+def test_unknown_arch_is_refused_by_the_cli():
+    with pytest.raises((ValueError, SystemExit)):
+        cli(FMNIST, BASELINE, extra=("--model.arch=resnet15",))
+
+
+@pytest.fixture
+def tiny_fashion_mnist(tmp_path: Path) -> Path:
+    """A 300/100-image Fashion-MNIST made from the real files when installed, else random."""
+    out = tmp_path / "fmnist"
+    out.mkdir()
+    system = Path(FASHION_MNIST_SYSTEM_DIR)
+    for split, n in (("train", 300), ("t10k", 100)):
+        if (system / f"{split}-images-idx3-ubyte.gz").exists():
+            images = read_idx(system / f"{split}-images-idx3-ubyte.gz")[:n]
+            labels = read_idx(system / f"{split}-labels-idx1-ubyte.gz")[:n]
+        else:
+            images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
+            labels = torch.arange(n, dtype=torch.uint8) % 10
+        write_idx(out / f"{split}-images-idx3-ubyte", images)
+        write_idx(out / f"{split}-labels-idx1-ubyte", labels)
+    return out
+
+
+@pytest.mark.parametrize("method", ["baseline", "attentive_cutmix_offline_112"])
+def test_fit_through_the_cli_prints_the_test_accuracy(method: str, tiny_fashion_mnist: Path, tmp_path: Path, caplog):
+    with caplog.at_level(logging.INFO):
+        AttentiveCutMixCLI(
+            args=[
+                "fit", "--config", FMNIST, "--config", SMALL_MODEL, "--config", str(CONFIGS / "method" / f"{method}.yaml"),
+                "--data.init_args.data_dir", str(tiny_fashion_mnist), "--data.init_args.system_dir", "null",
+                "--data.init_args.val_split", "50", "--data.init_args.batch_size", "32",
+                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", str(tmp_path / "run"), "--test_after_fit", "true",
+                "--seed_everything", "0",
+            ]  # fmt: skip
+        )
+    assert "Test top-1 accuracy:" in caplog.text
+    assert list((tmp_path / "run").rglob("*.ckpt"))
