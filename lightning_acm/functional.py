@@ -266,7 +266,7 @@ def expand_grid(heatmaps: Tensor, image_size: Size2) -> Tensor:
     gh, gw = heatmaps.shape[-2:]
     _check_grid_fits(gh, gw, height, width)
     rows, cols = cell_index_maps((gh, gw), (height, width), heatmaps.device)
-    return heatmaps[:, rows[:, None], cols[None, :]].unsqueeze(1)
+    return heatmaps.index_select(1, rows).index_select(2, cols).unsqueeze(1)
 
 
 def _check_grid_fits(gh: int, gw: int, height: int, width: int) -> None:
@@ -326,7 +326,7 @@ def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
     chosen = torch.zeros(batch, cells, dtype=torch.bool, device=heatmaps.device)
     chosen.scatter_(1, order, True)
     rows, cols = cell_index_maps((gh, gw), (height, width), heatmaps.device)
-    return chosen.view(batch, gh, gw)[:, rows[:, None], cols[None, :]].unsqueeze(1)
+    return chosen.view(batch, gh, gw).index_select(1, rows).index_select(2, cols).unsqueeze(1)
 
 
 def cutmix_box_mask(
@@ -388,7 +388,7 @@ def sample_cutmix_mask(images: Tensor, alpha: float = 1.0, *, generator: Optiona
 
 def paste(images: Tensor, mask: Tensor, permutation: Tensor) -> Tensor:
     """``mixed[i] = where(mask[i], images[p[i]], images[i])`` in the dtype and device of ``images``."""
-    return torch.where(mask, images[permutation], images)
+    return torch.where(mask, images.index_select(0, permutation), images)
 
 
 def to_probabilities(
