@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--report-only", action="store_true", help="only rebuild table/plot/runs from finished runs")
     parser.add_argument("--title", default=None, help="title of the table and the plot")
+    parser.add_argument("--note", default=None, help="a paragraph added to table.md (e.g. what changed during the grid)")
     return parser
 
 
@@ -160,6 +161,7 @@ class Run:
     process: Optional[subprocess.Popen] = None
     started: float = 0.0
     log: Any = None
+    code: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -258,6 +260,7 @@ def finish(run: Run, returncode: int, wall: float, keep_checkpoints: bool) -> di
         "command": shlex.join(run.command),
         "signature": run.signature,
         "load_1min_end": round(os.getloadavg()[0], 2),
+        "code": run.code,
     }
     fill = cache_fill_seconds(run.directory)
     if fill is not None:
@@ -302,6 +305,7 @@ def _launch(run: Run) -> None:
     run.log = open(run.directory / "run.log", "w")
     run.log.write("$ " + shlex.join(run.command) + "\n\n")
     run.log.flush()
+    run.code = git_state()
     run.started = time.perf_counter()
     run.process = subprocess.Popen(run.command, stdout=run.log, stderr=subprocess.STDOUT, env=run.env)
     print(f"[{time.strftime('%H:%M:%S')}] start {run.key}", flush=True)
@@ -383,14 +387,25 @@ def machine() -> dict[str, Any]:
         info["memory_gib"] = round(pages * page_size / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         pass
+    info["git (at report time)"] = git_state()
+    return info
+
+
+def git_state() -> Optional[str]:
+    """The checkout's short commit, with ``+uncommitted`` when the package or configs differ from it."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
-        if commit.returncode == 0:
-            info["git"] = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "lightning_acm", "configs"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
     except OSError:
-        pass
-    return info
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
 
 
 def summarize(records: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
@@ -474,9 +489,13 @@ def markdown_table(
         "",
         "Machine: " + "; ".join(f"{key} {value}" for key, value in info.items() if value is not None),
         "",
+        "Code of the runs (git commit at each run's start): " + (", ".join(grid["code"]) or "not recorded") + ".",
+        "",
         f"Load average (1 min) during the grid: {grid['load']} (other work on the machine slows the runs down).",
         "",
     ]
+    if grid.get("note"):
+        lines += [f"Note: {grid['note']}", ""]
     return "\n".join(lines)
 
 
@@ -555,10 +574,27 @@ def report(
         "threads": args.threads,
         "example_run": shlex.join(runs[0].command) if runs else "",
         "load": _load_summary(out / LOAD_FILE, start, end),
+        "code": sorted({str(r["code"]) for r in records if r.get("code")}),
+        "note": args.note,
     }
     (out / "table.md").write_text(markdown_table(rows, title=title, command=command, info=machine(), grid=grid))
     plot(rows, out / "plot.png", title)
     return records, rows
+
+
+def _grid_command(own: list[str]) -> list[str]:
+    """The harness arguments without those that only change the report (``--report-only``, ``--note``, ``--title``)."""
+    shown, skip = [], False
+    for arg in own:
+        if skip:
+            skip = False
+        elif arg == "--report-only" or arg.startswith(("--note=", "--title=")):
+            continue
+        elif arg in ("--note", "--title"):
+            skip = True
+        else:
+            shown.append(arg)
+    return shown
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -576,7 +612,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len({m.name for m in methods}) != len(methods):
         raise SystemExit(f"reproduce.py: expected distinct method names, but got {[m.name for m in methods]}.")
     # The command that runs the grid (a --report-only rebuild reports the grid's command).
-    shown = [arg for arg in argv if arg != "--report-only"]
+    shown = _grid_command(own) + (["--", *overrides] if overrides else [])
     command = shlex.join([Path(sys.executable).name, "benchmarks/reproduce.py", *shown])
     runs = plan(args, methods, overrides)
     if args.dry_run:

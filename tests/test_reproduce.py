@@ -172,7 +172,7 @@ def test_summarize_mean_and_sample_std() -> None:
         command="python benchmarks/reproduce.py ...",
         info={"cpu": "X", "gpu": None, "torch": "2"},
         grid={"runs_ok": 4, "runs_total": 6, "span": "2.0 min", "jobs": 1, "threads": None, "example_run": "x",
-              "load": "mean 1.00"},  # fmt: skip
+              "load": "mean 1.00", "code": ["abc1234"]},  # fmt: skip
     )
     assert "| baseline | 92.00 ± 2.00 |  | 3 | 0, 1, 2 | 90.00, 92.00, 94.00 | 1.0 min |" in table
     assert "| cutmix | 91.00 | -1.00 | 1 (1 failed) | 0 |" in table
@@ -217,11 +217,12 @@ def test_tiny_grid_writes_outputs_and_resumes(
     runs = json.loads((out / "runs.json").read_text())
     assert len(runs) == 4 and all(r["status"] == "ok" and 0.0 <= r["test_acc"] <= 1.0 for r in runs)
     assert {(r["method"], r["seed"]) for r in runs} == {("baseline", 0), ("baseline", 1), ("cutmix", 0), ("cutmix", 1)}
-    assert all("--seed_everything" in r["command"] and r["wall_s"] > 0 for r in runs)
+    assert all("--seed_everything" in r["command"] and r["wall_s"] > 0 and "code" in r for r in runs)
     assert (out / "runs.csv").read_text().count("\n") == 5
     table = (out / "table.md").read_text()
     assert "| baseline |" in table and "| cutmix |" in table and "±" in table
     assert "benchmarks/reproduce.py" in table and "Machine: cpu" in table and f"torch {torch.__version__}" in table
+    assert "Code of the runs" in table
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.rglob("*.ckpt"))  # checkpoints are removed unless --keep-checkpoints
 
@@ -276,3 +277,8 @@ def test_grid_configs_parse(model: str, monkeypatch: pytest.MonkeyPatch) -> None
     mixing = cli.config_init["mixing"]
     assert isinstance(mixing, AttentiveCutMix)
     assert (mixing.attention_layer, mixing.attention_input_size, mixing.grid_size) == ("_blocks.10", 112, (7, 7))
+
+
+def test_grid_command_drops_report_only_arguments() -> None:
+    own = ["--out", "x", "--report-only", "--note", "a note", "--title=t", "--seeds", "0"]
+    assert reproduce._grid_command(own) == ["--out", "x", "--seeds", "0"]
