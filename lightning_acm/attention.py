@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_acm.functional import Size2, _pair, attention_grid
+from lightning_acm.functional import Size2, _check_images, _pair, attention_grid
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -220,13 +220,7 @@ class AttentionModel(nn.Module):
 
     def teacher_input(self, images: Tensor) -> Tensor:
         """The batch as the teacher sees it: renormalised, channel-matched and resized (float32)."""
-        if not isinstance(images, Tensor):
-            raise TypeError(f"Expected `images` to be a torch.Tensor, but got {type(images).__name__}.")
-        if images.ndim != 4:
-            raise ValueError(
-                f"Expected `images` to be a 4-D batch (B, C, H, W), but got shape {tuple(images.shape)}."
-                " Add the batch dimension with `images.unsqueeze(0)` for a single image."
-            )
+        _check_images(images)
         in_channels = images.shape[1]
         if in_channels != self.channels and not (in_channels == 1 and self.channels > 1):
             raise ValueError(

@@ -334,7 +334,21 @@ class MixingCallback(Callback):
         raise NotImplementedError
 
 
-class CutMix(MixingCallback):
+class _BetaMixingCallback(MixingCallback):
+    """A mixing callback whose amount is drawn from ``Beta(alpha, alpha)``."""
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        AF._check_alpha(alpha)
+        self.alpha = float(alpha)
+
+
+class CutMix(_BetaMixingCallback):
     """CutMix (Yun et al., 2019): paste a random box of the partner, box area ~ ``Beta(alpha, alpha)``.
 
     Args:
@@ -347,16 +361,6 @@ class CutMix(MixingCallback):
         >>> trainer = L.Trainer(callbacks=[CutMix(alpha=1.0, p=0.5, seed=0)], accelerator="cpu", logger=False)
     """
 
-    def __init__(
-        self,
-        *,
-        alpha: float = 1.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        AF._check_alpha(alpha)
-        self.alpha = float(alpha)
-
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
         permutation = self.draw_permutation(images.shape[0], images.device)
@@ -365,7 +369,7 @@ class CutMix(MixingCallback):
         return MixResult(mixed, soft, lam, permutation, mask)
 
 
-class MixUp(MixingCallback):
+class MixUp(_BetaMixingCallback):
     """Mixup (Zhang et al., 2018): blend each image with its partner, weight ~ ``Beta(alpha, alpha)``.
 
     Args:
@@ -377,16 +381,6 @@ class MixUp(MixingCallback):
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=[MixUp(alpha=0.2, seed=0)], accelerator="cpu", logger=False)
     """
-
-    def __init__(
-        self,
-        *,
-        alpha: float = 1.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        AF._check_alpha(alpha)
-        self.alpha = float(alpha)
 
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
