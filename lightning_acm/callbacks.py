@@ -109,6 +109,86 @@ def _check_optional_nonnegative(value: Optional[int], name: str) -> None:
         raise ValueError(f"Expected `{name}` to be None or an int >= 0, but got {value!r}.")
 
 
+def _input_normalization(
+    trainer: pl.Trainer, owner: str, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
+) -> tuple[Sequence[float], Sequence[float]]:
+    if mean is not None and std is not None:
+        return mean, std
+    datamodule = getattr(trainer, "datamodule", None)
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if mean is not None and std is not None:
+        return tuple(mean), tuple(std)
+    rank_zero_warn(
+        f"{owner}: the training images' normalisation is unknown (no `input_mean`/`input_std` and no"
+        " `datamodule.mean`/`std`), so they are taken to be in [0, 1]. Pass `input_mean=` and `input_std=` if your"
+        " images are normalised, or the teacher sees wrongly scaled images."
+    )
+    return (0.0,), (1.0,)
+
+
+def frozen_attention_model(
+    trainer: pl.Trainer,
+    *,
+    owner: str,
+    attention: str,
+    attention_weights: Optional[str],
+    attention_layer: Optional[str],
+    attention_input_size: Optional[int],
+    grid_size: tuple[int, int],
+    reduction: Literal["mean", "max"],
+    attention_precision: Optional[Literal["bf16", "fp16"]] = None,
+    attention_model: Optional[nn.Module] = None,
+    input_mean: Optional[Sequence[float]] = None,
+    input_std: Optional[Sequence[float]] = None,
+) -> nn.Module:
+    """The frozen teacher of a callback (``owner`` names it in messages), on the training device.
+
+    A ready :class:`~lightning_acm.attention.AttentionModel` is used as it is, but for the
+    ``input_mean``/``input_std`` and ``attention_precision`` given explicitly; a plain module is
+    tapped at ``attention_layer``; otherwise the model is built from ``attention``. The input
+    normalisation is taken from ``trainer.datamodule.mean``/``std`` when not given.
+    """
+    from lightning_acm.attention import AttentionModel, attention_model_from_module, build_attention_model
+
+    if isinstance(attention_model, AttentionModel):
+        # A ready AttentionModel carries its own normalisation; explicit callback arguments win.
+        if input_mean is not None and input_std is not None:
+            attention_model.set_input_normalization(input_mean, input_std)
+        if attention_precision is not None:
+            attention_model.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[attention_precision]
+        model: nn.Module = attention_model
+    else:
+        if attention_model is not None and attention_layer is None:
+            raise MisconfigurationException(
+                f"{owner}: `attention_model` is a plain nn.Module, so `attention_layer` must name"
+                " the layer whose output gives the heatmap (e.g. 'layer4')."
+            )
+        mean, std = _input_normalization(trainer, owner, input_mean, input_std)
+        common: dict[str, Any] = {
+            "grid_size": grid_size,
+            "reduction": reduction,
+            "amp_dtype": attention_precision,
+            "input_mean": mean,
+            "input_std": std,
+        }
+        if attention_input_size is not None:
+            common["input_size"] = attention_input_size
+        if attention_model is not None:
+            model = attention_model_from_module(attention_model, str(attention_layer), **common)
+        else:
+            model = build_attention_model(attention, weights=attention_weights, layer=attention_layer, **common)
+    return model.to(trainer.strategy.root_device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def run_attention(model: nn.Module, images: Tensor) -> Tensor:
+    """Run a frozen attention model on ``images`` under ``no_grad``, moving it to their device first."""
+    first = next(model.parameters(), None)
+    if first is not None and first.device != images.device:
+        model.to(images.device)
+    return model(images)
+
+
 class MixingCallback(Callback):
     """Base of the mixing callbacks: when to mix, where the batch lives, seeding, logging.
 
@@ -538,65 +618,28 @@ class AttentiveCutMix(MixingCallback):
             return
         self._attention = self.build_attention(trainer)
 
-    def _input_normalization(self, trainer: pl.Trainer) -> tuple[Sequence[float], Sequence[float]]:
-        if self.input_mean is not None and self.input_std is not None:
-            return self.input_mean, self.input_std
-        datamodule = getattr(trainer, "datamodule", None)
-        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-        if mean is not None and std is not None:
-            return tuple(mean), tuple(std)
-        rank_zero_warn(
-            f"{type(self).__name__}: the training images' normalisation is unknown (no `input_mean`/`input_std` and no"
-            " `datamodule.mean`/`std`), so they are taken to be in [0, 1]. Pass `input_mean=` and `input_std=` if your"
-            " images are normalised, or the teacher sees wrongly scaled images."
-        )
-        return (0.0,), (1.0,)
-
     def build_attention(self, trainer: pl.Trainer) -> nn.Module:
         """Build the frozen attention model on the training device (called by ``setup``)."""
-        from lightning_acm.attention import AttentionModel, attention_model_from_module, build_attention_model
+        return frozen_attention_model(
+            trainer,
+            owner=type(self).__name__,
+            attention=self.attention,
+            attention_weights=self.attention_weights,
+            attention_layer=self.attention_layer,
+            attention_input_size=self.attention_input_size,
+            grid_size=self.grid_size,
+            reduction=self.reduction,
+            attention_precision=self.attention_precision,
+            attention_model=self._given_model,
+            input_mean=self.input_mean,
+            input_std=self.input_std,
+        )
 
-        if isinstance(self._given_model, AttentionModel):
-            # A ready AttentionModel carries its own normalisation; explicit callback arguments win.
-            if self.input_mean is not None and self.input_std is not None:
-                self._given_model.set_input_normalization(self.input_mean, self.input_std)
-            if self.attention_precision is not None:
-                self._given_model.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.attention_precision]
-            model: nn.Module = self._given_model
-        else:
-            if self._given_model is not None and self.attention_layer is None:
-                raise MisconfigurationException(
-                    f"{type(self).__name__}: `attention_model` is a plain nn.Module, so `attention_layer` must name"
-                    " the layer whose output gives the heatmap (e.g. 'layer4')."
-                )
-            mean, std = self._input_normalization(trainer)
-            common: dict[str, Any] = {
-                "grid_size": self.grid_size,
-                "reduction": self.reduction,
-                "amp_dtype": self.attention_precision,
-                "input_mean": mean,
-                "input_std": std,
-            }
-            if self.attention_input_size is not None:
-                common["input_size"] = self.attention_input_size
-            if self._given_model is not None:
-                model = attention_model_from_module(self._given_model, self.attention_layer, **common)
-            else:
-                model = build_attention_model(
-                    self.attention, weights=self.attention_weights, layer=self.attention_layer, **common
-                )
-        device = trainer.strategy.root_device
-        return model.to(device).eval().requires_grad_(False)
-
-    @torch.no_grad()
     def heatmaps(self, images: Tensor) -> Tensor:
         """``(B, gh, gw)`` attention of each image, from the frozen model on the images' device."""
         if self._attention is None:
             raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
-        first = next(self._attention.parameters(), None)
-        if first is not None and first.device != images.device:
-            self._attention.to(images.device)
-        return self._attention(images)
+        return run_attention(self._attention, images)
 
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:

@@ -46,7 +46,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_acm import functional as AF
-from lightning_acm.callbacks import AttentiveCutMix, MixingCallback, MixResult, MixUp
+from lightning_acm.callbacks import (
+    AttentiveCutMix,
+    MixingCallback,
+    MixResult,
+    MixUp,
+    frozen_attention_model,
+    run_attention,
+)
 
 __all__ = ["MixVisualizer", "PastedAttentionMonitor", "render_mix", "render_mix_grid"]
 
@@ -448,38 +455,19 @@ class PastedAttentionMonitor(Callback):
         for mixer in self._mixers:
             mixer.keep_source = True
         if self._attention is None:
-            self._attention = self._build(trainer).to(trainer.strategy.root_device).eval().requires_grad_(False)
-
-    def _build(self, trainer: pl.Trainer) -> nn.Module:
-        from lightning_acm.attention import AttentionModel, attention_model_from_module, build_attention_model
-
-        if isinstance(self._given_model, AttentionModel):
-            if self.input_mean is not None and self.input_std is not None:
-                self._given_model.set_input_normalization(self.input_mean, self.input_std)
-            return self._given_model
-        if self._given_model is not None and self.attention_layer is None:
-            raise MisconfigurationException(
-                f"{type(self).__name__}: `attention_model` is a plain nn.Module, so `attention_layer` must name the"
-                " layer whose output gives the heatmap (e.g. 'layer4')."
+            self._attention = frozen_attention_model(
+                trainer,
+                owner=type(self).__name__,
+                attention=self.attention,
+                attention_weights=self.attention_weights,
+                attention_layer=self.attention_layer,
+                attention_input_size=self.attention_input_size,
+                grid_size=self.grid_size,
+                reduction=self.reduction,
+                attention_model=self._given_model,
+                input_mean=self.input_mean,
+                input_std=self.input_std,
             )
-        mean, std = self.input_mean, self.input_std
-        if mean is None or std is None:
-            mean, std = _datamodule_normalization(trainer)
-        if mean is None or std is None:
-            rank_zero_warn(
-                f"{type(self).__name__}: the training images' normalisation is unknown (no `input_mean`/`input_std` and"
-                " no `datamodule.mean`/`std`), so they are taken to be in [0, 1]. Pass `input_mean=` and `input_std=`."
-            )
-            mean, std = (0.0,), (1.0,)
-        common: dict[str, Any] = {"grid_size": self.grid_size, "reduction": self.reduction}
-        if self.attention_input_size is not None:
-            common["input_size"] = self.attention_input_size
-        if self._given_model is not None:
-            layer = str(self.attention_layer)
-            return attention_model_from_module(self._given_model, layer, input_mean=mean, input_std=std, **common)
-        return build_attention_model(
-            self.attention, weights=self.attention_weights, layer=self.attention_layer, input_mean=mean, input_std=std, **common
-        )
 
     def annotate(self, result: MixResult) -> Optional[Tensor]:
         """Fill ``result.partner_heatmaps`` from the teacher if it is missing; return them (or ``None``).
@@ -488,12 +476,7 @@ class PastedAttentionMonitor(Callback):
         """
         if result.partner_heatmaps is not None or result.source is None or self._attention is None:
             return result.partner_heatmaps
-        source = result.source
-        first = next(self._attention.parameters(), None)
-        if first is not None and first.device != source.device:
-            self._attention.to(source.device)
-        with torch.no_grad():
-            heatmaps = self._attention(source)
+        heatmaps = run_attention(self._attention, result.source)
         result.partner_heatmaps = heatmaps[result.permutation.to(heatmaps.device)]
         self._annotated[id(result)] = result
         return result.partner_heatmaps
