@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -111,6 +111,24 @@ def time_call(fn: Callable[[], Any], device: torch.device, *, repeats: int, warm
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], Any]], device: torch.device, *, repeats: int, warmup: int = 5
+) -> list[float]:
+    """Median seconds per call of each of ``fns``, timed round-robin so that drift and noise hit all alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    synchronize(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 class ThroughputTimer(L.Callback):

@@ -5,7 +5,8 @@ and soft targets (lightning_acm.functional.attentive_cutmix). "(from cache)" add
 lookup and the warp of 14x14 maps through each sample's crop box and flip
 (lightning_acm.cache.HeatmapCache.warp). Neither includes the teacher. Ratios are against
 torchvision's CutMix on the same batch (< 1 is faster). Note that torchvision draws one box and
-one lam per batch, ours one per sample.
+one lam per batch, ours one per sample. The ops are timed round-robin (one call of each in turn),
+so that the machine's drift and noise hit every op alike.
 
 With --device cuda, "syncs" counts the host-device synchronisations of one call
 (torch.cuda.set_sync_debug_mode), i.e. the points where the CPU waits for the GPU.
@@ -28,7 +29,7 @@ from torchvision.transforms import v2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # _common, and lightning_acm without installing it
-from _common import base_parser, describe_machine, markdown_table, setup_run, time_call  # noqa: E402
+from _common import base_parser, describe_machine, markdown_table, setup_run, time_interleaved  # noqa: E402
 
 from lightning_acm import functional as AF  # noqa: E402
 from lightning_acm.cache import HeatmapCache  # noqa: E402
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--cache-grid", type=int, default=14)
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per op (median reported)")
+    parser.add_argument("--repeats", type=int, default=200, help="timed calls per op, interleaved (median reported)")
     args = parser.parse_args()
     device = setup_run(args)
 
@@ -90,10 +91,9 @@ def main() -> None:
             ("torchvision v2.MixUp", lambda: tv_mixup(images, labels)),
             ("ours: mixup", lambda: AF.mixup(images, labels, num_classes=k, generator=generator)),
         ]
-        reference = None
-        for name, fn in ops:
-            seconds = time_call(fn, device, repeats=args.repeats)
-            reference = reference or seconds
+        medians = time_interleaved([fn for _, fn in ops], device, repeats=args.repeats)
+        reference = medians[0]
+        for (name, fn), seconds in zip(ops, medians):
             rows.append({
                 "batch": shape, "op": name, "ms / batch": seconds * 1e3, "images/s": b / seconds,
                 "vs tv CutMix": seconds / reference, "syncs": count_syncs(fn, device),

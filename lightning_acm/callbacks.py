@@ -20,7 +20,6 @@ uninterrupted run would (the seed is part of the callback's ``state_dict``).
 from __future__ import annotations
 
 from collections.abc import MutableMapping, MutableSequence, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -60,43 +59,87 @@ def batch_seed(*keys: int) -> int:
     return state & ((1 << 63) - 1)
 
 
-@dataclass
 class MixResult:
-    """What one mixed batch is made of; ``mask`` and ``partner_heatmaps`` are ``None`` for Mixup.
+    """What one mixed batch is made of.
 
     Attributes:
         mixed: ``(B, C, H, W)`` mixed images.
         soft_targets: ``(B, K)`` mixed label distributions.
         lam: ``(B,)`` fraction of each mixed image taken from its partner.
         permutation: ``(B,)`` partner index of each sample.
-        mask: ``(B, 1, H, W)`` pasted region, for the box methods.
         partner_heatmaps: ``(B, gh, gw)`` attention of each partner, when a teacher ran.
+        cell_indices: ``(B, k)`` row-major grid cells pasted into each sample (Attentive CutMix).
         source: ``(B, C, H, W)`` images before mixing, kept only when the callback's
             ``keep_source`` is set (by :class:`~lightning_acm.visualize.MixVisualizer`).
         source_targets: the targets before mixing, kept with ``source``.
+
+    ``mask`` is the ``(B, 1, H, W)`` pasted region of the box methods (``None`` for Mixup); for
+    Attentive CutMix it is built from ``cell_indices`` the first time it is read.
+
+    Example::
+
+        >>> images = torch.rand(2, 3, 4, 4)
+        >>> result = MixResult(images, torch.eye(2), torch.full((2,), 0.25), torch.tensor([1, 0]),
+        ...                    partner_heatmaps=torch.rand(2, 2, 2), cell_indices=torch.tensor([[0], [3]]))
+        >>> result.mask[1, 0].int()
+        tensor([[0, 0, 0, 0],
+                [0, 0, 0, 0],
+                [0, 0, 1, 1],
+                [0, 0, 1, 1]], dtype=torch.int32)
     """
 
-    mixed: Tensor
-    soft_targets: Tensor
-    lam: Tensor
-    permutation: Tensor
-    mask: Optional[Tensor] = None
-    partner_heatmaps: Optional[Tensor] = None
-    source: Optional[Tensor] = None
-    source_targets: Optional[Tensor] = None
+    def __init__(
+        self,
+        mixed: Tensor,
+        soft_targets: Tensor,
+        lam: Tensor,
+        permutation: Tensor,
+        mask: Optional[Tensor] = None,
+        partner_heatmaps: Optional[Tensor] = None,
+        *,
+        cell_indices: Optional[Tensor] = None,
+        source: Optional[Tensor] = None,
+        source_targets: Optional[Tensor] = None,
+    ) -> None:
+        if cell_indices is not None and partner_heatmaps is None:
+            raise ValueError("`cell_indices` need the `partner_heatmaps` whose grid they index.")
+        self.mixed = mixed
+        self.soft_targets = soft_targets
+        self.lam = lam
+        self.permutation = permutation
+        self.partner_heatmaps = partner_heatmaps
+        self.cell_indices = cell_indices
+        self.source = source
+        self.source_targets = source_targets
+        self._mask = mask
+
+    @property
+    def mask(self) -> Optional[Tensor]:
+        """``(B, 1, H, W)`` bool pasted region, or ``None`` for Mixup."""
+        if self._mask is None and self.cell_indices is not None and self.partner_heatmaps is not None:
+            grid = tuple(self.partner_heatmaps.shape[-2:])
+            self._mask = AF.cell_mask(self.cell_indices, grid, tuple(self.mixed.shape[-2:]))  # type: ignore[arg-type]
+        return self._mask
+
+    def __repr__(self) -> str:
+        kind = "cells" if self.cell_indices is not None else "box" if self._mask is not None else "blend"
+        return f"{type(self).__name__}(batch={self.mixed.shape[0]}, region={kind}, mean_lam={float(self.lam.mean()):.3f})"
 
     def pasted_attention(self) -> Optional[Tensor]:
         """``(B,)`` share of each partner's attention mass that reaches the mixed image, or ``None``.
 
         For a pasted region it is :func:`~lightning_acm.functional.pasted_attention_share` (needs
-        ``partner_heatmaps``). For Mixup (no ``mask``) every pixel of the partner enters with weight
-        ``lam``, so the share is ``lam`` whatever the heatmap, and no teacher is needed.
+        ``partner_heatmaps``; computed on the grid when the region is made of cells). For Mixup
+        (no region) every pixel of the partner enters with weight ``lam``, so the share is ``lam``
+        whatever the heatmap, and no teacher is needed.
         """
-        if self.mask is None:
+        if self.cell_indices is None and self._mask is None:
             return self.lam
         if self.partner_heatmaps is None:
             return None
-        return AF.pasted_attention_share(self.partner_heatmaps, self.mask)
+        if self.cell_indices is not None:
+            return AF._cell_attention_share(self.partner_heatmaps, self.cell_indices, tuple(self.mixed.shape[-2:]))  # type: ignore[arg-type]
+        return AF.pasted_attention_share(self.partner_heatmaps, self._mask)  # type: ignore[arg-type]
 
 
 def _check_probability(p: float) -> None:
@@ -651,10 +694,10 @@ class AttentiveCutMix(MixingCallback):
                 " Build the given `attention_model` with the same `grid_size`, or pass the callback its grid."
             )
         permutation = self.draw_permutation(images.shape[0], images.device)
-        partner_heatmaps = heatmaps[permutation]
-        mask = AF.topk_cell_mask(partner_heatmaps, self.top_k, tuple(images.shape[-2:]))
-        mixed, soft, lam = AF.mix_with_mask(images, targets, mask, permutation, num_classes, self.label_smoothing)
-        return MixResult(mixed, soft, lam, permutation, mask, partner_heatmaps)
+        partner_heatmaps = heatmaps.index_select(0, permutation)
+        mixed, lam, cells = AF.paste_topk_cells(images, partner_heatmaps, self.top_k, permutation)
+        soft = AF.mix_targets(targets, lam, permutation, num_classes, label_smoothing=self.label_smoothing)
+        return MixResult(mixed, soft, lam, permutation, partner_heatmaps=partner_heatmaps, cell_indices=cells)
 
     # ------------------------------------------------------------------ heatmap cache (issue 4)
 

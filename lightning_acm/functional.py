@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Optional, Union
 
@@ -37,6 +38,7 @@ __all__ = [
     "attention_grid",
     "attentive_cutmix",
     "cell_index_maps",
+    "cell_mask",
     "cutmix",
     "cutmix_box_mask",
     "expand_grid",
@@ -45,10 +47,13 @@ __all__ = [
     "mixup",
     "pairing_permutation",
     "paste",
+    "paste_cells",
+    "paste_topk_cells",
     "pasted_attention_share",
     "sample_beta",
     "sample_cutmix_mask",
     "to_probabilities",
+    "topk_cell_indices",
     "topk_cell_mask",
 ]
 
@@ -277,12 +282,137 @@ def _check_grid_fits(gh: int, gw: int, height: int, width: int) -> None:
         )
 
 
-def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
-    """Union of the ``top_k`` highest cells of each heatmap, as a pixel mask.
+def _check_top_k(top_k: int, gh: int, gw: int) -> None:
+    cells = gh * gw
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= cells:
+        raise ValueError(f"Expected `top_k` to be in [1, {cells}] for a {gh}x{gw} grid, but got {top_k!r}.")
+
+
+def _ranking_key(scores: Tensor) -> Tensor:
+    """A unique int64 key per float32 score whose order is the ranking of :func:`topk_cell_indices`.
+
+    The high 32 bits are the score's bits made monotone (so integer order is float order, -0.0
+    first folded into +0.0, NaN below -inf); the low 32 bits favour the earlier cell, which
+    breaks ties in row-major order. Unique keys make ``topk`` deterministic on every device.
+    """
+    bits = (scores + 0.0).view(torch.int32)
+    monotone = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
+    monotone.masked_fill_(torch.isnan(scores), torch.iinfo(torch.int32).min)
+    return torch.add(_earlier_first(scores.shape[1], scores.device), monotone.long(), alpha=_HIGH_WORD)
+
+
+_HIGH_WORD = 1 << 32
+
+
+@functools.lru_cache(maxsize=16)
+def _earlier_first(cells: int, device: torch.device) -> Tensor:
+    return torch.arange(cells - 1, -1, -1, device=device)
+
+
+def topk_cell_indices(heatmaps: Tensor, top_k: int) -> Tensor:
+    """Row-major indices ``r * gw + c`` of the ``top_k`` highest cells of each heatmap, hottest first.
 
     Ties are broken deterministically in favour of the cell that comes first in row-major
     order, and NaN scores rank below every number: a constant (or all-NaN) heatmap selects
     its first ``top_k`` cells in row-major order.
+
+    Args:
+        heatmaps: ``(B, gh, gw)`` scores.
+        top_k: number of cells to select, in ``[1, gh * gw]``.
+
+    Returns:
+        ``(B, top_k)`` int64 indices on the heatmaps' device.
+
+    Raises:
+        ValueError: if ``top_k`` is out of range.
+
+    Example::
+
+        >>> topk_cell_indices(torch.tensor([[[0.1, 0.9], [0.5, 0.5]]]), top_k=3)
+        tensor([[1, 2, 3]])
+    """
+    _check_heatmaps(heatmaps)
+    batch, gh, gw = heatmaps.shape
+    _check_top_k(top_k, gh, gw)
+    scores = heatmaps.reshape(batch, gh * gw)
+    if scores.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return torch.topk(_ranking_key(scores.float()), top_k, dim=1).indices
+    # float64 and integer maps: rank in float64 with stable sorts, keeping ties in row-major order.
+    scores = scores.to(torch.float64)
+    is_nan = torch.isnan(scores)
+    order = torch.sort(torch.where(is_nan, -math.inf, scores), dim=1, descending=True, stable=True).indices
+    # A second stable sort moves NaN below every number, real -inf included, keeping the order otherwise.
+    nan_last = torch.sort(is_nan.gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+    return order.gather(1, nan_last)[:, :top_k]
+
+
+def _check_cell_indices(cell_indices: Tensor, batch_size: Optional[int], gh: int, gw: int) -> None:
+    if not isinstance(cell_indices, Tensor) or cell_indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            "Expected `cell_indices` to be an integer tensor of shape (B, k), e.g. from `topk_cell_indices`."
+        )
+    if cell_indices.ndim != 2 or (batch_size is not None and cell_indices.shape[0] != batch_size):
+        expected = "B" if batch_size is None else batch_size
+        raise ValueError(
+            f"Expected `cell_indices` to have shape ({expected}, k), but got shape {tuple(cell_indices.shape)}."
+        )
+    if cell_indices.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(cell_indices))
+    if low < 0 or high >= gh * gw:
+        raise ValueError(
+            f"Expected `cell_indices` in [0, {gh * gw}) for a {gh}x{gw} grid, but got values in [{low}, {high}]."
+        )
+    ordered = cell_indices.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError("Expected the `cell_indices` of each sample to be distinct, but a row repeats a cell.")
+
+
+def cell_mask(cell_indices: Tensor, grid_size: Size2, image_size: Size2) -> Tensor:
+    """Pixel mask ``(B, 1, H, W)`` (bool) of the union of the given cells of a ``gh x gw`` grid.
+
+    Cells tile the image as :func:`cell_index_maps` says: exactly when ``H`` and ``W`` are
+    divisible by the grid, otherwise as evenly as possible.
+
+    Args:
+        cell_indices: ``(B, k)`` row-major cell indices ``r * gw + c``, e.g. from :func:`topk_cell_indices`.
+        grid_size: ``gh`` (square) or ``(gh, gw)``.
+        image_size: ``H`` (square) or ``(H, W)``.
+
+    Example::
+
+        >>> cell_mask(torch.tensor([[2]]), grid_size=2, image_size=4)[0, 0].int()
+        tensor([[0, 0, 0, 0],
+                [0, 0, 0, 0],
+                [1, 1, 0, 0],
+                [1, 1, 0, 0]], dtype=torch.int32)
+    """
+    gh, gw = _pair(grid_size, "grid_size")
+    height, width = _pair(image_size, "image_size")
+    _check_grid_fits(gh, gw, height, width)
+    _check_cell_indices(cell_indices, None, gh, gw)
+    return _cell_mask(cell_indices.long(), (gh, gw), (height, width))
+
+
+def _cell_mask(
+    cell_indices: Tensor,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    dtype: torch.dtype = torch.bool,
+    value: Union[bool, int] = True,
+) -> Tensor:
+    """``(B, 1, H, W)`` mask of ``dtype``: ``value`` inside the given cells, 0 elsewhere."""
+    batch = cell_indices.shape[0]
+    pixel_cell = _tiling(grid, image_size, cell_indices.device)[0]
+    chosen = torch.zeros(batch, grid[0] * grid[1], dtype=dtype, device=cell_indices.device)
+    chosen.scatter_(1, cell_indices, value)
+    return chosen.gather(1, pixel_cell.expand(batch, -1)).view(batch, 1, *image_size)
+
+
+def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
+    """Union of the ``top_k`` highest cells of each heatmap, as a pixel mask.
+
+    Cells are ranked as in :func:`topk_cell_indices` (ties row-major first, NaN last).
 
     Args:
         heatmaps: ``(B, gh, gw)`` scores.
@@ -308,25 +438,110 @@ def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
                 [1, 1, 0, 0]], dtype=torch.int32)
     """
     _check_heatmaps(heatmaps)
-    batch, gh, gw = heatmaps.shape
-    cells = gh * gw
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= cells:
-        raise ValueError(f"Expected `top_k` to be in [1, {cells}] for a {gh}x{gw} grid, but got {top_k!r}.")
+    gh, gw = heatmaps.shape[-2:]
+    _check_top_k(top_k, gh, gw)
     height, width = _pair(image_size, "image_size")
     _check_grid_fits(gh, gw, height, width)
-    scores = heatmaps.reshape(batch, cells)
-    # Rank in the heatmap's own precision (at least float32): a cast down could merge close scores.
-    rank_dtype = torch.promote_types(scores.dtype, torch.float32) if scores.is_floating_point() else torch.float64
-    scores = scores.to(rank_dtype)
-    is_nan = torch.isnan(scores)
-    order = torch.sort(torch.where(is_nan, -math.inf, scores), dim=1, descending=True, stable=True).indices
-    # A second stable sort moves NaN below every number, real -inf included, keeping the order otherwise.
-    nan_last = torch.sort(is_nan.gather(1, order).to(torch.uint8), dim=1, stable=True).indices
-    order = order.gather(1, nan_last)[:, :top_k]
-    chosen = torch.zeros(batch, cells, dtype=torch.bool, device=heatmaps.device)
-    chosen.scatter_(1, order, True)
-    rows, cols = cell_index_maps((gh, gw), (height, width), heatmaps.device)
-    return chosen.view(batch, gh, gw).index_select(1, rows).index_select(2, cols).unsqueeze(1)
+    return _cell_mask(topk_cell_indices(heatmaps, top_k), (gh, gw), (height, width))
+
+
+def _cell_sizes(cells: int, pixels: int) -> list[int]:
+    """Pixels in each cell along one axis: cell ``j`` spans ``[ceil(j * n / g), ceil((j + 1) * n / g))``."""
+    starts = [-(-j * pixels // cells) for j in range(cells + 1)]
+    return [stop - start for start, stop in zip(starts, starts[1:])]
+
+
+@functools.lru_cache(maxsize=64)
+def _tiling(grid: tuple[int, int], image_size: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(pixel_cell (H * W,), cell_area (gh * gw,))`` of a tiling, built once per shape and device (read-only)."""
+    rows, cols = cell_index_maps(grid, image_size, device)
+    pixel_cell = (rows.unsqueeze(1) * grid[1] + cols).flatten()
+    heights, widths = (_cell_sizes(cells, pixels) for cells, pixels in zip(grid, image_size))
+    cell_area = torch.tensor([h * w for h in heights for w in widths], device=device)
+    return pixel_cell, cell_area
+
+
+def paste_cells(images: Tensor, cell_indices: Tensor, grid_size: Size2, permutation: Tensor) -> tuple[Tensor, Tensor]:
+    """Copy the given grid cells of each partner ``images[p[i]]`` onto ``images[i]``, at the same place.
+
+    The same as ``paste(images, cell_mask(cell_indices, grid_size, (H, W)), permutation)``, but when
+    the grid tiles the image exactly (and the batch is contiguous) only the pasted cells are
+    copied, as rows of cell width, instead of selecting every pixel.
+
+    Args:
+        images: ``(B, C, H, W)`` batch.
+        cell_indices: ``(B, k)`` row-major cell indices (distinct within a row), e.g. from
+            :func:`topk_cell_indices` on the partners' heatmaps.
+        grid_size: ``gh`` (square) or ``(gh, gw)``.
+        permutation: the pairing ``p``, ``(B,)``.
+
+    Returns:
+        ``(mixed (B, C, H, W), lam (B,) float32)``, ``lam`` being the pasted pixel fraction.
+
+    Example::
+
+        >>> images = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)])
+        >>> mixed, lam = paste_cells(images, torch.tensor([[3], [0]]), 2, torch.tensor([1, 0]))
+        >>> mixed[0, 0], lam
+        (tensor([[0., 0., 0., 0.],
+                [0., 0., 0., 0.],
+                [0., 0., 1., 1.],
+                [0., 0., 1., 1.]]), tensor([0.2500, 0.2500]))
+    """
+    _check_images(images)
+    batch = images.shape[0]
+    grid = _pair(grid_size, "grid_size")
+    _check_grid_fits(*grid, *images.shape[-2:])
+    _check_cell_indices(cell_indices, batch, *grid)
+    _check_permutation(permutation, batch)
+    device = images.device
+    return _paste_cells(images, cell_indices.to(device, torch.long), grid, permutation.to(device, torch.long))
+
+
+def _paste_cells(images: Tensor, cell_indices: Tensor, grid: tuple[int, int], permutation: Tensor) -> tuple[Tensor, Tensor]:
+    batch, channels, height, width = images.shape
+    gh, gw = grid
+    cell_area = _tiling(grid, (height, width), images.device)[1]
+    lam = cell_area.take(cell_indices).sum(1, dtype=torch.float32).div_(height * width)
+    if height % gh or width % gw or not images.is_contiguous():
+        bits_dtype = _SAME_SIZE_INT.get(images.element_size())
+        if bits_dtype is None or images.is_complex():
+            return paste(images, _cell_mask(cell_indices, grid, (height, width)), permutation), lam
+        # A bitwise select, image ^ ((image ^ partner) & pasted), written in place on the gathered
+        # partners: exact for every value (inf and NaN included) and, unlike torch.where with a
+        # broadcast bool mask, vectorized on the CPU. `pasted` is all ones inside the cells.
+        pasted = _cell_mask(cell_indices, grid, (height, width), bits_dtype, -1)
+        partners = images.index_select(0, permutation)
+        image_bits = images.view(bits_dtype)
+        partners.view(bits_dtype).bitwise_xor_(image_bits).bitwise_and_(pasted).bitwise_xor_(image_bits)
+        return partners, lam
+    # Row t of cell (i, j) in channel c is one contiguous run of `width // gw` pixels; runs are
+    # numbered in the (B * C * H * gw, width // gw) view of the batch:
+    # run = i * C * H * gw + (c * H + t) * gw + first_run[j].
+    first_run, run_offsets = _cell_runs(grid, (height, width), channels, images.device)
+    per_image = channels * height * gw
+    cell_first = first_run.take(cell_indices)
+    target_runs = (cell_first + torch.arange(0, batch * per_image, per_image, device=images.device).unsqueeze(1))
+    source_runs = torch.add(cell_first, permutation.unsqueeze(1), alpha=per_image)
+    runs = images.view(-1, width // gw)
+    mixed = images.clone()
+    mixed.view(-1, width // gw).index_copy_(
+        0, (target_runs.unsqueeze(2) + run_offsets).flatten(), runs.index_select(0, (source_runs.unsqueeze(2) + run_offsets).flatten())
+    )
+    return mixed, lam
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_runs(grid: tuple[int, int], image_size: tuple[int, int], channels: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For an exact tiling: the first run of each cell ``(gh * gw,)`` and the runs of a cell after it ``(C * cell_h,)``."""
+    (gh, gw), cell_h = grid, image_size[0] // grid[0]
+    cells = torch.arange(gh * gw, device=device)
+    first_run = cells // gw * cell_h * gw + cells % gw
+    run_offsets = (torch.arange(channels, device=device).unsqueeze(1) * image_size[0] + torch.arange(cell_h, device=device)) * gw
+    return first_run, run_offsets.flatten()
 
 
 def cutmix_box_mask(
@@ -428,7 +643,9 @@ def to_probabilities(
                     f"Expected class-index `targets` in [0, {num_classes}), but got values in [{low}, {high}]."
                     " Check `num_classes` or the dataset's labels."
                 )
-        probabilities = F.one_hot(targets.long(), num_classes).float()
+        # scatter_ rather than one_hot: the range was checked above, one_hot would check it again.
+        probabilities = torch.zeros(targets.shape[0], num_classes, device=targets.device)
+        probabilities.scatter_(1, targets.long().unsqueeze(1), 1.0)
     elif targets.ndim == 2:
         if num_classes is not None and targets.shape[1] != num_classes:
             raise ValueError(
@@ -463,7 +680,7 @@ def mix_targets(
             f" {probabilities.shape[0]} != {lam.shape[0]}."
         )
     weight = lam.to(probabilities.device, probabilities.dtype).unsqueeze(1)
-    return weight * probabilities[permutation] + (1.0 - weight) * probabilities
+    return probabilities.lerp(probabilities.index_select(0, permutation), weight)
 
 
 def _resolve_permutation(
@@ -537,9 +754,39 @@ def attentive_cutmix(
     _check_images(images)
     batch = images.shape[0]
     _check_heatmaps(heatmaps, batch)
+    _check_top_k(top_k, *heatmaps.shape[-2:])
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
-    mask = topk_cell_mask(heatmaps.to(images.device)[permutation], top_k, tuple(images.shape[-2:]))
-    return mix_with_mask(images, targets, mask, permutation, num_classes, label_smoothing)
+    partner_heatmaps = heatmaps.to(images.device).index_select(0, permutation)
+    mixed, lam, _ = paste_topk_cells(images, partner_heatmaps, top_k, permutation)
+    return mixed, mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing), lam
+
+
+def paste_topk_cells(
+    images: Tensor, partner_heatmaps: Tensor, top_k: int, permutation: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The image half of :func:`attentive_cutmix`: paste each partner's ``top_k`` hottest cells.
+
+    Unlike :func:`attentive_cutmix` it takes the heatmaps already paired (``partner_heatmaps[i]``
+    is the map of ``images[p[i]]``), trusts ``permutation`` (no check, hence no host-device
+    sync) and also returns the pasted cells, for callers that log or draw them.
+
+    Returns:
+        ``(mixed (B, C, H, W), lam (B,) float32, cell_indices (B, top_k))``.
+
+    Example::
+
+        >>> images, permutation = torch.rand(4, 3, 28, 28), torch.tensor([1, 2, 3, 0])
+        >>> mixed, lam, cells = paste_topk_cells(images, torch.rand(4, 7, 7)[permutation], 6, permutation)
+        >>> cells.shape, lam
+        (torch.Size([4, 6]), tensor([0.1224, 0.1224, 0.1224, 0.1224]))
+    """
+    _check_images(images)
+    _check_heatmaps(partner_heatmaps, images.shape[0])
+    grid = (partner_heatmaps.shape[1], partner_heatmaps.shape[2])
+    _check_grid_fits(*grid, *images.shape[-2:])
+    cells = topk_cell_indices(partner_heatmaps, top_k)
+    mixed, lam = _paste_cells(images, cells, grid, permutation)
+    return mixed, lam, cells
 
 
 def cutmix(
@@ -634,3 +881,15 @@ def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:
     area = inside.mean(dim=1)
     share = (dense * inside).sum(dim=1) / total.clamp_min(torch.finfo(torch.float32).tiny)
     return torch.where(total > 0, share, area)
+
+
+def _cell_attention_share(partner_heatmaps: Tensor, cell_indices: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """:func:`pasted_attention_share` for a region made of whole cells, computed on the grid (no pixel map)."""
+    batch, gh, gw = partner_heatmaps.shape
+    area = _tiling((gh, gw), image_size, partner_heatmaps.device)[1].float()
+    heat = partner_heatmaps.float().nan_to_num(0.0).flatten(1)
+    heat = heat - heat.amin(dim=1, keepdim=True)
+    total = heat @ area
+    inside = (heat.gather(1, cell_indices) * area.take(cell_indices)).sum(dim=1)
+    pasted_area = area.take(cell_indices).sum(dim=1) / (image_size[0] * image_size[1])
+    return torch.where(total > 0, inside / total.clamp_min(torch.finfo(torch.float32).tiny), pasted_area)

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_acm import functional as AF
 from lightning_acm.attention import attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, batch_seed
 from lightning_acm.loss import SoftTargetLossMixin
@@ -97,6 +98,11 @@ def test_attentive_cutmix_training_step_sees_mixed_batch():
     top = heat.flatten(1).topk(6, dim=1).indices
     chosen = mix.mask[:, 0, ::4, ::4].flatten(1)
     assert torch.equal(chosen.nonzero()[:, 1].view(8, 6).sort(1).values, top.sort(1).values)
+    assert torch.equal(mix.cell_indices.sort(1).values, top.sort(1).values)
+    assert torch.equal(images, expected)  # pasted bit for bit, not blended
+    # the logged share is computed on the grid; it equals the share over the pixel mask
+    torch.testing.assert_close(mix.pasted_attention(), AF.pasted_attention_share(mix.partner_heatmaps, mix.mask))
+    assert "region=cells" in repr(mix)
     assert callback.batches_mixed == 2 and callback.batches_seen == 2
 
 

@@ -20,17 +20,23 @@ from lightning_acm.functional import (
     attention_grid,
     attentive_cutmix,
     cell_index_maps,
+    cell_mask,
     cutmix,
     cutmix_box_mask,
     expand_grid,
     mix_targets,
     mixup,
     pairing_permutation,
+    paste,
+    paste_cells,
+    paste_topk_cells,
     pasted_attention_share,
     sample_beta,
     to_probabilities,
+    topk_cell_indices,
     topk_cell_mask,
 )
+from lightning_acm.functional import _cell_attention_share
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 TOLERANCES = {
@@ -286,6 +292,123 @@ def test_topk_mask_equals_reference(data, batch, gh, gw, seed):
         :, :, [start for start, _ in cell_bounds(gw, width)]
     ]
     assert (cells_chosen.flatten(1).sum(1) == top_k).all()
+
+
+# --------------------------------------------------------------------------- cell indices and cell pasting
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64])
+@given(batch=st.integers(1, 4), cells=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_topk_cell_indices_are_the_ranked_cells_in_order(dtype, batch, cells, seed):
+    generator = torch.Generator().manual_seed(seed)
+    top_k = int(torch.randint(1, cells + 1, (), generator=generator))
+    # Few distinct values (many ties), with signed zeros, infinities and NaN among them.
+    palette = torch.tensor([-INF, -2.0, -0.0, 0.0, 0.5, 3.0, INF, NAN])
+    if not dtype.is_floating_point:
+        palette = torch.tensor([-7.0, -1.0, 0.0, 2.0, 9.0])
+    heatmaps = palette[torch.randint(0, palette.numel(), (batch, 1, cells), generator=generator)].to(dtype)
+    indices = topk_cell_indices(heatmaps, top_k)
+    assert indices.dtype == torch.int64 and indices.shape == (batch, top_k)
+    for b in range(batch):
+        assert indices[b].tolist() == ranked_cells(heatmaps[b].double())[:top_k]
+
+
+def test_topk_cell_indices_signed_zeros_tie_and_keep_row_major_order():
+    heatmaps = torch.tensor([[[0.0, -0.0, 0.0]], [[-0.0, 0.0, -0.0]]])
+    assert topk_cell_indices(heatmaps, 2).tolist() == [[0, 1], [0, 1]]
+
+
+def test_topk_cell_indices_separate_neighbouring_float32_values():
+    low = torch.tensor(1.0)
+    high = torch.nextafter(low, torch.tensor(2.0))
+    heatmaps = torch.stack([low, high, low]).view(1, 1, 3)
+    assert topk_cell_indices(heatmaps, 1).tolist() == [[1]]
+    assert topk_cell_indices(-heatmaps, 2).tolist() == [[0, 2]]
+
+
+@given(
+    data=st.data(),
+    batch=st.integers(1, 5),
+    gh=st.integers(1, 7),
+    gw=st.integers(1, 7),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_paste_cells_equals_pasting_the_cell_mask(data, batch, gh, gw, channels_last, seed):
+    height = data.draw(st.sampled_from([gh, 2 * gh, 4 * gh, gh + 3, 5 * gh + 1]), label="height")
+    width = data.draw(st.sampled_from([gw, 3 * gw, gw + 2, 4 * gw - 1]).filter(lambda w: w >= gw), label="width")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.float64, torch.uint8]), label="dtype")
+    top_k = data.draw(st.integers(1, gh * gw), label="top_k")
+    generator = torch.Generator().manual_seed(seed)
+    images = (torch.rand(batch, 3, height, width, generator=generator) * 200).to(dtype)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    cells = torch.rand(batch, gh * gw, generator=generator).argsort(dim=1)[:, :top_k]
+    permutation = torch.randperm(batch, generator=generator)
+    mixed, lam = paste_cells(images, cells, (gh, gw), permutation)
+    mask = cell_mask(cells, (gh, gw), (height, width))
+    assert mixed.dtype == dtype and mixed.shape == images.shape
+    assert torch.equal(mixed, paste(images, mask, permutation))
+    assert torch.equal(lam, mask.flatten(1).float().mean(1))
+    assert torch.equal(mask, reference_topk_mask(
+        torch.zeros(batch, gh * gw).scatter_(1, cells, 1.0).view(batch, gh, gw), top_k, (height, width)
+    ))
+
+
+def test_paste_cells_copies_infinities_and_nan_exactly():
+    images = torch.tensor([INF, -INF, NAN, 1.0]).view(4, 1, 1, 1).expand(4, 1, 3, 5).contiguous()
+    cells = torch.tensor([[0], [1], [2], [3]])
+    mixed, _ = paste_cells(images, cells, (1, 4), torch.tensor([1, 2, 3, 0]))
+    assert torch.equal(mixed.isnan(), paste(images, cell_mask(cells, (1, 4), (3, 5)), torch.tensor([1, 2, 3, 0])).isnan())
+    finite = ~mixed.isnan()
+    assert torch.equal(mixed[finite], paste(images, cell_mask(cells, (1, 4), (3, 5)), torch.tensor([1, 2, 3, 0]))[finite])
+
+
+def test_paste_topk_cells_returns_the_cells_of_attentive_cutmix(generator):
+    images = torch.rand(5, 3, 28, 28, generator=generator)
+    heatmaps = torch.rand(5, 7, 7, generator=generator)
+    permutation = torch.tensor([2, 0, 4, 1, 3])
+    mixed, lam, cells = paste_topk_cells(images, heatmaps[permutation], 6, permutation)
+    expected, _, expected_lam = attentive_cutmix(
+        images, torch.arange(5), heatmaps, top_k=6, num_classes=5, permutation=permutation
+    )
+    assert torch.equal(mixed, expected) and torch.equal(lam, expected_lam)
+    assert torch.equal(cells, topk_cell_indices(heatmaps[permutation], 6))
+
+
+@pytest.mark.parametrize(("grid", "size"), [((7, 7), (32, 32)), ((7, 7), (28, 28)), ((3, 5), (11, 13))])
+def test_cell_attention_share_equals_the_pixel_share(grid, size, generator):
+    heatmaps = torch.randn(6, *grid, generator=generator)
+    heatmaps[0] = 2.0  # no mass: the share is the pasted area
+    cells = topk_cell_indices(heatmaps, 4)
+    share = _cell_attention_share(heatmaps, cells, size)
+    torch.testing.assert_close(share, pasted_attention_share(heatmaps, cell_mask(cells, grid, size)))
+
+
+@pytest.mark.parametrize(("cells", "error", "match"), [
+    (torch.tensor([[0, 49]]), ValueError, r"`cell_indices` in \[0, 49\) for a 7x7 grid, but got values in \[0, 49\]"),
+    (torch.tensor([[-1, 3]]), ValueError, r"but got values in \[-1, 3\]"),
+    (torch.tensor([[3, 3]]), ValueError, r"`cell_indices` of each sample to be distinct"),
+    (torch.tensor([3, 4]), ValueError, r"`cell_indices` to have shape \(1, k\), but got shape \(2,\)"),
+    (torch.tensor([[3.0]]), TypeError, r"`cell_indices` to be an integer tensor of shape \(B, k\)"),
+])
+def test_error_cell_indices(cells, error, match):
+    images = torch.rand(1, 3, 14, 14)
+    with pytest.raises(error, match=match):
+        paste_cells(images, cells, 7, torch.tensor([0]))
+    if cells.ndim == 2:
+        with pytest.raises(error, match=match.replace(r"\(1, k\)", r"\(B, k\)")):
+            cell_mask(cells, 7, 14)
+
+
+def test_error_paste_cells_grid_and_permutation():
+    images = torch.rand(2, 3, 6, 6)
+    with pytest.raises(ValueError, match=r"`image_size` to be at least the grid size 7x7, but got 6x6"):
+        paste_cells(images, torch.tensor([[0], [1]]), 7, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"`permutation` to be a permutation of range\(B\)"):
+        paste_cells(images, torch.tensor([[0], [1]]), 3, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"`heatmaps` to have one map per image, but the batch sizes do not match: 3 != 2"):
+        paste_topk_cells(images, torch.rand(3, 3, 3), 2, torch.tensor([1, 0]))
 
 
 # --------------------------------------------------------------------------- Attentive CutMix
