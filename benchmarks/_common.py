@@ -114,9 +114,13 @@ def time_call(fn: Callable[[], Any], device: torch.device, *, repeats: int, warm
 
 
 def time_interleaved(
-    fns: Sequence[Callable[[], Any]], device: torch.device, *, repeats: int, warmup: int = 5
+    fns: Sequence[Callable[[], Any]], device: torch.device, *, repeats: int, block: int = 1, warmup: int = 5
 ) -> list[float]:
-    """Median seconds per call of each of ``fns``, timed round-robin so that drift and noise hit all alike."""
+    """Median seconds per call of each of ``fns``, timed round-robin so that drift and noise hit all alike.
+
+    Each round times ``block`` consecutive calls of each function in turn (seconds per call = block
+    time / ``block``); ``repeats`` rounds, median over rounds.
+    """
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -125,9 +129,10 @@ def time_interleaved(
     for _ in range(repeats):
         for fn, spent in zip(fns, times):
             start = time.perf_counter()
-            fn()
+            for _ in range(block):
+                fn()
             synchronize(device)
-            spent.append(time.perf_counter() - start)
+            spent.append((time.perf_counter() - start) / block)
     return [statistics.median(spent) for spent in times]
 
 

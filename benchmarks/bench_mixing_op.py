@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--cache-grid", type=int, default=14)
-    parser.add_argument("--repeats", type=int, default=200, help="timed calls per op, interleaved (median reported)")
+    parser.add_argument("--repeats", type=int, default=40, help="rounds; each times --block calls of every op in turn")
+    parser.add_argument("--block", type=int, default=10, help="consecutive calls of one op per round (its steady state)")
     args = parser.parse_args()
     device = setup_run(args)
 
@@ -91,7 +92,7 @@ def main() -> None:
             ("torchvision v2.MixUp", lambda: tv_mixup(images, labels)),
             ("ours: mixup", lambda: AF.mixup(images, labels, num_classes=k, generator=generator)),
         ]
-        medians = time_interleaved([fn for _, fn in ops], device, repeats=args.repeats)
+        medians = time_interleaved([fn for _, fn in ops], device, repeats=args.repeats, block=args.block)
         reference = medians[0]
         for (name, fn), seconds in zip(ops, medians):
             rows.append({

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from typing import Any, Optional
 
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--cache-grid", type=int, default=7,
                         help="cells per side of the cached heatmaps (7: the teacher's grid at its input size)")
     parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=1, help="run every method this many times, round-robin")
     parser.add_argument("--only", default=None, help="comma-separated subset of: baseline,cutmix,acm,cached")
     add_teacher_arguments(parser, size=112, layer="stride16")
     args = parser.parse_args()
@@ -116,7 +118,20 @@ def main() -> None:
     chosen = args.only.split(",") if args.only else list(variants)
     # An untimed run first, so that the first measured method does not pay for lazy initialisation.
     run("warm-up", None, datamodule, argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1}), device)
-    rows = [run(variants[key][0], variants[key][1](), datamodule, args, device) for key in chosen]
+    # Round-robin over the methods, so that the machine's drift and noise hit every method alike.
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in chosen}
+    for _ in range(args.rounds):
+        for key in chosen:
+            runs[key].append(run(variants[key][0], variants[key][1](), datamodule, args, device))
+    rows = []
+    for key in chosen:
+        speeds = [r["images/s"] for r in runs[key]]
+        fills = [r["cache fill (s)"] for r in runs[key] if r["cache fill (s)"] is not None]
+        rows.append({
+            "method": variants[key][0], "images/s": statistics.median(speeds),
+            "range over rounds": f"{min(speeds):.1f}–{max(speeds):.1f}" if args.rounds > 1 else None,
+            "cache fill (s)": statistics.median(fills) if fills else None,
+        })
     cutmix_speed = next((r["images/s"] for r in rows if r["method"] == "CutMix"), None)
     base_speed = next((r["images/s"] for r in rows if r["method"] == "no mixing"), None)
     for row in rows:
@@ -128,7 +143,8 @@ def main() -> None:
           f" precision {args.precision}")
     scaled = "the teacher's own grid and input size" if args.cache_grid == 7 else f"teacher input x {args.cache_grid}/7"
     print(f"teacher: {teacher_label}; top_k {args.top_k} of 7x7; cache at {args.cache_grid}x{args.cache_grid} ({scaled})\n")
-    print(markdown_table(rows, ["method", "images/s", "time vs CutMix", "time vs no mixing", "cache fill (s)"]))
+    print(f"rounds: {args.rounds} (images/s is the median over rounds)\n")
+    print(markdown_table(rows, ["method", "images/s", "range over rounds", "time vs CutMix", "time vs no mixing", "cache fill (s)"]))
     print("\ntime vs X: seconds per image relative to X (1.05 = 5% slower). The cache fill runs once per dataset,"
           " before the first step, and is not in images/s.")
     if args.teacher_weights == "none":

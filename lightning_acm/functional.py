@@ -504,17 +504,11 @@ def _paste_cells(images: Tensor, cell_indices: Tensor, grid: tuple[int, int], pe
     cell_area = _tiling(grid, (height, width), images.device)[1]
     lam = cell_area.take(cell_indices).sum(1, dtype=torch.float32).div_(height * width)
     if height % gh or width % gw or not images.is_contiguous():
-        bits_dtype = _SAME_SIZE_INT.get(images.element_size())
-        if bits_dtype is None or images.is_complex():
+        bits_dtype = _bits_dtype(images)
+        if bits_dtype is None:
             return paste(images, _cell_mask(cell_indices, grid, (height, width)), permutation), lam
-        # A bitwise select, image ^ ((image ^ partner) & pasted), written in place on the gathered
-        # partners: exact for every value (inf and NaN included) and, unlike torch.where with a
-        # broadcast bool mask, vectorized on the CPU. `pasted` is all ones inside the cells.
         pasted = _cell_mask(cell_indices, grid, (height, width), bits_dtype, -1)
-        partners = images.index_select(0, permutation)
-        image_bits = images.view(bits_dtype)
-        partners.view(bits_dtype).bitwise_xor_(image_bits).bitwise_and_(pasted).bitwise_xor_(image_bits)
-        return partners, lam
+        return _bitwise_paste(images, pasted, permutation), lam
     # Row t of cell (i, j) in channel c is one contiguous run of `width // gw` pixels; runs are
     # numbered in the (B * C * H * gw, width // gw) view of the batch:
     # run = i * C * H * gw + (c * H + t) * gw + first_run[j].
@@ -531,7 +525,26 @@ def _paste_cells(images: Tensor, cell_indices: Tensor, grid: tuple[int, int], pe
     return mixed, lam
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits_dtype(images: Tensor) -> Optional[torch.dtype]:
+    """The signed integer type that views the images' elements bit for bit, if there is one."""
+    return None if images.is_complex() else _SAME_SIZE_INT.get(images.element_size())
+
+
+def _bitwise_paste(images: Tensor, pasted: Tensor, permutation: Tensor) -> Tensor:
+    """``where(pasted, images[p], images)`` as ``image ^ ((image ^ partner) & pasted)`` on the bits.
+
+    ``pasted`` holds all-ones (-1) or 0 in the integer type of :func:`_bits_dtype`. Written in place
+    on the gathered partners, it is exact for every value (inf and NaN included) and, unlike
+    ``torch.where`` with a mask broadcast over the channels, vectorized on the CPU.
+    """
+    bits_dtype = pasted.dtype
+    partners = images.index_select(0, permutation)
+    image_bits = images.view(bits_dtype)
+    partners.view(bits_dtype).bitwise_xor_(image_bits).bitwise_and_(pasted).bitwise_xor_(image_bits)
+    return partners
 
 
 @functools.lru_cache(maxsize=64)
@@ -602,8 +615,14 @@ def sample_cutmix_mask(images: Tensor, alpha: float = 1.0, *, generator: Optiona
 
 
 def paste(images: Tensor, mask: Tensor, permutation: Tensor) -> Tensor:
-    """``mixed[i] = where(mask[i], images[p[i]], images[i])`` in the dtype and device of ``images``."""
-    return torch.where(mask, images.index_select(0, permutation), images)
+    """``mixed[i] = where(mask[i], images[p[i]], images[i])`` in the dtype and device of ``images``.
+
+    ``mask`` is boolean, broadcastable to ``images`` (e.g. ``(B, 1, H, W)``); values are copied bit for bit.
+    """
+    bits_dtype = _bits_dtype(images)
+    if bits_dtype is None or mask.dtype != torch.bool or torch.broadcast_shapes(mask.shape, images.shape) != images.shape:
+        return torch.where(mask, images.index_select(0, permutation), images)
+    return _bitwise_paste(images, mask.to(bits_dtype).neg_(), permutation)
 
 
 def to_probabilities(
@@ -680,7 +699,7 @@ def mix_targets(
             f" {probabilities.shape[0]} != {lam.shape[0]}."
         )
     weight = lam.to(probabilities.device, probabilities.dtype).unsqueeze(1)
-    return probabilities.lerp(probabilities.index_select(0, permutation), weight)
+    return weight * probabilities.index_select(0, permutation) + (1.0 - weight) * probabilities
 
 
 def _resolve_permutation(

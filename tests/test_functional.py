@@ -355,13 +355,15 @@ def test_paste_cells_equals_pasting_the_cell_mask(data, batch, gh, gw, channels_
     ))
 
 
-def test_paste_cells_copies_infinities_and_nan_exactly():
-    images = torch.tensor([INF, -INF, NAN, 1.0]).view(4, 1, 1, 1).expand(4, 1, 3, 5).contiguous()
-    cells = torch.tensor([[0], [1], [2], [3]])
-    mixed, _ = paste_cells(images, cells, (1, 4), torch.tensor([1, 2, 3, 0]))
-    assert torch.equal(mixed.isnan(), paste(images, cell_mask(cells, (1, 4), (3, 5)), torch.tensor([1, 2, 3, 0])).isnan())
-    finite = ~mixed.isnan()
-    assert torch.equal(mixed[finite], paste(images, cell_mask(cells, (1, 4), (3, 5)), torch.tensor([1, 2, 3, 0]))[finite])
+@pytest.mark.parametrize("size", [(3, 5), (4, 8)])  # uneven and exact tiling of a 1x4 grid
+def test_paste_copies_infinities_nan_and_signed_zeros_bit_for_bit(size):
+    values = torch.tensor([INF, -INF, NAN, -0.0])
+    images = values.view(4, 1, 1, 1).expand(4, 2, *size).contiguous()
+    cells, permutation = torch.tensor([[0], [1], [2], [3]]), torch.tensor([1, 2, 3, 0])
+    mask = cell_mask(cells, (1, 4), size)
+    expected = torch.where(mask, images[permutation], images)
+    for mixed in (paste_cells(images, cells, (1, 4), permutation)[0], paste(images, mask, permutation)):
+        assert torch.equal(mixed.view(torch.int32), expected.view(torch.int32))
 
 
 def test_paste_topk_cells_returns_the_cells_of_attentive_cutmix(generator):
