@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch

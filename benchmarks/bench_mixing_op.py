@@ -5,8 +5,8 @@ and soft targets (lightning_acm.functional.attentive_cutmix). "(from cache)" add
 lookup and the warp of 14x14 maps through each sample's crop box and flip
 (lightning_acm.cache.HeatmapCache.warp). Neither includes the teacher. Ratios are against
 torchvision's CutMix on the same batch (< 1 is faster). Note that torchvision draws one box and
-one lam per batch, ours one per sample. The ops are timed round-robin (one call of each in turn),
-so that the machine's drift and noise hit every op alike.
+one lam per batch, ours one per sample. The ops are timed round-robin, --block consecutive calls
+of each in turn, so that the machine's drift and noise hit every op alike.
 
 With --device cuda, "syncs" counts the host-device synchronisations of one call
 (torch.cuda.set_sync_debug_mode), i.e. the points where the CPU waits for the GPU.

@@ -121,6 +121,11 @@ class MixResult:
             self._mask = AF.cell_mask(self.cell_indices, grid, tuple(self.mixed.shape[-2:]))  # type: ignore[arg-type]
         return self._mask
 
+    @property
+    def has_region(self) -> bool:
+        """Whether a region of the partner was pasted (CutMix, Attentive CutMix) rather than blended in (Mixup)."""
+        return self.cell_indices is not None or self._mask is not None
+
     def __repr__(self) -> str:
         kind = "cells" if self.cell_indices is not None else "box" if self._mask is not None else "blend"
         return f"{type(self).__name__}(batch={self.mixed.shape[0]}, region={kind}, mean_lam={float(self.lam.mean()):.3f})"
@@ -133,7 +138,7 @@ class MixResult:
         (no region) every pixel of the partner enters with weight ``lam``, so the share is ``lam``
         whatever the heatmap, and no teacher is needed.
         """
-        if self.cell_indices is None and self._mask is None:
+        if not self.has_region:
             return self.lam
         if self.partner_heatmaps is None:
             return None

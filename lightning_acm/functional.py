@@ -288,6 +288,9 @@ def _check_top_k(top_k: int, gh: int, gw: int) -> None:
         raise ValueError(f"Expected `top_k` to be in [1, {cells}] for a {gh}x{gw} grid, but got {top_k!r}.")
 
 
+_HIGH_WORD = 1 << 32
+
+
 def _ranking_key(scores: Tensor) -> Tensor:
     """A unique int64 key per float32 score whose order is the ranking of :func:`topk_cell_indices`.
 
@@ -299,9 +302,6 @@ def _ranking_key(scores: Tensor) -> Tensor:
     monotone = (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
     monotone.masked_fill_(torch.isnan(scores), torch.iinfo(torch.int32).min)
     return torch.add(_earlier_first(scores.shape[1], scores.device), monotone.long(), alpha=_HIGH_WORD)
-
-
-_HIGH_WORD = 1 << 32
 
 
 @functools.lru_cache(maxsize=16)
@@ -507,6 +507,7 @@ def _paste_cells(images: Tensor, cell_indices: Tensor, grid: tuple[int, int], pe
         bits_dtype = _bits_dtype(images)
         if bits_dtype is None:
             return paste(images, _cell_mask(cell_indices, grid, (height, width)), permutation), lam
+        # Built in the integer type directly: converting a bool mask costs more than the paste here.
         pasted = _cell_mask(cell_indices, grid, (height, width), bits_dtype, -1)
         return _bitwise_paste(images, pasted, permutation), lam
     # Row t of cell (i, j) in channel c is one contiguous run of `width // gw` pixels; runs are

@@ -355,7 +355,31 @@ def _datamodule_normalization(trainer: pl.Trainer) -> tuple[Optional[tuple[float
     return tuple(mean), tuple(std)
 
 
-class PastedAttentionMonitor(Callback):
+class _EveryNSteps(Callback):
+    """Counts training batches for the callbacks that act on one in ``every_n_steps``; the count is resumable.
+
+    Subclasses set ``every_n_steps`` and ``_batches = 0`` in their ``__init__``.
+    """
+
+    every_n_steps: int
+    _batches: int
+
+    def _count_batch(self) -> bool:
+        """Count one training batch; whether it is due (the first batch and every ``every_n_steps`` after)."""
+        due = self._batches % self.every_n_steps == 0
+        self._batches += 1
+        return due
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self._batches}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._batches = state_dict["batches"]
+
+
+class PastedAttentionMonitor(_EveryNSteps):
     """Log ``{log_prefix}/pasted_attention`` for CutMix with a frozen teacher of its own.
 
     The metric is the share of the partner's attention mass that lies inside the pasted region
@@ -485,21 +509,19 @@ class PastedAttentionMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        due = self._batches % self.every_n_steps == 0
-        self._batches += 1
+        due = self._count_batch()
         if not due:
             return
         for mixer in self._mixers:
             result = mixer.last_mix
-            if result is None or result.mask is None:
+            if result is None or not result.has_region:
                 continue
             measured_by_mixer = result.partner_heatmaps is not None and self._annotated.get(id(result)) is not result
             if measured_by_mixer:
                 continue
-            heatmaps = self.annotate(result)
-            if heatmaps is None:
+            if self.annotate(result) is None:
                 continue
-            share = AF.pasted_attention_share(heatmaps, result.mask)
+            share = result.pasted_attention()
             pl_module.log(
                 f"{mixer.log_prefix}/pasted_attention", share.mean(), on_step=False, on_epoch=True, batch_size=share.shape[0]
             )
@@ -509,16 +531,8 @@ class PastedAttentionMonitor(Callback):
         if stage == "fit" and self._given_model is None:
             self._attention = None
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches": self._batches}
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._batches = state_dict["batches"]
-
-
-class MixVisualizer(Callback):
+class MixVisualizer(_EveryNSteps):
     """Log a picture of the mixed batch every ``every_n_steps`` training batches (rank zero only).
 
     One image per mixing callback in the Trainer (see :func:`render_mix_grid` for what it
@@ -621,8 +635,7 @@ class MixVisualizer(Callback):
     ) -> None:
         if not trainer.is_global_zero:
             return
-        due = self._batches % self.every_n_steps == 0
-        self._batches += 1
+        due = self._count_batch()
         for index, mixer in enumerate(self._mixers):
             self._pending[index] = self._pending[index] or due
             result = mixer.last_mix
@@ -651,11 +664,3 @@ class MixVisualizer(Callback):
         os.makedirs(self._png_dir, exist_ok=True)
         name = f"{tag.replace('/', '_')}_step{trainer.global_step:07d}.png"
         to_pil_image(image).save(os.path.join(self._png_dir, name))
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches": self._batches}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._batches = state_dict["batches"]
