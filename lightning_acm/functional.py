@@ -336,7 +336,15 @@ def topk_cell_indices(heatmaps: Tensor, top_k: int) -> Tensor:
     _check_top_k(top_k, gh, gw)
     scores = heatmaps.reshape(batch, gh * gw)
     if scores.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return torch.topk(_ranking_key(scores.float()), top_k, dim=1).indices
+        scores = scores.float()
+        if scores.device.type == "cpu":
+            # When the top_k + 1 highest scores of every row strictly decrease (no tie, no NaN, no
+            # signed zeros among them), one float top-k gives the same cells in the same order.
+            # Checking that needs the values on the host: free on the CPU, a sync on accelerators.
+            values, indices = torch.topk(scores, min(top_k + 1, gh * gw), dim=1)
+            if bool((values[:, :-1] > values[:, 1:]).all()):
+                return indices[:, :top_k]
+        return torch.topk(_ranking_key(scores), top_k, dim=1).indices
     # float64 and integer maps: rank in float64 with stable sorts, keeping ties in row-major order.
     scores = scores.to(torch.float64)
     is_nan = torch.isnan(scores)
@@ -402,11 +410,41 @@ def _cell_mask(
     value: Union[bool, int] = True,
 ) -> Tensor:
     """``(B, 1, H, W)`` mask of ``dtype``: ``value`` inside the given cells, 0 elsewhere."""
-    batch = cell_indices.shape[0]
-    pixel_cell = _tiling(grid, image_size, cell_indices.device)[0]
-    chosen = torch.zeros(batch, grid[0] * grid[1], dtype=dtype, device=cell_indices.device)
+    batch, device = cell_indices.shape[0], cell_indices.device
+    height, width = image_size
+    if grid[1] <= _MAX_PATTERN_BITS:
+        # Bit c of crossed[b, y] says whether pixel row y crosses a chosen cell in grid column c;
+        # that bit pattern picks the pixel row of the mask from a table.
+        patterns, row_bits = _row_patterns(grid, image_size, dtype, value, device)
+        crossed = row_bits.index_select(0, cell_indices.flatten()).view(batch, -1, height).sum(1)
+        return patterns.index_select(0, crossed.flatten()).view(batch, 1, height, width)
+    pixel_cell = _tiling(grid, image_size, device)[0]
+    chosen = torch.zeros(batch, grid[0] * grid[1], dtype=dtype, device=device)
     chosen.scatter_(1, cell_indices, value)
-    return chosen.gather(1, pixel_cell.expand(batch, -1)).view(batch, 1, *image_size)
+    return chosen.gather(1, pixel_cell.expand(batch, -1)).view(batch, 1, height, width)
+
+
+# Grids up to this many columns build masks from a table of the 2**gw possible pixel rows.
+_MAX_PATTERN_BITS = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _row_patterns(
+    grid: tuple[int, int], image_size: tuple[int, int], dtype: torch.dtype, value: Union[bool, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The tables of :func:`_cell_mask` for narrow grids, built once per shape, dtype and device (read-only).
+
+    Returns ``(patterns (2**gw, W), row_bits (gh * gw, H))``: row ``m`` of ``patterns`` is ``value``
+    in the pixel columns of the grid columns ``c`` whose bit ``1 << c`` is set in ``m``, 0 elsewhere;
+    ``row_bits[r * gw + c, y]`` is ``1 << c`` where pixel row ``y`` lies in grid row ``r``, 0 elsewhere.
+    """
+    (gh, gw), cells = grid, torch.arange(grid[0] * grid[1])
+    pixel_row, pixel_col = cell_index_maps(grid, image_size, torch.device("cpu"))
+    in_column = torch.arange(1 << gw).unsqueeze(1).bitwise_right_shift(pixel_col).bitwise_and(1).bool()
+    patterns = torch.zeros(in_column.shape, dtype=dtype).masked_fill_(in_column, value)
+    in_row = (cells // gw).unsqueeze(1) == pixel_row
+    row_bits = torch.ones_like(cells).bitwise_left_shift(cells % gw).unsqueeze(1) * in_row
+    return patterns.to(device), row_bits.to(device)
 
 
 def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
@@ -626,6 +664,30 @@ def paste(images: Tensor, mask: Tensor, permutation: Tensor) -> Tensor:
     return _bitwise_paste(images, mask.to(bits_dtype).neg_(), permutation)
 
 
+def _is_class_indices(targets: Tensor, num_classes: Optional[int]) -> bool:
+    """Whether ``targets`` are class indices ``(B,)``; if so, checks them against ``num_classes``."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"Expected `targets` to be a torch.Tensor, but got {type(targets).__name__}.")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
+    if targets.ndim != 1 or targets.is_floating_point():
+        return False
+    if num_classes is None:
+        raise ValueError(
+            "Expected `num_classes` for class-index targets of shape (B,), but got None."
+            " Pass `num_classes=K` or give one-hot/probability targets of shape (B, K)."
+        )
+    if targets.numel() > 0:
+        low, high = torch.aminmax(targets)
+        low, high = int(low), int(high)
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"Expected class-index `targets` in [0, {num_classes}), but got values in [{low}, {high}]."
+                " Check `num_classes` or the dataset's labels."
+            )
+    return True
+
+
 def to_probabilities(
     targets: Tensor, num_classes: Optional[int] = None, *, label_smoothing: float = 0.0
 ) -> Tensor:
@@ -645,24 +707,13 @@ def to_probabilities(
                 [1., 0., 0.]])
     """
     _check_label_smoothing(label_smoothing)
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"Expected `targets` to be a torch.Tensor, but got {type(targets).__name__}.")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
-        raise ValueError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
-    if targets.ndim == 1 and not targets.is_floating_point():
-        if num_classes is None:
-            raise ValueError(
-                "Expected `num_classes` for class-index targets of shape (B,), but got None."
-                " Pass `num_classes=K` or give one-hot/probability targets of shape (B, K)."
-            )
-        if targets.numel() > 0:
-            low, high = torch.aminmax(targets)
-            low, high = int(low), int(high)
-            if low < 0 or high >= num_classes:
-                raise ValueError(
-                    f"Expected class-index `targets` in [0, {num_classes}), but got values in [{low}, {high}]."
-                    " Check `num_classes` or the dataset's labels."
-                )
+    return _probabilities(targets, num_classes, _is_class_indices(targets, num_classes), label_smoothing)
+
+
+def _probabilities(targets: Tensor, num_classes: Optional[int], class_indices: bool, label_smoothing: float) -> Tensor:
+    """:func:`to_probabilities` once ``targets`` were checked by :func:`_is_class_indices` (``class_indices``)."""
+    if class_indices:
+        assert num_classes is not None  # checked by _is_class_indices
         # scatter_ rather than one_hot: the range was checked above, one_hot would check it again.
         probabilities = torch.zeros(targets.shape[0], num_classes, device=targets.device)
         probabilities.scatter_(1, targets.long().unsqueeze(1), 1.0)
@@ -692,13 +743,31 @@ def mix_targets(
     *,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """``soft[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]`` with ``y`` from :func:`to_probabilities`."""
-    probabilities = to_probabilities(targets, num_classes, label_smoothing=label_smoothing)
+    """``soft[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]`` with ``y`` from :func:`to_probabilities`.
+
+    Example::
+
+        >>> mix_targets(torch.tensor([0, 2]), torch.tensor([0.25, 0.5]), torch.tensor([1, 0]), 3)
+        tensor([[0.7500, 0.0000, 0.2500],
+                [0.5000, 0.0000, 0.5000]])
+    """
+    _check_label_smoothing(label_smoothing)
+    class_indices = _is_class_indices(targets, num_classes)
+    hard = class_indices and label_smoothing == 0
+    probabilities = targets if hard else _probabilities(targets, num_classes, class_indices, label_smoothing)
     if probabilities.shape[0] != lam.shape[0]:
         raise ValueError(
             "Expected `targets` to have one entry per image, but the batch sizes do not match:"
             f" {probabilities.shape[0]} != {lam.shape[0]}."
         )
+    if hard:
+        assert num_classes is not None  # checked by _is_class_indices
+        # Two scatters instead of mixing one-hot rows, four fewer ops for the same float32 bits:
+        # w * 1 + (1 - w) * 0 is w, and w and 1 - w add alike in either order when the labels agree.
+        weight = lam.to(targets.device, torch.float32).unsqueeze(1)
+        labels = targets.long().unsqueeze(1)
+        soft = torch.zeros(targets.shape[0], num_classes, device=targets.device)
+        return soft.scatter_(1, labels, 1.0 - weight).scatter_add_(1, labels.index_select(0, permutation), weight)
     weight = lam.to(probabilities.device, probabilities.dtype).unsqueeze(1)
     return weight * probabilities.index_select(0, permutation) + (1.0 - weight) * probabilities
 

@@ -185,7 +185,10 @@ def test_topk_mask_non_square_grid():
     assert torch.equal(topk_cell_mask(heatmap, 2, (5, 7)), reference_topk_mask(heatmap, 2, (5, 7)))
 
 
-@pytest.mark.parametrize(("grid", "size"), [((7, 7), (30, 45)), ((2, 3), (5, 7)), ((7, 7), (7, 7)), ((3, 5), (11, 13))])
+@pytest.mark.parametrize(
+    ("grid", "size"),
+    [((7, 7), (30, 45)), ((2, 3), (5, 7)), ((7, 7), (7, 7)), ((3, 5), (11, 13)), ((2, 8), (9, 35)), ((2, 9), (9, 35))],
+)
 def test_topk_mask_non_divisible_tiling(grid, size):
     gh, gw = grid
     height, width = size
@@ -276,7 +279,7 @@ def test_topk_mask_matches_thresholding_the_expanded_heatmap(generator):
     data=st.data(),
     batch=st.integers(1, 4),
     gh=st.integers(1, 7),
-    gw=st.integers(1, 7),
+    gw=st.integers(1, 12),  # up to 8 columns masks come from a row-pattern table, wider grids from a gather
     seed=st.integers(0, 2**16),
 )
 def test_topk_mask_equals_reference(data, batch, gh, gw, seed):
@@ -311,6 +314,21 @@ def test_topk_cell_indices_are_the_ranked_cells_in_order(dtype, batch, cells, se
     assert indices.dtype == torch.int64 and indices.shape == (batch, top_k)
     for b in range(batch):
         assert indices[b].tolist() == ranked_cells(heatmaps[b].double())[:top_k]
+
+
+@given(batch=st.integers(1, 8), cells=st.integers(1, 49), seed=st.integers(0, 2**16), tie=st.booleans())
+def test_topk_cell_indices_of_distinct_scores_and_of_one_late_tie(batch, cells, seed, tie):
+    # Distinct scores take the one-top-k path on the CPU; one tie anywhere in the batch the ranking-key path.
+    generator = torch.Generator().manual_seed(seed)
+    heatmaps = torch.randn(batch, 1, cells, generator=generator)
+    top_k = int(torch.randint(1, cells + 1, (), generator=generator))
+    if tie and cells > 1:
+        row = int(torch.randint(0, batch, (), generator=generator))
+        order = heatmaps[row, 0].argsort(descending=True)
+        heatmaps[row, 0, order[min(top_k, cells - 1)]] = heatmaps[row, 0, order[top_k - 1]]
+    indices = topk_cell_indices(heatmaps, top_k)
+    for b in range(batch):
+        assert indices[b].tolist() == ranked_cells(heatmaps[b])[:top_k]
 
 
 def test_topk_cell_indices_signed_zeros_tie_and_keep_row_major_order():
@@ -690,6 +708,21 @@ def test_common_soft_targets_follow_lam(augment, kind, label_smoothing, generato
     torch.testing.assert_close(soft, lam[:, None] * y[permutation] + (1 - lam[:, None]) * y)
     torch.testing.assert_close(soft.sum(1), torch.ones(5))
     torch.testing.assert_close(soft, mix_targets(targets, lam, permutation, 5, label_smoothing=label_smoothing))
+
+
+@given(batch=st.integers(1, 16), classes=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_mix_targets_of_class_indices_equals_mixing_one_hot_rows_bit_for_bit(batch, classes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (batch,), generator=generator)  # partners often share a label
+    lam = torch.rand(batch, generator=generator)
+    lam[torch.rand(batch, generator=generator) < 0.2] = 0.0
+    lam[torch.rand(batch, generator=generator) < 0.2] = 1.0
+    permutation = torch.randperm(batch, generator=generator)
+    one_hot = F.one_hot(labels, classes).float()
+    expected = lam[:, None] * one_hot[permutation] + (1.0 - lam[:, None]) * one_hot
+    assert torch.equal(mix_targets(labels, lam, permutation, classes), expected)
+    assert torch.equal(mix_targets(labels.int(), lam.double(), permutation, classes), expected)
+    assert torch.equal(mix_targets(one_hot, lam, permutation, classes), expected)  # the soft-target path
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
