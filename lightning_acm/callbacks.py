@@ -69,12 +69,14 @@ class MixResult:
         permutation: ``(B,)`` partner index of each sample.
         partner_heatmaps: ``(B, gh, gw)`` attention of each partner, when a teacher ran.
         cell_indices: ``(B, k)`` row-major grid cells pasted into each sample (Attentive CutMix).
+        boxes: ``(B, 4)`` int64 ``(top, bottom, left, right)`` pixel bounds of the box pasted into
+            each sample, bottom and right exclusive (CutMix).
         source: ``(B, C, H, W)`` images before mixing, kept only when the callback's
             ``keep_source`` is set (by :class:`~lightning_acm.visualize.MixVisualizer`).
         source_targets: the targets before mixing, kept with ``source``.
 
-    ``mask`` is the ``(B, 1, H, W)`` pasted region of the box methods (``None`` for Mixup); for
-    Attentive CutMix it is built from ``cell_indices`` the first time it is read.
+    ``mask`` is the ``(B, 1, H, W)`` pasted region (``None`` for Mixup); when the result holds
+    ``cell_indices`` or ``boxes`` it is built from them the first time it is read.
 
     Example::
 
@@ -98,6 +100,7 @@ class MixResult:
         partner_heatmaps: Optional[Tensor] = None,
         *,
         cell_indices: Optional[Tensor] = None,
+        boxes: Optional[Tensor] = None,
         source: Optional[Tensor] = None,
         source_targets: Optional[Tensor] = None,
     ) -> None:
@@ -109,6 +112,7 @@ class MixResult:
         self.permutation = permutation
         self.partner_heatmaps = partner_heatmaps
         self.cell_indices = cell_indices
+        self.boxes = boxes
         self.source = source
         self.source_targets = source_targets
         self._mask = mask
@@ -116,18 +120,22 @@ class MixResult:
     @property
     def mask(self) -> Optional[Tensor]:
         """``(B, 1, H, W)`` bool pasted region, or ``None`` for Mixup."""
-        if self._mask is None and self.cell_indices is not None and self.partner_heatmaps is not None:
-            grid = tuple(self.partner_heatmaps.shape[-2:])
-            self._mask = AF.cell_mask(self.cell_indices, grid, tuple(self.mixed.shape[-2:]))  # type: ignore[arg-type]
+        if self._mask is None:
+            image_size = (self.mixed.shape[-2], self.mixed.shape[-1])
+            if self.cell_indices is not None and self.partner_heatmaps is not None:
+                grid = (self.partner_heatmaps.shape[-2], self.partner_heatmaps.shape[-1])
+                self._mask = AF.cell_mask(self.cell_indices, grid, image_size)
+            elif self.boxes is not None:
+                self._mask = AF._box_mask(self.boxes, image_size)
         return self._mask
 
     @property
     def has_region(self) -> bool:
         """Whether a region of the partner was pasted (CutMix, Attentive CutMix) rather than blended in (Mixup)."""
-        return self.cell_indices is not None or self._mask is not None
+        return self.cell_indices is not None or self.boxes is not None or self._mask is not None
 
     def __repr__(self) -> str:
-        kind = "cells" if self.cell_indices is not None else "box" if self._mask is not None else "blend"
+        kind = "cells" if self.cell_indices is not None else "box" if self.has_region else "blend"
         return f"{type(self).__name__}(batch={self.mixed.shape[0]}, region={kind}, mean_lam={float(self.lam.mean()):.3f})"
 
     def pasted_attention(self) -> Optional[Tensor]:
@@ -144,7 +152,7 @@ class MixResult:
             return None
         if self.cell_indices is not None:
             return AF._cell_attention_share(self.partner_heatmaps, self.cell_indices, tuple(self.mixed.shape[-2:]))  # type: ignore[arg-type]
-        return AF.pasted_attention_share(self.partner_heatmaps, self._mask)  # type: ignore[arg-type]
+        return AF.pasted_attention_share(self.partner_heatmaps, self.mask)  # type: ignore[arg-type]
 
 
 def _check_probability(p: float) -> None:
@@ -491,10 +499,13 @@ class CutMix(_BetaMixingCallback):
 
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
-        permutation = self.draw_permutation(images.shape[0], images.device)
-        mask = AF.sample_cutmix_mask(images, self.alpha, generator=self._generator)
-        mixed, soft, lam = AF.mix_with_mask(images, targets, mask, permutation, num_classes, self.label_smoothing)
-        return MixResult(mixed, soft, lam, permutation, mask)
+        batch_size, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
+        permutation = self.draw_permutation(batch_size, images.device)
+        area = AF.sample_beta(self.alpha, batch_size, generator=self._generator)
+        boxes = AF._cutmix_boxes(batch_size, image_size, area, self._generator).to(images.device)
+        mixed, lam = AF._paste_boxes(images, boxes, permutation)
+        soft = AF.mix_targets(targets, lam, permutation, num_classes, label_smoothing=self.label_smoothing)
+        return MixResult(mixed, soft, lam, permutation, boxes=boxes)
 
 
 class MixUp(_BetaMixingCallback):

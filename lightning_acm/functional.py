@@ -614,6 +614,15 @@ def cutmix_box_mask(
         Boolean mask ``(B, 1, H, W)`` on ``device``.
     """
     height, width = _pair(image_size, "image_size")
+    boxes = _cutmix_boxes(batch_size, (height, width), area, generator)
+    return _box_mask(boxes.to(device) if device is not None else boxes, (height, width))
+
+
+def _cutmix_boxes(
+    batch_size: int, image_size: tuple[int, int], area: Tensor, generator: Optional[torch.Generator]
+) -> Tensor:
+    """The boxes of :func:`cutmix_box_mask` as ``(B, 4)`` int64 ``(top, bottom, left, right)`` on the CPU, bottom/right exclusive."""
+    height, width = image_size
     area = area.detach().to("cpu", torch.float64)
     if tuple(area.shape) != (batch_size,):
         raise ValueError(f"Expected `area` to have shape ({batch_size},), but got shape {tuple(area.shape)}.")
@@ -621,7 +630,7 @@ def cutmix_box_mask(
     box_h, box_w = ratio * height, ratio * width
     centre_y = torch.rand(batch_size, generator=generator, dtype=torch.float64) * height
     centre_x = torch.rand(batch_size, generator=generator, dtype=torch.float64) * width
-    bounds = torch.stack(
+    return torch.stack(
         [
             (centre_y - box_h / 2).round().clamp(0, height),
             (centre_y + box_h / 2).round().clamp(0, height),
@@ -630,12 +639,36 @@ def cutmix_box_mask(
         ],
         dim=1,
     ).long()
-    bounds = bounds.to(device) if device is not None else bounds
-    rows = torch.arange(height, device=bounds.device).view(1, height, 1)
-    cols = torch.arange(width, device=bounds.device).view(1, 1, width)
-    y1, y2, x1, x2 = (b.view(batch_size, 1, 1) for b in bounds.unbind(1))
-    inside = (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2)
-    return inside.unsqueeze(1)
+
+
+def _box_mask(
+    boxes: Tensor, image_size: tuple[int, int], dtype: torch.dtype = torch.bool, value: Union[bool, int] = True
+) -> Tensor:
+    """``(B, 1, H, W)`` mask of ``dtype`` on the boxes' device: ``value`` inside each box, 0 outside."""
+    height, width = image_size
+    top, bottom, left, right = (side.unsqueeze(1) for side in boxes.unbind(1))
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_rows, in_cols = (rows >= top) & (rows < bottom), (cols >= left) & (cols < right)
+    if dtype != torch.bool:
+        # The row and column masks are small; only their product has the size of the image.
+        in_rows, in_cols = in_rows.to(dtype).mul_(value), in_cols.to(dtype).mul_(value)
+    return (in_rows.view(-1, 1, height, 1) & in_cols.view(-1, 1, 1, width))
+
+
+def _box_lam(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """``(B,)`` float32 share of the image inside each box: bit-equal to the mean of :func:`_box_mask`."""
+    top, bottom, left, right = boxes.unbind(1)
+    return ((bottom - top) * (right - left)).float().div_(image_size[0] * image_size[1])
+
+
+def _paste_boxes(images: Tensor, boxes: Tensor, permutation: Tensor) -> tuple[Tensor, Tensor]:
+    """``(paste(images, box mask, p), lam)`` with the mask built in the images' bit type directly."""
+    image_size = (images.shape[-2], images.shape[-1])
+    bits_dtype = _bits_dtype(images)
+    if bits_dtype is None:
+        return paste(images, _box_mask(boxes, image_size), permutation), _box_lam(boxes, image_size)
+    return _bitwise_paste(images, _box_mask(boxes, image_size, bits_dtype, -1), permutation), _box_lam(boxes, image_size)
 
 
 def sample_cutmix_mask(images: Tensor, alpha: float = 1.0, *, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -905,8 +938,10 @@ def cutmix(
     _check_alpha(alpha)
     batch = images.shape[0]
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
-    mask = sample_cutmix_mask(images, alpha, generator=generator)
-    return mix_with_mask(images, targets, mask, permutation, num_classes, label_smoothing)
+    area = sample_beta(alpha, batch, generator=generator)
+    boxes = _cutmix_boxes(batch, (images.shape[-2], images.shape[-1]), area, generator).to(images.device)
+    mixed, lam = _paste_boxes(images, boxes, permutation)
+    return mixed, mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing), lam
 
 
 def mixup(

@@ -140,7 +140,14 @@ def test_random_mixing_callbacks_mix_in_place(make):
     x, y = originals[-1]
     if mix.mask is not None:
         torch.testing.assert_close(images, torch.where(mix.mask, x[mix.permutation], x))
-        torch.testing.assert_close(mix.lam, mix.mask.flatten(1).float().mean(1))
+        assert torch.equal(mix.lam, mix.mask.flatten(1).float().mean(1))
+        # CutMix keeps its boxes; the mask is built from them when read.
+        for box, mask in zip(mix.boxes.tolist(), mix.mask[:, 0]):
+            top, bottom, left, right = box
+            expected = torch.zeros_like(mask)
+            expected[top:bottom, left:right] = True
+            assert torch.equal(mask, expected)
+        assert mix.has_region and "region=box" in repr(mix)
     else:
         lam = mix.lam.view(-1, 1, 1, 1)
         torch.testing.assert_close(images, lam * x[mix.permutation] + (1 - lam) * x)

@@ -804,6 +804,20 @@ def test_cutmix_invariants(batch, height, width, alpha, seed):
             assert int((soft[i] > 0).sum()) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.uint8])
+@given(batch=st.integers(1, 8), height=st.integers(1, 40), width=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_cutmix_pastes_its_box_mask_and_lam_is_the_mask_mean_bit_for_bit(dtype, batch, height, width, seed):
+    images = (torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)) * 200).to(dtype)
+    drawn = torch.Generator().manual_seed(seed)
+    permutation = pairing_permutation(batch, generator=drawn)
+    mask = cutmix_box_mask(batch, (height, width), sample_beta(0.7, batch, generator=drawn), generator=drawn)
+    mixed, soft, lam = cutmix(
+        images, torch.arange(batch), alpha=0.7, num_classes=batch, generator=torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(mixed, torch.where(mask, images[permutation], images))
+    assert torch.equal(lam, mask.float().mean((1, 2, 3)))
+
+
 def test_cutmix_box_mask_boxes_are_clipped_at_the_border():
     height, width, batch = 40, 60, 300
     mask = cutmix_box_mask(batch, (height, width), torch.full((batch,), 0.25), generator=torch.Generator().manual_seed(0))
