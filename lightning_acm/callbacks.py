@@ -245,6 +245,42 @@ def run_attention(model: nn.Module, images: Tensor) -> Tensor:
     return model(images)
 
 
+class _EpochMeans:
+    """Means over one epoch of a fixed set of per-image metrics, across all ranks, logged at its end.
+
+    Sums stay on the device as batches come (no host-device sync per step); one ``reduce`` at the
+    end of the epoch makes them global, so every rank logs the same keys and values. The key set
+    is fixed, so ranks that mixed different batches still take part in the same collective.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: Optional[Tensor] = None
+        self._counts = [0] * len(self.names)
+
+    def add(self, name: str, total: Union[Tensor, float], count: int, device: torch.device) -> None:
+        """Count ``total``, the sum of ``count`` values of ``name``."""
+        if self._sums is None:
+            self._sums = torch.zeros(len(self.names), device=device)
+        row = self.names.index(name)
+        self._sums[row].add_(total)
+        self._counts[row] += count
+
+    def log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str) -> None:
+        """Log ``{prefix}/{name}`` for every name with values on some rank; every rank must call it."""
+        sums = self._sums if self._sums is not None else torch.zeros(len(self.names), device=pl_module.device)
+        counts = torch.tensor(self._counts, dtype=sums.dtype, device=sums.device)
+        totals = trainer.strategy.reduce(torch.stack([sums, counts]), reduce_op="sum")
+        for name, total, count in zip(self.names, *totals.tolist()):
+            if count > 0:
+                # Already global: sync_dist only averages equal values (and keeps Lightning from warning).
+                pl_module.log(f"{prefix}/{name}", total / count, on_step=False, on_epoch=True, sync_dist=True)
+        self.reset()
+
+
 class MixingCallback(Callback):
     """Base of the mixing callbacks: when to mix, where the batch lives, seeding, logging.
 
@@ -267,7 +303,9 @@ class MixingCallback(Callback):
         log_prefix: prefix of the logged metrics ``{prefix}/lam``, ``{prefix}/mixed`` and
             ``{prefix}/pasted_attention`` (see :meth:`MixResult.pasted_attention`; logged when
             the method has heatmaps or is Mixup, and for CutMix by
-            :class:`~lightning_acm.visualize.PastedAttentionMonitor`).
+            :class:`~lightning_acm.visualize.PastedAttentionMonitor`). They are epoch means over
+            the images of all ranks, summed on the device as batches come and reduced once at
+            the end of the epoch (no sync per step).
 
     Raises:
         ValueError: for an argument out of range.
@@ -313,6 +351,7 @@ class MixingCallback(Callback):
         self._batches_seen = 0
         self._batches_mixed = 0
         self._warned_single = False
+        self._epoch_means = _EpochMeans(("mixed", "lam", "pasted_attention"))
         self.last_mix: Optional[MixResult] = None
         """The most recent :class:`MixResult` (``None`` when the last batch was not mixed)."""
         self.keep_source: bool = False
@@ -440,7 +479,7 @@ class MixingCallback(Callback):
                 batch[target_slot] = AF.to_probabilities(targets, num_classes, label_smoothing=self.label_smoothing)  # type: ignore[index]
             else:
                 AF.to_probabilities(targets, num_classes)  # validates labels on unmixed batches too
-            pl_module.log(f"{self.log_prefix}/mixed", 0.0, on_step=False, on_epoch=True, batch_size=images.shape[0])
+            self._epoch_means.add("mixed", 0.0, images.shape[0], images.device)
             return
 
         result = self.mix(images, targets, num_classes, batch)
@@ -451,11 +490,23 @@ class MixingCallback(Callback):
         self.last_mix = result
         self._batches_mixed += 1
         size = images.shape[0]
-        pl_module.log(f"{self.log_prefix}/mixed", 1.0, on_step=False, on_epoch=True, batch_size=size)
-        pl_module.log(f"{self.log_prefix}/lam", result.lam.mean(), on_step=False, on_epoch=True, batch_size=size)
+        self._epoch_means.add("mixed", float(size), size, images.device)
+        self._epoch_means.add("lam", result.lam.sum(), size, images.device)
         share = result.pasted_attention()
         if share is not None:
-            pl_module.log(f"{self.log_prefix}/pasted_attention", share.mean(), on_step=False, on_epoch=True, batch_size=size)
+            self.record_pasted_attention(share)
+
+    def record_pasted_attention(self, share: Tensor) -> None:
+        """Count ``(B,)`` pasted-attention shares of this epoch's batches into ``{log_prefix}/pasted_attention``."""
+        self._epoch_means.add("pasted_attention", share.sum(), share.shape[0], share.device)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_means.reset()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_means.log(trainer, pl_module, self.log_prefix)
 
     def draw_permutation(self, batch_size: int, device: torch.device) -> Tensor:
         """The pairing for the current batch, from the callback's generator."""

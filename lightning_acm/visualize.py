@@ -522,9 +522,8 @@ class PastedAttentionMonitor(_EveryNSteps):
             if self.annotate(result) is None:
                 continue
             share = result.pasted_attention()
-            pl_module.log(
-                f"{mixer.log_prefix}/pasted_attention", share.mean(), on_step=False, on_epoch=True, batch_size=share.shape[0]
-            )
+            if share is not None:
+                mixer.record_pasted_attention(share)  # logged by the mixer at the end of the epoch
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

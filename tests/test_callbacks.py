@@ -183,6 +183,26 @@ def test_logs_mean_lam_and_mixed_fraction():
     assert float(metrics["acm/lam"]) == pytest.approx(6 / 49)
 
 
+def test_logged_metrics_are_means_over_the_images_of_the_epoch():
+    callback = CutMix(p=0.5, seed=3)
+    lams: list[torch.Tensor] = []
+    original = callback.mix
+
+    def spy(*args: Any) -> Any:
+        result = original(*args)
+        lams.append(result.lam)
+        return result
+
+    callback.mix = spy  # type: ignore[method-assign]
+    trainer, _ = fit(callback, data=loader(n=84, batch_size=8), max_epochs=1)  # ten batches of 8, one of 4
+    assert 0 < len(lams) < callback.batches_seen == 11
+    metrics = trainer.callback_metrics
+    mixed_images = sum(lam.numel() for lam in lams)
+    assert float(metrics["mix/mixed"]) == pytest.approx(mixed_images / 84)
+    assert float(metrics["mix/lam"]) == pytest.approx(float(torch.cat(lams).mean()))
+    assert "mix/pasted_attention" not in metrics  # CutMix has no heatmaps without a monitor
+
+
 def test_same_seed_same_mixes_and_ranks_differ():
     def run(seed: int, rank: int = 0) -> list[torch.Tensor]:
         callback = CutMix(seed=seed)

@@ -122,6 +122,19 @@ def test_same_seed_reproduces_every_rank(runs, method):
         assert _same(_mixes(runs[0][rank][method]), _mixes(runs[1][rank][method])), f"rank {rank} differs"
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_logged_metrics_are_means_over_both_ranks(runs, method):
+    results = [runs[0][rank][method] for rank in (0, 1)]
+    lam = torch.cat([step["lam"] for result in results for step in result["steps"] if step["lam"] is not None])
+    assert lam.numel() == 2 * STEPS * BATCH
+    for result in results:  # every rank logs the global values
+        metrics = result["metrics"]
+        assert metrics["mix/mixed"] == 1.0
+        assert metrics["mix/lam"] == pytest.approx(float(lam.mean()), rel=1e-6)
+        assert ("mix/pasted_attention" in metrics) == (method != "cutmix")
+    assert results[0]["metrics"] == results[1]["metrics"]
+
+
 def test_attention_model_is_built_once_per_rank_and_not_wrapped_by_ddp(runs):
     for rank, result in runs[0].items():
         acm = result["attentive_cutmix"]

@@ -127,6 +127,7 @@ def run(method: str, seed: int, out_dir: str) -> dict[str, Any]:
         "wrapper": record.wrapper,
         "checkpoint": trainer.checkpoint_callback.best_model_path if trainer.is_global_zero else None,
         "callback_state": mixing.state_dict(),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mix/")},
         "builds": CountingAttentiveCutMix.builds if isinstance(mixing, AttentiveCutMix) else None,
     }
 
