@@ -653,7 +653,7 @@ def _box_mask(
     if dtype != torch.bool:
         # The row and column masks are small; only their product has the size of the image.
         in_rows, in_cols = in_rows.to(dtype).mul_(value), in_cols.to(dtype).mul_(value)
-    return (in_rows.view(-1, 1, height, 1) & in_cols.view(-1, 1, 1, width))
+    return in_rows.view(-1, 1, height, 1) & in_cols.view(-1, 1, 1, width)
 
 
 def _box_lam(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -667,8 +667,10 @@ def _paste_boxes(images: Tensor, boxes: Tensor, permutation: Tensor) -> tuple[Te
     image_size = (images.shape[-2], images.shape[-1])
     bits_dtype = _bits_dtype(images)
     if bits_dtype is None:
-        return paste(images, _box_mask(boxes, image_size), permutation), _box_lam(boxes, image_size)
-    return _bitwise_paste(images, _box_mask(boxes, image_size, bits_dtype, -1), permutation), _box_lam(boxes, image_size)
+        mixed = paste(images, _box_mask(boxes, image_size), permutation)
+    else:
+        mixed = _bitwise_paste(images, _box_mask(boxes, image_size, bits_dtype, -1), permutation)
+    return mixed, _box_lam(boxes, image_size)
 
 
 def sample_cutmix_mask(images: Tensor, alpha: float = 1.0, *, generator: Optional[torch.Generator] = None) -> Tensor:
