@@ -137,8 +137,14 @@ def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> 
     fh, fw = fine_maps.shape[-2:]
     y0, x0, y1, x1, flipped = box.unbind(1)
     no_flip = torch.zeros_like(flipped)
-    rows = _cell_weights(y0, y1, no_flip, gh, fh)
-    cols = _cell_weights(x0, x1, flipped, gw, fw)
+    if (gh, fh) == (gw, fw):
+        # Rows and columns in one call (half the small ops); the weights are elementwise, so the same bits.
+        rows, cols = _cell_weights(
+            torch.cat([y0, x0]), torch.cat([y1, x1]), torch.cat([no_flip, flipped]), gw, fw
+        ).chunk(2)
+    else:
+        rows = _cell_weights(y0, y1, no_flip, gh, fh)
+        cols = _cell_weights(x0, x1, flipped, gw, fw)
     maps = fine_maps.float()
     warped = rows @ maps @ cols.transpose(1, 2)
     inside = rows.sum(2).unsqueeze(2) * cols.sum(2).unsqueeze(1)

@@ -47,6 +47,16 @@ def test_identity_box_equals_direct_pooling(generator, fine):
     torch.testing.assert_close(warped, F.adaptive_avg_pool2d(maps, 7))
 
 
+@pytest.mark.parametrize(("fine", "grid"), [((14, 14), (7, 7)), ((8, 12), (4, 6)), ((14, 14), (7, 2))])
+def test_identity_and_flipped_boxes_on_square_and_other_grids(generator, fine, grid):
+    # Square grids weigh rows and columns in one call, the others in two; both are checked here.
+    maps = torch.randn(4, *fine, generator=generator)
+    warped = warp_heatmaps(maps, geometry(*[IDENTITY, [0.0, 0.0, 1.0, 1.0, 1.0]] * 2), grid)
+    pooled = F.adaptive_avg_pool2d(maps, grid)
+    torch.testing.assert_close(warped[0::2], pooled[0::2])
+    torch.testing.assert_close(warped[1::2], pooled[1::2].flip(-1))
+
+
 def test_flip_flips(generator):
     maps = torch.randn(3, 14, 14, generator=generator)
     warped = warp_heatmaps(maps, geometry(*[[0.0, 0.0, 1.0, 1.0, 1.0]] * 3), 7)

@@ -103,13 +103,24 @@ def test_functional_ops_keep_device_and_dtype(dtype: torch.dtype) -> None:
         assert lam.device.type == "cuda"
 
 
-def test_same_seed_gives_the_same_mix_on_cpu_and_gpu() -> None:
-    images = torch.rand(8, 3, 32, 32)
+@pytest.mark.parametrize("size", [32, 224])  # cells of 4 and 5 px (bitwise select), of 32 px (run copy)
+def test_same_seed_gives_the_same_mix_on_cpu_and_gpu(size: int) -> None:
+    images = torch.rand(8, 3, size, size)
     labels = torch.arange(8)
     heatmaps = torch.rand(8, 7, 7)
-    cpu = attentive_cutmix(images, labels, heatmaps, num_classes=8, generator=torch.Generator().manual_seed(3))
-    gpu = attentive_cutmix(
-        images.cuda(), labels.cuda(), heatmaps.cuda(), num_classes=8, generator=torch.Generator().manual_seed(3)
-    )
-    for a, b in zip(cpu, gpu):
-        torch.testing.assert_close(a, b.cpu())
+    heatmaps[0, 0, :2] = 2.0  # a tie at the top: the CPU ranks with keys for this batch, as the GPU always does
+    for name, op, args in (
+        ("attentive_cutmix", attentive_cutmix, (heatmaps,)),
+        ("cutmix", cutmix, ()),
+        ("mixup", mixup, ()),
+    ):
+        cpu = op(images, labels, *args, num_classes=8, generator=torch.Generator().manual_seed(3))
+        gpu = op(
+            images.cuda(), labels.cuda(), *(a.cuda() for a in args), num_classes=8,
+            generator=torch.Generator().manual_seed(3),
+        )
+        for a, b in zip(cpu, gpu):
+            if name == "mixup":
+                torch.testing.assert_close(a, b.cpu())  # a blend: rounding may differ between devices
+            else:
+                assert torch.equal(a, b.cpu()), name  # pasting and the targets are exact
