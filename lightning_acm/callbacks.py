@@ -196,13 +196,15 @@ def frozen_attention_model(
     attention_model: Optional[nn.Module] = None,
     input_mean: Optional[Sequence[float]] = None,
     input_std: Optional[Sequence[float]] = None,
+    attention_channels_last: bool = False,
 ) -> nn.Module:
     """The frozen teacher of a callback (``owner`` names it in messages), on the training device.
 
     A ready :class:`~lightning_acm.attention.AttentionModel` is used as it is, but for the
-    ``input_mean``/``input_std`` and ``attention_precision`` given explicitly; a plain module is
-    tapped at ``attention_layer``; otherwise the model is built from ``attention``. The input
-    normalisation is taken from ``trainer.datamodule.mean``/``std`` when not given.
+    ``input_mean``/``input_std``, ``attention_precision`` and ``attention_channels_last`` given
+    explicitly; a plain module is tapped at ``attention_layer``; otherwise the model is built from
+    ``attention``. The input normalisation is taken from ``trainer.datamodule.mean``/``std`` when
+    not given.
     """
     from lightning_acm.attention import AttentionModel, attention_model_from_module, build_attention_model
 
@@ -212,6 +214,9 @@ def frozen_attention_model(
             attention_model.set_input_normalization(input_mean, input_std)
         if attention_precision is not None:
             attention_model.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[attention_precision]
+        if attention_channels_last:
+            attention_model.channels_last = True
+            attention_model.backbone.to(memory_format=torch.channels_last)
         model: nn.Module = attention_model
     else:
         if attention_model is not None and attention_layer is None:
@@ -224,6 +229,7 @@ def frozen_attention_model(
             "grid_size": grid_size,
             "reduction": reduction,
             "amp_dtype": attention_precision,
+            "channels_last": attention_channels_last,
             "input_mean": mean,
             "input_std": std,
         }
@@ -608,6 +614,9 @@ class AttentiveCutMix(MixingCallback):
         reduction: channel reduction of the tapped features, ``"mean"`` (paper) or ``"max"``.
         attention_precision: run the teacher under autocast (``"bf16"`` or ``"fp16"``), or in fp32
             (``None``; a given :class:`~lightning_acm.attention.AttentionModel` then keeps its ``amp_dtype``).
+        attention_channels_last: run the teacher in ``torch.channels_last`` memory format (faster
+            convolutions on GPUs, with ``attention_precision`` above all); ``False`` leaves a given
+            :class:`~lightning_acm.attention.AttentionModel` as it is.
         attention_model: a ready ``nn.Module`` to use instead of building one (Python use);
             an :class:`~lightning_acm.attention.AttentionModel` is used as it is (but for
             ``attention_precision`` and ``input_mean``/``input_std`` when given), any other module
@@ -653,6 +662,7 @@ class AttentiveCutMix(MixingCallback):
         attention_input_size: Optional[int] = None,
         reduction: Literal["mean", "max"] = "mean",
         attention_precision: Optional[Literal["bf16", "fp16"]] = None,
+        attention_channels_last: bool = False,
         attention_model: Optional[nn.Module] = None,
         input_mean: Optional[Sequence[float]] = None,
         input_std: Optional[Sequence[float]] = None,
@@ -675,6 +685,8 @@ class AttentiveCutMix(MixingCallback):
             raise ValueError(f"Expected `reduction` to be one of 'mean', 'max', but got {reduction!r}.")
         if attention_precision not in (None, "bf16", "fp16"):
             raise ValueError(f"Expected `attention_precision` to be None, 'bf16' or 'fp16', but got {attention_precision!r}.")
+        if not isinstance(attention_channels_last, bool):
+            raise TypeError(f"Expected `attention_channels_last` to be a bool, but got {attention_channels_last!r}.")
         if attention_input_size is not None and (not isinstance(attention_input_size, int) or attention_input_size < 1):
             raise ValueError(f"Expected `attention_input_size` to be None or a positive int, but got {attention_input_size!r}.")
         if (input_mean is None) != (input_std is None):
@@ -689,6 +701,7 @@ class AttentiveCutMix(MixingCallback):
         self.attention_input_size = attention_input_size
         self.reduction = reduction
         self.attention_precision = attention_precision
+        self.attention_channels_last = attention_channels_last
         self.input_mean = tuple(input_mean) if input_mean is not None else None
         self.input_std = tuple(input_std) if input_std is not None else None
         self._given_model = attention_model
@@ -743,6 +756,7 @@ class AttentiveCutMix(MixingCallback):
             attention_model=self._given_model,
             input_mean=self.input_mean,
             input_std=self.input_std,
+            attention_channels_last=self.attention_channels_last,
         )
 
     def heatmaps(self, images: Tensor) -> Tensor:

@@ -386,6 +386,7 @@ def test_plain_module_with_layer_and_datamodule_normalisation():
         (lambda: AttentiveCutMix(grid_size=2, top_k=6), r"`top_k` to be in \[1, 4\] for a 2x2 grid"),
         (lambda: AttentiveCutMix(reduction="sum"), r"`reduction` to be one of 'mean', 'max'"),
         (lambda: AttentiveCutMix(attention_precision="fp8"), r"`attention_precision` to be None, 'bf16' or 'fp16'"),
+        (lambda: AttentiveCutMix(attention_channels_last="yes"), r"`attention_channels_last` to be a bool"),
         (lambda: AttentiveCutMix(input_mean=[0.5]), r"`input_mean` and `input_std` to be given together"),
         (lambda: CutMix(num_classes=1), r"`num_classes` to be None or an int >= 2"),
         (lambda: CutMix(label_smoothing=1.0), r"`label_smoothing` to be in \[0, 1\)"),

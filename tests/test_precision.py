@@ -244,3 +244,27 @@ def test_teacher_runs_under_its_own_autocast(attention_precision, trainer_precis
         check_mix(batch, mix, seen)
         torch.testing.assert_close(mix.partner_heatmaps, reference(batch)[mix.permutation], atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(mix.lam, torch.full((BATCH,), 6 / 49))
+
+
+# --------------------------------------------------------------------------- the teacher in channels_last
+
+
+@pytest.mark.parametrize("given", ["AttentionModel", "plain_module"])
+def test_teacher_runs_in_channels_last_and_gives_the_same_heatmaps(given):
+    input_formats: list[bool] = []
+    source = {"attention_model": teacher()} if given == "AttentionModel" else plain_teacher([])
+    conv = source["attention_model"].backbone[0] if given == "AttentionModel" else source["attention_model"][0]
+    conv.register_forward_pre_hook(
+        lambda _m, args: input_formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    callback = AttentiveCutMix(attention_channels_last=True, top_k=6, seed=0, **source)
+    model, mixes = fit(callback)
+    assert callback.attention_model.channels_last
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert input_formats == [True] * 2  # both batches reached the backbone in channels_last
+    images, _ = images_and_labels()
+    reference = teacher()  # the same teacher, default memory format
+    for step, (mix, seen) in enumerate(zip(mixes, model.seen)):
+        batch = images[step * BATCH : (step + 1) * BATCH]
+        check_mix(batch, mix, seen)
+        torch.testing.assert_close(mix.partner_heatmaps, reference(batch)[mix.permutation])
