@@ -559,7 +559,7 @@ class CutMix(_BetaMixingCallback):
         batch_size, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
         permutation = self.draw_permutation(batch_size, images.device)
         area = AF.sample_beta(self.alpha, batch_size, generator=self._generator)
-        boxes = AF._cutmix_boxes(batch_size, image_size, area, self._generator).to(images.device)
+        boxes = AF._cutmix_boxes(batch_size, image_size, area, self._generator).to(images.device, non_blocking=True)
         mixed, lam = AF._paste_boxes(images, boxes, permutation)
         soft = AF.mix_targets(targets, lam, permutation, num_classes, label_smoothing=self.label_smoothing)
         return MixResult(mixed, soft, lam, permutation, boxes=boxes)

@@ -151,7 +151,8 @@ def pairing_permutation(
     order = torch.randperm(batch_size, generator=generator)
     permutation = torch.empty_like(order)
     permutation[order] = order.roll(-1)
-    return permutation.to(device) if device is not None else permutation
+    # non_blocking: a host-to-device copy from pageable memory is staged at once, without the stream sync.
+    return permutation.to(device, non_blocking=True) if device is not None else permutation
 
 
 def sample_beta(
@@ -175,7 +176,7 @@ def sample_beta(
     # Both Gamma draws can underflow to 0 for tiny alpha; Beta then puts its mass on {0, 1}.
     lam = torch.where(total > 0, first / total.clamp_min(torch.finfo(torch.float64).tiny), (first >= second).double())
     lam = lam.float()
-    return lam.to(device) if device is not None else lam
+    return lam.to(device, non_blocking=True) if device is not None else lam
 
 
 def _sample_gamma(shape: float, size: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -615,7 +616,7 @@ def cutmix_box_mask(
     """
     height, width = _pair(image_size, "image_size")
     boxes = _cutmix_boxes(batch_size, (height, width), area, generator)
-    return _box_mask(boxes.to(device) if device is not None else boxes, (height, width))
+    return _box_mask(boxes.to(device, non_blocking=True) if device is not None else boxes, (height, width))
 
 
 def _cutmix_boxes(
@@ -941,7 +942,8 @@ def cutmix(
     batch = images.shape[0]
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
     area = sample_beta(alpha, batch, generator=generator)
-    boxes = _cutmix_boxes(batch, (images.shape[-2], images.shape[-1]), area, generator).to(images.device)
+    boxes = _cutmix_boxes(batch, (images.shape[-2], images.shape[-1]), area, generator)
+    boxes = boxes.to(images.device, non_blocking=True)
     mixed, lam = _paste_boxes(images, boxes, permutation)
     return mixed, mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing), lam
 
