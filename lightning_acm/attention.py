@@ -156,7 +156,7 @@ class AttentionModel(nn.Module):
         self.grid_size = _pair(grid_size, "grid_size")
         self.reduction: Literal["mean", "max"] = reduction
         self.amp_dtype = _resolve_amp_dtype(amp_dtype)
-        self.channels_last = bool(channels_last)
+        self.channels_last = False
         self.relu = bool(relu)
         self._warned_grayscale = False
         self.backbone = backbone
@@ -171,10 +171,23 @@ class AttentionModel(nn.Module):
         }
         for name, value in stats.items():
             self.register_buffer(name, value.to(device), persistent=False)
-        if self.channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
+        if channels_last:
+            self.use_channels_last()
         self.requires_grad_(False)
         self.train(False)
+
+    def use_channels_last(self) -> None:
+        """Keep the backbone and its input in ``torch.channels_last`` memory format from now on.
+
+        Example::
+
+            >>> model = AttentionModel(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 4, stride=4)), "0", input_size=28)
+            >>> model.use_channels_last()
+            >>> model.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
+            True
+        """
+        self.channels_last = True
+        self.backbone.to(memory_format=torch.channels_last)
 
     def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Set the normalisation the incoming batches carry (e.g. from a datamodule, after construction).

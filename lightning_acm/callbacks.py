@@ -215,8 +215,7 @@ def frozen_attention_model(
         if attention_precision is not None:
             attention_model.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[attention_precision]
         if attention_channels_last:
-            attention_model.channels_last = True
-            attention_model.backbone.to(memory_format=torch.channels_last)
+            attention_model.use_channels_last()
         model: nn.Module = attention_model
     else:
         if attention_model is not None and attention_layer is None:
@@ -556,11 +555,8 @@ class CutMix(_BetaMixingCallback):
 
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
-        batch_size, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
-        permutation = self.draw_permutation(batch_size, images.device)
-        area = AF.sample_beta(self.alpha, batch_size, generator=self._generator)
-        boxes = AF._cutmix_boxes(batch_size, image_size, area, self._generator).to(images.device, non_blocking=True)
-        mixed, lam = AF._paste_boxes(images, boxes, permutation)
+        permutation = self.draw_permutation(images.shape[0], images.device)
+        mixed, lam, boxes = AF._cutmix_paste(images, permutation, self.alpha, self._generator)
         soft = AF.mix_targets(targets, lam, permutation, num_classes, label_smoothing=self.label_smoothing)
         return MixResult(mixed, soft, lam, permutation, boxes=boxes)
 

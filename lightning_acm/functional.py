@@ -663,15 +663,23 @@ def _box_lam(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     return ((bottom - top) * (right - left)).float().div_(image_size[0] * image_size[1])
 
 
-def _paste_boxes(images: Tensor, boxes: Tensor, permutation: Tensor) -> tuple[Tensor, Tensor]:
-    """``(paste(images, box mask, p), lam)`` with the mask built in the images' bit type directly."""
-    image_size = (images.shape[-2], images.shape[-1])
+def _cutmix_paste(
+    images: Tensor, permutation: Tensor, alpha: float, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The image half of :func:`cutmix` (draws the areas, then the boxes): ``(mixed, lam, boxes)``.
+
+    The mask is built in the images' bit type directly; ``boxes`` are on the images' device.
+    """
+    batch, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
+    area = sample_beta(alpha, batch, generator=generator)
+    # non_blocking: a host-to-device copy from pageable memory is staged at once, without the stream sync.
+    boxes = _cutmix_boxes(batch, image_size, area, generator).to(images.device, non_blocking=True)
     bits_dtype = _bits_dtype(images)
     if bits_dtype is None:
         mixed = paste(images, _box_mask(boxes, image_size), permutation)
     else:
         mixed = _bitwise_paste(images, _box_mask(boxes, image_size, bits_dtype, -1), permutation)
-    return mixed, _box_lam(boxes, image_size)
+    return mixed, _box_lam(boxes, image_size), boxes
 
 
 def sample_cutmix_mask(images: Tensor, alpha: float = 1.0, *, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -941,10 +949,7 @@ def cutmix(
     _check_alpha(alpha)
     batch = images.shape[0]
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
-    area = sample_beta(alpha, batch, generator=generator)
-    boxes = _cutmix_boxes(batch, (images.shape[-2], images.shape[-1]), area, generator)
-    boxes = boxes.to(images.device, non_blocking=True)
-    mixed, lam = _paste_boxes(images, boxes, permutation)
+    mixed, lam, _ = _cutmix_paste(images, permutation, alpha, generator)
     return mixed, mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing), lam
 
 
