@@ -15,7 +15,8 @@ overrides after ``--`` go to every run. The results folder receives:
 Runs test the *final* weights (no checkpoint is selected on validation unless a config adds a
 monitored ``ModelCheckpoint``). With ``--heatmap-cache``, Attentive CutMix methods compute the
 teacher's heatmaps once into ``<out>/heatmap_cache/<method>.pt`` and every seed reuses them; the
-first seed of such a method runs before the others start.
+first seed of such a method starts first, and its other seeds start once it has written the cache
+(or has ended).
 
 Example (the CPU grid of the README)::
 
@@ -168,6 +169,11 @@ class Run:
         return f"{self.method.name}/seed{self.seed}"
 
 
+def cache_file(out: Path, method_name: str) -> Path:
+    """The heatmap cache that the runs of ``method_name`` share with ``--heatmap-cache``."""
+    return out.resolve() / "heatmap_cache" / f"{method_name}.pt"
+
+
 def run_command(
     args: argparse.Namespace, method: Method, seed: int, directory: Path, overrides: list[str]
 ) -> list[str]:
@@ -192,7 +198,7 @@ def run_command(
     elif args.devices is not None:
         command += ["--trainer.devices", str(args.devices)]
     if args.heatmap_cache and method.attentive:
-        cache = Path(args.out).resolve() / "heatmap_cache" / f"{method.name}.pt"
+        cache = cache_file(Path(args.out), method.name)
         command += [
             "--data.init_args.record_augmentation", "true",
             "--mixing.init_args.heatmap_cache", "true",
@@ -311,18 +317,24 @@ def _launch(run: Run) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] start {run.key}", flush=True)
 
 
-def execute(runs: list[Run], jobs: int, keep_checkpoints: bool, heatmap_cache: bool, load_file: Path) -> None:
-    """Run the unfinished runs, ``jobs`` at a time; the first seed of a cached method runs before its other seeds.
+def execute(
+    runs: list[Run], jobs: int, keep_checkpoints: bool, cache_dir: Optional[Path], load_file: Path
+) -> None:
+    """Run the unfinished runs, ``jobs`` at a time.
 
+    With a heatmap cache (``cache_dir``: the grid's folder), the first unfinished seed of an
+    Attentive CutMix method whose cache has not been made starts first; the method's other seeds
+    wait until it has written the cache file (or has ended), so the teacher runs once per method.
     The 1-minute load average is appended to ``load_file`` every 30 s (a shared machine slows runs down).
     """
     if not load_file.is_file():
         load_file.write_text("time,load_1min\n")
+    begun = time.time()
     last_sample = 0.0
     pending = [run for run in runs if run.result is None]
     # The teacher is the long pole: start the cache-filling runs first.
-    primers = {}
-    if heatmap_cache:
+    primers: dict[str, Run] = {}
+    if cache_dir is not None:
         for run in pending:
             if run.method.attentive and run.method.name not in primers:
                 cache_done = any(r.result is not None for r in runs if r.method.name == run.method.name)
@@ -345,16 +357,26 @@ def execute(runs: list[Run], jobs: int, keep_checkpoints: bool, heatmap_cache: b
             shown = f"test top-1 {100 * acc:.2f}%" if acc is not None else f"FAILED (see {run.directory / 'run.log'})"
             print(f"[{time.strftime('%H:%M:%S')}] done  {run.key}: {shown} in {wall:.0f} s", flush=True)
         while pending and len(active) < jobs:
-            waiting = [p for p in primers.values() if p.result is None]
-            ready = [
-                r for r in pending if r in primers.values() or all(p.method.name != r.method.name for p in waiting)
-            ]
+            ready = [r for r in pending if startable(r, primers, cache_dir, begun)]
             if not ready:
                 break
             pending.remove(ready[0])
             _launch(ready[0])
             active.append(ready[0])
         time.sleep(0.5)
+
+
+def startable(run: Run, primers: dict[str, Run], cache_dir: Optional[Path], begun: float) -> bool:
+    """Whether ``run`` may start: it fills its method's cache, or that cache is there (written since ``begun``)."""
+    primer = primers.get(run.method.name)
+    if primer is None or primer is run or primer.result is not None:
+        return True
+    assert cache_dir is not None
+    path = cache_file(cache_dir, run.method.name)
+    try:
+        return path.stat().st_mtime > begun - 2.0  # (a margin for coarse file-system clocks)
+    except FileNotFoundError:
+        return False
 
 
 # --------------------------------------------------------------------------- reporting
@@ -626,7 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.report_only:
         print(f"{len(runs)} runs, {skipped} already finished (skipped), {len(runs) - skipped} to run.", flush=True)
         try:
-            execute(runs, args.jobs, args.keep_checkpoints, args.heatmap_cache, out / LOAD_FILE)
+            execute(runs, args.jobs, args.keep_checkpoints, out if args.heatmap_cache else None, out / LOAD_FILE)
         except KeyboardInterrupt:
             for run in runs:
                 if run.process is not None and run.process.poll() is None:

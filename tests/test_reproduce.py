@@ -189,6 +189,33 @@ def test_failed_run_writes_no_result(tmp_path: Path) -> None:
     assert not (tmp_path / reproduce.RESULT_FILE).exists()  # so that a rerun retries it
 
 
+def test_cached_method_seeds_wait_for_the_cache_file(tmp_path: Path) -> None:
+    import os
+    import time
+
+    acm = reproduce.Method("acm", [], attentive=True)
+    base = reproduce.Method("baseline", [])
+    assert acm.attentive and not base.attentive
+    primer, other = (reproduce.Run(acm, s, tmp_path / str(s), [], {}, {}) for s in (0, 1))
+    baseline = reproduce.Run(base, 0, tmp_path / "b", [], {}, {})
+    primers = {"acm": primer}
+    begun = time.time()
+    assert reproduce.startable(primer, primers, tmp_path, begun)
+    assert reproduce.startable(baseline, primers, tmp_path, begun)
+    assert not reproduce.startable(other, primers, tmp_path, begun)  # no cache file yet
+    path = reproduce.cache_file(tmp_path, "acm")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"old")
+    os.utime(path, (begun - 3600, begun - 3600))
+    assert not reproduce.startable(other, primers, tmp_path, begun)  # a stale file from before the grid
+    os.utime(path, (begun + 1, begun + 1))
+    assert reproduce.startable(other, primers, tmp_path, begun)  # the primer wrote it
+    path.unlink()
+    primer.result = {"status": "failed"}
+    assert reproduce.startable(other, primers, tmp_path, begun)  # the primer ended without a cache
+    assert reproduce.startable(other, {}, None, begun)
+
+
 def test_machine_info() -> None:
     info = reproduce.machine()
     assert info["cores"] >= 1 and info["torch"] == torch.__version__ and "cpu" in info
