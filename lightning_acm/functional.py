@@ -490,6 +490,17 @@ def _cell_sizes(cells: int, pixels: int) -> list[int]:
     return [stop - start for start, stop in zip(starts, starts[1:])]
 
 
+def _pixel_share(pixels: Tensor, total: int) -> Tensor:
+    """``pixels / total`` in float32, correctly rounded on every device (the same bits on CPU and GPU).
+
+    CUDA divides by a Python or CPU scalar as a product with its reciprocal, which is off by one
+    ulp for some counts when ``total`` is not a power of two (224 * 224 is not); dividing by a
+    0-dim tensor on the same device is a true division there, and what the CPU does anyway.
+    """
+    pixels = pixels.float()
+    return pixels.div_(torch.full((), total, dtype=torch.float32, device=pixels.device))
+
+
 @functools.lru_cache(maxsize=64)
 def _tiling(grid: tuple[int, int], image_size: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
     """``(pixel_cell (H * W,), cell_area (gh * gw,))`` of a tiling, built once per shape and device (read-only)."""
@@ -541,7 +552,7 @@ def _paste_cells(images: Tensor, cell_indices: Tensor, grid: tuple[int, int], pe
     batch, channels, height, width = images.shape
     gh, gw = grid
     cell_area = _tiling(grid, (height, width), images.device)[1]
-    lam = cell_area.take(cell_indices).sum(1, dtype=torch.float32).div_(height * width)
+    lam = _pixel_share(cell_area.take(cell_indices).sum(1, dtype=torch.float32), height * width)
     if height % gh or width % gw or not images.is_contiguous():
         bits_dtype = _bits_dtype(images)
         if bits_dtype is None:
@@ -660,7 +671,7 @@ def _box_mask(
 def _box_lam(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     """``(B,)`` float32 share of the image inside each box: bit-equal to the mean of :func:`_box_mask`."""
     top, bottom, left, right = boxes.unbind(1)
-    return ((bottom - top) * (right - left)).float().div_(image_size[0] * image_size[1])
+    return _pixel_share((bottom - top) * (right - left), image_size[0] * image_size[1])
 
 
 def _cutmix_paste(
@@ -708,8 +719,13 @@ def paste(images: Tensor, mask: Tensor, permutation: Tensor) -> Tensor:
     return _bitwise_paste(images, mask.to(bits_dtype).neg_(), permutation)
 
 
-def _is_class_indices(targets: Tensor, num_classes: Optional[int]) -> bool:
-    """Whether ``targets`` are class indices ``(B,)``; if so, checks them against ``num_classes``."""
+def _is_class_indices(targets: Tensor, num_classes: Optional[int], check_range: bool = True) -> bool:
+    """Whether ``targets`` are class indices ``(B,)``; if so, checks them against ``num_classes``.
+
+    The range check reads the labels' minimum and maximum on the host: one host-device sync on
+    an accelerator. ``check_range=False`` skips it, for callers that check the range themselves
+    (the callbacks, without a sync: ``callbacks._LabelRangeCheck``).
+    """
     if not isinstance(targets, Tensor):
         raise TypeError(f"Expected `targets` to be a torch.Tensor, but got {type(targets).__name__}.")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
@@ -721,15 +737,19 @@ def _is_class_indices(targets: Tensor, num_classes: Optional[int]) -> bool:
             "Expected `num_classes` for class-index targets of shape (B,), but got None."
             " Pass `num_classes=K` or give one-hot/probability targets of shape (B, K)."
         )
-    if targets.numel() > 0:
-        low, high = torch.aminmax(targets)
-        low, high = int(low), int(high)
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"Expected class-index `targets` in [0, {num_classes}), but got values in [{low}, {high}]."
-                " Check `num_classes` or the dataset's labels."
-            )
+    if check_range and targets.numel() > 0:
+        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one transfer (one sync), not two
+        _check_label_range(low, high, num_classes)
     return True
+
+
+def _check_label_range(low: int, high: int, num_classes: int, where: str = "") -> None:
+    """Raise if class indices with minimum ``low`` and maximum ``high`` are outside ``[0, num_classes)``."""
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"Expected class-index `targets` in [0, {num_classes}), but got values in [{low}, {high}]{where}."
+            " Check `num_classes` or the dataset's labels."
+        )
 
 
 def to_probabilities(
@@ -795,8 +815,20 @@ def mix_targets(
         tensor([[0.7500, 0.0000, 0.2500],
                 [0.5000, 0.0000, 0.5000]])
     """
+    return _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)
+
+
+def _mix_targets(
+    targets: Tensor,
+    lam: Tensor,
+    permutation: Tensor,
+    num_classes: Optional[int],
+    label_smoothing: float,
+    check_range: bool,
+) -> Tensor:
+    """:func:`mix_targets`; ``check_range=False`` for labels whose range the caller checks."""
     _check_label_smoothing(label_smoothing)
-    class_indices = _is_class_indices(targets, num_classes)
+    class_indices = _is_class_indices(targets, num_classes, check_range)
     hard = class_indices and label_smoothing == 0
     probabilities = targets if hard else _probabilities(targets, num_classes, class_indices, label_smoothing)
     if probabilities.shape[0] != lam.shape[0]:
@@ -835,7 +867,8 @@ def mix_with_mask(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Paste ``images[p]`` inside ``mask``; ``lam`` = the mask's mean; soft targets to match."""
     mixed = paste(images, mask, permutation)
-    lam = mask.flatten(1).float().mean(dim=1)
+    flat = mask.flatten(1)
+    lam = _pixel_share(flat.sum(1, dtype=torch.float32), flat.shape[1])
     soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
     return mixed, soft, lam
 
@@ -977,18 +1010,25 @@ def mixup(
     """
     _check_images(images)
     _check_alpha(alpha)
+    permutation = _resolve_permutation(images.shape[0], permutation, generator, images.device)
+    mixed, lam = _mixup_blend(images, permutation, alpha, generator)
+    soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
+    return mixed, soft, lam
+
+
+def _mixup_blend(
+    images: Tensor, permutation: Tensor, alpha: float, generator: Optional[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    """The image half of :func:`mixup` (draws ``lam``, then blends): ``(mixed, lam)``."""
     batch = images.shape[0]
-    permutation = _resolve_permutation(batch, permutation, generator, images.device)
     lam = sample_beta(alpha, batch, generator=generator, device=images.device)
-    weight = lam.to(images.dtype).view(batch, 1, 1, 1) if images.is_floating_point() else None
-    if weight is None:
+    if not images.is_floating_point():
         raise TypeError(
             f"Expected floating-point `images` for mixup, but got dtype {images.dtype}."
             " Convert the batch first, e.g. `images.float() / 255`."
         )
-    mixed = images.lerp(images[permutation], weight)
-    soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
-    return mixed, soft, lam
+    mixed = images.lerp(images[permutation], lam.to(images.dtype).view(batch, 1, 1, 1))
+    return mixed, lam
 
 
 def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:
@@ -1011,7 +1051,7 @@ def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:
     dense = dense - dense.amin(dim=1, keepdim=True)
     inside = mask.flatten(1).float()
     total = dense.sum(dim=1)
-    area = inside.mean(dim=1)
+    area = _pixel_share(inside.sum(dim=1), inside.shape[1])
     share = (dense * inside).sum(dim=1) / total.clamp_min(torch.finfo(torch.float32).tiny)
     return torch.where(total > 0, share, area)
 
@@ -1024,5 +1064,5 @@ def _cell_attention_share(partner_heatmaps: Tensor, cell_indices: Tensor, image_
     heat = heat - heat.amin(dim=1, keepdim=True)
     total = heat @ area
     inside = (heat.gather(1, cell_indices) * area.take(cell_indices)).sum(dim=1)
-    pasted_area = area.take(cell_indices).sum(dim=1) / (image_size[0] * image_size[1])
+    pasted_area = _pixel_share(area.take(cell_indices).sum(dim=1), image_size[0] * image_size[1])
     return torch.where(total > 0, inside / total.clamp_min(torch.finfo(torch.float32).tiny), pasted_area)

@@ -36,7 +36,7 @@ from lightning_acm.functional import (
     topk_cell_indices,
     topk_cell_mask,
 )
-from lightning_acm.functional import _cell_attention_share
+from lightning_acm.functional import _cell_attention_share, _pixel_share
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 TOLERANCES = {
@@ -1096,3 +1096,13 @@ def test_error_pairing_batch_size(batch_size):
 def test_error_cutmix_box_area_shape():
     with pytest.raises(ValueError, match=r"`area` to have shape \(4,\), but got shape \(3,\)"):
         cutmix_box_mask(4, 16, torch.rand(3))
+
+
+@pytest.mark.parametrize("area", [224 * 224, 28 * 28, 299 * 299, 7 * 9])
+def test_pixel_share_is_the_correctly_rounded_quotient(area: int) -> None:
+    # What lam is divided with: a true division on every device (CUDA would multiply by the
+    # reciprocal of a Python scalar, one ulp off for some counts; tests/test_gpu.py compares devices).
+    counts = torch.arange(area + 1)
+    share = _pixel_share(counts, area)
+    assert share.dtype == torch.float32
+    assert torch.equal(share, (counts.double() / area).float())
