@@ -19,6 +19,7 @@ uninterrupted run would (the seed is part of the callback's ``state_dict``).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import MutableMapping, MutableSequence, Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -286,6 +287,55 @@ class _EpochMeans:
         self.reset()
 
 
+class _LabelRangeCheck:
+    """Checks that class-index labels lie in ``[0, num_classes)``, without a host-device sync on a GPU.
+
+    On the CPU (and on accelerators other than CUDA) a batch is checked at once. On CUDA its
+    minimum and maximum are copied to pinned host memory without waiting and read once the copy
+    has landed: at a later batch, or at the latest at the end of the epoch (:meth:`flush`, one
+    wait per epoch). A bad label then raises a few batches late, naming its batch; until then the
+    labels are clamped into range, so that the scatters building the soft targets stay in bounds
+    (an out-of-range index there would be an unrecoverable CUDA device-side assert instead).
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[Tensor, Any, int, str]] = deque()
+
+    def __call__(self, targets: Tensor, num_classes: int, where: str) -> Tensor:
+        """Check ``targets`` (or queue the check); returns the labels to build soft targets from."""
+        if targets.ndim != 1 or targets.is_floating_point() or targets.numel() == 0:
+            return targets  # probabilities, or a shape that the mixing op rejects with its own message
+        if targets.device.type != "cuda":
+            low, high = torch.stack(torch.aminmax(targets)).tolist()
+            AF._check_label_range(low, high, num_classes, where)
+            return targets
+        self.poll()
+        # non_blocking to the CPU lands in pinned memory; the event says when it has.
+        bounds = torch.stack(torch.aminmax(targets)).to("cpu", non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record(torch.cuda.current_stream(targets.device))
+        self._pending.append((bounds, landed, num_classes, where))
+        return targets.clamp(0, num_classes - 1)
+
+    def poll(self, wait: bool = False) -> None:
+        """Check the queued batches whose bounds have landed (all of them, waiting, with ``wait``)."""
+        while self._pending:
+            bounds, landed, num_classes, where = self._pending[0]
+            if not wait and not landed.query():
+                return
+            landed.synchronize()
+            self._pending.popleft()
+            low, high = bounds.tolist()
+            AF._check_label_range(low, high, num_classes, where)
+
+    def flush(self) -> None:
+        """Check every queued batch now (end of the epoch)."""
+        self.poll(wait=True)
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
 class MixingCallback(Callback):
     """Base of the mixing callbacks: when to mix, where the batch lives, seeding, logging.
 
@@ -357,6 +407,7 @@ class MixingCallback(Callback):
         self._batches_mixed = 0
         self._warned_single = False
         self._epoch_means = _EpochMeans(("mixed", "lam", "pasted_attention"))
+        self._label_check = _LabelRangeCheck()
         self.last_mix: Optional[MixResult] = None
         """The most recent :class:`MixResult` (``None`` when the last batch was not mixed)."""
         self.keep_source: bool = False
@@ -478,16 +529,19 @@ class MixingCallback(Callback):
                 self._warned_single = True
             mix_now = False
 
+        where = f" (training batch {batch_idx} of epoch {trainer.current_epoch})"
+        checked = self._label_check(targets, num_classes, where)
         if not mix_now:
             self.last_mix = None
-            if self.label_smoothing > 0:
-                batch[target_slot] = AF.to_probabilities(targets, num_classes, label_smoothing=self.label_smoothing)  # type: ignore[index]
-            else:
-                AF.to_probabilities(targets, num_classes)  # validates labels on unmixed batches too
+            class_indices = AF._is_class_indices(checked, num_classes, check_range=False)
+            if self.label_smoothing > 0 or not class_indices:  # (the latter checks the shape of soft targets)
+                probabilities = AF._probabilities(checked, num_classes, class_indices, self.label_smoothing)
+                if self.label_smoothing > 0:
+                    batch[target_slot] = probabilities  # type: ignore[index]
             self._epoch_means.add("mixed", 0.0, images.shape[0], images.device)
             return
 
-        result = self.mix(images, targets, num_classes, batch)
+        result = self.mix(images, checked, num_classes, batch)
         batch[image_slot] = result.mixed  # type: ignore[index]
         batch[target_slot] = result.soft_targets  # type: ignore[index]
         if self.keep_source:
@@ -508,9 +562,11 @@ class MixingCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_means.reset()
+        self._label_check.clear()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._label_check.flush()
         self._epoch_means.log(trainer, pl_module, self.log_prefix)
 
     def draw_permutation(self, batch_size: int, device: torch.device) -> Tensor:
@@ -520,10 +576,17 @@ class MixingCallback(Callback):
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
         """Mix one batch: ``(B, C, H, W)`` images, ``(B,)`` or ``(B, K)`` targets.
 
-        ``batch`` is the whole batch as it arrived (for extra fields such as augmentation
-        geometry); implementations must not modify it.
+        Class-index ``targets`` were range-checked already (on a GPU without a sync, reporting
+        a few batches late; see :meth:`soft_targets`). ``batch`` is the whole batch as it
+        arrived (for extra fields such as augmentation geometry); implementations must not
+        modify it.
         """
         raise NotImplementedError
+
+    def soft_targets(self, targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: int) -> Tensor:
+        """:func:`~lightning_acm.functional.mix_targets` with the callback's label smoothing, for
+        the ``targets`` given to :meth:`mix` (their range is not checked again: no host-device sync)."""
+        return AF._mix_targets(targets, lam, permutation, num_classes, self.label_smoothing, check_range=False)
 
 
 class _BetaMixingCallback(MixingCallback):
@@ -557,7 +620,7 @@ class CutMix(_BetaMixingCallback):
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
         permutation = self.draw_permutation(images.shape[0], images.device)
         mixed, lam, boxes = AF._cutmix_paste(images, permutation, self.alpha, self._generator)
-        soft = AF.mix_targets(targets, lam, permutation, num_classes, label_smoothing=self.label_smoothing)
+        soft = self.soft_targets(targets, lam, permutation, num_classes)
         return MixResult(mixed, soft, lam, permutation, boxes=boxes)
 
 
@@ -577,16 +640,8 @@ class MixUp(_BetaMixingCallback):
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
         permutation = self.draw_permutation(images.shape[0], images.device)
-        mixed, soft, lam = AF.mixup(
-            images,
-            targets,
-            alpha=self.alpha,
-            num_classes=num_classes,
-            permutation=permutation,
-            generator=self._generator,
-            label_smoothing=self.label_smoothing,
-        )
-        return MixResult(mixed, soft, lam, permutation)
+        mixed, lam = AF._mixup_blend(images, permutation, self.alpha, self._generator)
+        return MixResult(mixed, self.soft_targets(targets, lam, permutation, num_classes), lam, permutation)
 
 
 class AttentiveCutMix(MixingCallback):
@@ -773,7 +828,7 @@ class AttentiveCutMix(MixingCallback):
         permutation = self.draw_permutation(images.shape[0], images.device)
         partner_heatmaps = heatmaps.index_select(0, permutation)
         mixed, lam, cells = AF.paste_topk_cells(images, partner_heatmaps, self.top_k, permutation)
-        soft = AF.mix_targets(targets, lam, permutation, num_classes, label_smoothing=self.label_smoothing)
+        soft = self.soft_targets(targets, lam, permutation, num_classes)
         return MixResult(mixed, soft, lam, permutation, partner_heatmaps=partner_heatmaps, cell_indices=cells)
 
     # ------------------------------------------------------------------ heatmap cache (issue 4)

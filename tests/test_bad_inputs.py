@@ -170,7 +170,7 @@ def test_dict_batch_missing_target_key():
 
 def test_labels_out_of_range_are_refused_on_unmixed_batches_too():
     labels = torch.full((2 * BATCH,), -1)
-    with pytest.raises(ValueError, match=r"class-index `targets` in \[0, 4\), but got values in \[-1, -1\]\. Check `num_classes`"):
+    with pytest.raises(ValueError, match=r"class-index `targets` in \[0, 4\), but got values in \[-1, -1\] \(training batch 0 of epoch 0\)\. Check `num_classes`"):
         fit(CutMix(p=0.0, seed=0), data(labels=labels))
 
 

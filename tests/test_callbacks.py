@@ -397,3 +397,18 @@ def test_plain_module_with_layer_and_datamodule_normalisation():
 def test_bad_arguments_fail_early(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_label_range_check_on_the_cpu_is_immediate_and_names_the_batch() -> None:
+    from lightning_acm.callbacks import _LabelRangeCheck
+
+    check = _LabelRangeCheck()
+    labels = torch.tensor([0, 3, 1])
+    assert check(labels, 4, " (batch 0)") is labels  # in range: the same tensor, not a copy
+    soft = torch.full((3, 4), 0.25)
+    assert check(soft, 4, " (batch 1)") is soft  # probabilities are not class indices
+    with pytest.raises(ValueError, match=r"in \[0, 4\), but got values in \[-2, 1\] \(batch 2\)\. Check"):
+        check(torch.tensor([1, -2]), 4, " (batch 2)")
+    with pytest.raises(ValueError, match=r"got values in \[0, 4\] \(batch 3\)"):
+        check(torch.tensor([4, 0]), 4, " (batch 3)")
+    check.flush()  # nothing queued on the CPU

@@ -5,6 +5,7 @@ Run on a GPU machine with ``python -m pytest -m gpu tests/test_gpu.py``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_acm import functional as AF
 from lightning_acm.attention import attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 from lightning_acm.functional import attentive_cutmix, cutmix, mixup
@@ -124,3 +126,59 @@ def test_same_seed_gives_the_same_mix_on_cpu_and_gpu(size: int) -> None:
                 torch.testing.assert_close(a, b.cpu())  # a blend: rounding may differ between devices
             else:
                 assert torch.equal(a, b.cpu()), name  # pasting and the targets are exact
+
+
+def test_pasted_area_share_is_the_same_on_cpu_and_gpu() -> None:
+    # CUDA divides by a Python scalar as a product with its reciprocal (off by an ulp for some
+    # counts when the area is not a power of two); lam must not depend on the device.
+    for area in (224 * 224, 28 * 28, 299 * 299, 32 * 32):
+        counts = torch.arange(area + 1)
+        assert torch.equal(AF._pixel_share(counts.cuda(), area).cpu(), AF._pixel_share(counts, area)), area
+
+
+class SyncProbe(L.Callback):
+    """Counts the host-device syncs (``torch.cuda.set_sync_debug_mode``) between two probes around a callback."""
+
+    def __init__(self, start: bool, record: list[list[str]]) -> None:
+        self.start, self.record = start, record
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        torch.cuda.synchronize()
+        if self.start:
+            self.caught = warnings.catch_warnings(record=True)
+            self.messages = self.caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            torch.cuda.set_sync_debug_mode("default")
+            start = next(c for c in trainer.callbacks if isinstance(c, SyncProbe) and c.start)
+            start.caught.__exit__(None, None, None)
+            self.record.append([str(w.message) for w in start.messages if "synchroniz" in str(w.message)])
+
+
+@pytest.mark.parametrize("index", [0, 2, 3], ids=["acm", "cutmix", "mixup"])
+def test_callbacks_make_no_host_device_sync_per_batch(index: int) -> None:
+    callback = make_callbacks()[index]
+    syncs: list[list[str]] = []
+    data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), torch.arange(32) % NUM_CLASSES), batch_size=8)
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[SyncProbe(True, syncs), callback, SyncProbe(False, syncs)],
+    )
+    trainer.fit(DeviceRecorder(), train_dataloaders=data)
+    assert len(syncs) == 4 and callback.batches_mixed == 4
+    assert syncs[1:] == [[], [], []], syncs  # the first batch may sync once for lazy set-up
+
+
+def test_bad_labels_on_the_gpu_raise_naming_their_batch() -> None:
+    labels = torch.arange(32) % NUM_CLASSES
+    labels[21] = NUM_CLASSES  # in batch 2
+    data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), labels), batch_size=8)
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[CutMix(seed=0)],
+    )
+    with pytest.raises(ValueError, match=r"got values in \[0, 4\] \(training batch 2 of epoch 0\)"):
+        trainer.fit(DeviceRecorder(), train_dataloaders=data)
+    assert torch.ones(2, device="cuda").sum().item() == 2.0  # no device-side assert: the GPU is still usable
