@@ -179,6 +179,25 @@ def sample_beta(
     return lam.to(device, non_blocking=True) if device is not None else lam
 
 
+def _serial_log(values: Tensor) -> Tensor:
+    """``log`` of a small CPU float64 tensor without entering an OpenMP region.
+
+    ``torch.log``, ``torch.sqrt`` and ``torch.exp`` of CPU tensors enter a parallel region even
+    for 256 values (2.2 us with 2 threads, 1.1 us with 1, on this project's 2-core machine;
+    ``xlogy`` and ``pow`` take the same time either way). In a training process whose cores are
+    busy with DataLoader workers that region can wait milliseconds for its threads: on a 16-core
+    H100 host, ``torch.profiler`` measured 4 ms per ``log`` and 11 ms per ``sqrt`` of CutMix's
+    draws, and CutMix trained at half the speed of no mixing. ``xlogy(1, x)`` is ``1 * log(x)``
+    with the C library's ``log``, one value at a time.
+    """
+    return torch.special.xlogy(1.0, values)
+
+
+def _serial_sqrt(values: Tensor) -> Tensor:
+    """``sqrt`` of a small CPU float64 tensor, correctly rounded, without an OpenMP region (see :func:`_serial_log`)."""
+    return torch.tensor([math.sqrt(v) for v in values.tolist()], dtype=torch.float64)
+
+
 def _sample_gamma(shape: float, size: int, generator: Optional[torch.Generator]) -> Tensor:
     boost = shape < 1.0
     k = shape + 1.0 if boost else shape
@@ -191,7 +210,7 @@ def _sample_gamma(shape: float, size: int, generator: Optional[torch.Generator])
         x = torch.randn(n, generator=generator, dtype=torch.float64)
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         v = (1.0 + c * x) ** 3
-        accept = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        accept = (v > 0) & (_serial_log(u) < 0.5 * x * x + d - d * v + d * _serial_log(v.clamp_min(1e-300)))
         out[pending[accept]] = d * v[accept]
         pending = pending[~accept]
     if boost:
@@ -638,7 +657,7 @@ def _cutmix_boxes(
     area = area.detach().to("cpu", torch.float64)
     if tuple(area.shape) != (batch_size,):
         raise ValueError(f"Expected `area` to have shape ({batch_size},), but got shape {tuple(area.shape)}.")
-    ratio = area.clamp(0, 1).sqrt()
+    ratio = _serial_sqrt(area.clamp(0, 1))
     box_h, box_w = ratio * height, ratio * width
     centre_y = torch.rand(batch_size, generator=generator, dtype=torch.float64) * height
     centre_x = torch.rand(batch_size, generator=generator, dtype=torch.float64) * width
