@@ -16,6 +16,8 @@ Examples::
     python benchmarks/bench_training.py --device cuda --teacher resnet152 --teacher-weights none \\
         --teacher-layer layer4 --teacher-size 224
     # add --teacher-amp bf16 --channels-last for the faster teacher
+    # Where a method's time goes: CPU-side profile of 5 steps of CutMix and Mixup, after the table:
+    python benchmarks/bench_training.py --device cuda --only baseline,cutmix,mixup --profile cutmix,mixup
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from typing import Any, Optional
 
 import lightning as L
@@ -41,14 +44,56 @@ from _common import (  # noqa: E402
     make_datamodule,
     markdown_table,
     setup_run,
+    synchronize,
 )
 
-from lightning_acm.callbacks import AttentiveCutMix, CutMix  # noqa: E402
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixUp  # noqa: E402
 from lightning_acm.model import ImageClassifier  # noqa: E402
 
 
+class ProfileWindow(L.Callback):
+    """``torch.profiler`` over batches ``[start, start + length)`` (CPU ops, and CUDA kernels on a GPU)."""
+
+    def __init__(self, start: int, length: int, device: torch.device) -> None:
+        self.start, self.length, self.device = start, length, device
+        self.profiler: Optional[torch.profiler.profile] = None
+        self.seconds = float("nan")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            synchronize(self.device)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self._began = time.perf_counter()
+        elif batch_idx == self.start + self.length and self.profiler is not None:
+            self.stop()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.profiler is not None and self.seconds != self.seconds:  # still open
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self._began
+            self.profiler.__exit__(None, None, None)
+
+    def report(self, name: str, rows: int = 12) -> str:
+        assert self.profiler is not None, "the run ended before the profiled batches"
+        events = self.profiler.key_averages()
+        table = events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
+        waits = [
+            f"{e.key} x{e.count}: {e.self_cpu_time_total / 1000:.2f} ms"
+            for e in events if "Synchronize" in e.key or e.key in ("aten::item", "cudaMemcpyAsync")
+        ]
+        return (f"## Profile: {name}, {self.length} steps, {1000 * self.seconds / self.length:.2f} ms per step"
+                f" (under the profiler)\n\n```\n{table}```\nhost waits: {'; '.join(waits) or 'none'}\n")
+
+
 def run(name: str, mixing: Optional[L.Callback], datamodule: L.LightningDataModule, args: Any,
-        device: torch.device) -> dict[str, Any]:
+        device: torch.device, profile: Optional[ProfileWindow] = None) -> dict[str, Any]:
     L.seed_everything(args.seed, verbose=False)
     student = ImageClassifier(arch="resnet18", num_classes=10, small_input=True, lr=0.05, lr_scheduler="none")
     if args.channels_last_student:
@@ -59,7 +104,7 @@ def run(name: str, mixing: Optional[L.Callback], datamodule: L.LightningDataModu
         devices=[device.index or 0] if device.type == "cuda" else 1,
         precision=args.precision,
         max_steps=args.warmup + args.steps,
-        callbacks=[fill, timer] + ([mixing] if mixing is not None else []),
+        callbacks=[fill, timer] + ([mixing] if mixing is not None else []) + ([profile] if profile else []),
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0,
     )
@@ -84,7 +129,10 @@ def main() -> None:
                         help="cells per side of the cached heatmaps (7: the teacher's grid at its input size)")
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=1, help="run every method this many times, round-robin")
-    parser.add_argument("--only", default=None, help="comma-separated subset of: baseline,cutmix,acm,cached")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated subset of: baseline,cutmix,mixup,acm,cached (default: all but mixup)")
+    parser.add_argument("--profile", default=None,
+                        help="comma-separated methods (as in --only) to profile for 5 steps after the table")
     add_teacher_arguments(parser, size=112, layer="stride16")
     args = parser.parse_args()
     device = setup_run(args)
@@ -112,10 +160,17 @@ def main() -> None:
     variants = {
         "baseline": ("no mixing", lambda: None),
         "cutmix": ("CutMix", lambda: CutMix(alpha=1.0, num_classes=10, seed=args.seed)),
+        "mixup": ("Mixup", lambda: MixUp(alpha=1.0, num_classes=10, seed=args.seed)),
         "acm": ("Attentive CutMix (teacher every step)", lambda: acm(False)),
         "cached": (f"Attentive CutMix (cached {args.cache_grid}x{args.cache_grid}, warped)", lambda: acm(True)),
     }
-    chosen = args.only.split(",") if args.only else list(variants)
+    chosen = args.only.split(",") if args.only else [key for key in variants if key != "mixup"]
+    profiled = args.profile.split(",") if args.profile else []
+    for key in chosen + profiled:
+        if key not in variants:
+            sys.exit(f"bench_training.py: unknown method {key!r} in --only/--profile; expected some of {', '.join(variants)}.")
+    if profiled and args.steps < 6:
+        sys.exit(f"bench_training.py: --profile needs --steps >= 6 (5 profiled steps after one), but got {args.steps}.")
     # An untimed run first, so that the first measured method does not pay for lazy initialisation.
     run("warm-up", None, datamodule, argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1}), device)
     # Round-robin over the methods, so that the machine's drift and noise hit every method alike.
@@ -149,6 +204,10 @@ def main() -> None:
           " before the first step, and is not in images/s.")
     if args.teacher_weights == "none":
         print("The teacher has random weights (--teacher-weights none): timing only, its heatmaps are meaningless.")
+    for key in profiled:
+        window = ProfileWindow(args.warmup + 1, 5, device)
+        run(variants[key][0], variants[key][1](), datamodule, args, device, profile=window)
+        print("\n" + window.report(variants[key][0]))
 
 
 if __name__ == "__main__":

@@ -1106,3 +1106,14 @@ def test_pixel_share_is_the_correctly_rounded_quotient(area: int) -> None:
     share = _pixel_share(counts, area)
     assert share.dtype == torch.float32
     assert torch.equal(share, (counts.double() / area).float())
+
+
+def test_serial_log_and_sqrt_match_the_c_library() -> None:
+    from lightning_acm.functional import _serial_log, _serial_sqrt
+
+    values = torch.cat([torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64), torch.tensor([0.0, 1.0, 1e-300])])
+    logs, roots = _serial_log(values), _serial_sqrt(values)
+    assert logs.dtype == roots.dtype == torch.float64
+    assert logs[-3] == -math.inf and logs[-2] == 0.0
+    assert logs[:-3].tolist() == [math.log(v) for v in values[:-3].tolist()]
+    assert roots.tolist() == [math.sqrt(v) for v in values.tolist()]  # correctly rounded
