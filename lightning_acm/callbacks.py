@@ -362,6 +362,10 @@ class MixingCallback(Callback):
             the images of all ranks, summed on the device as batches come and reduced once at
             the end of the epoch (no sync per step).
 
+    Class-index labels are checked to lie in ``[0, num_classes)`` on every batch, mixed or not:
+    on the CPU at once; on CUDA without a host-device sync, so a bad label raises a few batches
+    late (at the end of the epoch at the latest), naming its batch.
+
     Raises:
         ValueError: for an argument out of range.
     """

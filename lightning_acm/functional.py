@@ -517,6 +517,8 @@ def _pixel_share(pixels: Tensor, total: int) -> Tensor:
     0-dim tensor on the same device is a true division there, and what the CPU does anyway.
     """
     pixels = pixels.float()
+    if pixels.device.type == "cpu":  # a true division already, and cheaper than with a tensor
+        return pixels.div_(total)
     return pixels.div_(torch.full((), total, dtype=torch.float32, device=pixels.device))
 
 
@@ -757,7 +759,9 @@ def _is_class_indices(targets: Tensor, num_classes: Optional[int], check_range: 
             " Pass `num_classes=K` or give one-hot/probability targets of shape (B, K)."
         )
     if check_range and targets.numel() > 0:
-        low, high = torch.stack(torch.aminmax(targets)).tolist()  # one transfer (one sync), not two
+        bounds = torch.aminmax(targets)
+        # On an accelerator one transfer (one sync) rather than two; on the CPU no stack.
+        low, high = (int(b) for b in bounds) if targets.device.type == "cpu" else torch.stack(bounds).tolist()
         _check_label_range(low, high, num_classes)
     return True
 
