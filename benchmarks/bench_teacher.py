@@ -93,7 +93,7 @@ def main() -> None:
         for label, kwargs in [("torch.compile", {}), (f"torch.compile + {amp} + channels_last",
                                                       {"amp": amp, "channels_last": True})]:
             model, _ = teacher(**kwargs)
-            model.backbone = torch.compile(model.backbone)
+            model.compile_features()  # the backbone truncated at the tapped layer, as attention_compile=True does
             variants.append((label, lambda model=model: model(images)))
 
     cache = HeatmapCache(batch_size, 14, device=device)

@@ -189,6 +189,54 @@ class AttentionModel(nn.Module):
         self.channels_last = True
         self.backbone.to(memory_format=torch.channels_last)
 
+    def compile_features(self, **compile_kwargs: Any) -> None:
+        """Run the backbone up to ``layer`` through ``torch.compile`` from now on.
+
+        What is compiled is the backbone *truncated* at ``layer`` (a ``torch.fx`` graph that ends
+        there, from torchvision's ``create_feature_extractor``; or the method that ``layer``
+        names), not the hooked full forward, which would break the graph where the hook stops it.
+        The truncated graph shares the backbone's parameters and buffers, so device moves and the
+        ``state_dict`` are unchanged. ``compile_kwargs`` go to ``torch.compile`` (``mode``,
+        ``backend``, ``dynamic``, ...). The first batch (and a first batch of a new size) pays
+        the compilation.
+
+        Raises:
+            ValueError: if ``torch.fx`` cannot trace the backbone up to ``layer`` (data-dependent
+                control flow); use the teacher uncompiled, or tap a method that returns the features.
+
+        Example::
+
+            >>> backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(), torch.nn.Flatten())
+            >>> model = AttentionModel(backbone, "1", input_size=56)
+            >>> model.compile_features(backend="eager")
+            >>> model(torch.rand(2, 3, 32, 32)).shape
+            torch.Size([2, 7, 7])
+        """
+        if self._is_method:
+            extractor: Any = getattr(self.backbone, self.layer)
+        else:
+            from torchvision.models.feature_extraction import create_feature_extractor
+
+            try:
+                graph = create_feature_extractor(self.backbone, return_nodes={self.layer: "features"})
+            except Exception as error:  # torch.fx raises many types for untraceable code
+                raise ValueError(
+                    f"Cannot compile the attention model: torch.fx could not trace {type(self.backbone).__name__}"
+                    f" up to layer {self.layer!r} ({type(error).__name__}: {error}). Use it uncompiled, or tap a"
+                    " method of the backbone that returns the feature map."
+                ) from error
+
+            def extractor(x: Tensor) -> Tensor:
+                return graph(x)["features"]
+
+        # Kept out of the module tree (no second copy of the weights in state_dict or named_modules).
+        self.__dict__["_compiled_features"] = torch.compile(extractor, **compile_kwargs)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`compile_features` was called."""
+        return self.__dict__.get("_compiled_features") is not None
+
     def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Set the normalisation the incoming batches carry (e.g. from a datamodule, after construction).
 
@@ -270,7 +318,10 @@ class AttentionModel(nn.Module):
         return x
 
     def _features(self, x: Tensor) -> Tensor:
-        if self._is_method:
+        compiled = self.__dict__.get("_compiled_features")
+        if compiled is not None:
+            out = compiled(x)
+        elif self._is_method:
             out = getattr(self.backbone, self.layer)(x)
         else:
             captured: list[Any] = []

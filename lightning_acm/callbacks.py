@@ -198,12 +198,13 @@ def frozen_attention_model(
     input_mean: Optional[Sequence[float]] = None,
     input_std: Optional[Sequence[float]] = None,
     attention_channels_last: bool = False,
+    attention_compile: Union[bool, dict[str, Any]] = False,
 ) -> nn.Module:
     """The frozen teacher of a callback (``owner`` names it in messages), on the training device.
 
     A ready :class:`~lightning_acm.attention.AttentionModel` is used as it is, but for the
-    ``input_mean``/``input_std``, ``attention_precision`` and ``attention_channels_last`` given
-    explicitly; a plain module is tapped at ``attention_layer``; otherwise the model is built from
+    ``input_mean``/``input_std``, ``attention_precision``, ``attention_channels_last`` and
+    ``attention_compile`` given explicitly; a plain module is tapped at ``attention_layer``; otherwise the model is built from
     ``attention``. The input normalisation is taken from ``trainer.datamodule.mean``/``std`` when
     not given.
     """
@@ -239,7 +240,10 @@ def frozen_attention_model(
             model = attention_model_from_module(attention_model, str(attention_layer), **common)
         else:
             model = build_attention_model(attention, weights=attention_weights, layer=attention_layer, **common)
-    return model.to(trainer.strategy.root_device).eval().requires_grad_(False)
+    model = model.to(trainer.strategy.root_device).eval().requires_grad_(False)
+    if attention_compile is not False and not model.compiled:  # type: ignore[union-attr]
+        model.compile_features(**({} if attention_compile is True else attention_compile))  # type: ignore[operator]
+    return model
 
 
 @torch.no_grad()
@@ -672,6 +676,10 @@ class AttentiveCutMix(MixingCallback):
         attention_channels_last: run the teacher in ``torch.channels_last`` memory format (faster
             convolutions on GPUs, with ``attention_precision`` above all); ``False`` leaves a given
             :class:`~lightning_acm.attention.AttentionModel` as it is.
+        attention_compile: run the teacher up to its tapped layer through ``torch.compile``
+            (``True``, or a dict of ``torch.compile`` arguments such as ``{"mode": "max-autotune"}``);
+            the first batch pays the compilation. See
+            :meth:`~lightning_acm.attention.AttentionModel.compile_features`.
         attention_model: a ready ``nn.Module`` to use instead of building one (Python use);
             an :class:`~lightning_acm.attention.AttentionModel` is used as it is (but for
             ``attention_precision`` and ``input_mean``/``input_std`` when given), any other module
@@ -718,6 +726,7 @@ class AttentiveCutMix(MixingCallback):
         reduction: Literal["mean", "max"] = "mean",
         attention_precision: Optional[Literal["bf16", "fp16"]] = None,
         attention_channels_last: bool = False,
+        attention_compile: Union[bool, dict[str, Any]] = False,
         attention_model: Optional[nn.Module] = None,
         input_mean: Optional[Sequence[float]] = None,
         input_std: Optional[Sequence[float]] = None,
@@ -742,6 +751,13 @@ class AttentiveCutMix(MixingCallback):
             raise ValueError(f"Expected `attention_precision` to be None, 'bf16' or 'fp16', but got {attention_precision!r}.")
         if not isinstance(attention_channels_last, bool):
             raise TypeError(f"Expected `attention_channels_last` to be a bool, but got {attention_channels_last!r}.")
+        if not (isinstance(attention_compile, bool) or (
+            isinstance(attention_compile, dict) and all(isinstance(key, str) for key in attention_compile)
+        )):
+            raise TypeError(
+                "Expected `attention_compile` to be a bool or a dict of torch.compile arguments (e.g."
+                f" {{'mode': 'max-autotune'}}), but got {attention_compile!r}."
+            )
         if attention_input_size is not None and (not isinstance(attention_input_size, int) or attention_input_size < 1):
             raise ValueError(f"Expected `attention_input_size` to be None or a positive int, but got {attention_input_size!r}.")
         if (input_mean is None) != (input_std is None):
@@ -757,6 +773,7 @@ class AttentiveCutMix(MixingCallback):
         self.reduction = reduction
         self.attention_precision = attention_precision
         self.attention_channels_last = attention_channels_last
+        self.attention_compile = attention_compile
         self.input_mean = tuple(input_mean) if input_mean is not None else None
         self.input_std = tuple(input_std) if input_std is not None else None
         self._given_model = attention_model
@@ -812,6 +829,7 @@ class AttentiveCutMix(MixingCallback):
             input_mean=self.input_mean,
             input_std=self.input_std,
             attention_channels_last=self.attention_channels_last,
+            attention_compile=self.attention_compile,
         )
 
     def heatmaps(self, images: Tensor) -> Tensor:

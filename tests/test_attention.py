@@ -337,3 +337,65 @@ def test_offline_torchvision_weights_say_where_to_put_the_file(no_download):
     expected = no_download / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(RuntimeError, match=rf"put it at {expected}.*weights='/path/to/file.pth'"):
         build_attention_model("resnet18")
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def test_compile_features_truncates_the_backbone_and_keeps_its_weights():
+    model = attention_model_from_module(torchvision.models.resnet18(num_classes=10), "layer3", input_size=64, grid_size=4)
+    images = torch.rand(3, 3, 32, 32)
+    expected = model(images)
+    keys, modules = list(model.state_dict()), len(list(model.modules()))
+    model.compile_features(backend="eager")
+    assert model.compiled
+    assert torch.equal(model(images), expected)
+    assert list(model.state_dict()) == keys and len(list(model.modules())) == modules  # no second copy
+    # The truncated graph shares the backbone's weights: changing them changes the compiled output.
+    with torch.no_grad():
+        model.backbone.layer3[1].conv2.weight.mul_(2.0)
+    assert not torch.equal(model(images), expected)
+    assert not model.backbone.layer4[0].conv1._forward_hooks  # no hook: the graph ends at layer3
+
+
+def test_compile_features_of_a_method_layer():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 4, stride=4)
+
+        def extract(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    model = attention_model_from_module(Net(), "extract", input_size=28)
+    images = torch.rand(2, 3, 8, 8)
+    expected = model(images)
+    model.compile_features(backend="eager")
+    assert torch.equal(model(images), expected)
+
+
+def test_compile_features_with_inductor_matches_eager():
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(392, 2))
+    model = attention_model_from_module(backbone, "1", input_size=28)
+    images = torch.rand(4, 3, 28, 28)
+    expected = model(images)
+    model.compile_features()  # the default backend, as `attention_compile=True` uses it
+    torch.testing.assert_close(model(images), expected)
+
+
+def test_compile_features_of_an_untraceable_backbone_says_what_to_do():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 4, stride=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                x = x * 2
+            return self.conv(x)
+
+    model = attention_model_from_module(Branchy(), "conv", input_size=28)
+    with pytest.raises(ValueError, match=r"Cannot compile the attention model: torch.fx could not trace Branchy up to"
+                                         r" layer 'conv'.*Use it uncompiled, or tap a method"):
+        model.compile_features(backend="eager")
+    assert not model.compiled and model(torch.rand(1, 3, 28, 28)).shape == (1, 7, 7)

@@ -387,6 +387,8 @@ def test_plain_module_with_layer_and_datamodule_normalisation():
         (lambda: AttentiveCutMix(reduction="sum"), r"`reduction` to be one of 'mean', 'max'"),
         (lambda: AttentiveCutMix(attention_precision="fp8"), r"`attention_precision` to be None, 'bf16' or 'fp16'"),
         (lambda: AttentiveCutMix(attention_channels_last="yes"), r"`attention_channels_last` to be a bool"),
+        (lambda: AttentiveCutMix(attention_compile="max-autotune"), r"`attention_compile` to be a bool or a dict of"
+                                                                    r" torch.compile arguments"),
         (lambda: AttentiveCutMix(input_mean=[0.5]), r"`input_mean` and `input_std` to be given together"),
         (lambda: CutMix(num_classes=1), r"`num_classes` to be None or an int >= 2"),
         (lambda: CutMix(label_smoothing=1.0), r"`label_smoothing` to be in \[0, 1\)"),
@@ -412,3 +414,15 @@ def test_label_range_check_on_the_cpu_is_immediate_and_names_the_batch() -> None
     with pytest.raises(ValueError, match=r"got values in \[0, 4\] \(batch 3\)"):
         check(torch.tensor([4, 0]), 4, " (batch 3)")
     check.flush()  # nothing queued on the CPU
+
+
+def test_compiled_teacher_mixes_like_the_eager_one():
+    mixes = []
+    for compile_arg in (False, {"backend": "eager"}):
+        callback = AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0,
+                                   attention_compile=compile_arg)
+        fit(callback)
+        assert callback.attention_model.compiled is (compile_arg is not False)
+        mixes.append((callback.last_mix.mixed, callback.last_mix.soft_targets, callback.last_mix.cell_indices))
+    for a, b in zip(*mixes):
+        assert torch.equal(a, b)

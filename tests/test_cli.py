@@ -112,3 +112,11 @@ def test_fit_through_the_cli_prints_the_test_accuracy(method: str, tiny_fashion_
         )
     assert "Test top-1 accuracy:" in caplog.text
     assert list((tmp_path / "run").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("{mode: max-autotune, dynamic: false}", {"mode": "max-autotune", "dynamic": False})])
+def test_attention_compile_from_the_command_line(value: str, expected: object):
+    run = cli(FMNIST, SMALL_MODEL, str(CONFIGS / "method" / "attentive_cutmix_offline.yaml"),
+              extra=("--mixing.init_args.attention_compile", value))
+    (mixing,) = [c for c in run.trainer.callbacks if isinstance(c, AttentiveCutMix)]
+    assert mixing.attention_compile == expected
