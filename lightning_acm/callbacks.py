@@ -577,6 +577,10 @@ class MixingCallback(Callback):
         self._label_check.flush()
         self._epoch_means.log(trainer, pl_module, self.log_prefix)
 
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._label_check.flush()  # whatever ended the fit, no queued check is left unread
+
     def draw_permutation(self, batch_size: int, device: torch.device) -> Tensor:
         """The pairing for the current batch, from the callback's generator."""
         return AF.pairing_permutation(batch_size, generator=self._generator, device=device)
