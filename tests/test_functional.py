@@ -1117,3 +1117,42 @@ def test_serial_log_and_sqrt_match_the_c_library() -> None:
     assert logs[-3] == -math.inf and logs[-2] == 0.0
     assert logs[:-3].tolist() == [math.log(v) for v in values[:-3].tolist()]
     assert roots.tolist() == [math.sqrt(v) for v in values.tolist()]  # correctly rounded
+
+
+def test_serial_draws_match_the_torch_log_and_sqrt_ones() -> None:
+    # sample_beta and the CutMix boxes once used torch.log / torch.sqrt (parallel regions that
+    # stalled GPU training on busy hosts); the serial versions must not change the random stream.
+    import lightning_acm.functional as AF
+
+    def reference_gamma(shape: float, size: int, generator: torch.Generator) -> torch.Tensor:
+        boost = shape < 1.0
+        k = shape + 1.0 if boost else shape
+        d = k - 1.0 / 3.0
+        c = 1.0 / math.sqrt(9.0 * d)
+        out = torch.empty(size, dtype=torch.float64)
+        pending = torch.arange(size)
+        while pending.numel() > 0:
+            n = pending.numel()
+            x = torch.randn(n, generator=generator, dtype=torch.float64)
+            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            v = (1.0 + c * x) ** 3
+            accept = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+            out[pending[accept]] = d * v[accept]
+            pending = pending[~accept]
+        if boost:
+            out = out * torch.rand(size, generator=generator, dtype=torch.float64).pow(1.0 / shape)
+        return out
+
+    for seed in range(250):
+        for shape in (0.2, 1.0, 2.0):
+            expected = reference_gamma(shape, 512, torch.Generator().manual_seed(seed))
+            assert torch.equal(AF._sample_gamma(shape, 512, torch.Generator().manual_seed(seed)), expected)
+        area = torch.rand(256, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        boxes = AF._cutmix_boxes(256, (224, 224), area, torch.Generator().manual_seed(seed))
+        ratio = area.sqrt()
+        g = torch.Generator().manual_seed(seed)
+        cy = torch.rand(256, generator=g, dtype=torch.float64) * 224
+        cx = torch.rand(256, generator=g, dtype=torch.float64) * 224
+        expected_boxes = torch.stack([(cy - ratio * 112).round(), (cy + ratio * 112).round(),
+                                      (cx - ratio * 112).round(), (cx + ratio * 112).round()], 1).clamp(0, 224).long()
+        assert torch.equal(boxes, expected_boxes)
