@@ -310,7 +310,7 @@ class _LabelRangeCheck:
         if targets.ndim != 1 or targets.is_floating_point() or targets.numel() == 0:
             return targets  # probabilities, or a shape that the mixing op rejects with its own message
         if targets.device.type != "cuda":
-            low, high = torch.stack(torch.aminmax(targets)).tolist()
+            low, high = (int(bound) for bound in torch.aminmax(targets))
             AF._check_label_range(low, high, num_classes, where)
             return targets
         self.poll()

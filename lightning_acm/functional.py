@@ -518,8 +518,8 @@ def _pixel_share(pixels: Tensor, total: int) -> Tensor:
     """
     pixels = pixels.float()
     if pixels.device.type == "cpu":  # a true division already, and cheaper than with a tensor
-        return pixels.div_(total)
-    return pixels.div_(torch.full((), total, dtype=torch.float32, device=pixels.device))
+        return pixels / total
+    return pixels / torch.full((), total, dtype=torch.float32, device=pixels.device)
 
 
 @functools.lru_cache(maxsize=64)
