@@ -1156,3 +1156,19 @@ def test_serial_draws_match_the_torch_log_and_sqrt_ones() -> None:
         expected_boxes = torch.stack([(cy - ratio * 112).round(), (cy + ratio * 112).round(),
                                       (cx - ratio * 112).round(), (cx + ratio * 112).round()], 1).clamp(0, 224).long()
         assert torch.equal(boxes, expected_boxes)
+
+
+def test_random_draws_use_no_parallel_math_ops() -> None:
+    # torch.log/sqrt/exp of CPU tensors enter a parallel region even for a few values, which
+    # stalled GPU training for milliseconds per call on a busy host (README, Speed): the draws of
+    # CutMix and Mixup must not use them.
+    from lightning_acm.functional import _cutmix_paste, sample_beta
+
+    images = torch.rand(16, 3, 32, 32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for alpha in (0.2, 1.0, 2.0):
+            sample_beta(alpha, 256, generator=torch.Generator().manual_seed(0))
+            _cutmix_paste(images, torch.randperm(16), alpha, torch.Generator().manual_seed(0))
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::randn" in names  # the profile saw the draws
+    assert not names & {"aten::log", "aten::sqrt", "aten::exp"}, names
