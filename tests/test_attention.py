@@ -156,19 +156,22 @@ def test_forward_stops_after_tapped_layer_and_removes_its_hook():
     assert not backbone[1]._forward_hooks
 
 
+class _MethodNet(nn.Module):
+    """A backbone whose features come from a method (as EfficientNet-Lite's ``extract_features``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 4, stride=4)
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("forward should not run")
+
+
 def test_method_layer_is_called_instead_of_forward():
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 5, 4, stride=4)
-
-        def extract(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            raise AssertionError("forward should not run")
-
-    assert attention_model_from_module(Net(), "extract", input_size=28)(torch.rand(2, 3, 8, 8)).shape == (2, 7, 7)
+    assert attention_model_from_module(_MethodNet(), "extract", input_size=28)(torch.rand(2, 3, 8, 8)).shape == (2, 7, 7)
 
 
 def test_heatmap_is_channel_reduction_of_tapped_features():
@@ -359,15 +362,7 @@ def test_compile_features_truncates_the_backbone_and_keeps_its_weights():
 
 
 def test_compile_features_of_a_method_layer():
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 5, 4, stride=4)
-
-        def extract(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x)
-
-    model = attention_model_from_module(Net(), "extract", input_size=28)
+    model = attention_model_from_module(_MethodNet(), "extract", input_size=28)
     images = torch.rand(2, 3, 8, 8)
     expected = model(images)
     model.compile_features(backend="eager")

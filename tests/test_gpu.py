@@ -171,26 +171,25 @@ def test_callbacks_make_no_host_device_sync_per_batch(index: int) -> None:
     assert syncs[1:] == [[], [], []], syncs  # the first batch may sync once for lazy set-up
 
 
-def test_bad_labels_on_the_gpu_raise_naming_their_batch() -> None:
+@pytest.mark.parametrize(
+    ("make_callback", "index", "value", "limit", "match"),
+    [
+        (lambda: CutMix(seed=0), 21, NUM_CLASSES, {"max_epochs": 1}, r"got values in \[0, 4\] \(training batch 2 of epoch 0\)"),
+        # in the last batch of a fit that stops at max_steps inside the epoch
+        (lambda: MixUp(seed=0), 20, -1, {"max_steps": 3}, r"got values in \[-1, 3\] \(training batch 2 of epoch 0\)"),
+    ],
+    ids=["mid-epoch", "last-batch-of-the-fit"],
+)
+def test_bad_labels_on_the_gpu_raise_naming_their_batch(
+    make_callback: Any, index: int, value: int, limit: dict[str, int], match: str
+) -> None:
     labels = torch.arange(32) % NUM_CLASSES
-    labels[21] = NUM_CLASSES  # in batch 2
+    labels[index] = value
     data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), labels), batch_size=8)
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[CutMix(seed=0)],
+        accelerator="gpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[make_callback()], **limit,
     )
-    with pytest.raises(ValueError, match=r"got values in \[0, 4\] \(training batch 2 of epoch 0\)"):
+    with pytest.raises(ValueError, match=match):
         trainer.fit(DeviceRecorder(), train_dataloaders=data)
     assert torch.ones(2, device="cuda").sum().item() == 2.0  # no device-side assert: the GPU is still usable
-
-
-def test_a_bad_label_in_the_last_steps_of_a_fit_is_still_reported() -> None:
-    labels = torch.arange(32) % NUM_CLASSES
-    labels[30] = -1  # in the fit's last batch: only the end-of-fit check can see it
-    data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), labels), batch_size=8)
-    trainer = L.Trainer(
-        accelerator="gpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[MixUp(seed=0)],
-    )
-    with pytest.raises(ValueError, match=r"got values in \[-1, 3\] \(training batch 3 of epoch 0\)"):
-        trainer.fit(DeviceRecorder(), train_dataloaders=data)
