@@ -307,11 +307,10 @@ class _LabelRangeCheck:
 
     def __call__(self, targets: Tensor, num_classes: int, where: str) -> Tensor:
         """Check ``targets`` (or queue the check); returns the labels to build soft targets from."""
-        if targets.ndim != 1 or targets.is_floating_point() or targets.numel() == 0:
+        if not AF._is_class_indices(targets, num_classes, check_range=False) or targets.numel() == 0:
             return targets  # probabilities, or a shape that the mixing op rejects with its own message
         if targets.device.type != "cuda":
-            low, high = (int(bound) for bound in torch.aminmax(targets))
-            AF._check_label_range(low, high, num_classes, where)
+            AF._check_class_index_range(targets, num_classes, where)
             return targets
         self.poll()
         # non_blocking to the CPU lands in pinned memory; the event says when it has.

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -575,12 +575,8 @@ def _paste_cells(images: Tensor, cell_indices: Tensor, grid: tuple[int, int], pe
     cell_area = _tiling(grid, (height, width), images.device)[1]
     lam = _pixel_share(cell_area.take(cell_indices).sum(1, dtype=torch.float32), height * width)
     if height % gh or width % gw or not images.is_contiguous():
-        bits_dtype = _bits_dtype(images)
-        if bits_dtype is None:
-            return paste(images, _cell_mask(cell_indices, grid, (height, width)), permutation), lam
-        # Built in the integer type directly: converting a bool mask costs more than the paste here.
-        pasted = _cell_mask(cell_indices, grid, (height, width), bits_dtype, -1)
-        return _bitwise_paste(images, pasted, permutation), lam
+        mask_of = functools.partial(_cell_mask, cell_indices, grid, (height, width))
+        return _masked_paste(images, mask_of, permutation), lam
     # Row t of cell (i, j) in channel c is one contiguous run of `width // gw` pixels; runs are
     # numbered in the (B * C * H * gw, width // gw) view of the batch:
     # run = i * C * H * gw + (c * H + t) * gw + first_run[j].
@@ -603,6 +599,18 @@ _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _bits_dtype(images: Tensor) -> Optional[torch.dtype]:
     """The signed integer type that views the images' elements bit for bit, if there is one."""
     return None if images.is_complex() else _SAME_SIZE_INT.get(images.element_size())
+
+
+def _masked_paste(images: Tensor, mask_of: Callable[[torch.dtype, Union[bool, int]], Tensor], permutation: Tensor) -> Tensor:
+    """:func:`paste` with a mask that ``mask_of(dtype, value)`` builds (``value`` inside, 0 outside).
+
+    The mask is built in the images' bit type directly (all ones inside): converting a bool mask
+    would cost more than the paste. Images without one (complex) get a bool mask and ``where``.
+    """
+    bits_dtype = _bits_dtype(images)
+    if bits_dtype is None:
+        return paste(images, mask_of(torch.bool, True), permutation)
+    return _bitwise_paste(images, mask_of(bits_dtype, -1), permutation)
 
 
 def _bitwise_paste(images: Tensor, pasted: Tensor, permutation: Tensor) -> Tensor:
@@ -690,7 +698,7 @@ def _box_mask(
 
 
 def _box_lam(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """``(B,)`` float32 share of the image inside each box: bit-equal to the mean of :func:`_box_mask`."""
+    """``(B,)`` float32 share of the image inside each box: bit-equal to the pixel count of :func:`_box_mask` over ``H * W``."""
     top, bottom, left, right = boxes.unbind(1)
     return _pixel_share((bottom - top) * (right - left), image_size[0] * image_size[1])
 
@@ -700,17 +708,13 @@ def _cutmix_paste(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The image half of :func:`cutmix` (draws the areas, then the boxes): ``(mixed, lam, boxes)``.
 
-    The mask is built in the images' bit type directly; ``boxes`` are on the images' device.
+    ``boxes`` are on the images' device.
     """
     batch, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
     area = sample_beta(alpha, batch, generator=generator)
     # non_blocking: a host-to-device copy from pageable memory is staged at once, without the stream sync.
     boxes = _cutmix_boxes(batch, image_size, area, generator).to(images.device, non_blocking=True)
-    bits_dtype = _bits_dtype(images)
-    if bits_dtype is None:
-        mixed = paste(images, _box_mask(boxes, image_size), permutation)
-    else:
-        mixed = _bitwise_paste(images, _box_mask(boxes, image_size, bits_dtype, -1), permutation)
+    mixed = _masked_paste(images, functools.partial(_box_mask, boxes, image_size), permutation)
     return mixed, _box_lam(boxes, image_size), boxes
 
 
@@ -758,12 +762,19 @@ def _is_class_indices(targets: Tensor, num_classes: Optional[int], check_range: 
             "Expected `num_classes` for class-index targets of shape (B,), but got None."
             " Pass `num_classes=K` or give one-hot/probability targets of shape (B, K)."
         )
-    if check_range and targets.numel() > 0:
-        bounds = torch.aminmax(targets)
-        # On an accelerator one transfer (one sync) rather than two; on the CPU no stack.
-        low, high = (int(b) for b in bounds) if targets.device.type == "cpu" else torch.stack(bounds).tolist()
-        _check_label_range(low, high, num_classes)
+    if check_range:
+        _check_class_index_range(targets, num_classes)
     return True
+
+
+def _check_class_index_range(targets: Tensor, num_classes: int, where: str = "") -> None:
+    """Raise if class indices ``targets`` are outside ``[0, num_classes)`` (read now: one sync on an accelerator)."""
+    if targets.numel() == 0:
+        return
+    bounds = torch.aminmax(targets)
+    # On an accelerator one transfer (one sync) rather than two; on the CPU no stack.
+    low, high = (int(b) for b in bounds) if targets.device.type == "cpu" else torch.stack(bounds).tolist()
+    _check_label_range(low, high, num_classes, where)
 
 
 def _check_label_range(low: int, high: int, num_classes: int, where: str = "") -> None:
