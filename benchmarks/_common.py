@@ -101,16 +101,7 @@ def synchronize(device: torch.device) -> None:
 
 def time_call(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int = 2) -> float:
     """Median seconds per call of ``fn`` (synchronised on CUDA)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_interleaved([fn], device, repeats=repeats, warmup=warmup)[0]
 
 
 def time_interleaved(
