@@ -183,10 +183,9 @@ def _serial_log(values: Tensor) -> Tensor:
     """``log`` of a small CPU float64 tensor without entering an OpenMP region.
 
     ``torch.log``, ``torch.sqrt`` and ``torch.exp`` of CPU tensors enter a parallel region even
-    for 256 values (2.2 us with 2 threads, 1.1 us with 1, on this project's 2-core machine;
-    ``xlogy`` and ``pow`` take the same time either way). In a training process whose cores are
-    busy with DataLoader workers that region can wait milliseconds for its threads: on a 16-core
-    H100 host, ``torch.profiler`` measured 4 ms per ``log`` and 11 ms per ``sqrt`` of CutMix's
+    for 256 values (their time grows with the thread count; that of ``xlogy`` and ``pow`` does
+    not). In a training process whose cores are busy with DataLoader workers that region can
+    wait milliseconds for its threads: on a 16-core H100 host, ``torch.profiler`` measured 4 ms per ``log`` and 11 ms per ``sqrt`` of CutMix's
     draws, and CutMix trained at half the speed of no mixing. ``xlogy(1, x)`` is ``1 * log(x)``
     with the C library's ``log``, one value at a time.
     """
