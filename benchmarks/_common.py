@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -107,24 +108,41 @@ def time_call(fn: Callable[[], Any], device: torch.device, *, repeats: int, warm
 def time_interleaved(
     fns: Sequence[Callable[[], Any]], device: torch.device, *, repeats: int, block: int = 1, warmup: int = 5
 ) -> list[float]:
-    """Median seconds per call of each of ``fns``, timed round-robin so that drift and noise hit all alike.
+    """Median seconds per call of each of ``fns``, timed round-robin (see :func:`time_rounds`)."""
+    return [statistics.median(spent) for spent in time_rounds(fns, device, repeats=repeats, block=block, warmup=warmup)]
 
-    Each round times ``block`` consecutive calls of each function in turn (seconds per call = block
-    time / ``block``); ``repeats`` rounds, median over rounds.
+
+def time_rounds(
+    fns: Sequence[Callable[[], Any]], device: torch.device, *, repeats: int, block: int = 1, warmup: int = 5
+) -> list[list[float]]:
+    """Seconds per call of each of ``fns`` in each of ``repeats`` rounds, so that drift and noise hit all alike.
+
+    Each round times ``block`` consecutive calls of each function (seconds per call = block time /
+    ``block``), in an order shuffled per round (seeded): a function that always ran right after the
+    same other one would always pay for the caches that one left behind. Returns one list of
+    ``repeats`` times per function; :func:`median_ratio` compares two of them round by round.
     """
     for _ in range(warmup):
         for fn in fns:
             fn()
     synchronize(device)
     times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    shuffler = random.Random(0)
     for _ in range(repeats):
-        for fn, spent in zip(fns, times):
+        shuffler.shuffle(order)
+        for index in order:
             start = time.perf_counter()
             for _ in range(block):
-                fn()
+                fns[index]()
             synchronize(device)
-            spent.append((time.perf_counter() - start) / block)
-    return [statistics.median(spent) for spent in times]
+            times[index].append((time.perf_counter() - start) / block)
+    return times
+
+
+def median_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of ``times[r] / reference[r]``: each ratio compares two ops timed in the same round."""
+    return statistics.median(t / r for t, r in zip(times, reference))
 
 
 class ThroughputTimer(L.Callback):

@@ -4,9 +4,10 @@
 and soft targets (lightning_acm.functional.attentive_cutmix). "(from cache)" adds the cache
 lookup and the warp of 14x14 maps through each sample's crop box and flip
 (lightning_acm.cache.HeatmapCache.warp). Neither includes the teacher. Ratios are against
-torchvision's CutMix on the same batch (< 1 is faster). Note that torchvision draws one box and
-one lam per batch, ours one per sample. The ops are timed round-robin, --block consecutive calls
-of each in turn, so that the machine's drift and noise hit every op alike.
+torchvision's CutMix on the same batch (< 1 is faster), the median over rounds of the ratio
+within a round. Note that torchvision draws one box and one lam per batch, ours one per sample.
+The ops are timed round-robin, --block consecutive calls of each per round in a shuffled order,
+so that the machine's drift and noise hit every op alike.
 
 With --device cuda, "syncs" counts the host-device synchronisations of one call
 (torch.cuda.set_sync_debug_mode), i.e. the points where the CPU waits for the GPU.
@@ -20,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import warnings
 from typing import Any, Callable
@@ -29,7 +31,7 @@ from torchvision.transforms import v2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # _common, and lightning_acm without installing it
-from _common import base_parser, describe_machine, markdown_table, setup_run, time_interleaved  # noqa: E402
+from _common import base_parser, describe_machine, markdown_table, median_ratio, setup_run, time_rounds  # noqa: E402
 
 from lightning_acm import functional as AF  # noqa: E402
 from lightning_acm.cache import HeatmapCache  # noqa: E402
@@ -92,12 +94,12 @@ def main() -> None:
             ("torchvision v2.MixUp", lambda: tv_mixup(images, labels)),
             ("ours: mixup", lambda: AF.mixup(images, labels, num_classes=k, generator=generator)),
         ]
-        medians = time_interleaved([fn for _, fn in ops], device, repeats=args.repeats, block=args.block)
-        reference = medians[0]
-        for (name, fn), seconds in zip(ops, medians):
+        rounds = time_rounds([fn for _, fn in ops], device, repeats=args.repeats, block=args.block)
+        for (name, fn), times in zip(ops, rounds):
+            seconds = statistics.median(times)
             rows.append({
                 "batch": shape, "op": name, "ms / batch": seconds * 1e3, "images/s": b / seconds,
-                "vs tv CutMix": seconds / reference, "syncs": count_syncs(fn, device),
+                "vs tv CutMix": median_ratio(times, rounds[0]), "syncs": count_syncs(fn, device),
             })
     print(markdown_table(rows))
     print("\nvs tv CutMix: time relative to torchvision's v2.CutMix on the same batch (< 1 is faster).")

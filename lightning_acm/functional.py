@@ -149,8 +149,7 @@ def pairing_permutation(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
     order = torch.randperm(batch_size, generator=generator)
-    permutation = torch.empty_like(order)
-    permutation[order] = order.roll(-1)
+    permutation = torch.empty_like(order).index_copy_(0, order, order.roll(-1))  # p[order[i]] = order[i + 1]
     # non_blocking: a host-to-device copy from pageable memory is staged at once, without the stream sync.
     return permutation.to(device, non_blocking=True) if device is not None else permutation
 
@@ -351,8 +350,13 @@ def topk_cell_indices(heatmaps: Tensor, top_k: int) -> Tensor:
         tensor([[1, 2, 3]])
     """
     _check_heatmaps(heatmaps)
+    _check_top_k(top_k, *heatmaps.shape[-2:])
+    return _topk_cells(heatmaps, top_k)
+
+
+def _topk_cells(heatmaps: Tensor, top_k: int) -> Tensor:
+    """:func:`topk_cell_indices` once ``heatmaps`` and ``top_k`` were checked."""
     batch, gh, gw = heatmaps.shape
-    _check_top_k(top_k, gh, gw)
     scores = heatmaps.reshape(batch, gh * gw)
     if scores.dtype in (torch.float16, torch.bfloat16, torch.float32):
         scores = scores.float()
@@ -565,17 +569,24 @@ def paste_cells(images: Tensor, cell_indices: Tensor, grid_size: Size2, permutat
     _check_cell_indices(cell_indices, batch, *grid)
     _check_permutation(permutation, batch)
     device = images.device
-    return _paste_cells(images, cell_indices.to(device, torch.long), grid, permutation.to(device, torch.long))
+    cell_indices = cell_indices.to(device, torch.long)
+    lam = _cell_lam(cell_indices, grid, (images.shape[-2], images.shape[-1]))
+    return _paste_cell_pixels(images, cell_indices, grid, permutation.to(device, torch.long)), lam
 
 
-def _paste_cells(images: Tensor, cell_indices: Tensor, grid: tuple[int, int], permutation: Tensor) -> tuple[Tensor, Tensor]:
+def _cell_lam(cell_indices: Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
+    """``(B,)`` float32 share of the image covered by the given cells (distinct within a row)."""
+    cell_area = _tiling(grid, image_size, cell_indices.device)[1]
+    return _pixel_share(cell_area.take(cell_indices).sum(1, dtype=torch.float32), image_size[0] * image_size[1])
+
+
+def _paste_cell_pixels(images: Tensor, cell_indices: Tensor, grid: tuple[int, int], permutation: Tensor) -> Tensor:
+    """The images of :func:`paste_cells` once its arguments were checked."""
     batch, channels, height, width = images.shape
     gh, gw = grid
-    cell_area = _tiling(grid, (height, width), images.device)[1]
-    lam = _pixel_share(cell_area.take(cell_indices).sum(1, dtype=torch.float32), height * width)
     if height % gh or width % gw or not images.is_contiguous():
         mask_of = functools.partial(_cell_mask, cell_indices, grid, (height, width))
-        return _masked_paste(images, mask_of, permutation), lam
+        return _masked_paste(images, mask_of, permutation)
     # Row t of cell (i, j) in channel c is one contiguous run of `width // gw` pixels; runs are
     # numbered in the (B * C * H * gw, width // gw) view of the batch:
     # run = i * C * H * gw + (c * H + t) * gw + first_run[j].
@@ -589,7 +600,7 @@ def _paste_cells(images: Tensor, cell_indices: Tensor, grid: tuple[int, int], pe
     mixed.view(-1, width // gw).index_copy_(
         0, (target_runs.unsqueeze(2) + run_offsets).flatten(), runs.index_select(0, (source_runs.unsqueeze(2) + run_offsets).flatten())
     )
-    return mixed, lam
+    return mixed
 
 
 _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -876,7 +887,7 @@ def _mix_targets(
         weight = lam.to(targets.device, torch.float32).unsqueeze(1)
         labels = targets.long().unsqueeze(1)
         soft = torch.zeros(targets.shape[0], num_classes, device=targets.device)
-        return soft.scatter_(1, labels, 1.0 - weight).scatter_add_(1, labels.index_select(0, permutation), weight)
+        return soft.scatter_(1, labels, torch.rsub(weight, 1.0)).scatter_add_(1, labels.index_select(0, permutation), weight)
     weight = lam.to(probabilities.device, probabilities.dtype).unsqueeze(1)
     return weight * probabilities.index_select(0, permutation) + (1.0 - weight) * probabilities
 
@@ -954,10 +965,15 @@ def attentive_cutmix(
     batch = images.shape[0]
     _check_heatmaps(heatmaps, batch)
     _check_top_k(top_k, *heatmaps.shape[-2:])
+    _check_grid_fits(*heatmaps.shape[-2:], *images.shape[-2:])
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
-    partner_heatmaps = heatmaps.to(images.device).index_select(0, permutation)
-    mixed, lam, _ = paste_topk_cells(images, partner_heatmaps, top_k, permutation)
-    return mixed, mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing), lam
+    grid = (heatmaps.shape[1], heatmaps.shape[2])
+    cells = _topk_cells(heatmaps.to(images.device).index_select(0, permutation), top_k)
+    lam = _cell_lam(cells, grid, (images.shape[-2], images.shape[-1]))
+    # The small ops first and the pixel paste last: a small op that follows a pass over the
+    # whole batch finds the CPU's caches flushed and runs several times slower.
+    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)
+    return _paste_cell_pixels(images, cells, grid, permutation), soft, lam
 
 
 def paste_topk_cells(
@@ -981,11 +997,12 @@ def paste_topk_cells(
     """
     _check_images(images)
     _check_heatmaps(partner_heatmaps, images.shape[0])
+    _check_top_k(top_k, *partner_heatmaps.shape[-2:])
+    _check_grid_fits(*partner_heatmaps.shape[-2:], *images.shape[-2:])
     grid = (partner_heatmaps.shape[1], partner_heatmaps.shape[2])
-    _check_grid_fits(*grid, *images.shape[-2:])
-    cells = topk_cell_indices(partner_heatmaps, top_k)
-    mixed, lam = _paste_cells(images, cells, grid, permutation)
-    return mixed, lam, cells
+    cells = _topk_cells(partner_heatmaps, top_k)
+    lam = _cell_lam(cells, grid, (images.shape[-2], images.shape[-1]))
+    return _paste_cell_pixels(images, cells, grid, permutation), lam, cells
 
 
 def cutmix(
