@@ -697,14 +697,20 @@ def _box_mask(
 ) -> Tensor:
     """``(B, 1, H, W)`` mask of ``dtype`` on the boxes' device: ``value`` inside each box, 0 outside."""
     height, width = image_size
-    top, bottom, left, right = (side.unsqueeze(1) for side in boxes.unbind(1))
-    rows = torch.arange(height, device=boxes.device)
-    cols = torch.arange(width, device=boxes.device)
-    in_rows, in_cols = (rows >= top) & (rows < bottom), (cols >= left) & (cols < right)
+    # Rows and columns in one comparison: (top, left) and (bottom, right), each (B, 2, 1), against
+    # the pixel positions (the longer side's). The row and column masks are small; only their
+    # product has the size of the image.
+    sides = boxes.reshape(-1, 2, 2, 1)  # [b, rows/columns, start/stop]
+    positions = _positions(max(height, width), boxes.device)
+    inside = (positions >= sides[:, :, 0]).logical_and_(positions < sides[:, :, 1])
     if dtype != torch.bool:
-        # The row and column masks are small; only their product has the size of the image.
-        in_rows, in_cols = in_rows.to(dtype).mul_(value), in_cols.to(dtype).mul_(value)
-    return in_rows.view(-1, 1, height, 1) & in_cols.view(-1, 1, 1, width)
+        inside = inside.to(dtype).mul_(value)
+    return inside[:, 0, :height].view(-1, 1, height, 1) & inside[:, 1, :width].view(-1, 1, 1, width)
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(size: int, device: torch.device) -> Tensor:
+    return torch.arange(size, device=device)
 
 
 def _box_lam(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -716,16 +722,22 @@ def _box_lam(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
 def _cutmix_paste(
     images: Tensor, permutation: Tensor, alpha: float, generator: Optional[torch.Generator]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The image half of :func:`cutmix` (draws the areas, then the boxes): ``(mixed, lam, boxes)``.
+    """Draw CutMix's boxes and paste them: ``(mixed, lam, boxes)``, ``boxes`` on the images' device."""
+    boxes = _draw_boxes(images, alpha, generator)
+    return _paste_boxes(images, boxes, permutation), _box_lam(boxes, (images.shape[-2], images.shape[-1])), boxes
 
-    ``boxes`` are on the images' device.
-    """
+
+def _draw_boxes(images: Tensor, alpha: float, generator: Optional[torch.Generator]) -> Tensor:
+    """CutMix's boxes for ``images`` (areas, then positions), ``(B, 4)`` on the images' device."""
     batch, image_size = images.shape[0], (images.shape[-2], images.shape[-1])
     area = sample_beta(alpha, batch, generator=generator)
     # non_blocking: a host-to-device copy from pageable memory is staged at once, without the stream sync.
-    boxes = _cutmix_boxes(batch, image_size, area, generator).to(images.device, non_blocking=True)
-    mixed = _masked_paste(images, functools.partial(_box_mask, boxes, image_size), permutation)
-    return mixed, _box_lam(boxes, image_size), boxes
+    return _cutmix_boxes(batch, image_size, area, generator).to(images.device, non_blocking=True)
+
+
+def _paste_boxes(images: Tensor, boxes: Tensor, permutation: Tensor) -> Tensor:
+    """Paste each partner's box (``boxes`` on the images' device) onto its image."""
+    return _masked_paste(images, functools.partial(_box_mask, boxes, (images.shape[-2], images.shape[-1])), permutation)
 
 
 def sample_cutmix_mask(images: Tensor, alpha: float = 1.0, *, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -1032,8 +1044,10 @@ def cutmix(
     _check_alpha(alpha)
     batch = images.shape[0]
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
-    mixed, lam, _ = _cutmix_paste(images, permutation, alpha, generator)
-    return mixed, mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing), lam
+    boxes = _draw_boxes(images, alpha, generator)
+    lam = _box_lam(boxes, (images.shape[-2], images.shape[-1]))
+    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)  # before the paste, see attentive_cutmix
+    return _paste_boxes(images, boxes, permutation), soft, lam
 
 
 def mixup(
@@ -1060,25 +1074,33 @@ def mixup(
     """
     _check_images(images)
     _check_alpha(alpha)
+    _check_floating_images(images)
     permutation = _resolve_permutation(images.shape[0], permutation, generator, images.device)
-    mixed, lam = _mixup_blend(images, permutation, alpha, generator)
-    soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
-    return mixed, soft, lam
+    lam = sample_beta(alpha, images.shape[0], generator=generator, device=images.device)
+    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)  # before the blend, see attentive_cutmix
+    return _blend(images, permutation, lam), soft, lam
 
 
 def _mixup_blend(
     images: Tensor, permutation: Tensor, alpha: float, generator: Optional[torch.Generator]
 ) -> tuple[Tensor, Tensor]:
-    """The image half of :func:`mixup` (draws ``lam``, then blends): ``(mixed, lam)``."""
-    batch = images.shape[0]
-    lam = sample_beta(alpha, batch, generator=generator, device=images.device)
+    """Draw Mixup's ``lam`` and blend: ``(mixed, lam)``."""
+    _check_floating_images(images)
+    lam = sample_beta(alpha, images.shape[0], generator=generator, device=images.device)
+    return _blend(images, permutation, lam), lam
+
+
+def _check_floating_images(images: Tensor) -> None:
     if not images.is_floating_point():
         raise TypeError(
             f"Expected floating-point `images` for mixup, but got dtype {images.dtype}."
             " Convert the batch first, e.g. `images.float() / 255`."
         )
-    mixed = images.lerp(images[permutation], lam.to(images.dtype).view(batch, 1, 1, 1))
-    return mixed, lam
+
+
+def _blend(images: Tensor, permutation: Tensor, lam: Tensor) -> Tensor:
+    """``lam[i] * images[p[i]] + (1 - lam[i]) * images[i]`` (``lerp``)."""
+    return images.lerp(images.index_select(0, permutation), lam.to(images.dtype).view(-1, 1, 1, 1))
 
 
 def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:
