@@ -7,7 +7,8 @@ lookup and the warp of 14x14 maps through each sample's crop box and flip
 torchvision's CutMix on the same batch (< 1 is faster), the median over rounds of the ratio
 within a round. Note that torchvision draws one box and one lam per batch, ours one per sample.
 The ops are timed round-robin, --block consecutive calls of each per round in a shuffled order,
-so that the machine's drift and noise hit every op alike.
+so that the machine's drift and noise hit every op alike; a fast batch gets more rounds (at least
+--repeats, about --min-seconds in all).
 
 With --device cuda, "syncs" counts the host-device synchronisations of one call
 (torch.cuda.set_sync_debug_mode), i.e. the points where the CPU waits for the GPU.
@@ -20,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -59,7 +61,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--cache-grid", type=int, default=14)
-    parser.add_argument("--repeats", type=int, default=40, help="rounds; each times --block calls of every op in turn")
+    parser.add_argument("--repeats", type=int, default=40, help="rounds at least; each times --block calls of every op")
+    parser.add_argument("--min-seconds", type=float, default=20.0,
+                        help="more rounds for a fast batch, until the rounds take about this long")
     parser.add_argument("--block", type=int, default=10, help="consecutive calls of one op per round (its steady state)")
     args = parser.parse_args()
     device = setup_run(args)
@@ -94,12 +98,15 @@ def main() -> None:
             ("torchvision v2.MixUp", lambda: tv_mixup(images, labels)),
             ("ours: mixup", lambda: AF.mixup(images, labels, num_classes=k, generator=generator)),
         ]
-        rounds = time_rounds([fn for _, fn in ops], device, repeats=args.repeats, block=args.block)
+        fns = [fn for _, fn in ops]
+        one_round = sum(times[0] for times in time_rounds(fns, device, repeats=1, block=args.block)) * args.block
+        repeats = max(args.repeats, math.ceil(args.min_seconds / one_round))
+        rounds = time_rounds(fns, device, repeats=repeats, block=args.block)
         for (name, fn), times in zip(ops, rounds):
             seconds = statistics.median(times)
             rows.append({
                 "batch": shape, "op": name, "ms / batch": seconds * 1e3, "images/s": b / seconds,
-                "vs tv CutMix": median_ratio(times, rounds[0]), "syncs": count_syncs(fn, device),
+                "vs tv CutMix": median_ratio(times, rounds[0]), "rounds": repeats, "syncs": count_syncs(fn, device),
             })
     print(markdown_table(rows))
     print("\nvs tv CutMix: time relative to torchvision's v2.CutMix on the same batch (< 1 is faster).")
