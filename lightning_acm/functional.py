@@ -710,6 +710,7 @@ def _box_mask(
 
 @functools.lru_cache(maxsize=16)
 def _positions(size: int, device: torch.device) -> Tensor:
+    """``arange(size)`` on ``device``, built once per size and device (read-only)."""
     return torch.arange(size, device=device)
 
 
