@@ -461,7 +461,7 @@ def _row_patterns(
     in the pixel columns of the grid columns ``c`` whose bit ``1 << c`` is set in ``m``, 0 elsewhere;
     ``row_bits[r * gw + c, y]`` is ``1 << c`` where pixel row ``y`` lies in grid row ``r``, 0 elsewhere.
     """
-    (gh, gw), cells = grid, torch.arange(grid[0] * grid[1])
+    gw, cells = grid[1], torch.arange(grid[0] * grid[1])
     pixel_row, pixel_col = cell_index_maps(grid, image_size, torch.device("cpu"))
     in_column = torch.arange(1 << gw).unsqueeze(1).bitwise_right_shift(pixel_col).bitwise_and(1).bool()
     patterns = torch.zeros(in_column.shape, dtype=dtype).masked_fill_(in_column, value)
@@ -1047,7 +1047,8 @@ def cutmix(
     permutation = _resolve_permutation(batch, permutation, generator, images.device)
     boxes = _draw_boxes(images, alpha, generator)
     lam = _box_lam(boxes, (images.shape[-2], images.shape[-1]))
-    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)  # before the paste, see attentive_cutmix
+    # The targets before the paste, as in attentive_cutmix.
+    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)
     return _paste_boxes(images, boxes, permutation), soft, lam
 
 
@@ -1078,7 +1079,8 @@ def mixup(
     _check_floating_images(images)
     permutation = _resolve_permutation(images.shape[0], permutation, generator, images.device)
     lam = sample_beta(alpha, images.shape[0], generator=generator, device=images.device)
-    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)  # before the blend, see attentive_cutmix
+    # The targets before the blend, as in attentive_cutmix.
+    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)
     return _blend(images, permutation, lam), soft, lam
 
 

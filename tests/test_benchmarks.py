@@ -61,7 +61,7 @@ def test_bench_mixing_op_runs_and_prints_every_op_with_torchvision_as_the_refere
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 4x3x28x28") or line.startswith("| 2x3x32x32")]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| 4x3x28x28", "| 2x3x32x32"))]
     assert len(rows) == 2 * 7
     reference_rows = [row for row in rows if row[2].strip() == "torchvision v2.CutMix"]
     assert len(reference_rows) == 2 and all(row[5].strip() == "1" for row in reference_rows)
