@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -87,18 +88,24 @@ def _cell_weights(start: Tensor, end: Tensor, flipped: Tensor, cells_out: int, c
     ``start + [i / n, (i + 1) / n] * (end - start)`` of the un-augmented one (mirrored when
     ``flipped``). A row sums to the part of the cell that lies inside the image (1 without padding).
     """
-    steps = torch.arange(cells_out + 1, device=start.device, dtype=torch.float32) / cells_out
-    span = (end - start).unsqueeze(1)
-    forward_lo = start.unsqueeze(1) + steps[:-1] * span
-    forward_hi = start.unsqueeze(1) + steps[1:] * span
-    mirrored_lo = start.unsqueeze(1) + (1.0 - steps[1:]) * span
-    mirrored_hi = start.unsqueeze(1) + (1.0 - steps[:-1]) * span
-    flip = flipped.unsqueeze(1) > 0.5
-    lo = torch.where(flip, mirrored_lo, forward_lo).unsqueeze(2)
-    hi = torch.where(flip, mirrored_hi, forward_hi).unsqueeze(2)
-    edges = torch.arange(cells_in + 1, device=start.device, dtype=torch.float32) / cells_in
-    overlap = (torch.minimum(hi, edges[1:]) - torch.maximum(lo, edges[:-1])).clamp_min(0.0)
+    # (B, 2, cells_out): the low and high ends of each output cell as fractions of the box, mirrored
+    # where flipped; then in the un-augmented image's coordinates.
+    fractions = torch.where((flipped > 0.5).view(-1, 1, 1), *_cell_fractions(cells_out, start.device))
+    bounds = start.view(-1, 1, 1) + fractions * (end - start).view(-1, 1, 1)
+    lo, hi = bounds[:, 0].unsqueeze(2), bounds[:, 1].unsqueeze(2)
+    edges = _cell_fractions(cells_in, start.device)[1]  # forward: (low ends, high ends) of the input cells
+    overlap = (torch.minimum(hi, edges[1]) - torch.maximum(lo, edges[0])).clamp_min(0.0)
     return overlap / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@functools.lru_cache(maxsize=16)
+def _cell_fractions(cells: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(mirrored, forward)``, each ``(2, cells)`` float32: the low and high ends of the ``cells`` equal
+    cells of ``[0, 1]``, forward (``i / n``, ``(i + 1) / n``) and mirrored (``1 - (i + 1) / n``,
+    ``1 - i / n``). Built once per size and device (read-only)."""
+    steps = torch.arange(cells + 1, device=device, dtype=torch.float32) / cells
+    forward = torch.stack([steps[:-1], steps[1:]])
+    return torch.stack([1.0 - steps[1:], 1.0 - steps[:-1]]), forward
 
 
 def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> Tensor:
@@ -136,14 +143,14 @@ def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> 
     gh, gw = _pair(grid_size, "grid_size")
     fh, fw = fine_maps.shape[-2:]
     y0, x0, y1, x1, flipped = box.unbind(1)
-    no_flip = torch.zeros_like(flipped)
     if (gh, fh) == (gw, fw):
         # Rows and columns in one call (half the small ops); the weights are elementwise, so the same bits.
+        # Starts (y0..., x0...), ends (y1..., x1...); rows are never flipped (zeros before the flips).
         rows, cols = _cell_weights(
-            torch.cat([y0, x0]), torch.cat([y1, x1]), torch.cat([no_flip, flipped]), gw, fw
+            box[:, 0:2].t().reshape(-1), box[:, 2:4].t().reshape(-1), F.pad(flipped, (box.shape[0], 0)), gw, fw
         ).chunk(2)
     else:
-        rows = _cell_weights(y0, y1, no_flip, gh, fh)
+        rows = _cell_weights(y0, y1, torch.zeros_like(flipped), gh, fh)
         cols = _cell_weights(x0, x1, flipped, gw, fw)
     maps = fine_maps.float()
     warped = rows @ maps @ cols.transpose(1, 2)
@@ -330,7 +337,7 @@ class HeatmapCache:
         """
         if indices.is_floating_point():
             indices = indices.round()
-        return self.maps[indices.to(self.device, torch.long)].float()
+        return self.maps.index_select(0, indices.to(self.device, torch.long)).float()
 
     def warp(self, geometry: Tensor, grid_size: Size2 = 7) -> Tensor:
         """``(B, gh, gw)`` heatmaps of an augmented batch from its ``(B, 6)`` geometry (see :func:`warp_heatmaps`)."""
