@@ -748,9 +748,7 @@ def sample_cutmix_mask(images: Tensor, alpha: float = 1.0, *, generator: Optiona
     """
     _check_images(images)
     _check_alpha(alpha)
-    batch = images.shape[0]
-    area = sample_beta(alpha, batch, generator=generator)
-    return cutmix_box_mask(batch, tuple(images.shape[-2:]), area, generator=generator, device=images.device)
+    return _box_mask(_draw_boxes(images, alpha, generator), (images.shape[-2], images.shape[-1]))
 
 
 # --------------------------------------------------------------------------- pasting and targets
@@ -985,7 +983,7 @@ def attentive_cutmix(
     lam = _cell_lam(cells, grid, (images.shape[-2], images.shape[-1]))
     # The small ops first and the pixel paste last: a small op that follows a pass over the
     # whole batch finds the CPU's caches flushed and runs several times slower.
-    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)
+    soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
     return _paste_cell_pixels(images, cells, grid, permutation), soft, lam
 
 
@@ -1048,7 +1046,7 @@ def cutmix(
     boxes = _draw_boxes(images, alpha, generator)
     lam = _box_lam(boxes, (images.shape[-2], images.shape[-1]))
     # The targets before the paste, as in attentive_cutmix.
-    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)
+    soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
     return _paste_boxes(images, boxes, permutation), soft, lam
 
 
@@ -1080,7 +1078,7 @@ def mixup(
     permutation = _resolve_permutation(images.shape[0], permutation, generator, images.device)
     lam = sample_beta(alpha, images.shape[0], generator=generator, device=images.device)
     # The targets before the blend, as in attentive_cutmix.
-    soft = _mix_targets(targets, lam, permutation, num_classes, label_smoothing, check_range=True)
+    soft = mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing)
     return _blend(images, permutation, lam), soft, lam
 
 
