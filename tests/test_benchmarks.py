@@ -66,3 +66,15 @@ def test_bench_mixing_op_runs_and_prints_every_op_with_torchvision_as_the_refere
     reference_rows = [row for row in rows if row[2].strip() == "torchvision v2.CutMix"]
     assert len(reference_rows) == 2 and all(row[5].strip() == "1" for row in reference_rows)
     assert any("Attentive CutMix (heatmaps given)" in row[2] for row in rows)
+
+
+def test_bench_cold_ops_prints_one_row_per_pass_batch():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_cold_ops.py"), "--pass-batches", "2,4", "--rounds", "3",
+         "--warmup", "1"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| 2x3x32x32", "| 4x3x32x32"))]
+    assert [row[1].strip() for row in rows] == ["2x3x32x32", "4x3x32x32"]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[6].strip() == "3" for row in rows)
