@@ -142,7 +142,7 @@ def time_rounds(
 
 def median_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
     """Median over rounds of ``times[r] / reference[r]``: each ratio compares two ops timed in the same round."""
-    return statistics.median(t / r for t, r in zip(times, reference))
+    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 class ThroughputTimer(L.Callback):

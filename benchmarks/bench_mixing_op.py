@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import statistics
@@ -54,6 +55,38 @@ def count_syncs(fn: Callable[[], Any], device: torch.device) -> Any:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def mixing_ops(
+    b: int, c: int, h: int, w: int, args: argparse.Namespace, device: torch.device
+) -> list[tuple[str, Callable[[], Any]]]:
+    """The timed ops on one random ``(b, c, h, w)`` batch: ``(name, call)``, torchvision's CutMix first."""
+    images = torch.randn(b, c, h, w, device=device)
+    labels = torch.randint(0, args.num_classes, (b,), device=device)
+    heatmaps = torch.rand(b, args.grid, args.grid, device=device)
+    cache = HeatmapCache(4 * b, args.cache_grid, device=device)
+    cache.update(torch.arange(4 * b), torch.rand(4 * b, args.cache_grid, args.cache_grid))
+    corner = torch.rand(b, 2) * 0.25 - 0.125
+    geometry = torch.cat(
+        [torch.randperm(4 * b)[:b, None].float(), corner, corner + 1.0, (torch.rand(b, 1) < 0.5).float()], 1
+    ).to(device)
+    generator = torch.Generator().manual_seed(args.seed)
+    tv_cutmix = v2.CutMix(num_classes=args.num_classes)
+    tv_mixup = v2.MixUp(num_classes=args.num_classes)
+    k = args.num_classes
+
+    return [
+        ("torchvision v2.CutMix", lambda: tv_cutmix(images, labels)),
+        ("ours: Attentive CutMix (heatmaps given)",
+         lambda: AF.attentive_cutmix(images, labels, heatmaps, top_k=args.top_k, num_classes=k, generator=generator)),
+        ("ours: Attentive CutMix (from cache: lookup + warp + mix)",
+         lambda: AF.attentive_cutmix(images, labels, cache.warp(geometry, args.grid), top_k=args.top_k,
+                                     num_classes=k, generator=generator)),
+        ("ours: cache lookup + warp only", lambda: cache.warp(geometry, args.grid)),
+        ("ours: cutmix", lambda: AF.cutmix(images, labels, num_classes=k, generator=generator)),
+        ("torchvision v2.MixUp", lambda: tv_mixup(images, labels)),
+        ("ours: mixup", lambda: AF.mixup(images, labels, num_classes=k, generator=generator)),
+    ]
+
+
 def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="128x3x32x32,64x3x224x224", help="comma-separated BxCxHxW batches")
@@ -72,37 +105,12 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         b, c, h, w = (int(v) for v in shape.lower().split("x"))
-        images = torch.randn(b, c, h, w, device=device)
-        labels = torch.randint(0, args.num_classes, (b,), device=device)
-        heatmaps = torch.rand(b, args.grid, args.grid, device=device)
-        cache = HeatmapCache(4 * b, args.cache_grid, device=device)
-        cache.update(torch.arange(4 * b), torch.rand(4 * b, args.cache_grid, args.cache_grid))
-        corner = torch.rand(b, 2) * 0.25 - 0.125
-        geometry = torch.cat(
-            [torch.randperm(4 * b)[:b, None].float(), corner, corner + 1.0, (torch.rand(b, 1) < 0.5).float()], 1
-        ).to(device)
-        generator = torch.Generator().manual_seed(args.seed)
-        tv_cutmix = v2.CutMix(num_classes=args.num_classes)
-        tv_mixup = v2.MixUp(num_classes=args.num_classes)
-        k = args.num_classes
-
-        ops: list[tuple[str, Callable[[], Any]]] = [
-            ("torchvision v2.CutMix", lambda: tv_cutmix(images, labels)),
-            ("ours: Attentive CutMix (heatmaps given)",
-             lambda: AF.attentive_cutmix(images, labels, heatmaps, top_k=args.top_k, num_classes=k, generator=generator)),
-            ("ours: Attentive CutMix (from cache: lookup + warp + mix)",
-             lambda: AF.attentive_cutmix(images, labels, cache.warp(geometry, args.grid), top_k=args.top_k,
-                                         num_classes=k, generator=generator)),
-            ("ours: cache lookup + warp only", lambda: cache.warp(geometry, args.grid)),
-            ("ours: cutmix", lambda: AF.cutmix(images, labels, num_classes=k, generator=generator)),
-            ("torchvision v2.MixUp", lambda: tv_mixup(images, labels)),
-            ("ours: mixup", lambda: AF.mixup(images, labels, num_classes=k, generator=generator)),
-        ]
+        ops = mixing_ops(b, c, h, w, args, device)
         fns = [fn for _, fn in ops]
         one_round = sum(times[0] for times in time_rounds(fns, device, repeats=1, block=args.block)) * args.block
         repeats = max(args.repeats, math.ceil(args.min_seconds / one_round))
         rounds = time_rounds(fns, device, repeats=repeats, block=args.block)
-        for (name, fn), times in zip(ops, rounds):
+        for (name, fn), times in zip(ops, rounds, strict=True):
             seconds = statistics.median(times)
             rows.append({
                 "batch": shape, "op": name, "ms / batch": seconds * 1e3, "images/s": b / seconds,

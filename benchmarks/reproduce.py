@@ -551,7 +551,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def _span(records: list[dict[str, Any]]) -> tuple[float, float]:
     """(first start, last end) of the runs in seconds since the epoch, from their end times and durations."""
     ends = [time.mktime(time.strptime(r["finished"], "%Y-%m-%d %H:%M:%S")) for r in records]
-    starts = [end - r["wall_s"] for end, r in zip(ends, records)]
+    starts = [end - r["wall_s"] for end, r in zip(ends, records, strict=True)]
     return min(starts), max(ends)
 
 

@@ -284,7 +284,7 @@ class _EpochMeans:
         sums = self._sums if self._sums is not None else torch.zeros(len(self.names), device=pl_module.device)
         counts = torch.tensor(self._counts, dtype=sums.dtype, device=sums.device)
         totals = trainer.strategy.reduce(torch.stack([sums, counts]), reduce_op="sum")
-        for name, total, count in zip(self.names, *totals.tolist()):
+        for name, total, count in zip(self.names, *totals.tolist(), strict=True):
             if count > 0:
                 # Already global: sync_dist only averages equal values (and keeps Lightning from warning).
                 pl_module.log(f"{prefix}/{name}", total / count, on_step=False, on_epoch=True, sync_dist=True)
@@ -888,7 +888,7 @@ class AttentiveCutMix(MixingCallback):
         if size is None:
             size = tuple(trainer.datamodule.train_reference_dataset()[0][0].shape[-2:])  # type: ignore[union-attr]
         return tuple(  # type: ignore[return-value]
-            round(side * fine / coarse) for side, fine, coarse in zip(size, self.cache_grid_size, self.grid_size)
+            round(side * fine / coarse) for side, fine, coarse in zip(size, self.cache_grid_size, self.grid_size, strict=True)
         )
 
     def _cache_meta(self, teacher: nn.Module) -> dict[str, Any]:

@@ -509,7 +509,7 @@ def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
 def _cell_sizes(cells: int, pixels: int) -> list[int]:
     """Pixels in each cell along one axis: cell ``j`` spans ``[ceil(j * n / g), ceil((j + 1) * n / g))``."""
     starts = [-(-j * pixels // cells) for j in range(cells + 1)]
-    return [stop - start for start, stop in zip(starts, starts[1:])]
+    return [stop - start for start, stop in zip(starts, starts[1:], strict=False)]
 
 
 def _pixel_share(pixels: Tensor, total: int) -> Tensor:
@@ -530,7 +530,7 @@ def _tiling(grid: tuple[int, int], image_size: tuple[int, int], device: torch.de
     """``(pixel_cell (H * W,), cell_area (gh * gw,))`` of a tiling, built once per shape and device (read-only)."""
     rows, cols = cell_index_maps(grid, image_size, device)
     pixel_cell = (rows.unsqueeze(1) * grid[1] + cols).flatten()
-    heights, widths = (_cell_sizes(cells, pixels) for cells, pixels in zip(grid, image_size))
+    heights, widths = (_cell_sizes(cells, pixels) for cells, pixels in zip(grid, image_size, strict=True))
     cell_area = torch.tensor([h * w for h in heights for w in widths], device=device)
     return pixel_cell, cell_area
 

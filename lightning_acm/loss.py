@@ -12,7 +12,7 @@ Example::
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401  (the docstring examples use it)
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -274,7 +274,7 @@ def render_mix_grid(
     image = to_pil_image((canvas * 255.0).round().to(torch.uint8))
     draw = ImageDraw.Draw(image)
     starts = [pad + column * (panel_w + pad) for column in range(4)]
-    for start, title in zip(starts, _TITLES):
+    for start, title in zip(starts, _TITLES, strict=True):
         draw.text((start, 1), title, fill=(230, 230, 230), font=font)
     for i, lines in enumerate(texts):
         top = header_h + i * (panel_h + pad)

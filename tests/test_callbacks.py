@@ -142,7 +142,7 @@ def test_random_mixing_callbacks_mix_in_place(make):
         torch.testing.assert_close(images, torch.where(mix.mask, x[mix.permutation], x))
         assert torch.equal(mix.lam, mix.mask.flatten(1).float().mean(1))
         # CutMix keeps its boxes; the mask is built from them when read.
-        for box, mask in zip(mix.boxes.tolist(), mix.mask[:, 0]):
+        for box, mask in zip(mix.boxes.tolist(), mix.mask[:, 0], strict=True):
             top, bottom, left, right = box
             expected = torch.zeros_like(mask)
             expected[top:bottom, left:right] = True
@@ -160,7 +160,7 @@ def test_probability_zero_is_identity():
     originals = [batch for batch in data]
     callback = CutMix(p=0.0, seed=0)
     _, model = fit(callback, data=data)
-    for (seen_x, seen_y), (x, y) in zip(model.seen, originals):
+    for (seen_x, seen_y), (x, y) in zip(model.seen, originals, strict=True):
         assert torch.equal(seen_x, x) and torch.equal(seen_y, y)
     assert callback.batches_mixed == 0 and callback.last_mix is None
 
@@ -227,9 +227,9 @@ def test_same_seed_same_mixes_and_ranks_differ():
         return perms
 
     first, again = run(7), run(7)
-    assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == 8
-    assert any(not torch.equal(a, b) for a, b in zip(first, run(8)))
-    assert any(not torch.equal(a, b) for a, b in zip(first, run(7, rank=1)))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True)) and len(first) == 8
+    assert any(not torch.equal(a, b) for a, b in zip(first, run(8), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(first, run(7, rank=1), strict=True))
 
 
 def test_seed_none_follows_seed_everything():
@@ -424,5 +424,5 @@ def test_compiled_teacher_mixes_like_the_eager_one():
         fit(callback)
         assert callback.attention_model.compiled is (compile_arg is not False)
         mixes.append((callback.last_mix.mixed, callback.last_mix.soft_targets, callback.last_mix.cell_indices))
-    for a, b in zip(*mixes):
+    for a, b in zip(*mixes, strict=True):
         assert torch.equal(a, b)

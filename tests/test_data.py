@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import pickle
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -67,7 +66,7 @@ def write_cifar(root: Path, cifar100: bool = False, per_batch: int = 20, n_test:
     n_train = per_batch * 5 if not cifar100 else per_batch
     data = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8)
     chunks = np.split(data, len(names))
-    for name, chunk in zip(names, chunks):
+    for name, chunk in zip(names, chunks, strict=True):
         labels = [i % (100 if cifar100 else 10) for i in range(len(chunk))]
         (folder / name).write_bytes(pickle.dumps({"data": chunk, label_key: labels}))
     test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
@@ -426,7 +425,7 @@ def test_fmnist_geometry_reproduces_the_augmented_image(fmnist_dir: Path) -> Non
     assert 0 < geometry[:, 5].sum() < 64 and set(geometry[:, 5].tolist()) <= {0.0, 1.0}
     assert (geometry[:, 1:3] != 0).any(), "some crops must be shifted for the test to mean something"
     references = torch.stack([reference[int(g[0])][0] for g in geometry])
-    for image, ref, g in zip(images, references, geometry):
+    for image, ref, g in zip(images, references, geometry, strict=True):
         assert torch.equal(image, crop_by_slicing(ref, g, 32, fill))
     torch.testing.assert_close(crop_by_grid_sample(references, geometry, 32, fill), images, atol=1e-6, rtol=0)
     for _, target, g in samples:
@@ -498,7 +497,7 @@ def test_cifar10(tmp_path: Path) -> None:
     assert images.shape == (8, 3, 32, 32) and geometry.shape == (8, 6)
     reference = dm.train_reference_dataset()
     fill = zero_value(dm.mean, dm.std).flatten()
-    for image, g in zip(images, geometry):
+    for image, g in zip(images, geometry, strict=True):
         assert torch.equal(image, crop_by_slicing(reference[int(g[0])][0], g, 32, fill))
 
 

@@ -61,7 +61,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[int, dict[str, A
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    for proc, output in zip(procs, outputs):
+    for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-4000:]
     return [{r: torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(2)} for d in dirs]
 
@@ -77,7 +77,7 @@ def _same(a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> bool:
     def eq(x: Any, y: Any) -> bool:
         return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
 
-    return len(a) == len(b) and all(eq(x, y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
+    return len(a) == len(b) and all(eq(x, y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))
 
 
 def test_two_gloo_processes_ran(runs):
@@ -88,7 +88,7 @@ def test_two_gloo_processes_ran(runs):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_rank_mixes_every_step(runs, method):
-    for rank, result in runs[0].items():
+    for result in runs[0].values():
         steps = result[method]["steps"]
         assert [s["batch_idx"] for s in steps] == list(range(STEPS))
         assert all(s["mixed"] for s in steps)
@@ -102,9 +102,9 @@ def test_ranks_mix_differently(runs, method):
     rank0, rank1 = (runs[0][r][method]["steps"] for r in (0, 1))
     # Different generators per rank: pairings differ, and so does lam where it is drawn
     # (Attentive CutMix pastes 6 of 49 cells on every rank).
-    assert any(not torch.equal(a["permutation"], b["permutation"]) for a, b in zip(rank0, rank1))
+    assert any(not torch.equal(a["permutation"], b["permutation"]) for a, b in zip(rank0, rank1, strict=True))
     if method != "attentive_cutmix":
-        assert all(not torch.equal(a["lam"], b["lam"]) for a, b in zip(rank0, rank1))
+        assert all(not torch.equal(a["lam"], b["lam"]) for a, b in zip(rank0, rank1, strict=True))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -136,7 +136,7 @@ def test_logged_metrics_are_means_over_both_ranks(runs, method):
 
 
 def test_attention_model_is_built_once_per_rank_and_not_wrapped_by_ddp(runs):
-    for rank, result in runs[0].items():
+    for result in runs[0].values():
         acm = result["attentive_cutmix"]
         assert acm["builds"] == 1
         wrapper = acm["wrapper"]

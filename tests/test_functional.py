@@ -742,7 +742,7 @@ def test_common_same_seed_same_batch_other_seed_other_batch(augment):
         return augment(images, labels, num_classes=8, generator=torch.Generator().manual_seed(seed))
 
     first, again, other = run(11), run(11), run(12)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])
 
@@ -767,7 +767,7 @@ def test_common_int32_permutation_is_accepted(augment, generator):
         augment(images, torch.arange(3), num_classes=3, permutation=p, generator=torch.Generator().manual_seed(5))
         for p in (permutation, permutation.long())
     ]
-    for got, want in zip(*outputs):
+    for got, want in zip(*outputs, strict=True):
         assert torch.equal(got, want)
 
 
@@ -824,7 +824,7 @@ def test_cutmix_box_mask_boxes_are_clipped_at_the_border():
     assert mask.shape == (batch, 1, height, width) and mask.dtype == torch.bool
     lam = mask.float().mean((1, 2, 3))
     clipped = unclipped = 0
-    for m, fraction in zip(mask[:, 0], lam.tolist()):
+    for m, fraction in zip(mask[:, 0], lam.tolist(), strict=True):
         assert is_rectangle(m)
         rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
         h, w = rows.numel(), cols.numel()

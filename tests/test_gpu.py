@@ -121,7 +121,7 @@ def test_same_seed_gives_the_same_mix_on_cpu_and_gpu(size: int) -> None:
             images.cuda(), labels.cuda(), *(a.cuda() for a in args), num_classes=8,
             generator=torch.Generator().manual_seed(3),
         )
-        for a, b in zip(cpu, gpu):
+        for a, b in zip(cpu, gpu, strict=True):
             if name == "mixup":
                 torch.testing.assert_close(a, b.cpu())  # a blend: rounding may differ between devices
             else:

@@ -16,9 +16,9 @@ from lightning_acm.loss import SoftTargetLossMixin, dominant_class, soft_target_
 def reference_soft_cross_entropy(logits: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
     """Row by row in float64: ``-sum_k y_k log softmax(z)_k``, averaged over the batch."""
     rows = []
-    for z, y in zip(logits.double().tolist(), probabilities.double().tolist()):
+    for z, y in zip(logits.double().tolist(), probabilities.double().tolist(), strict=True):
         log_norm = math.log(sum(math.exp(v - max(z)) for v in z)) + max(z)
-        rows.append(-sum(p * (v - log_norm) for p, v in zip(y, z)))
+        rows.append(-sum(p * (v - log_norm) for p, v in zip(y, z, strict=True)))
     return torch.tensor(sum(rows) / len(rows), dtype=torch.float64)
 
 

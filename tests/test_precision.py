@@ -166,7 +166,7 @@ def test_half_precision_batches_through_every_callback(method, dtype):
     model, mixes = fit(MAKERS[method](), "32-true", dtype)
     images, _ = images_and_labels(dtype)
     assert len(mixes) == len(model.seen) == 2
-    for step, (mix, seen) in enumerate(zip(mixes, model.seen)):
+    for step, (mix, seen) in enumerate(zip(mixes, model.seen, strict=True)):
         check_mix(images[step * BATCH : (step + 1) * BATCH], mix, seen)
 
 
@@ -187,7 +187,7 @@ def test_trainer_precision(method, precision, image_dtype, logit_dtype):
     images, _ = images_and_labels(image_dtype)  # what "-true" precisions cast the batch to
     assert model.logit_dtypes == [logit_dtype] * 2
     assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in model.losses)
-    for step, (mix, seen) in enumerate(zip(mixes, model.seen)):
+    for step, (mix, seen) in enumerate(zip(mixes, model.seen, strict=True)):
         check_mix(images[step * BATCH : (step + 1) * BATCH], mix, seen)
 
 
@@ -239,7 +239,7 @@ def test_teacher_runs_under_its_own_autocast(attention_precision, trainer_precis
     assert conv_dtypes == [expected] * 2  # the backbone really ran in half precision
     images, _ = images_and_labels()
     reference = teacher()  # the same teacher in float32
-    for step, (mix, seen) in enumerate(zip(mixes, model.seen)):
+    for step, (mix, seen) in enumerate(zip(mixes, model.seen, strict=True)):
         batch = images[step * BATCH : (step + 1) * BATCH]
         check_mix(batch, mix, seen)
         torch.testing.assert_close(mix.partner_heatmaps, reference(batch)[mix.permutation], atol=1e-2, rtol=1e-2)
@@ -264,7 +264,7 @@ def test_teacher_runs_in_channels_last_and_gives_the_same_heatmaps(given):
     assert input_formats == [True] * 2  # both batches reached the backbone in channels_last
     images, _ = images_and_labels()
     reference = teacher()  # the same teacher, default memory format
-    for step, (mix, seen) in enumerate(zip(mixes, model.seen)):
+    for step, (mix, seen) in enumerate(zip(mixes, model.seen, strict=True)):
         batch = images[step * BATCH : (step + 1) * BATCH]
         check_mix(batch, mix, seen)
         torch.testing.assert_close(mix.partner_heatmaps, reference(batch)[mix.permutation])

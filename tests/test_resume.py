@@ -144,9 +144,9 @@ def assert_identical(full: tuple[Net, RecordMix], parts: list[tuple[Net, RecordM
         expected, got = full_record.rows[key], rows[key]
         assert (expected is None) == (got is None), f"mixing decision differs at (epoch, batch_idx)={key}"
         if expected is not None:
-            for name, a, b in zip(("permutation", "lam", "mask"), expected, got):
+            for name, a, b in zip(("permutation", "lam", "mask"), expected, got, strict=True):
                 assert torch.equal(a, b), f"{name} differs at (epoch, batch_idx)={key}"
-        for name, a, b in zip(("images", "targets"), full_model.seen[key], seen[key]):
+        for name, a, b in zip(("images", "targets"), full_model.seen[key], seen[key], strict=True):
             assert torch.equal(a, b), f"{name} seen by training_step differ at (epoch, batch_idx)={key}"
     decisions = [full_record.rows[key] is not None for key in sorted(full_record.rows)]
     assert any(decisions) and not all(decisions), "p=0.5 should both mix and skip some of the 12 batches"
