@@ -78,3 +78,41 @@ def test_bench_cold_ops_prints_one_row_per_pass_batch():
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| 2x3x32x32", "| 4x3x32x32"))]
     assert [row[1].strip() for row in rows] == ["2x3x32x32", "4x3x32x32"]
     assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[6].strip() == "3" for row in rows)
+
+
+# The other benchmarks at toy sizes (random data, a random-weight teacher at the smallest size its
+# layer allows): each runs end to end and prints every row of its table.
+SMOKE_RUNS = {
+    "bench_training.py": (
+        ["--data", "random", "--num-samples", "48", "--batch-size", "8", "--steps", "1", "--warmup", "1",
+         "--teacher-weights", "none", "--teacher-size", "112"],
+        ["| no mixing |", "| CutMix |", "| Attentive CutMix (teacher every step) |", "| Attentive CutMix (cached"],
+    ),
+    "bench_teacher.py": (
+        ["--data", "random", "--batch-size", "2", "--repeats", "1", "--teacher-weights", "none"],
+        ["| baseline:", "| channels_last:", "| bf16 autocast:", "| stride-16 layer @ half size:", "| heatmap cache:"],
+    ),
+    "bench_cache.py": (
+        ["--data", "random", "--num-samples", "16", "--batch-size", "8", "--teacher-weights", "none"],
+        ["| crop | cache 7x7", "| resized-crop | cache 7x7", "| crop | chance", "| resized-crop | chance"],
+    ),
+    "bench_reference_port.py": (
+        ["--num-samples", "8", "--batch-size", "4", "--teacher-weights", "none", "--teacher-size", "112",
+         "--teacher-layer", "stride16"],
+        ["| reference-port style:", "| ours: AttentiveCutMix callback, teacher on the batch |",
+         "| ours: AttentiveCutMix callback, heatmap cache"],
+    ),
+}
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
+def test_benchmark_runs_at_toy_size_and_prints_every_row(script):
+    arguments, row_starts = SMOKE_RUNS[script]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *arguments],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for start in row_starts:
+        assert any(line.startswith(start) for line in lines), f"{script}: no row starting with {start!r}\n{result.stdout}"
