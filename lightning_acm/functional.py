@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Callable, Literal, Optional, Union
 
@@ -509,7 +510,7 @@ def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
 def _cell_sizes(cells: int, pixels: int) -> list[int]:
     """Pixels in each cell along one axis: cell ``j`` spans ``[ceil(j * n / g), ceil((j + 1) * n / g))``."""
     starts = [-(-j * pixels // cells) for j in range(cells + 1)]
-    return [stop - start for start, stop in zip(starts, starts[1:], strict=False)]
+    return [stop - start for start, stop in itertools.pairwise(starts)]
 
 
 def _pixel_share(pixels: Tensor, total: int) -> Tensor:

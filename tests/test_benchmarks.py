@@ -15,6 +15,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _common import median_ratio, time_interleaved, time_rounds  # noqa: E402
 
 
+def run_benchmark(script: str, *arguments: str) -> list[str]:
+    """The printed lines of ``benchmarks/<script> <arguments>``, which must exit with 0."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *arguments],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.splitlines()
+
+
 def test_time_rounds_calls_each_function_warmup_plus_repeats_times_block_and_returns_one_time_per_round():
     calls = {"a": 0, "b": 0}
 
@@ -55,13 +65,9 @@ def test_time_interleaved_is_the_median_of_the_rounds():
 
 
 def test_bench_mixing_op_runs_and_prints_every_op_with_torchvision_as_the_reference():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_mixing_op.py"), "--shapes", "4x3x28x28,2x3x32x32",
-         "--repeats", "2", "--block", "1", "--min-seconds", "0", "--cache-grid", "14"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| 4x3x28x28", "| 2x3x32x32"))]
+    lines = run_benchmark("bench_mixing_op.py", "--shapes", "4x3x28x28,2x3x32x32", "--repeats", "2", "--block", "1",
+                          "--min-seconds", "0", "--cache-grid", "14")
+    rows = [line.split("|") for line in lines if line.startswith(("| 4x3x28x28", "| 2x3x32x32"))]
     assert len(rows) == 2 * 7
     reference_rows = [row for row in rows if row[2].strip() == "torchvision v2.CutMix"]
     assert len(reference_rows) == 2 and all(row[5].strip() == "1" for row in reference_rows)
@@ -69,13 +75,8 @@ def test_bench_mixing_op_runs_and_prints_every_op_with_torchvision_as_the_refere
 
 
 def test_bench_cold_ops_prints_one_row_per_pass_batch():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_cold_ops.py"), "--pass-batches", "2,4", "--rounds", "3",
-         "--warmup", "1"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| 2x3x32x32", "| 4x3x32x32"))]
+    lines = run_benchmark("bench_cold_ops.py", "--pass-batches", "2,4", "--rounds", "3", "--warmup", "1")
+    rows = [line.split("|") for line in lines if line.startswith(("| 2x3x32x32", "| 4x3x32x32"))]
     assert [row[1].strip() for row in rows] == ["2x3x32x32", "4x3x32x32"]
     assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[6].strip() == "3" for row in rows)
 
@@ -108,11 +109,6 @@ SMOKE_RUNS = {
 @pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
 def test_benchmark_runs_at_toy_size_and_prints_every_row(script):
     arguments, row_starts = SMOKE_RUNS[script]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), *arguments],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
+    lines = run_benchmark(script, *arguments)
     for start in row_starts:
-        assert any(line.startswith(start) for line in lines), f"{script}: no row starting with {start!r}\n{result.stdout}"
+        assert any(line.startswith(start) for line in lines), f"{script}: no row starting with {start!r}\n" + "\n".join(lines)
