@@ -23,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -57,7 +58,8 @@ class ProfileWindow(L.Callback):
     def __init__(self, start: int, length: int, device: torch.device) -> None:
         self.start, self.length, self.device = start, length, device
         self.profiler: Optional[torch.profiler.profile] = None
-        self.seconds = float("nan")
+        self.seconds = float("nan")  # set when the window closes
+        self._began = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx == self.start:
@@ -75,7 +77,7 @@ class ProfileWindow(L.Callback):
         self.stop()
 
     def stop(self) -> None:
-        if self.profiler is not None and self.seconds != self.seconds:  # still open
+        if self.profiler is not None and math.isnan(self.seconds):  # opened and not yet closed
             synchronize(self.device)
             self.seconds = time.perf_counter() - self._began
             self.profiler.__exit__(None, None, None)
