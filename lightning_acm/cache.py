@@ -38,11 +38,13 @@ Example::
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,6 +56,7 @@ __all__ = [
     "HeatmapCache",
     "apply_geometry",
     "batch_geometry",
+    "cache_fingerprint",
     "cache_for_trainer",
     "reference_datamodule",
     "regrid_attention_model",
@@ -431,20 +434,30 @@ class HeatmapCache:
 
         Raises:
             FileNotFoundError: if ``path`` does not exist.
-            ValueError: if the file is not a heatmap cache.
+            ValueError: if the file is empty, truncated or not a heatmap cache (the message names
+                the file and says to delete it).
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Expected a heatmap cache file at {path!r}, but it does not exist.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("version") != _FORMAT_VERSION or "maps" not in state:
-            raise ValueError(f"Expected {path!r} to be a heatmap cache written by HeatmapCache.save, but it is not.")
-        maps, filled = state["maps"], state["filled"]
-        cache = cls(maps.shape[0], tuple(maps.shape[-2:]), dtype=maps.dtype, device=device)
-        cache.maps.copy_(maps)
-        cache.filled.copy_(filled)
-        cache.meta = dict(state.get("meta", {}))
-        return cache
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a damaged file fails in many ways: EOFError, OSError, RuntimeError, KeyError
+            found = f"it cannot be read ({type(error).__name__}: {error})"
+        else:
+            found = "it holds something else"
+            if isinstance(state, dict) and state.get("version") == _FORMAT_VERSION:
+                maps, filled = state.get("maps"), state.get("filled")
+                if isinstance(maps, Tensor) and isinstance(filled, Tensor) and filled.shape == maps.shape[:1]:
+                    cache = cls(maps.shape[0], tuple(maps.shape[-2:]), dtype=maps.dtype, device=device)
+                    cache.maps.copy_(maps)
+                    cache.filled.copy_(filled)
+                    cache.meta = dict(state.get("meta", {}))
+                    return cache
+        raise ValueError(
+            f"Expected {path!r} to be a heatmap cache written by HeatmapCache.save, but {found}."
+            " Delete the file: a cache is derived data, and a fit with `cache_path` writes it again."
+        )
 
 
 # --------------------------------------------------------------------------- Lightning glue
@@ -529,6 +542,87 @@ def batch_geometry(batch: Any, key: str, batch_size: int, owner: str) -> Tensor:
     return geometry
 
 
+def _digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """SHA-256 of named tensors: each name, dtype, shape and the bytes of its values."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {values.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(values.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
+    """What a cache's heatmaps are computed from, as a dict of plain values to save as its ``meta``.
+
+    A saved cache is reused only when its fingerprint equals the current one, field by field:
+
+    * ``teacher``: the type of the teacher (of the backbone of an
+      :class:`~lightning_acm.attention.AttentionModel`), and ``teacher_weights``: a SHA-256 of
+      its ``state_dict`` (names, dtypes, shapes, values), so a retrained teacher does not match;
+    * for an ``AttentionModel``: ``layer``, ``input_size``, ``reduction``, ``relu``,
+      ``precision`` and ``normalization`` (the students' ``input_mean``/``input_std`` it undoes
+      and the teacher's own ``teacher_mean``/``teacher_std``);
+    * ``grid_size`` of the cache;
+    * ``num_samples`` (``len(dataset)``) and ``dataset_pixels``: a SHA-256 of the images of the
+      first, middle and last samples (the first element of a tuple sample), so two datasets of
+      one size (CIFAR-10 and CIFAR-100) do not match.
+
+    Reads three samples and hashes every weight: call it once per fit, not per batch.
+
+    Args:
+        teacher: the model that fills the cache.
+        dataset: the un-augmented images the cache is filled from (``train_reference_dataset()``).
+        grid_size: the cache's grid (int or ``(fh, fw)``).
+
+    Returns:
+        A dict of strings, numbers and lists (what ``torch.load(weights_only=True)`` reads back).
+
+    Example::
+
+        >>> from torch.utils.data import TensorDataset
+        >>> teacher = nn.Conv2d(3, 1, 4, stride=4)
+        >>> images = TensorDataset(torch.zeros(5, 3, 8, 8))
+        >>> a = cache_fingerprint(teacher, images, 2)
+        >>> a["num_samples"], a["grid_size"], a["teacher"]
+        (5, [2, 2], 'Conv2d')
+        >>> with torch.no_grad():
+        ...     _ = teacher.weight.add_(1.0)
+        >>> b = cache_fingerprint(teacher, images, 2)
+        >>> sorted(key for key in a if a[key] != b[key])
+        ['teacher_weights']
+    """
+    from lightning_acm.attention import AttentionModel
+
+    size = len(dataset)  # type: ignore[arg-type]
+    images = []
+    for index in sorted({0, size // 2, size - 1} if size else set()):
+        sample = dataset[index]
+        image = sample[0] if isinstance(sample, (list, tuple)) else sample
+        images.append((str(index), image if isinstance(image, Tensor) else torch.as_tensor(np.asarray(image))))
+    backbone = teacher.backbone if isinstance(teacher, AttentionModel) else teacher
+    fingerprint: dict[str, Any] = {
+        "teacher": type(backbone).__name__,
+        "teacher_weights": _digest(teacher.state_dict().items()),
+        "grid_size": list(_pair(grid_size, "grid_size")),
+        "num_samples": size,
+        "dataset_pixels": _digest(images),
+    }
+    if isinstance(teacher, AttentionModel):
+        fingerprint.update(
+            layer=teacher.layer,
+            input_size=None if teacher.input_size is None else list(teacher.input_size),
+            reduction=teacher.reduction,
+            relu=teacher.relu,
+            precision=str(teacher.amp_dtype),
+            normalization=[
+                stats.flatten().tolist()
+                for stats in (teacher.input_mean, teacher.input_std, teacher.teacher_mean, teacher.teacher_std)
+            ],
+        )
+    return fingerprint
+
+
 def cache_for_trainer(
     trainer: Any,
     teacher: nn.Module,
@@ -546,8 +640,11 @@ def cache_for_trainer(
     reference samples) are computed. Under DDP each rank runs the teacher on its shard
     ``train_indices[rank::world_size]`` and the shards are exchanged with
     ``trainer.strategy.all_gather``, so every rank holds the whole cache and the teacher runs once
-    per sample in total. With ``path``, a file whose ``meta`` matches is loaded instead, and a
-    new cache is written there by rank 0.
+    per sample in total. With ``path``, a file whose ``meta`` (``meta`` and the
+    :func:`cache_fingerprint` of ``teacher`` and the reference dataset) matches and that covers the
+    training indices is loaded instead. Otherwise the cache is computed and rank 0 writes it to
+    ``path``, after a one-line warning that names the file and the fields that differed (or that it
+    is empty, truncated or not a cache).
 
     Raises:
         MisconfigurationException: see :func:`reference_datamodule`.
@@ -567,23 +664,31 @@ def cache_for_trainer(
     )
     grid = _pair(grid_size, "grid_size")
     device = trainer.strategy.root_device
-    meta = {**(meta or {}), "num_samples": num_samples, "grid_size": list(grid)}
+    meta = {**(meta or {}), **cache_fingerprint(teacher, reference, grid)}
 
-    def usable(cache: Optional[HeatmapCache]) -> bool:
-        if cache is None or len(cache) != num_samples or cache.grid_size != grid or cache.meta != meta:
-            return False
-        return bool(cache.filled[required.to(cache.device)].all())
+    def mismatch(cache: HeatmapCache) -> Optional[str]:
+        """Why ``cache`` cannot serve this fit (the fingerprint fields that differ), or ``None``."""
+        differ = sorted(key for key in meta.keys() | cache.meta.keys() if cache.meta.get(key) != meta.get(key))
+        if differ or len(cache) != num_samples or cache.grid_size != grid:
+            return f"its {', '.join(differ) or 'grid_size'} differ"
+        missing = int((~cache.filled[required.to(cache.device)]).sum())
+        return f"it lacks {missing} of the {required.numel()} training samples" if missing else None
 
-    if usable(previous):
-        return previous  # type: ignore[return-value]
+    if previous is not None and mismatch(previous) is None:
+        return previous
     if path is not None and os.path.isfile(path):
-        loaded: Optional[HeatmapCache] = HeatmapCache.load(path, device)
-        if trainer.strategy.reduce_boolean_decision(usable(loaded), all=True):
+        try:
+            loaded = HeatmapCache.load(path, device)
+        except ValueError:
+            loaded, problem = None, "it is empty, truncated or not a heatmap cache"
+        else:
+            problem = mismatch(loaded)
+        if trainer.strategy.reduce_boolean_decision(problem is None, all=True) and loaded is not None:
             rank_zero_info(f"{owner}: loaded {num_samples} cached heatmaps from {path!r}.")
-            return loaded  # type: ignore[return-value]
+            return loaded
         rank_zero_warn(
-            f"{owner}: the heatmap cache {path!r} was made for another dataset, teacher or grid"
-            f" ({loaded.meta if loaded is not None else None} != {meta}); it is recomputed and overwritten."
+            f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
+            " it is recomputed and overwritten."
         )
 
     world, rank = trainer.world_size, trainer.global_rank

@@ -876,7 +876,6 @@ class AttentiveCutMix(MixingCallback):
             grid_size=self.cache_grid_size,
             path=self.cache_path,
             batch_size=self.cache_batch_size,
-            meta=self._cache_meta(teacher),
             previous=self._cache,
             owner=type(self).__name__,
         )
@@ -890,14 +889,6 @@ class AttentiveCutMix(MixingCallback):
         return tuple(  # type: ignore[return-value]
             round(side * fine / coarse) for side, fine, coarse in zip(size, self.cache_grid_size, self.grid_size, strict=True)
         )
-
-    def _cache_meta(self, teacher: nn.Module) -> dict[str, Any]:
-        # What a saved cache must match to be reused: a given module can only be named by its type.
-        return {
-            "attention": self.attention if self._given_model is None else type(self._given_model).__name__,
-            "attention_weights": self.attention_weights,
-            "teacher": teacher.extra_repr(),
-        }
 
     def cached_heatmaps(self, batch: Any, batch_size: int) -> Tensor:
         """``(B, gh, gw)`` heatmaps of an augmented batch, warped from the cache by the batch's geometry."""

@@ -22,6 +22,7 @@ from lightning_acm.cache import (
     HeatmapCache,
     apply_geometry,
     batch_geometry,
+    cache_fingerprint,
     regrid_attention_model,
     topk_overlap,
     warp_heatmaps,
@@ -241,9 +242,9 @@ class Recorder(SoftTargetLossMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fashion_datamodule(root: str, **kwargs: Any) -> FashionMNISTDataModule:
+def fashion_datamodule(root: str, *, pixels_seed: int = 0, **kwargs: Any) -> FashionMNISTDataModule:
     if not os.path.exists(os.path.join(root, "train-images-idx3-ubyte.gz")):
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(pixels_seed)
         for split, n in (("train", 40), ("t10k", 8)):
             images = torch.randint(0, 256, (n, 24, 24), generator=g).to(torch.uint8)
             write_idx(f"{root}/{split}-images-idx3-ubyte.gz", images)
@@ -319,6 +320,79 @@ def test_cache_path_is_written_then_loaded(tmp_path):
     with pytest.warns(UserWarning, match="recomputed and overwritten"):
         fit(cached_callback(third, cache_path=path, cache_grid_size=14), datamodule, epochs=1)
     assert third.images_seen == 24
+
+
+def test_cache_path_recomputes_for_another_dataset_of_the_same_size(tmp_path, caplog):
+    """Like CIFAR-10 and CIFAR-100 sharing a cache_path: one size, other pixels."""
+    path = str(tmp_path / "heat.pt")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = fashion_datamodule(str(tmp_path / "a"), record_augmentation=True)
+    second = fashion_datamodule(str(tmp_path / "b"), pixels_seed=1, record_augmentation=True)
+    fit(cached_callback(Counting(), cache_path=path), first, epochs=1)
+    same = Counting()
+    with caplog.at_level("INFO"):
+        fit(cached_callback(same, cache_path=path), first, epochs=1)
+    assert same.images_seen == 0 and f"loaded 40 cached heatmaps from {path!r}" in caplog.text
+    other = Counting()
+    callback = cached_callback(other, cache_path=path)
+    with pytest.warns(UserWarning, match=r"heat\.pt': its dataset_pixels differ; it is recomputed and overwritten"):
+        fit(callback, second, epochs=1)
+    assert other.images_seen == 24
+    assert callback.cache is not None and HeatmapCache.load(path).meta == callback.cache.meta
+
+
+def test_cache_path_recomputes_for_a_retrained_teacher(tmp_path):
+    path = str(tmp_path / "heat.pt")
+    datamodule = fashion_datamodule(str(tmp_path), record_augmentation=True)
+    fit(cached_callback(Counting(), cache_path=path), datamodule, epochs=1)
+    before = HeatmapCache.load(path)
+    retrained = Counting()
+    nn.init.constant_(retrained.conv.weight, 2.0 / 48)
+    callback = cached_callback(retrained, cache_path=path)
+    with pytest.warns(UserWarning, match="its teacher_weights differ; it is recomputed and overwritten"):
+        fit(callback, datamodule, epochs=1)
+    assert retrained.images_seen == 24
+    after = HeatmapCache.load(path)
+    assert callback.cache is not None and after.meta == callback.cache.meta
+    assert after.meta["teacher_weights"] != before.meta["teacher_weights"]
+    torch.testing.assert_close(after.maps[datamodule.train_indices], 2 * before.maps[datamodule.train_indices])
+
+
+def test_cache_fingerprint_fields():
+    images = TensorDataset(torch.rand(5, 3, 28, 28))
+    teacher = attention_model_from_module(Counting(), "act", input_size=28, grid_size=7)
+    base = cache_fingerprint(teacher, images, 7)
+    assert base["num_samples"] == 5 and base["teacher"] == "Counting" and base["layer"] == "act"
+    changed = {
+        "dataset_pixels": cache_fingerprint(teacher, TensorDataset(images.tensors[0].flip(0)), 7),
+        "grid_size": cache_fingerprint(teacher, images, 14),
+        "input_size": cache_fingerprint(regrid_attention_model(teacher, 7, 56), images, 7),
+    }
+    for field, fingerprint in changed.items():
+        assert [key for key in base if base[key] != fingerprint[key]] == [field]
+    # the middle sample counts too, and the student's normalisation the teacher undoes
+    middle = images.tensors[0].clone()
+    middle[2] += 1
+    assert cache_fingerprint(teacher, TensorDataset(middle), 7)["dataset_pixels"] != base["dataset_pixels"]
+    teacher.set_input_normalization((0.5,), (0.25,))
+    assert [key for key, value in cache_fingerprint(teacher, images, 7).items() if base[key] != value] == [
+        "normalization"
+    ]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_cache_file_is_recomputed_with_a_warning(tmp_path, damage):
+    path = tmp_path / "heat.pt"
+    datamodule = fashion_datamodule(str(tmp_path), record_augmentation=True)
+    fit(cached_callback(Counting(), cache_path=str(path)), datamodule, epochs=1)
+    whole = path.read_bytes()
+    path.write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"heat\.pt' to be a heatmap cache .* cannot be read .* Delete the file"):
+        HeatmapCache.load(path)
+    teacher = Counting()
+    with pytest.warns(UserWarning, match=r"heat\.pt': it is empty, truncated or not a heatmap cache; it is recomputed"):
+        fit(cached_callback(teacher, cache_path=str(path)), datamodule, epochs=1)
+    assert teacher.images_seen == 24 and int(HeatmapCache.load(path).filled.sum()) == 24
 
 
 def test_misconfiguration_names_the_fix(tmp_path):
