@@ -500,7 +500,6 @@ class MixingCallback(Callback):
         return {
             "p": self.p,
             "num_classes": self.num_classes,
-            "seed": self.seed,
             "label_smoothing": self.label_smoothing,
             "stop_after_step": self.stop_after_step,
             "stop_after_epoch": self.stop_after_epoch,
