@@ -78,8 +78,11 @@ class AttentionModel(nn.Module):
 
     The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)`` (the two
     affine maps are fused and applied on the smaller side of the bilinear resize, which commutes
-    with them). The backbone runs under ``torch.no_grad()`` up to ``layer`` only: a forward hook
-    captures the layer's output and stops the forward there. The model is always in eval mode
+    with them). An integer batch (e.g. ``uint8``) is first scaled to ``[0, 1]`` by the maximum of
+    its dtype (1/255 for ``uint8``, as torchvision's ``ToDtype(torch.float32, scale=True)``), so
+    ``input_mean`` and ``input_std`` describe the scaled values. The backbone runs under
+    ``torch.no_grad()`` up to ``layer`` only: a forward hook captures the layer's output and stops
+    the forward there. The model is always in eval mode
     (``train()`` is a no-op, so BatchNorm uses its running statistics) and its parameters do
     not require grad.
 
@@ -231,6 +234,18 @@ class AttentionModel(nn.Module):
 
         # Kept out of the module tree (no second copy of the weights in state_dict or named_modules).
         self.__dict__["_compiled_features"] = torch.compile(extractor, **compile_kwargs)
+        self.__dict__["_compile_kwargs"] = dict(compile_kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled function closes over this backbone: a copy (or an unpickled model) compiles its own.
+        state = dict(self.__dict__)
+        state.pop("_compiled_features", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_compile_kwargs" in state:
+            self.compile_features(**state["_compile_kwargs"])
 
     @property
     def compiled(self) -> bool:
@@ -280,7 +295,7 @@ class AttentionModel(nn.Module):
             return self._grid(features)
 
     def teacher_input(self, images: Tensor) -> Tensor:
-        """The batch as the teacher sees it: renormalised, channel-matched and resized (float32)."""
+        """The batch as the teacher sees it: scaled to [0, 1] if integer, renormalised, channel-matched, resized (float32)."""
         _check_images(images)
         in_channels = images.shape[1]
         if in_channels != self.channels and not (in_channels == 1 and self.channels > 1):
@@ -296,6 +311,8 @@ class AttentionModel(nn.Module):
                 f" images, but got {stats}. Call `set_input_normalization(mean, std)` with the batch's values."
             )
         x = images.float()
+        if not images.is_floating_point() and images.dtype != torch.bool:
+            x = x / torch.iinfo(images.dtype).max
         if in_channels == 1 and self.channels > 1:
             if not self._warned_grayscale:
                 self._warned_grayscale = True

@@ -19,6 +19,8 @@ uninterrupted run would (the seed is part of the callback's ``state_dict``).
 
 from __future__ import annotations
 
+import copy
+import numbers
 from collections import deque
 from collections.abc import MutableMapping, MutableSequence, Sequence
 from typing import Any, Literal, Optional, Union
@@ -39,6 +41,7 @@ from lightning_acm.cache import (
     reference_datamodule,
     regrid_attention_model,
 )
+from lightning_acm.loss import SoftTargetLossMixin
 
 __all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp"]
 
@@ -156,14 +159,46 @@ class MixResult:
         return AF.pasted_attention_share(self.partner_heatmaps, self.mask)  # type: ignore[arg-type]
 
 
+def _is_int(value: Any) -> bool:
+    """An integer, Python's or numpy's, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number, Python's or numpy's, but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_probability(p: float) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+    if not _is_real(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"Expected `p` (the probability that a batch is mixed) to be in [0, 1], but got {p!r}.")
 
 
 def _check_optional_nonnegative(value: Optional[int], name: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+    if value is not None and (not _is_int(value) or value < 0):
         raise ValueError(f"Expected `{name}` to be None or an int >= 0, but got {value!r}.")
+
+
+def _check_optional_size(value: Optional[int], name: str) -> None:
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ValueError(f"Expected `{name}` to be None or a positive int, but got {value!r}.")
+
+
+def _plain_size(value: Any) -> Any:
+    """A size (an int or a pair) with numpy integers made Python ints, for ``functional._pair``."""
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(int(v) if _is_int(v) else v for v in value)
+    return value
+
+
+def _check_key(key: Optional[Union[int, str]], name: str) -> None:
+    if key is not None and not _is_int(key) and not isinstance(key, str):
+        raise TypeError(
+            f"Expected `{name}` to be None, an int (a position in a list batch) or a str (a key of a dict batch),"
+            f" but got {key!r}."
+        )
 
 
 def _input_normalization(
@@ -177,8 +212,9 @@ def _input_normalization(
         return tuple(mean), tuple(std)
     rank_zero_warn(
         f"{owner}: the training images' normalisation is unknown (no `input_mean`/`input_std` and no"
-        " `datamodule.mean`/`std`), so they are taken to be in [0, 1]. Pass `input_mean=` and `input_std=` if your"
-        " images are normalised, or the teacher sees wrongly scaled images."
+        " `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are scaled by"
+        " 1/255 first). Pass `input_mean=` and `input_std=` if your images are normalised, or the teacher sees"
+        " wrongly scaled images."
     )
     return (0.0,), (1.0,)
 
@@ -202,7 +238,10 @@ def frozen_attention_model(
 ) -> nn.Module:
     """The frozen teacher of a callback (``owner`` names it in messages), on the training device.
 
-    A ready :class:`~lightning_acm.attention.AttentionModel` is used as it is, but for the
+    A given ``attention_model`` is copied (``copy.deepcopy``) and the copy is frozen, so the
+    module passed in is never changed: it may be shared with the student (e.g. its backbone),
+    which keeps training; the teacher is a frozen snapshot of it taken here. A ready
+    :class:`~lightning_acm.attention.AttentionModel` is used as it is, but for the
     ``input_mean``/``input_std``, ``attention_precision``, ``attention_channels_last`` and
     ``attention_compile`` given explicitly; a plain module is tapped at ``attention_layer``; otherwise the model is built from
     ``attention``. The input normalisation is taken from ``trainer.datamodule.mean``/``std`` when
@@ -210,6 +249,8 @@ def frozen_attention_model(
     """
     from lightning_acm.attention import AttentionModel, attention_model_from_module, build_attention_model
 
+    if attention_model is not None:
+        attention_model = copy.deepcopy(attention_model)
     if isinstance(attention_model, AttentionModel):
         # A ready AttentionModel carries its own normalisation; explicit callback arguments win.
         if input_mean is not None and input_std is not None:
@@ -248,11 +289,23 @@ def frozen_attention_model(
 
 @torch.no_grad()
 def run_attention(model: nn.Module, images: Tensor) -> Tensor:
-    """Run a frozen attention model on ``images`` under ``no_grad``, moving it to their device first."""
+    """Run a frozen attention model on ``images`` under ``no_grad``, moving it to their device first.
+
+    Raises:
+        ValueError: if the model does not return one ``(gh, gw)`` heatmap per image.
+    """
     first = next(model.parameters(), None)
     if first is not None and first.device != images.device:
         model.to(images.device)
-    return model(images)
+    heatmaps = model(images)
+    if not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or heatmaps.shape[0] != images.shape[0]:
+        got = f"shape {tuple(heatmaps.shape)}" if isinstance(heatmaps, Tensor) else type(heatmaps).__name__
+        raise ValueError(
+            f"Expected the attention model {type(model).__name__} to return heatmaps of shape"
+            f" ({images.shape[0]}, gh, gw), one per image of the batch, but got {got}."
+            " Check its forward: it must map (B, C, H, W) images to (B, gh, gw) heatmaps."
+        )
+    return heatmaps
 
 
 class _EpochMeans:
@@ -343,21 +396,30 @@ class MixingCallback(Callback):
     """Base of the mixing callbacks: when to mix, where the batch lives, seeding, logging.
 
     Subclasses implement :meth:`mix`. The batch must be a mutable ``list`` (``[images, targets,
-    ...]``, what ``DataLoader``'s default collate gives for ``(image, target)`` samples) or a
-    ``dict`` with ``image_key`` and ``target_key``.
+    ...]``, what ``DataLoader``'s default collate gives for ``(image, target)`` samples; other
+    positions with integer ``image_key``/``target_key``) or a ``dict`` with ``image_key`` and
+    ``target_key``.
+
+    Several mixing callbacks on one Trainer run in their order on each batch: the second mixes
+    the batch (and the soft targets) that the first made.
 
     Args:
         p: probability that a batch is mixed (per batch, drawn from the callback's generator).
         num_classes: number of classes; taken from ``trainer.datamodule.num_classes`` or the
             LightningModule's ``num_classes`` (attribute or hyperparameter) when ``None``.
-        seed: base seed of the mixing; ``None`` takes ``torch.initial_seed()`` at setup, so
-            ``lightning.seed_everything`` makes the mixing reproducible.
-        label_smoothing: smoothing folded into the targets of every batch, mixed or not (do not
-            also smooth in the loss).
-        stop_after_step: stop mixing once ``trainer.global_step`` reaches this value.
+        seed: base seed of the mixing; ``None`` takes ``torch.initial_seed()`` at the setup of
+            each fit, so ``lightning.seed_everything`` makes the mixing reproducible (a fit resumed
+            from a checkpoint restores the seed saved there).
+        label_smoothing: smoothing folded into the targets of every batch, mixed or not, also
+            after ``stop_after_step``/``stop_after_epoch`` (do not also smooth in the loss: a
+            :class:`~lightning_acm.loss.SoftTargetLossMixin` module with its own
+            ``label_smoothing > 0`` gets a warning).
+        stop_after_step: stop mixing once ``trainer.global_step`` reaches this value (targets are
+            still checked and smoothed).
         stop_after_epoch: stop mixing from this epoch on (0-based).
-        image_key: key of the images in dict batches.
-        target_key: key of the targets in dict batches.
+        image_key: where the images are: a position in a list batch (int) or a key of a dict
+            batch (str); ``None`` means ``0`` in a list batch and ``"image"`` in a dict batch.
+        target_key: where the targets are, as ``image_key``; ``None`` means ``1`` or ``"target"``.
         log_prefix: prefix of the logged metrics ``{prefix}/lam``, ``{prefix}/mixed`` and
             ``{prefix}/pasted_attention`` (see :meth:`MixResult.pasted_attention`; logged when
             the method has heatmaps or is Mixup, and for CutMix by
@@ -369,8 +431,11 @@ class MixingCallback(Callback):
     on the CPU at once; on CUDA without a host-device sync, so a bad label raises a few batches
     late (at the end of the epoch at the latest), naming its batch.
 
+    Integer arguments accept numpy integers, and ``p``/``label_smoothing`` numpy floats.
+
     Raises:
         ValueError: for an argument out of range.
+        TypeError: for an ``image_key``/``target_key`` that is neither an int nor a str.
     """
 
     def __init__(
@@ -382,32 +447,36 @@ class MixingCallback(Callback):
         label_smoothing: float = 0.0,
         stop_after_step: Optional[int] = None,
         stop_after_epoch: Optional[int] = None,
-        image_key: str = "image",
-        target_key: str = "target",
+        image_key: Optional[Union[int, str]] = None,
+        target_key: Optional[Union[int, str]] = None,
         log_prefix: str = "mix",
     ) -> None:
         super().__init__()
         _check_probability(p)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+        if num_classes is not None and (not _is_int(num_classes) or num_classes < 2):
             raise ValueError(f"Expected `num_classes` to be None or an int >= 2, but got {num_classes!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and not _is_int(seed):
             raise ValueError(f"Expected `seed` to be None or an int, but got {seed!r}.")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+        if not _is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing!r}.")
         _check_optional_nonnegative(stop_after_step, "stop_after_step")
         _check_optional_nonnegative(stop_after_epoch, "stop_after_epoch")
+        _check_key(image_key, "image_key")
+        _check_key(target_key, "target_key")
+        if image_key is not None and image_key == target_key:
+            raise ValueError(f"Expected `image_key` and `target_key` to differ, but both are {image_key!r}.")
         self.p = float(p)
-        self.num_classes = num_classes
-        self.seed = seed
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.seed = None if seed is None else int(seed)
         self.label_smoothing = float(label_smoothing)
-        self.stop_after_step = stop_after_step
-        self.stop_after_epoch = stop_after_epoch
-        self.image_key = image_key
-        self.target_key = target_key
+        self.stop_after_step = None if stop_after_step is None else int(stop_after_step)
+        self.stop_after_epoch = None if stop_after_epoch is None else int(stop_after_epoch)
+        self.image_key = int(image_key) if _is_int(image_key) else image_key
+        self.target_key = int(target_key) if _is_int(target_key) else target_key
         self.log_prefix = log_prefix
 
-        self._num_classes: Optional[int] = num_classes
-        self._seed: Optional[int] = seed
+        self._num_classes: Optional[int] = self.num_classes
+        self._seed: Optional[int] = self.seed
         self._rank: int = 0
         self._generator = torch.Generator()
         self._batches_seen = 0
@@ -423,7 +492,21 @@ class MixingCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(p=self.p, log_prefix=self.log_prefix)
+        # Every argument that defines the mixing, so that two callbacks of one class can share a Trainer.
+        return self._generate_state_key(**self.state_key_arguments())
+
+    def state_key_arguments(self) -> dict[str, Any]:
+        """The arguments that make up :attr:`state_key` (subclasses add theirs)."""
+        return {
+            "p": self.p,
+            "num_classes": self.num_classes,
+            "label_smoothing": self.label_smoothing,
+            "stop_after_step": self.stop_after_step,
+            "stop_after_epoch": self.stop_after_epoch,
+            "image_key": self.image_key,
+            "target_key": self.target_key,
+            "log_prefix": self.log_prefix,
+        }
 
     @property
     def batches_seen(self) -> int:
@@ -442,9 +525,15 @@ class MixingCallback(Callback):
         if stage != "fit":
             return
         self._num_classes = self._resolve_num_classes(trainer, pl_module)
-        if self._seed is None:
-            self._seed = torch.initial_seed() & ((1 << 63) - 1)
+        # Taken anew for every fit; a resumed fit then restores the saved seed in `load_state_dict`.
+        self._seed = self.seed if self.seed is not None else torch.initial_seed() & ((1 << 63) - 1)
         self._rank = trainer.global_rank
+        if self.label_smoothing > 0 and isinstance(pl_module, SoftTargetLossMixin) and pl_module.label_smoothing > 0:
+            rank_zero_warn(
+                f"{type(self).__name__}(label_smoothing={self.label_smoothing}) smooths the targets and"
+                f" {type(pl_module).__name__}(label_smoothing={pl_module.label_smoothing}) smooths them again in"
+                " its loss. Set one of the two to 0."
+            )
 
     def _resolve_num_classes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         if self.num_classes is not None:
@@ -455,8 +544,8 @@ class MixingCallback(Callback):
             getattr(getattr(pl_module, "hparams", {}), "get", lambda _k: None)("num_classes"),
         ]
         for found in candidates:
-            if isinstance(found, int) and not isinstance(found, bool) and found >= 2:
-                return found
+            if _is_int(found) and found >= 2:
+                return int(found)
         raise MisconfigurationException(
             f"{type(self).__name__} needs the number of classes to build soft targets, but `num_classes` is None and"
             " neither the datamodule nor the LightningModule has a `num_classes` attribute."
@@ -485,13 +574,22 @@ class MixingCallback(Callback):
 
     def _locate(self, batch: Any) -> tuple[Union[int, str], Union[int, str]]:
         if isinstance(batch, MutableMapping):
-            for key, name in ((self.image_key, "image_key"), (self.target_key, "target_key")):
+            image_key = "image" if self.image_key is None else self.image_key
+            target_key = "target" if self.target_key is None else self.target_key
+            for key, name in ((image_key, "image_key"), (target_key, "target_key")):
                 if key not in batch:
                     raise KeyError(
                         f"{type(self).__name__}: the dict batch has no key {key!r} (`{name}`); its keys are"
                         f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key."
                     )
-            return self.image_key, self.target_key
+            return image_key, target_key
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+            raise TypeError(
+                f"{type(self).__name__} mixes the batch in place, but the batch is a namedtuple"
+                f" {type(batch).__name__}, which cannot be changed. Collate it into a dict that keeps the field names"
+                " (e.g. `collate_fn=lambda s: default_collate(s)._asdict()`) and pass `image_key=` and `target_key=`"
+                f" with the fields of the images and targets (of {', '.join(map(repr, batch._fields))})."
+            )
         if isinstance(batch, tuple):
             raise TypeError(
                 f"{type(self).__name__} mixes the batch in place, but the batch is a tuple, which cannot be changed."
@@ -499,7 +597,19 @@ class MixingCallback(Callback):
                 " or make the dataset return (image, target) samples, which the default collate turns into a list."
             )
         if isinstance(batch, MutableSequence) and len(batch) >= 2:
-            return 0, 1
+            image_key = 0 if self.image_key is None else self.image_key
+            target_key = 1 if self.target_key is None else self.target_key
+            for key, name in ((image_key, "image_key"), (target_key, "target_key")):
+                if isinstance(key, str):
+                    raise ValueError(
+                        f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a key of"
+                        f" a dict batch. Pass `{name}=` with the position in the list, or None for the default."
+                    )
+                if not -len(batch) <= key < len(batch):
+                    raise ValueError(
+                        f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but got {key}."
+                    )
+            return image_key, target_key
         raise TypeError(
             f"{type(self).__name__} expects a batch list [images, targets, ...] or a dict with `image_key` and"
             f" `target_key`, but got {type(batch).__name__}"
@@ -509,9 +619,6 @@ class MixingCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self.is_active(trainer):
-            self.last_mix = None
-            return
         image_slot, target_slot = self._locate(batch)
         images, targets = batch[image_slot], batch[target_slot]  # type: ignore[index]
         if not isinstance(images, Tensor) or images.ndim != 4:
@@ -527,10 +634,13 @@ class MixingCallback(Callback):
         self._generator.manual_seed(batch_seed(self._seed or 0, self._rank, trainer.current_epoch, batch_idx))
         self._batches_seen += 1
         mix_now = self.p > 0 and float(torch.rand((), generator=self._generator)) < self.p
+        # Only the mixing stops: the targets are still checked and smoothed below.
+        mix_now = mix_now and self.is_active(trainer)
         if mix_now and images.shape[0] < 2:
             if not self._warned_single:
+                what = "a batch of one sample has no partner" if images.shape[0] else "an empty batch has no sample"
                 rank_zero_warn(
-                    f"{type(self).__name__}: a batch of one sample has no partner to mix with; it is left unmixed."
+                    f"{type(self).__name__}: {what} to mix with; it is left unmixed."
                     " Use `drop_last=True` in the training DataLoader to avoid a short last batch."
                 )
                 self._warned_single = True
@@ -610,8 +720,12 @@ class _BetaMixingCallback(MixingCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        AF._check_alpha(alpha)
+        AF._check_alpha(float(alpha) if _is_real(alpha) else alpha)
         self.alpha = float(alpha)
+
+    @override
+    def state_key_arguments(self) -> dict[str, Any]:
+        return {**super().state_key_arguments(), "alpha": self.alpha}
 
 
 class CutMix(_BetaMixingCallback):
@@ -686,7 +800,9 @@ class AttentiveCutMix(MixingCallback):
         attention_model: a ready ``nn.Module`` to use instead of building one (Python use);
             an :class:`~lightning_acm.attention.AttentionModel` is used as it is (but for
             ``attention_precision`` and ``input_mean``/``input_std`` when given), any other module
-            is tapped at ``attention_layer``.
+            is tapped at ``attention_layer``. The callback freezes a copy made at the first
+            ``setup`` and never changes the module given, so it may be the student's own backbone
+            (the teacher is then that backbone as it was when the first fit started).
         input_mean: the normalisation the training images carry (to be undone before the teacher);
             taken from ``trainer.datamodule.mean`` when ``None``.
         input_std: as ``input_mean``, from ``trainer.datamodule.std``.
@@ -742,9 +858,9 @@ class AttentiveCutMix(MixingCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        grid = AF._pair(grid_size, "grid_size")
+        grid = AF._pair(_plain_size(grid_size), "grid_size")
         cells = grid[0] * grid[1]
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= cells:
+        if not _is_int(top_k) or not 1 <= top_k <= cells:
             raise ValueError(
                 f"Expected `top_k` to be in [1, {cells}] for a {grid[0]}x{grid[1]} grid, but got {top_k!r}."
             )
@@ -761,18 +877,17 @@ class AttentiveCutMix(MixingCallback):
                 "Expected `attention_compile` to be a bool or a dict of torch.compile arguments (e.g."
                 f" {{'mode': 'max-autotune'}}), but got {attention_compile!r}."
             )
-        if attention_input_size is not None and (not isinstance(attention_input_size, int) or attention_input_size < 1):
-            raise ValueError(f"Expected `attention_input_size` to be None or a positive int, but got {attention_input_size!r}.")
+        _check_optional_size(attention_input_size, "attention_input_size")
         if (input_mean is None) != (input_std is None):
             raise ValueError("Expected `input_mean` and `input_std` to be given together, but got only one of them.")
         if attention_model is not None and not isinstance(attention_model, nn.Module):
             raise TypeError(f"Expected `attention_model` to be an nn.Module, but got {type(attention_model).__name__}.")
-        self.top_k = top_k
+        self.top_k = int(top_k)
         self.grid_size = grid
         self.attention = attention
         self.attention_weights = attention_weights
         self.attention_layer = attention_layer
-        self.attention_input_size = attention_input_size
+        self.attention_input_size = None if attention_input_size is None else int(attention_input_size)
         self.reduction = reduction
         self.attention_precision = attention_precision
         self.attention_channels_last = attention_channels_last
@@ -782,25 +897,40 @@ class AttentiveCutMix(MixingCallback):
         self._given_model = attention_model
         self._attention: Optional[nn.Module] = None
         # --- heatmap cache (issue 4): all of it is off unless `heatmap_cache=True`.
-        cache_grid = grid if cache_grid_size is None else AF._pair(cache_grid_size, "cache_grid_size")
+        cache_grid = grid if cache_grid_size is None else AF._pair(_plain_size(cache_grid_size), "cache_grid_size")
         if cache_grid[0] < grid[0] or cache_grid[1] < grid[1]:
             raise ValueError(
                 f"Expected `cache_grid_size` to be at least `grid_size` {grid[0]}x{grid[1]}, but got"
                 f" {cache_grid[0]}x{cache_grid[1]}."
             )
-        if cache_input_size is not None and (
-            isinstance(cache_input_size, bool) or not isinstance(cache_input_size, int) or cache_input_size < 1
-        ):
-            raise ValueError(f"Expected `cache_input_size` to be None or a positive int, but got {cache_input_size!r}.")
-        if isinstance(cache_batch_size, bool) or not isinstance(cache_batch_size, int) or cache_batch_size < 1:
+        _check_optional_size(cache_input_size, "cache_input_size")
+        if not _is_int(cache_batch_size) or cache_batch_size < 1:
             raise ValueError(f"Expected `cache_batch_size` to be a positive int, but got {cache_batch_size!r}.")
         self.heatmap_cache = bool(heatmap_cache)
         self.cache_grid_size = cache_grid
-        self.cache_input_size = cache_input_size
+        self.cache_input_size = None if cache_input_size is None else int(cache_input_size)
         self.cache_path = cache_path
-        self.cache_batch_size = cache_batch_size
+        self.cache_batch_size = int(cache_batch_size)
         self.geometry_key = geometry_key
         self._cache: Optional[HeatmapCache] = None
+
+    @override
+    def state_key_arguments(self) -> dict[str, Any]:
+        return {
+            **super().state_key_arguments(),
+            "top_k": self.top_k,
+            "grid_size": self.grid_size,
+            "attention": self.attention if self._given_model is None else type(self._given_model).__name__,
+            "attention_weights": self.attention_weights,
+            "attention_layer": self.attention_layer,
+            "attention_input_size": self.attention_input_size,
+            "reduction": self.reduction,
+            "input_mean": self.input_mean,
+            "input_std": self.input_std,
+            "heatmap_cache": self.heatmap_cache,
+            "cache_grid_size": self.cache_grid_size,
+            "cache_input_size": self.cache_input_size,
+        }
 
     @property
     def attention_model(self) -> Optional[nn.Module]:

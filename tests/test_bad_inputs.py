@@ -43,22 +43,43 @@ holds the missing ones, mostly through a real ``Trainer``. The inventory (item: 
     test_images_smaller_than_the_grid
 21. integer images into Mixup: test_functional::test_error_mixup_integer_images, here test_uint8_images_into_mixup
 22. ``cache_grid_size`` coarser than ``grid_size``: here test_cache_grid_coarser_than_the_grid
+23. integer images into the teacher (scaled by 1/255, as floats in [0, 1] would be):
+    test_callbacks::test_uint8_images_reach_the_teacher_scaled_like_floats
+24. list batches with the targets elsewhere than at index 1 (integer ``target_key``), a str key on a list
+    batch, a key that is neither: test_callbacks::test_integer_keys_index_list_batches, here
+    test_a_string_key_on_a_list_batch_is_refused
+25. a namedtuple batch (the fix keeps its field names): here
+    test_a_namedtuple_batch_is_refused_with_a_fix_that_keeps_the_names
+26. an empty batch: here test_an_empty_batch_is_left_unmixed_with_the_right_message
+27. numpy scalars as arguments, or as ``datamodule.num_classes``: here test_numpy_scalars_are_accepted_as_arguments,
+    test_numpy_num_classes_on_the_datamodule_is_found
+28. a teacher returning the wrong number of heatmaps: here
+    test_a_teacher_returning_the_wrong_number_of_heatmaps_is_named
+29. a bool as a size: here test_attention_input_size_is_not_a_bool
+30. the student's own backbone as ``attention_model`` (a frozen copy is used; the student trains):
+    test_callbacks::test_student_backbone_as_teacher_is_copied_not_frozen
+31. label smoothing in both the callback and the loss (one warning):
+    test_callbacks::test_label_smoothing_in_both_the_callback_and_the_loss_warns_once, here
+    test_smoothing_in_both_the_classifier_and_the_callback_warns
+32. two callbacks of one class on one Trainer: test_resume::test_two_callbacks_of_one_class_share_a_trainer_and_resume_each
 """
 
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import attention_model_from_module
+from lightning_acm.attention import AttentionModel, attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 from lightning_acm.loss import soft_target_cross_entropy
 
@@ -286,3 +307,109 @@ def test_images_smaller_than_the_grid():
     callback = AttentiveCutMix(attention_model=teacher(), seed=0)
     with pytest.raises(ValueError, match=r"`image_size` to be at least the grid size 7x7, but got 6x6\. Use a coarser `grid_size`"):
         fit(callback, data(torch.rand(2 * BATCH, 3, 6, 6)))
+
+
+class WrongCount(AttentionModel):
+    """A user AttentionModel that drops the last image's heatmap."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(images)[:-1]
+
+
+def test_a_teacher_returning_the_wrong_number_of_heatmaps_is_named():
+    callback = AttentiveCutMix(attention_model=WrongCount(conv(), "1", input_size=SIZE), seed=0)
+    with pytest.raises(ValueError, match=r"attention model WrongCount to return heatmaps of shape \(8, gh, gw\), one per"
+                                         r" image of the batch, but got shape \(7, 7, 7\)\. Check its forward"):
+        fit(callback, data())
+
+
+def test_attention_input_size_is_not_a_bool():
+    with pytest.raises(ValueError, match=r"`attention_input_size` to be None or a positive int, but got True\."):
+        AttentiveCutMix(attention_input_size=True)
+
+
+# --------------------------------------------------------------------------- numpy scalars
+
+
+def test_numpy_scalars_are_accepted_as_arguments():
+    callback = AttentiveCutMix(
+        attention_model=teacher(), num_classes=np.int64(NUM_CLASSES), p=np.float32(1.0), top_k=np.int64(6),
+        grid_size=np.int64(7), label_smoothing=np.float32(0.1), seed=np.int64(0), stop_after_step=np.int64(5),
+        attention_input_size=np.int64(SIZE), cache_batch_size=np.int64(8),
+    )
+    assert isinstance(callback.num_classes, int) and isinstance(callback.top_k, int) and callback.p == 1.0
+    assert isinstance(CutMix(alpha=np.float32(0.5)).alpha, float)
+    _, model = fit(callback, data())
+    assert model.seen[-1][1].shape == (BATCH, NUM_CLASSES)
+
+
+class NumpyClasses(L.LightningDataModule):
+    num_classes = np.int64(NUM_CLASSES)
+
+    def train_dataloader(self) -> DataLoader:
+        return data()
+
+
+def test_numpy_num_classes_on_the_datamodule_is_found():
+    callback = CutMix(seed=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    model = Net()
+    del model.num_classes
+    trainer.fit(model, datamodule=NumpyClasses())
+    assert callback.last_mix.soft_targets.shape == (BATCH, NUM_CLASSES)
+
+
+# --------------------------------------------------------------------------- batch layout
+
+
+def test_a_string_key_on_a_list_batch_is_refused():
+    with pytest.raises(ValueError, match=r"`image_key` to be an int \(a position\) for a list batch, but got 'image', a key"
+                                         r" of a dict batch\. Pass `image_key=` with the position"):
+        fit(CutMix(seed=0, image_key="image"), data())
+    with pytest.raises(TypeError, match=r"`target_key` to be None, an int .* or a str .*, but got 1\.5\."):
+        CutMix(target_key=1.5)
+    with pytest.raises(ValueError, match=r"`image_key` and `target_key` to differ, but both are 0\."):
+        CutMix(image_key=0, target_key=0)
+
+
+Sample = namedtuple("Sample", ["pixels", "label"])
+
+
+class NamedDataset(Dataset):
+    def __len__(self) -> int:
+        return 2 * BATCH
+
+    def __getitem__(self, i: int) -> Sample:
+        return Sample(torch.rand(3, SIZE, SIZE), i % NUM_CLASSES)
+
+
+def test_a_namedtuple_batch_is_refused_with_a_fix_that_keeps_the_names():
+    with pytest.raises(TypeError, match=r"namedtuple Sample, which cannot be changed\. Collate it into a dict that keeps the"
+                                        r" field names .*\._asdict\(\)`.* `image_key=` and `target_key=` .*'pixels', 'label'"):
+        fit(CutMix(seed=0), DataLoader(NamedDataset(), batch_size=BATCH))
+    loader = DataLoader(NamedDataset(), batch_size=BATCH, collate_fn=lambda s: default_collate(s)._asdict())
+    _, model = fit(CutMix(seed=0, image_key="pixels", target_key="label"), loader, Net("pixels", "label"))
+    assert model.seen[-1][1].shape == (BATCH, NUM_CLASSES)
+
+
+def test_an_empty_batch_is_left_unmixed_with_the_right_message():
+    loader = DataLoader(TensorDataset(torch.rand(BATCH, 3, SIZE, SIZE), torch.zeros(BATCH, dtype=torch.long)),
+                        batch_size=BATCH, collate_fn=lambda s: [x[:0] for x in default_collate(s)])
+    callback = CutMix(seed=0)
+    with pytest.warns(UserWarning, match=r"CutMix: an empty batch has no sample to mix with; it is left unmixed\."):
+        _, model = fit(callback, loader)
+    assert callback.batches_mixed == 0 and model.seen[-1][0].shape == (0, 3, SIZE, SIZE)
+
+
+# --------------------------------------------------------------------------- label smoothing twice
+
+
+def test_smoothing_in_both_the_classifier_and_the_callback_warns():
+    from lightning_acm.model import ImageClassifier
+
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    classifier = ImageClassifier(arch="resnet18", num_classes=NUM_CLASSES, small_input=True, label_smoothing=0.1)
+    with pytest.warns(UserWarning, match=r"MixUp\(label_smoothing=0.2\) smooths the targets and ImageClassifier\(label_smoothing=0.1\)"
+                                         r" smooths them again in its loss\. Set one of the two to 0\."):
+        MixUp(label_smoothing=0.2).setup(trainer, classifier, "fit")

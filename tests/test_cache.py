@@ -275,7 +275,8 @@ def test_teacher_runs_once_per_training_sample_and_training_step_sees_the_mix(tm
     callback = cached_callback(backbone, cache_grid_size=14)
     trainer, model = fit(callback, datamodule)
 
-    assert backbone.images_seen == 24  # the training subset, once, not 2 epochs x 24
+    # the callback runs a frozen copy of the module it was given
+    assert callback.attention_model.backbone.images_seen == 24  # the training subset, once, not 2 epochs x 24
     cache = callback.cache
     assert cache is not None and cache.grid_size == (14, 14) and len(cache) == 40  # teacher at 56 px
     assert cache.filled.nonzero().flatten().tolist() == datamodule.train_indices.tolist()
@@ -301,25 +302,24 @@ def test_teacher_runs_once_per_training_sample_and_training_step_sees_the_mix(tm
     assert set(callback.state_dict()) == {"seed", "batches_seen", "batches_mixed"}
     # a second fit reuses it
     fit(callback, datamodule, epochs=1)
-    assert backbone.images_seen == 24
+    assert callback.attention_model.backbone.images_seen == 24
 
 
 def test_cache_path_is_written_then_loaded(tmp_path):
     path = str(tmp_path / "heat.pt")
-    first = Counting()
-    fit(cached_callback(first, cache_path=path), fashion_datamodule(str(tmp_path), record_augmentation=True), epochs=1)
-    assert first.images_seen == 24 and os.path.isfile(path)
-    second = Counting()
-    callback = cached_callback(second, cache_path=path)
+    first = cached_callback(Counting(), cache_path=path)
+    fit(first, fashion_datamodule(str(tmp_path), record_augmentation=True), epochs=1)
+    assert first.attention_model.backbone.images_seen == 24 and os.path.isfile(path)
+    callback = cached_callback(Counting(), cache_path=path)
     fit(callback, fashion_datamodule(str(tmp_path), record_augmentation=True), epochs=1)
-    assert second.images_seen == 0 and callback.cache is not None
+    assert callback.attention_model.backbone.images_seen == 0 and callback.cache is not None
     assert callback.cache.grid_size == (7, 7)  # by default the teacher's own grid
     # another grid does not match the file: recomputed with a warning
-    third = Counting()
+    third = cached_callback(Counting(), cache_path=path, cache_grid_size=14)
     datamodule = fashion_datamodule(str(tmp_path), record_augmentation=True)
     with pytest.warns(UserWarning, match="recomputed and overwritten"):
-        fit(cached_callback(third, cache_path=path, cache_grid_size=14), datamodule, epochs=1)
-    assert third.images_seen == 24
+        fit(third, datamodule, epochs=1)
+    assert third.attention_model.backbone.images_seen == 24
 
 
 def test_cache_path_recomputes_for_another_dataset_of_the_same_size(tmp_path, caplog):

@@ -33,7 +33,7 @@ class Recorder(SoftTargetLossMixin, L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, targets = (batch["image"], batch["target"]) if isinstance(batch, dict) else (batch[0], batch[1])
         self.seen.append((images.detach().clone(), targets.detach().clone()))
-        return self.soft_target_loss(self.net(images), targets)
+        return self.soft_target_loss(self.net(images.float()), targets)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -261,11 +261,27 @@ def test_state_dict_round_trip():
 def test_stop_after_step_and_epoch():
     callback = CutMix(seed=0, stop_after_step=3)
     _, model = fit(callback, data=loader(n=48), max_epochs=1)
-    assert callback.batches_mixed == 3 and callback.batches_seen == 3
-    assert model.seen[-1][1].ndim == 1  # index targets after mixing stopped
+    assert callback.batches_mixed == 3 and callback.batches_seen == 6
+    assert model.seen[-1][1].ndim == 1  # index targets after mixing stopped (no smoothing asked)
     callback = CutMix(seed=0, stop_after_epoch=1)
     fit(callback, data=loader(n=16), max_epochs=3)
     assert callback.batches_mixed == 2
+
+
+@pytest.mark.parametrize("stop", [{"stop_after_step": 1}, {"stop_after_epoch": 1}], ids=["step", "epoch"])
+def test_label_smoothing_and_range_check_go_on_after_mixing_stops(stop):
+    data = loader(n=16)
+    callback = CutMix(seed=0, label_smoothing=0.2, **stop)
+    _, model = fit(callback, data=data, max_epochs=2)
+    assert callback.batches_mixed == (1 if "stop_after_step" in stop else 2) and callback.batches_seen == 4
+    images, targets = model.seen[-1]
+    assert torch.equal(images, list(data)[-1][0])  # no longer mixed...
+    labels = list(data)[-1][1]
+    expected = torch.full((8, NUM_CLASSES), 0.2 / NUM_CLASSES).scatter_(1, labels[:, None], 0.8 + 0.2 / NUM_CLASSES)
+    torch.testing.assert_close(targets, expected)  # ...but still smoothed
+    bad = DataLoader(TensorDataset(torch.rand(16, 3, SIZE, SIZE), torch.full((16,), NUM_CLASSES)), batch_size=8)
+    with pytest.raises(ValueError, match=r"in \[0, 4\), but got values in \[4, 4\] \(training batch 0 of epoch 0\)"):
+        fit(CutMix(seed=0, stop_after_step=0), data=bad)
 
 
 class DictDataset(Dataset):
@@ -426,3 +442,125 @@ def test_compiled_teacher_mixes_like_the_eager_one():
         mixes.append((callback.last_mix.mixed, callback.last_mix.soft_targets, callback.last_mix.cell_indices))
     for a, b in zip(*mixes, strict=True):
         assert torch.equal(a, b)
+
+
+def test_uint8_images_reach_the_teacher_scaled_like_floats():
+    from lightning_acm.cache import HeatmapCache
+
+    g = torch.Generator().manual_seed(3)
+    as_uint8 = torch.randint(0, 256, (16, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
+    as_float = as_uint8.float() / 255
+    labels = torch.arange(16) % NUM_CLASSES
+    heatmaps = []
+    for images in (as_uint8, as_float):
+        # a teacher with a bias, so that the heatmaps (not only their ranking) depend on the scale
+        conv = nn.Conv2d(3, 2, kernel_size=4, stride=4)
+        nn.init.constant_(conv.weight, 1.0 / 48)
+        nn.init.constant_(conv.bias, -0.3)
+        teacher = attention_model_from_module(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
+        callback = AttentiveCutMix(attention_model=teacher, num_classes=NUM_CLASSES, seed=0)
+        fit(callback, data=DataLoader(TensorDataset(images, labels), batch_size=8))
+        cache = HeatmapCache(16, (7, 7)).fill(callback.attention_model, TensorDataset(images, labels), batch_size=8)
+        heatmaps.append((callback.last_mix.partner_heatmaps, callback.last_mix.cell_indices, cache.lookup(torch.arange(16))))
+    for from_uint8, from_float in zip(*heatmaps, strict=True):
+        torch.testing.assert_close(from_uint8, from_float)
+    with pytest.warns(UserWarning, match=r"taken to be in \[0, 1\] \(integer images, e.g. uint8, are scaled by 1/255"):
+        fit(AttentiveCutMix(attention_model=tiny_teacher(), attention_layer="1", attention_input_size=SIZE, seed=0),
+            data=DataLoader(TensorDataset(as_uint8, labels), batch_size=8))
+
+
+class ThreeFields(Dataset):
+    """``(image, domain_id, label)`` samples: the label is the third field."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return torch.full((3, SIZE, SIZE), i / 16), 7, i % NUM_CLASSES
+
+
+class ThirdFieldRecorder(Recorder):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen.append((batch[0].clone(), batch[2].clone()))
+        assert torch.equal(batch[1], torch.full((len(batch[0]),), 7))  # the domain ids pass untouched
+        return self.soft_target_loss(self.net(batch[0]), batch[2])
+
+
+def test_integer_keys_index_list_batches():
+    callback = CutMix(seed=0, target_key=2)
+    _, model = fit(callback, model=ThirdFieldRecorder(), data=DataLoader(ThreeFields(), batch_size=8))
+    mix = callback.last_mix
+    labels = torch.arange(8, 16) % NUM_CLASSES
+    expected = AF.mix_targets(labels, mix.lam, mix.permutation, NUM_CLASSES)
+    torch.testing.assert_close(model.seen[-1][1], expected)
+    with pytest.raises(ValueError, match=r"`target_key` to be an int \(a position\) for a list batch, but got 'label'"):
+        fit(CutMix(seed=0, target_key="label"), data=loader())
+    with pytest.raises(ValueError, match=r"`target_key` to be a position in the list batch of length 2, but got 2\."):
+        fit(CutMix(seed=0, target_key=2), data=loader())
+
+
+def test_student_backbone_as_teacher_is_copied_not_frozen():
+    model = Recorder()
+    backbone = nn.Sequential(nn.Conv2d(3, 3, kernel_size=1), nn.ReLU())
+    model.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(3 * SIZE * SIZE, NUM_CLASSES))
+    before = backbone[0].weight.detach().clone()
+    callback = AttentiveCutMix(attention_model=backbone, attention_layer="1", attention_input_size=SIZE, grid_size=7,
+                               input_mean=(0.0,), input_std=(1.0,), seed=0)
+    fit(callback, model=model)
+    assert all(p.requires_grad for p in backbone.parameters()) and backbone.training
+    assert not torch.equal(backbone[0].weight, before)  # the student's backbone trained
+    teacher = callback.attention_model
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert torch.equal(teacher.backbone[0].weight, before)  # the teacher is the frozen snapshot at setup
+
+
+def test_a_given_attention_model_is_not_changed():
+    given = tiny_attention()
+    callback = AttentiveCutMix(attention_model=given, input_mean=(0.5,), input_std=(0.25,), attention_channels_last=True,
+                               seed=0)
+    fit(callback)
+    assert callback.attention_model is not given and callback.attention_model.channels_last
+    assert not given.channels_last and given.input_std.flatten().tolist() == [1.0]
+
+
+def test_a_compiled_attention_model_is_copied_with_its_own_compilation():
+    given = tiny_attention()
+    given.compile_features(backend="eager")
+    callback = AttentiveCutMix(attention_model=given, num_classes=NUM_CLASSES, seed=0)
+    fit(callback)
+    copy = callback.attention_model
+    assert copy.compiled and copy.__dict__["_compiled_features"] is not given.__dict__["_compiled_features"]
+    with torch.no_grad():
+        copy.backbone[0].weight.mul_(-1)  # a change to the copy shows in the copy's compiled features only
+    images = torch.rand(2, 3, SIZE, SIZE)
+    assert not torch.equal(copy(images), given(images))
+
+
+def test_seed_none_is_taken_anew_for_every_fit():
+    callback = CutMix()
+    L.seed_everything(0)
+    fit(callback)
+    first_seed, first_lam = callback.state_dict()["seed"], callback.last_mix.lam
+    L.seed_everything(1)
+    fit(callback)
+    assert callback.state_dict()["seed"] != first_seed
+    assert not torch.equal(callback.last_mix.lam, first_lam)
+    L.seed_everything(0)
+    fit(callback)
+    assert callback.state_dict()["seed"] == first_seed and torch.equal(callback.last_mix.lam, first_lam)
+
+
+def test_state_key_holds_every_defining_argument():
+    assert CutMix(alpha=1.0).state_key != CutMix(alpha=0.2).state_key
+    assert AttentiveCutMix(top_k=6).state_key != AttentiveCutMix(top_k=9).state_key
+    assert CutMix(alpha=1.0, p=0.5).state_key == CutMix(alpha=1.0, p=0.5).state_key  # stable for a resume
+    assert "alpha" in CutMix().state_key and "label_smoothing" in MixUp().state_key
+
+
+def test_label_smoothing_in_both_the_callback_and_the_loss_warns_once():
+    model = Recorder()
+    model.label_smoothing = 0.1
+    with pytest.warns(UserWarning, match=r"CutMix\(label_smoothing=0.1\) smooths the targets and Recorder\(label_smoothing=0.1\)"
+                                         r" smooths them again in its loss\. Set one of the two to 0\.") as record:
+        fit(CutMix(seed=0, label_smoothing=0.1), model=model)
+    assert sum("smooths them again" in str(w.message) for w in record) == 1

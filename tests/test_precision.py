@@ -260,7 +260,8 @@ def test_teacher_runs_in_channels_last_and_gives_the_same_heatmaps(given):
     callback = AttentiveCutMix(attention_channels_last=True, top_k=6, seed=0, **source)
     model, mixes = fit(callback)
     assert callback.attention_model.channels_last
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    copied = callback.attention_model.backbone[0]  # the callback runs a frozen copy of the given module
+    assert copied.weight.is_contiguous(memory_format=torch.channels_last)
     assert input_formats == [True] * 2  # both batches reached the backbone in channels_last
     images, _ = images_and_labels()
     reference = teacher()  # the same teacher, default memory format

@@ -203,3 +203,43 @@ def test_resume_without_the_callback_state_would_not_match(tmp_path):
     assert other.state_dict()["seed"] != SEED
     with pytest.raises(AssertionError, match="differ"):
         assert_identical((full_model, full_record), [(other_model, other_record)])
+
+
+def fit_pair(root: Path, *, max_epochs: int, ckpt_path: Optional[str] = None) -> tuple[list[MixingCallback], Net]:
+    """Two CutMix callbacks of other ``alpha`` on one Trainer, seeded from the global seed."""
+    callbacks: list[MixingCallback] = [CutMix(alpha=1.0, p=0.5), CutMix(alpha=0.2, p=0.5)]
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, callbacks=list(callbacks), default_root_dir=root, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    model = Net()
+    trainer.fit(model, train_dataloaders=distinct_data(), ckpt_path=ckpt_path)
+    return callbacks, model
+
+
+def test_two_callbacks_of_one_class_share_a_trainer_and_resume_each(tmp_path):
+    L.seed_everything(SEED)
+    full, full_model = fit_pair(tmp_path / "full", max_epochs=EPOCHS)
+    L.seed_everything(SEED)
+    _, first_model = fit_pair(tmp_path / "stopped", max_epochs=1)
+    checkpoint = tmp_path / "stopped" / "checkpoints" / "epoch=0-step=6.ckpt"
+    L.seed_everything(SEED + 1)  # another global seed: only the checkpoint gives the seeds back
+    second, second_model = fit_pair(tmp_path / "stopped", max_epochs=EPOCHS, ckpt_path=str(checkpoint))
+    for a, b in zip(full, second, strict=True):
+        assert a.state_dict() == b.state_dict()
+    assert full[0].state_key != full[1].state_key
+    for key in full_model.seen:
+        got = first_model.seen.get(key) or second_model.seen[key]
+        assert all(torch.equal(x, y) for x, y in zip(full_model.seen[key], got, strict=True)), key
+
+
+def test_a_reused_callback_with_seed_none_restores_the_seed_on_resume(tmp_path):
+    callback = CutMix(alpha=1.0, p=0.5)
+    L.seed_everything(0)
+    trainer, _, _ = fit(callback, distinct_data(), tmp_path, max_epochs=1)
+    saved = callback.state_dict()["seed"]
+    L.seed_everything(1)
+    fit(callback, distinct_data(), tmp_path, ckpt_path=trainer.checkpoint_callback.best_model_path)
+    assert callback.state_dict()["seed"] == saved
+    fit(callback, distinct_data(), tmp_path / "fresh", max_epochs=1)  # a new fit under seed 1 takes seed 1's
+    assert callback.state_dict()["seed"] != saved
