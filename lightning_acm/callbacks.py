@@ -75,9 +75,8 @@ class MixResult:
         cell_indices: ``(B, k)`` row-major grid cells pasted into each sample (Attentive CutMix).
         boxes: ``(B, 4)`` int64 ``(top, bottom, left, right)`` pixel bounds of the box pasted into
             each sample, bottom and right exclusive (CutMix).
-        source: ``(B, C, H, W)`` images before mixing, kept only when the callback's
-            ``keep_source`` is set (by :class:`~lightning_acm.visualize.MixVisualizer`).
-        source_targets: the targets before mixing, kept with ``source``.
+        source: ``(B, C, H, W)`` images before mixing (the batch's own tensor, not a copy).
+        source_targets: the targets before mixing (the batch's own tensor).
 
     ``mask`` is the ``(B, 1, H, W)`` pasted region (``None`` for Mixup); when the result holds
     ``cell_indices`` or ``boxes`` it is built from them the first time it is read.
@@ -484,10 +483,7 @@ class MixingCallback(Callback):
         self._warned_single = False
         self._epoch_means = _EpochMeans(("mixed", "lam", "pasted_attention"))
         self._label_check = _LabelRangeCheck()
-        self.last_mix: Optional[MixResult] = None
-        """The most recent :class:`MixResult` (``None`` when the last batch was not mixed)."""
-        self.keep_source: bool = False
-        """Keep the unmixed batch in ``last_mix.source`` (for visualisation; off to save memory)."""
+        self._last_mix: Optional[MixResult] = None
 
     @property
     @override
@@ -507,6 +503,16 @@ class MixingCallback(Callback):
             "target_key": self.target_key,
             "log_prefix": self.log_prefix,
         }
+
+    @property
+    def last_mix(self) -> Optional[MixResult]:
+        """The :class:`MixResult` of the current training batch (``None`` when it was not mixed).
+
+        It holds the unmixed batch in ``source`` (no copy: the batch's own tensors, kept until the
+        next batch) for :class:`~lightning_acm.visualize.MixVisualizer` and
+        :class:`~lightning_acm.visualize.PastedAttentionMonitor`, which read it and change nothing.
+        """
+        return self._last_mix
 
     @property
     def batches_seen(self) -> int:
@@ -619,6 +625,7 @@ class MixingCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._last_mix = None  # frees the previous batch before this one is mixed
         image_slot, target_slot = self._locate(batch)
         images, targets = batch[image_slot], batch[target_slot]  # type: ignore[index]
         if not isinstance(images, Tensor) or images.ndim != 4:
@@ -649,7 +656,6 @@ class MixingCallback(Callback):
         where = f" (training batch {batch_idx} of epoch {trainer.current_epoch})"
         checked = self._label_check(targets, num_classes, where)
         if not mix_now:
-            self.last_mix = None
             class_indices = AF._is_class_indices(checked, num_classes, check_range=False)
             if self.label_smoothing > 0 or not class_indices:  # (the latter checks the shape of soft targets)
                 probabilities = AF._probabilities(checked, num_classes, class_indices, self.label_smoothing)
@@ -661,9 +667,8 @@ class MixingCallback(Callback):
         result = self.mix(images, checked, num_classes, batch)
         batch[image_slot] = result.mixed  # type: ignore[index]
         batch[target_slot] = result.soft_targets  # type: ignore[index]
-        if self.keep_source:
-            result.source, result.source_targets = images, targets
-        self.last_mix = result
+        result.source, result.source_targets = images, targets
+        self._last_mix = result
         self._batches_mixed += 1
         size = images.shape[0]
         self._epoch_means.add("mixed", float(size), size, images.device)

@@ -1,9 +1,9 @@
 """See what the mixing does: render mixed batches, log them while training, measure the pasted attention.
 
 * :func:`render_mix_grid` (pure, no Lightning) draws up to ``max_samples`` mixes as one
-  ``(3, H, W)`` uint8 image, one row per sample: the partner ``x_A`` with its heatmap overlaid
-  and the pasted region outlined (cell by cell when it is a union of grid cells), the canvas
-  ``x_B``, the mixed image, and the mixed label ``lam * y_A + (1 - lam) * y_B``.
+  ``(3, H, W)`` uint8 image with torchvision's drawing utilities, one row per sample: the partner
+  ``x_A`` with its heatmap overlaid, the canvas ``x_B`` and the mixed image; the pasted region is
+  outlined on ``x_A`` and on the mix, and captions give the classes of ``x_A`` and ``x_B`` and ``lam``.
   :func:`render_mix` does the same from a :class:`~lightning_acm.callbacks.MixResult`.
 * :class:`MixVisualizer` logs that image every ``every_n_steps`` training batches: to
   TensorBoard (``logger.experiment.add_image``) or, for loggers without images (CSVLogger, none),
@@ -14,7 +14,8 @@
   without help (its heatmaps exist), and so does Mixup (where it is ``lam``, see
   :meth:`~lightning_acm.callbacks.MixResult.pasted_attention`).
 
-Drawing uses torch and PIL only (PIL comes with torchvision); matplotlib is not needed.
+Both callbacks read the mixing callbacks' :attr:`~lightning_acm.callbacks.MixingCallback.last_mix`
+and change nothing in them.
 
 Example::
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -43,6 +43,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torchvision.transforms.v2.functional import to_dtype, to_pil_image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 from typing_extensions import override
 
 from lightning_acm import functional as AF
@@ -57,15 +59,24 @@ from lightning_acm.callbacks import (
 
 __all__ = ["MixVisualizer", "PastedAttentionMonitor", "render_mix", "render_mix_grid"]
 
-_BACKGROUND = 0.12
-_TITLES = ("x_A + attention", "x_B", "mixed", "label")
+_BACKGROUND = 30  # dark grey between the panels and behind the captions
+_CAPTION_HEIGHT = 14  # one line of PIL's default font
 _MIN_PANEL = 96  # small images (CIFAR's 32 px) are upscaled by an integer factor to at least this
 
 
 # --------------------------------------------------------------------------- rendering
 
 
-def _stats(values: Optional[Sequence[float]], name: str, channels: int) -> Optional[Tensor]:
+def _shape(value: Any) -> Any:
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+
+
+def _check_positive(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
+
+
+def _channel_stats(values: Optional[Sequence[float]], name: str, channels: int) -> Optional[Tensor]:
     if values is None:
         return None
     flat = [float(v) for v in values]
@@ -75,23 +86,24 @@ def _stats(values: Optional[Sequence[float]], name: str, channels: int) -> Optio
 
 
 def _unit_images(images: Tensor, name: str, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> Tensor:
-    """``(B, C, H, W)`` uint8 or (normalised) float images → float ``(B, 3, H, W)`` in [0, 1] on the CPU."""
+    """``(B, C, H, W)`` images → float ``(B, 3, H, W)`` in [0, 1] on the CPU.
+
+    Integer images are scaled by their dtype's maximum (1/255 for uint8), as torchvision's
+    ``ToDtype(scale=True)``; float images are un-normalised with ``mean``/``std``.
+    """
     if not isinstance(images, Tensor) or images.ndim != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"Expected `{name}` to be a batch (B, C, H, W), but got {shape}.")
+        raise ValueError(f"Expected `{name}` to be a batch (B, C, H, W), but got {_shape(images)}.")
     channels = images.shape[1]
     if channels not in (1, 3):
         raise ValueError(f"Expected `{name}` to have 1 or 3 channels, but got {channels}.")
     x = images.detach().cpu()
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    else:
+    if x.is_floating_point():
         x = x.float()
-        mean_t, std_t = _stats(mean, "mean", channels), _stats(std, "std", channels)
-        if std_t is not None:
-            x = x * std_t
-        if mean_t is not None:
-            x = x + mean_t
+        mean_t, std_t = _channel_stats(mean, "mean", channels), _channel_stats(std, "std", channels)
+        x = x * std_t if std_t is not None else x
+        x = x + mean_t if mean_t is not None else x
+    else:
+        x = to_dtype(x, torch.float32, scale=True)
     return x.clamp(0.0, 1.0).expand(-1, 3, -1, -1)
 
 
@@ -101,48 +113,30 @@ def _jet(values: Tensor) -> Tensor:
     return (1.5 - (4.0 * values - centres).abs()).clamp(0.0, 1.0)
 
 
-def _labels(labels: Optional[Tensor], name: str, batch: int) -> Optional[list[int]]:
+def _class_indices(labels: Optional[Tensor], name: str, batch: int) -> Optional[list[int]]:
     if labels is None:
         return None
     if not isinstance(labels, Tensor) or labels.ndim not in (1, 2) or labels.shape[0] != batch:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"Expected `{name}` to be class indices ({batch},) or probabilities ({batch}, K), but got {shape}.")
+        raise ValueError(
+            f"Expected `{name}` to be class indices ({batch},) or probabilities ({batch}, K), but got {_shape(labels)}."
+        )
     labels = labels.detach().cpu()
     return (labels.argmax(dim=1) if labels.ndim == 2 else labels).long().tolist()
 
 
-def _cell_labels(mask: Tensor, grid: Optional[tuple[int, int]]) -> Tensor:
-    """Label each masked pixel with its cell (1-based) when the mask is a union of cells, else with 1."""
-    inside = mask.float()
-    if grid is None:
-        return inside
-    batch, _, height, width = mask.shape
-    rows, cols = AF.cell_index_maps(grid, (height, width), mask.device)
-    cell_ids = rows[:, None] * grid[1] + cols[None, :]
-    flat_ids = cell_ids.flatten().expand(batch, -1)
-    full = torch.ones(batch, grid[0] * grid[1]).scatter_reduce(1, flat_ids, inside.flatten(1), "amin")
-    is_union = (full.gather(1, flat_ids) == inside.flatten(1)).all(dim=1).view(batch, 1, 1, 1)
-    return torch.where(is_union, inside * (cell_ids + 1).float(), inside)
+def _caption(side: str, labels: Optional[list[int]], i: int, class_names: Optional[Sequence[str]]) -> str:
+    if labels is None:
+        return side
+    index = labels[i]
+    name = f" {class_names[index]}" if class_names is not None and 0 <= index < len(class_names) else ""
+    return f"{side}: {index}{name}"
 
 
-def _outline(labels: Tensor, width: int) -> Tensor:
-    """Pixels of a labelled region within ``width`` of another label or of the image border."""
-    padded = F.pad(labels, (width, width, width, width), value=0.0)
-    size = 2 * width + 1
-    high = F.max_pool2d(padded, size, stride=1)
-    low = -F.max_pool2d(-padded, size, stride=1)
-    return (labels > 0) & ((high != labels) | (low != labels))
-
-
-def _upscale(x: Tensor, scale: int) -> Tensor:
-    return x if scale == 1 else x.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-
-
-def _name(index: int, class_names: Optional[Sequence[str]]) -> str:
-    if class_names is not None and 0 <= index < len(class_names):
-        name = str(class_names[index])
-        return f"{index} {name[:22] + '…' if len(name) > 23 else name}"
-    return str(index)
+def _outline(mask: Tensor, width: int) -> Tensor:
+    """``(B, 1, H, W)`` bool region → ``(B, H, W)`` its pixels within ``width`` of the outside (the image border counts as outside)."""
+    padded = F.pad(mask.float(), (width, width, width, width))
+    eroded = -F.max_pool2d(-padded, 2 * width + 1, stride=1)
+    return (mask & (eroded < 0.5))[:, 0]
 
 
 def render_mix_grid(
@@ -163,11 +157,17 @@ def render_mix_grid(
     scale: Optional[int] = None,
     outline_color: tuple[int, int, int] = (255, 255, 255),
 ) -> Tensor:
-    """Draw mixes as one image, a row per sample: ``x_A`` + heatmap + outline, ``x_B``, mixed, label.
+    """Draw mixes as one image, a row per sample: ``x_A`` with its heatmap, ``x_B``, the mix.
+
+    The pasted region is outlined on ``x_A`` and on the mix. Under each panel a caption names
+    it: ``A: <class of x_A>``, ``B: <class of x_B>`` (just ``A`` and ``B`` without labels) and
+    ``lam = <lam>`` under the mix, whose label is ``lam * y_A + (1 - lam) * y_B``. The layout is
+    :func:`torchvision.utils.make_grid` with 3 panels per row and 2 px of padding.
 
     Args:
-        partners: ``(B, C, H, W)`` pasted images ``x_A`` (``images[p]``), C in {1, 3}; uint8, or
-            float normalised with ``mean``/``std`` (or in [0, 1] when they are ``None``).
+        partners: ``(B, C, H, W)`` pasted images ``x_A`` (``images[p]``), C in {1, 3}; integer
+            (uint8: scaled by 1/255, as torchvision's ``ToDtype(scale=True)``), or float
+            normalised with ``mean``/``std`` (or in [0, 1] when they are ``None``).
         canvases: ``(B, C, H, W)`` images ``x_B`` the partners were pasted onto.
         mixed: ``(B, C, H, W)`` mixed images.
         lam: ``(B,)`` fraction of each mixed image taken from the partner.
@@ -175,8 +175,8 @@ def render_mix_grid(
         canvas_labels: ``y_B``, as ``partner_labels``.
         partner_heatmaps: ``(B, gh, gw)`` attention of each partner, overlaid on ``x_A`` (min-max
             scaled per sample, "jet" colormap).
-        mask: ``(B, 1, H, W)`` boolean pasted region, outlined on ``x_A`` (``None`` for Mixup).
-        class_names: names shown next to the class indices.
+        mask: ``(B, 1, H, W)`` boolean pasted region (``None`` for Mixup).
+        class_names: names shown after the class indices.
         mean: the per-channel mean the float images were normalised with.
         std: the per-channel std the float images were normalised with.
         max_samples: rows drawn (the first ``max_samples`` samples).
@@ -186,7 +186,7 @@ def render_mix_grid(
         outline_color: RGB colour of the outline.
 
     Returns:
-        ``(3, H', W')`` uint8 image (CHW, as ``SummaryWriter.add_image`` and ``write_png`` take).
+        ``(3, H', W')`` uint8 image (CHW, as ``SummaryWriter.add_image`` takes).
 
     Raises:
         ValueError: for shapes that do not match or arguments out of range.
@@ -195,11 +195,10 @@ def render_mix_grid(
 
         >>> images = torch.rand(4, 3, 32, 32)  # upscaled x3 to 96 px panels
         >>> grid = render_mix_grid(images.roll(1, 0), images, images, torch.zeros(4), max_samples=2)
-        >>> grid.dtype, grid.shape[0], grid.shape[1] > 2 * 96
-        (torch.uint8, 3, True)
+        >>> tuple(grid.shape)  # 2 rows of (96 + 14 px caption), 3 panels of 96, 2 px padding
+        (3, 226, 296)
     """
-    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
-        raise ValueError(f"Expected `max_samples` to be a positive int, but got {max_samples!r}.")
+    _check_positive(max_samples, "max_samples")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"Expected `alpha` to be in [0, 1], but got {alpha!r}.")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
@@ -215,77 +214,51 @@ def render_mix_grid(
                 f" {tuple(other.shape)} != {tuple(x_a.shape)}."
             )
     if not isinstance(lam, Tensor) or tuple(lam.shape) != (batch,):
-        shape = tuple(lam.shape) if isinstance(lam, Tensor) else type(lam).__name__
-        raise ValueError(f"Expected `lam` to have shape ({batch},), but got {shape}.")
+        raise ValueError(f"Expected `lam` to have shape ({batch},), but got {_shape(lam)}.")
     if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != (batch, 1, height, width)):
-        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"Expected `mask` to have shape ({batch}, 1, {height}, {width}), but got {shape}.")
-    if partner_heatmaps is not None:
-        AF._check_heatmaps(partner_heatmaps, batch)
-    y_a = _labels(partner_labels, "partner_labels", batch)
-    y_b = _labels(canvas_labels, "canvas_labels", batch)
+        raise ValueError(f"Expected `mask` to have shape ({batch}, 1, {height}, {width}), but got {_shape(mask)}.")
+    if partner_heatmaps is not None and (
+        not isinstance(partner_heatmaps, Tensor) or partner_heatmaps.ndim != 3 or partner_heatmaps.shape[0] != batch
+    ):
+        raise ValueError(
+            f"Expected `partner_heatmaps` to have shape ({batch}, gh, gw), one map per image, but got {_shape(partner_heatmaps)}."
+        )
+    y_a = _class_indices(partner_labels, "partner_labels", batch)
+    y_b = _class_indices(canvas_labels, "canvas_labels", batch)
 
     n = min(max_samples, batch)
     x_a, x_b, x_m = x_a[:n], x_b[:n], x_m[:n]
-    scale = scale if scale is not None else max(1, math.ceil(_MIN_PANEL / max(height, width)))
-    panel_h, panel_w = height * scale, width * scale
-    grid: Optional[tuple[int, int]] = None
     if partner_heatmaps is not None:
-        heat = partner_heatmaps[:n].detach().cpu().float().nan_to_num(0.0)
-        grid = (heat.shape[1], heat.shape[2])
-        low = heat.flatten(1).amin(dim=1).view(n, 1, 1)
-        high = heat.flatten(1).amax(dim=1).view(n, 1, 1)
-        heat = (heat - low) / (high - low).clamp_min(1e-12)
-        x_a = (1.0 - alpha) * x_a + alpha * _jet(AF.expand_grid(heat, (height, width)))
-    x_a, x_b, x_m = (_upscale(x, scale) for x in (x_a, x_b, x_m))
+        heat = partner_heatmaps[:n, None].detach().cpu().float().nan_to_num(0.0)
+        low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
+        heat = F.interpolate((heat - low) / (high - low).clamp_min(1e-12), size=(height, width), mode="nearest")
+        x_a = (1.0 - alpha) * x_a + alpha * _jet(heat)
+    scale = scale if scale is not None else max(1, math.ceil(_MIN_PANEL / max(height, width)))
+    panels = F.interpolate(torch.cat([x_a, x_b, x_m]), scale_factor=scale, mode="nearest")
+    panels = (panels * 255.0).round().to(torch.uint8).view(3, n, 3, height * scale, width * scale)
+    panels = F.pad(panels, (0, 0, 0, _CAPTION_HEIGHT), value=_BACKGROUND)
+    edges = None
     if mask is not None:
-        labels = _upscale(_cell_labels(mask[:n].detach().cpu().bool(), grid), scale)
-        edge = _outline(labels, width=max(1, round(max(panel_h, panel_w) / 112)))
-        color = torch.tensor(outline_color, dtype=torch.float32).view(1, 3, 1, 1) / 255.0
-        x_a = torch.where(edge, color, x_a)
-
-    from PIL import ImageDraw, ImageFont
-    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(to_pil_image(torch.zeros(3, 1, 1)))
-    line_h = measure.textbbox((0, 0), "Ag", font=font)[3] + 3
+        big_mask = F.interpolate(mask[:n].detach().cpu().float(), scale_factor=scale, mode="nearest") > 0.5
+        edges = F.pad(_outline(big_mask, max(1, round(scale * max(height, width) / 112))), (0, 0, 0, _CAPTION_HEIGHT))
+    caption_box = torch.tensor([[0, height * scale, width * scale - 1, height * scale + _CAPTION_HEIGHT - 1]])
     lam_list = lam[:n].detach().cpu().float().tolist()
-    texts = []
-    for i, weight in enumerate(lam_list):
-        lines = [f"lam = {weight:.3f}"]
-        if y_a is not None:
-            lines.append(f"{weight:.2f} x A: {_name(y_a[i], class_names)}")
-        if y_b is not None:
-            lines.append(f"{1 - weight:.2f} x B: {_name(y_b[i], class_names)}")
-        texts.append(lines)
-    pad = 2
-    text_w = max([panel_w] + [int(measure.textlength(line, font=font)) + 2 * pad for lines in texts for line in lines])
-    header_h = line_h + pad
-
-    def strip(w: int) -> Tensor:
-        return torch.full((n, 3, panel_h, w), _BACKGROUND)
-
-    rows = torch.cat([strip(pad), x_a, strip(pad), x_b, strip(pad), x_m, strip(pad), strip(text_w + pad)], dim=3)
-    rows = F.pad(rows, (0, 0, 0, pad), value=_BACKGROUND)
-    body = rows.permute(1, 0, 2, 3).reshape(3, n * (panel_h + pad), rows.shape[-1])
-    canvas = torch.cat([torch.full((3, header_h, body.shape[-1]), _BACKGROUND), body], dim=1)
-
-    image = to_pil_image((canvas * 255.0).round().to(torch.uint8))
-    draw = ImageDraw.Draw(image)
-    starts = [pad + column * (panel_w + pad) for column in range(4)]
-    for start, title in zip(starts, _TITLES, strict=True):
-        draw.text((start, 1), title, fill=(230, 230, 230), font=font)
-    for i, lines in enumerate(texts):
-        top = header_h + i * (panel_h + pad)
-        for j, line in enumerate(lines):
-            draw.text((starts[3] + pad, top + pad + j * line_h), line, fill=(255, 255, 255), font=font)
-    return pil_to_tensor(image)
+    tiles = []
+    for i in range(n):
+        captions = (_caption("A", y_a, i, class_names), _caption("B", y_b, i, class_names), f"lam = {lam_list[i]:.3f}")
+        for column, caption in enumerate(captions):
+            tile = panels[column, i]
+            if edges is not None and column != 1:
+                tile = draw_segmentation_masks(tile, edges[i], alpha=1.0, colors=outline_color)
+            # A box of width 0 draws nothing but its label: the caption, in the strip under the panel.
+            tiles.append(draw_bounding_boxes(tile, caption_box, labels=[caption], width=0, colors="white"))
+    return make_grid(torch.stack(tiles), nrow=3, padding=2, pad_value=_BACKGROUND)
 
 
 def render_mix(
     result: MixResult,
     *,
+    partner_heatmaps: Optional[Tensor] = None,
     class_names: Optional[Sequence[str]] = None,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
@@ -293,32 +266,34 @@ def render_mix(
     alpha: float = 0.5,
     scale: Optional[int] = None,
 ) -> Tensor:
-    """:func:`render_mix_grid` of a :class:`~lightning_acm.callbacks.MixResult` that kept its ``source``.
+    """:func:`render_mix_grid` of a :class:`~lightning_acm.callbacks.MixResult`.
 
     ``x_B`` is ``result.source`` and ``x_A`` is ``result.source[result.permutation]``; labels come
-    from ``result.source_targets``. A mixing callback fills ``source`` only when its ``keep_source``
-    is set (:class:`MixVisualizer` sets it).
+    from ``result.source_targets``. The mixing callbacks fill ``source`` on every mixed batch.
+    ``partner_heatmaps`` (e.g. from :meth:`PastedAttentionMonitor.partner_heatmaps`) are drawn
+    when the result has none of its own.
 
     Raises:
-        ValueError: if ``result.source`` is ``None``.
+        ValueError: if ``result.source`` is ``None``, or as :func:`render_mix_grid`.
     """
     if result.source is None:
         raise ValueError(
             "Expected `result.source` (the batch before mixing) to render the partners, but got None."
-            " Set `keep_source = True` on the mixing callback (MixVisualizer does it in `setup`)."
+            " Build the MixResult with `source=` (the mixing callbacks do)."
         )
     _check_positive(max_samples, "max_samples")
     n = min(max_samples, result.source.shape[0])
     permutation = result.permutation[:n].to(result.source.device)
     targets = result.source_targets
+    heatmaps = result.partner_heatmaps if result.partner_heatmaps is not None else partner_heatmaps
     return render_mix_grid(
         result.source[permutation],
         result.source[:n],
         result.mixed[:n],
         result.lam[:n],
-        partner_labels=targets[permutation] if targets is not None else None,
+        partner_labels=targets[permutation.to(targets.device)] if targets is not None else None,
         canvas_labels=targets[:n] if targets is not None else None,
-        partner_heatmaps=result.partner_heatmaps[:n] if result.partner_heatmaps is not None else None,
+        partner_heatmaps=heatmaps[:n] if heatmaps is not None else None,
         mask=result.mask[:n] if result.mask is not None else None,
         class_names=class_names,
         mean=mean,
@@ -340,11 +315,6 @@ def _mixing_callbacks(trainer: pl.Trainer, owner: str) -> list[MixingCallback]:
             " Add AttentiveCutMix, CutMix or MixUp to `Trainer(callbacks=[...])`."
         )
     return mixers
-
-
-def _check_positive(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}.")
 
 
 def _datamodule_normalization(trainer: pl.Trainer) -> tuple[Optional[tuple[float, ...]], Optional[tuple[float, ...]]]:
@@ -387,10 +357,10 @@ class PastedAttentionMonitor(_EveryNSteps):
     whether a method pastes the object: Attentive CutMix pastes a small area holding much of the
     mass, a random CutMix box holds about its area's share. Attentive CutMix and Mixup log it
     themselves at no cost; this callback fills in the mixing callbacks that paste a region but
-    have no heatmaps (CutMix), by running the teacher on the unmixed batch (the mixing callback
-    keeps it: this sets its ``keep_source``). That is one extra teacher forward per measured
-    batch, so it is opt-in and ``every_n_steps`` thins it out. It also lends the heatmaps to
-    :class:`MixVisualizer`, whose CutMix rows then show the partner's attention.
+    have no heatmaps (CutMix), by running the teacher on the unmixed batch that the mixing
+    callback exposes in ``last_mix.source``. That is one extra teacher forward per measured
+    batch, so it is opt-in and ``every_n_steps`` thins it out. :class:`MixVisualizer` borrows
+    the heatmaps (:meth:`partner_heatmaps`), so its CutMix rows show the partner's attention.
 
     Args:
         attention: teacher preset or torchvision model name (see
@@ -458,26 +428,21 @@ class PastedAttentionMonitor(_EveryNSteps):
         self._attention: Optional[nn.Module] = None
         self._mixers: list[MixingCallback] = []
         self._batches = 0
-        # The results whose heatmaps this monitor computed (the mixer did not measure them itself).
-        self._annotated: weakref.WeakValueDictionary[int, MixResult] = weakref.WeakValueDictionary()
-
-    @staticmethod
-    def _needs_teacher(mixer: MixingCallback) -> bool:
-        return not isinstance(mixer, (AttentiveCutMix, MixUp))
+        # The last result the teacher ran on and its partners' heatmaps, until the next batch.
+        self._measured: Optional[tuple[MixResult, Tensor]] = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._mixers = [mixer for mixer in _mixing_callbacks(trainer, type(self).__name__) if self._needs_teacher(mixer)]
+        mixers = _mixing_callbacks(trainer, type(self).__name__)
+        self._mixers = [mixer for mixer in mixers if not isinstance(mixer, (AttentiveCutMix, MixUp))]
         if not self._mixers:
             rank_zero_warn(
                 f"{type(self).__name__}: the mixing callbacks (Attentive CutMix, Mixup) log `pasted_attention`"
                 " themselves, so this callback has nothing to measure. Remove it, or use it with CutMix."
             )
             return
-        for mixer in self._mixers:
-            mixer.keep_source = True
         if self._attention is None:
             self._attention = frozen_attention_model(
                 trainer,
@@ -493,42 +458,54 @@ class PastedAttentionMonitor(_EveryNSteps):
                 input_std=self.input_std,
             )
 
-    def annotate(self, result: MixResult) -> Optional[Tensor]:
-        """Fill ``result.partner_heatmaps`` from the teacher if it is missing; return them (or ``None``).
+    def partner_heatmaps(self, result: MixResult) -> Optional[Tensor]:
+        """``(B, gh, gw)`` attention of the partners of ``result``, which is not changed.
 
-        Needs ``result.source`` (set by mixing callbacks whose ``keep_source`` is on).
+        The result's own ``partner_heatmaps`` when it has them, else the teacher's on
+        ``result.source`` (run once per result); ``None`` before ``setup`` or without ``source``.
         """
-        if result.partner_heatmaps is not None or result.source is None or self._attention is None:
+        if result.partner_heatmaps is not None:
             return result.partner_heatmaps
-        heatmaps = run_attention(self._attention, result.source)
-        result.partner_heatmaps = heatmaps[result.permutation.to(heatmaps.device)]
-        self._annotated[id(result)] = result
-        return result.partner_heatmaps
+        if self._attention is None or result.source is None:
+            return None
+        if self._measured is None or self._measured[0] is not result:
+            heatmaps = run_attention(self._attention, result.source)
+            self._measured = (result, heatmaps[result.permutation.to(heatmaps.device)])
+        return self._measured[1]
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._measured = None  # lets the previous batch go
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        due = self._count_batch()
-        if not due:
+        if not self._count_batch():
             return
         for mixer in self._mixers:
             result = mixer.last_mix
-            if result is None or not result.has_region:
+            if result is None or not result.has_region or result.partner_heatmaps is not None:
+                continue  # not mixed, blended (Mixup), or measured by the mixer itself
+            heatmaps = self.partner_heatmaps(result)
+            if heatmaps is None:
                 continue
-            measured_by_mixer = result.partner_heatmaps is not None and self._annotated.get(id(result)) is not result
-            if measured_by_mixer:
-                continue
-            if self.annotate(result) is None:
-                continue
-            share = result.pasted_attention()
-            if share is not None:
-                mixer.record_pasted_attention(share)  # logged by the mixer at the end of the epoch
+            share = AF.pasted_attention_share(heatmaps, result.mask)
+            pl_module.log(
+                f"{mixer.log_prefix}/pasted_attention",
+                share.mean(),
+                on_step=False,
+                on_epoch=True,
+                batch_size=share.shape[0],
+                sync_dist=True,
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._given_model is None:
-            self._attention = None
+        if stage == "fit":
+            self._measured = None
+            if self._given_model is None:
+                self._attention = None
 
 
 class MixVisualizer(_EveryNSteps):
@@ -538,9 +515,9 @@ class MixVisualizer(_EveryNSteps):
     shows), tagged ``{log_prefix}/mixes``: written with ``experiment.add_image`` to every logger
     that has it (TensorBoard), otherwise saved as ``{trainer.log_dir}/mixes/{log_prefix}_step{N}.png``
     (CSVLogger, or ``default_root_dir`` without a logger). A due picture waits for the next batch
-    that is mixed (``p < 1``). The mixing callback must keep the unmixed batch for ``x_A`` and
-    ``x_B``: this sets its ``keep_source`` on rank zero (one batch of images held until the next).
-    CutMix rows show the partner's attention when a :class:`PastedAttentionMonitor` is also used.
+    that is mixed (``p < 1``). It draws the mixing callback's ``last_mix``, which holds the
+    unmixed batch for ``x_A`` and ``x_B``. CutMix rows show the partner's attention when a
+    :class:`PastedAttentionMonitor` is also used.
 
     Args:
         every_n_steps: training batches between two pictures (the first batch is drawn).
@@ -606,9 +583,6 @@ class MixVisualizer(_EveryNSteps):
         self._png_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "mixes")
         self._normalization = self._resolve_normalization(trainer)
         self._names = self.class_names if self.class_names is not None else self._datamodule_classes(trainer)
-        if trainer.is_global_zero:
-            for mixer in self._mixers:
-                mixer.keep_source = True
 
     def _resolve_normalization(self, trainer: pl.Trainer) -> tuple[Optional[tuple[float, ...]], Optional[tuple[float, ...]]]:
         if self.mean is not None:
@@ -638,13 +612,20 @@ class MixVisualizer(_EveryNSteps):
         for index, mixer in enumerate(self._mixers):
             self._pending[index] = self._pending[index] or due
             result = mixer.last_mix
-            if not self._pending[index] or result is None or result.source is None:
+            if not self._pending[index] or result is None:
                 continue
+            heatmaps = result.partner_heatmaps
             for monitor in self._monitors:
-                monitor.annotate(result)
+                heatmaps = heatmaps if heatmaps is not None else monitor.partner_heatmaps(result)
             mean, std = self._normalization
             image = render_mix(
-                result, class_names=self._names, mean=mean, std=std, max_samples=self.max_samples, alpha=self.alpha
+                result,
+                partner_heatmaps=heatmaps,
+                class_names=self._names,
+                mean=mean,
+                std=std,
+                max_samples=self.max_samples,
+                alpha=self.alpha,
             )
             self._log_image(trainer, f"{mixer.log_prefix}/mixes", image)
             self._pending[index] = False
@@ -658,8 +639,6 @@ class MixVisualizer(_EveryNSteps):
                 written = True
         if written or self._png_dir is None:
             return
-        from torchvision.transforms.functional import to_pil_image
-
         os.makedirs(self._png_dir, exist_ok=True)
         name = f"{tag.replace('/', '_')}_step{trainer.global_step:07d}.png"
         to_pil_image(image).save(os.path.join(self._png_dir, name))

@@ -22,7 +22,8 @@ from lightning_acm.visualize import MixVisualizer, PastedAttentionMonitor, rende
 
 NUM_CLASSES = 4
 SIZE = 28  # 7 cells of 4 px
-WHITE = torch.tensor([255, 255, 255], dtype=torch.uint8)
+CAPTION = 14  # the caption strip under each panel
+RED = torch.tensor([255, 0, 0], dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -95,77 +96,82 @@ def one_cell_batch(cells: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
     }
 
 
-def changed_pixels(batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
-    """``(H', W')`` pixels of the picture that the outline changes (drawn without heatmap overlay)."""
+def panel(image: torch.Tensor, row: int, column: int, size: int = SIZE) -> torch.Tensor:
+    """Panel ``column`` (0: x_A, 1: x_B, 2: mixed) of sample ``row``, without its caption (scale 1)."""
+    top, left = 2 + row * (size + CAPTION + 2), 2 + column * (size + 2)
+    return image[:, top : top + size, left : left + size]
+
+
+def changed_pixels(batch: dict[str, torch.Tensor], **kwargs: Any) -> list[torch.Tensor]:
+    """``(H, W)`` pixels of each panel of the first row that the outline changes (no heatmap overlay)."""
     plain = {k: v for k, v in batch.items() if k != "mask"}
     with_outline = render_mix_grid(**batch, alpha=0.0, scale=1, max_samples=1, **kwargs)
     without = render_mix_grid(**plain, alpha=0.0, scale=1, max_samples=1, **kwargs)
     assert with_outline.shape == without.shape
-    changed = (with_outline != without).any(dim=0)
-    assert (with_outline.permute(1, 2, 0)[changed] == WHITE).all()
-    return changed
+    return [(panel(with_outline, 0, c) != panel(without, 0, c)).any(dim=0) for c in range(3)]
+
+
+def ring(top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """``(SIZE, SIZE)`` the 1 px border of the box ``[top, bottom) x [left, right)``."""
+    box = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    box[top:bottom, left:right] = True
+    box[top + 1 : bottom - 1, left + 1 : right - 1] = False
+    return box
 
 
 # --------------------------------------------------------------------------- render_mix_grid
 
 
-def test_render_returns_uint8_chw_with_one_row_per_sample():
+def test_render_returns_uint8_chw_three_panels_per_sample():
     batch = one_cell_batch([(1, 2)])
     image = render_mix_grid(**batch, scale=1)
-    assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
-    two_rows = image.shape[1]
-    one_row = render_mix_grid(**batch, scale=1, max_samples=1).shape[1]
-    assert two_rows - one_row == SIZE + 2  # a row is the image plus the padding
-    assert render_mix_grid(**batch, scale=2, max_samples=1).shape[1] - one_row == SIZE
+    assert image.dtype == torch.uint8
+    assert tuple(image.shape) == (3, 2 * (SIZE + CAPTION + 2) + 2, 3 * (SIZE + 2) + 2)
+    assert tuple(render_mix_grid(**batch, scale=2, max_samples=1).shape) == (3, 2 * SIZE + CAPTION + 4, 6 * SIZE + 8)
+    assert render_mix_grid(**batch).shape[2] == 3 * (4 * SIZE + 2) + 2  # 28 px upscaled x4 to at least 96 px
 
 
-def test_outline_is_drawn_around_the_chosen_cell_of_the_partner():
-    changed = changed_pixels(one_cell_batch([(1, 2)]))
-    rows, cols = changed.nonzero(as_tuple=True)
-    # A 1 px ring around the 4x4 cell (row 1, col 2): 12 pixels, in the first panel (from x = 2).
-    assert changed.sum() == 12
-    assert (int(cols.min()), int(cols.max())) == (2 + 8, 2 + 11)
-    assert int(rows.max()) - int(rows.min()) == 3
+def test_outline_marks_the_pasted_cell_on_the_partner_and_the_mix():
+    partner, canvas, mixed = changed_pixels(one_cell_batch([(1, 2)]))
+    cell = ring(4, 8, 8, 12)  # cell (row 1, col 2) of 4 px cells
+    assert torch.equal(partner, cell) and torch.equal(mixed, cell)
+    assert not canvas.any()
 
 
-def test_each_cell_of_a_union_is_outlined_but_a_box_only_around_its_border():
-    cells = one_cell_batch([(1, 2), (1, 3)])
-    assert changed_pixels(cells).sum() == 2 * 12  # the shared edge is drawn in both cells
-    box = dict(cells)
-    box["partner_heatmaps"] = torch.rand(2, 7, 7)  # not the cells' heatmap: a box, not a union of cells
-    box["mask"] = torch.zeros(2, 1, SIZE, SIZE, dtype=torch.bool)
-    box["mask"][:, :, 5:9, 9:17] = True
-    assert changed_pixels(box).sum() == 2 * 8 + 2 * 4 - 4
-
-
-def test_outline_uses_the_requested_colour():
-    batch = one_cell_batch([(3, 3)])
-    red = render_mix_grid(**batch, alpha=0.0, scale=1, max_samples=1, outline_color=(255, 0, 0))
-    white = render_mix_grid(**batch, alpha=0.0, scale=1, max_samples=1)
-    changed = (red != white).any(dim=0)
-    assert changed.sum() == 12
-    assert (red.permute(1, 2, 0)[changed] == torch.tensor([255, 0, 0], dtype=torch.uint8)).all()
+def test_outline_marks_a_box_in_the_requested_colour():
+    batch = dict(one_cell_batch([(1, 2)]))
+    batch["partner_heatmaps"] = torch.rand(2, 7, 7)
+    batch["mask"] = torch.zeros(2, 1, SIZE, SIZE, dtype=torch.bool)
+    batch["mask"][:, :, 5:9, 9:17] = True
+    partner, _, mixed = changed_pixels(batch, outline_color=(255, 0, 0))
+    assert torch.equal(partner, ring(5, 9, 9, 17)) and torch.equal(mixed, ring(5, 9, 9, 17))
+    image = render_mix_grid(**batch, alpha=0.0, scale=1, max_samples=1, outline_color=(255, 0, 0))
+    assert (panel(image, 0, 0).permute(1, 2, 0)[partner] == RED).all()
 
 
 def test_heatmap_overlay_changes_the_partner_panel_only():
     batch = one_cell_batch([(1, 2)])
     plain = render_mix_grid(**batch, alpha=0.0, scale=1)
     overlaid = render_mix_grid(**batch, alpha=0.5, scale=1)
-    changed = (plain != overlaid).any(dim=0)
-    cols = changed.nonzero(as_tuple=True)[1]
-    assert changed.any() and int(cols.max()) < 2 + SIZE
+    for row in range(2):
+        assert not torch.equal(panel(plain, row, 0), panel(overlaid, row, 0))
+    assert torch.equal(plain[:, :, 2 + SIZE :], overlaid[:, :, 2 + SIZE :])
 
 
-def test_normalised_uint8_and_unit_float_images_render_the_same():
+def test_normalised_and_integer_images_render_as_unit_floats():
     g = torch.Generator().manual_seed(1)
     uint8 = torch.randint(0, 256, (2, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
     unit = uint8.float() / 255
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     normalised = (unit - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     lam = torch.zeros(2)
-    reference = render_mix_grid(uint8, uint8, uint8, lam)
-    assert torch.equal(render_mix_grid(unit, unit, unit, lam), reference)
+    reference = render_mix_grid(unit, unit, unit, lam)
     assert torch.equal(render_mix_grid(normalised, normalised, normalised, lam, mean=mean, std=std), reference)
+    # Integer images are scaled by their dtype's maximum, as ToDtype(scale=True); mean/std are for floats.
+    assert torch.equal(render_mix_grid(uint8, uint8, uint8, lam, mean=mean, std=std), reference)
+    int16 = torch.randint(0, 32768, (2, 3, SIZE, SIZE), generator=g, dtype=torch.int16)
+    as_float = int16.float() / 32767
+    assert torch.equal(render_mix_grid(int16, int16, int16, lam), render_mix_grid(as_float, as_float, as_float, lam))
 
 
 def test_grayscale_images_are_drawn_in_rgb():
@@ -174,17 +180,28 @@ def test_grayscale_images_are_drawn_in_rgb():
     assert image.shape[0] == 3
 
 
-def test_labels_widen_the_text_strip():
+def test_labels_and_lam_are_captions_under_the_panels():
     batch = one_cell_batch([(1, 2)])
-    bare = render_mix_grid(**batch, scale=1)
+    size = 4 * SIZE  # the default upscaling, wide enough for the captions
+    bare = render_mix_grid(**batch)
     named = render_mix_grid(
         **batch,
-        scale=1,
         partner_labels=torch.tensor([[0.1, 0.9], [1.0, 0.0]]),
         canvas_labels=torch.tensor([0, 1]),
-        class_names=["a rather long class name", "another long class name"],
+        class_names=["shirt", "boot"],
     )
-    assert named.shape[1] == bare.shape[1] and named.shape[2] > bare.shape[2]
+    other_lam = render_mix_grid(**{**batch, "lam": batch["lam"] + 0.5})
+    assert named.shape == bare.shape == other_lam.shape
+    caption_rows = torch.zeros(named.shape[1], dtype=torch.bool)
+    for row in range(2):
+        top = 2 + row * (size + CAPTION + 2) + size
+        caption_rows[top : top + CAPTION] = True
+    sources, mix = slice(0, 2 * (size + 2)), slice(2 * (size + 2), None)
+    for other, changed in ((named, sources), (other_lam, mix)):
+        differs = (other != bare).any(dim=0)
+        assert not differs[~caption_rows].any()  # the images are untouched
+        assert differs[caption_rows, changed].any()
+        assert differs[caption_rows].sum() == differs[caption_rows, changed].sum()
 
 
 @pytest.mark.parametrize(
@@ -197,6 +214,7 @@ def test_labels_widen_the_text_strip():
         ({"lam": torch.zeros(3)}, r"`lam` to have shape \(2,\)"),
         ({"mask": torch.zeros(2, SIZE, SIZE, dtype=torch.bool)}, r"`mask` to have shape \(2, 1, 28, 28\)"),
         ({"partner_heatmaps": torch.rand(3, 7, 7)}, "one map per image"),
+        ({"partner_heatmaps": torch.rand(2, 49)}, r"`partner_heatmaps` to have shape \(2, gh, gw\)"),
         ({"partners": torch.rand(2, 4, SIZE, SIZE)}, "`partners` to have 1 or 3 channels"),
         ({"mixed": torch.rand(3, SIZE, SIZE)}, r"`mixed` to be a batch \(B, C, H, W\)"),
         ({"partner_labels": torch.zeros(2, 2, 2)}, "`partner_labels` to be class indices"),
@@ -210,16 +228,16 @@ def test_render_rejects_bad_arguments(change: dict[str, Any], match: str):
         render_mix_grid(**batch)
 
 
-def test_render_mix_needs_the_source_and_uses_the_permutation():
+def test_render_mix_needs_the_source_uses_the_permutation_and_changes_nothing():
     batch = one_cell_batch([(1, 2)])
-    result = MixResult(
-        batch["mixed"], torch.zeros(2, 2), batch["lam"], torch.tensor([1, 0]), batch["mask"], batch["partner_heatmaps"]
-    )
-    with pytest.raises(ValueError, match="keep_source = True"):
+    heat = batch["partner_heatmaps"]
+    result = MixResult(batch["mixed"], torch.zeros(2, 2), batch["lam"], torch.tensor([1, 0]), batch["mask"])
+    with pytest.raises(ValueError, match="Build the MixResult with `source=`"):
         render_mix(result)
     result.source, result.source_targets = batch["canvases"], torch.tensor([0, 1])
     expected = render_mix_grid(**batch, partner_labels=torch.tensor([1, 0]), canvas_labels=torch.tensor([0, 1]))
-    assert torch.equal(render_mix(result), expected)
+    assert torch.equal(render_mix(result, partner_heatmaps=heat), expected)
+    assert result.partner_heatmaps is None
     with pytest.raises(ValueError, match="`max_samples` to be a positive int"):
         render_mix(result, max_samples=0)
 
@@ -256,7 +274,6 @@ def test_visualizer_without_logger_writes_to_the_root_dir_and_skips_unmixed_batc
     fit([mixer, MixVisualizer(every_n_steps=100)], root=str(tmp_path))
     names = os.listdir(tmp_path / "mixes")
     assert len(names) == 1 and names[0].startswith("mixup_mixes_step")  # the first *mixed* batch
-    assert mixer.keep_source
 
 
 def test_visualizer_draws_nothing_off_rank_zero(tmp_path, monkeypatch):
@@ -264,13 +281,41 @@ def test_visualizer_draws_nothing_off_rank_zero(tmp_path, monkeypatch):
     mixer = CutMix(seed=0)
     fit([mixer, MixVisualizer(every_n_steps=1)], root=str(tmp_path))
     assert not (tmp_path / "mixes").exists()
-    assert not mixer.keep_source and mixer.last_mix is not None and mixer.last_mix.source is None
 
 
-def test_mixing_callbacks_keep_no_source_by_default():
-    mixer = CutMix(seed=0)
-    fit([mixer])
-    assert mixer.last_mix is not None and mixer.last_mix.source is None and mixer.last_mix.source_targets is None
+class BatchRecorder(L.Callback):
+    """Keeps the images and targets of each training batch as they arrive (put it before the mixer)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.seen.append((batch[0], batch[1]))
+
+
+def test_last_mix_holds_the_unmixed_batch_itself_and_is_read_only():
+    recorder, mixer = BatchRecorder(), CutMix(seed=0)
+    fit([recorder, mixer])
+    result = mixer.last_mix
+    assert result is not None
+    images, targets = recorder.seen[-1]
+    assert result.source is images and result.source_targets is targets  # references, no copy
+    assert not torch.equal(result.mixed, images)
+    with pytest.raises(AttributeError):
+        mixer.last_mix = None  # type: ignore[misc]
+
+
+def test_monitor_and_visualizer_change_nothing_in_the_mixing_callback(tmp_path):
+    alone = CutMix(seed=0)
+    fit([alone])
+    watched = CutMix(seed=0)
+    monitor = PastedAttentionMonitor(attention_model=tiny_attention(), input_mean=(0.0,), input_std=(1.0,))
+    fit([watched, monitor, MixVisualizer(every_n_steps=1)], root=str(tmp_path))
+    assert watched.last_mix is not None and alone.last_mix is not None
+    assert watched.last_mix.partner_heatmaps is None  # the monitor keeps its heatmaps to itself
+    assert sorted(vars(watched)) == sorted(vars(alone))
+    assert torch.equal(watched.last_mix.mixed, alone.last_mix.mixed)
+    assert watched.state_dict() == alone.state_dict()
 
 
 def test_visualizer_and_monitor_need_a_mixing_callback():
@@ -336,29 +381,33 @@ def test_cutmix_logs_pasted_attention_only_with_the_monitor():
     share = float(trainer.callback_metrics["mix/pasted_attention"])
     assert 0.0 <= share <= 1.0
     assert calls == [8, 8]  # batches 0 and 2 of 4, on the unmixed images
-    assert mixer.keep_source
 
 
 def test_monitor_share_matches_the_functional_on_the_unmixed_partners():
     mixer = CutMix(seed=0)
     teacher = tiny_attention()
-    trainer = fit([mixer, PastedAttentionMonitor(attention_model=teacher, input_mean=(0.0,), input_std=(1.0,))])
+    monitor = PastedAttentionMonitor(attention_model=teacher, input_mean=(0.0,), input_std=(1.0,))
+    trainer = fit([mixer, monitor], limit_train_batches=1)
     result = mixer.last_mix
-    assert result is not None and result.source is not None and result.partner_heatmaps is not None
-    expected = AF.pasted_attention_share(teacher(result.source)[result.permutation], result.mask)
-    assert torch.allclose(result.pasted_attention(), expected)
-    assert 0.0 <= float(trainer.callback_metrics["mix/pasted_attention"]) <= 1.0
+    assert result is not None and result.source is not None and result.mask is not None
+    heatmaps = monitor.partner_heatmaps(result)
+    assert heatmaps is not None and torch.allclose(heatmaps, teacher(result.source)[result.permutation])
+    expected = AF.pasted_attention_share(heatmaps, result.mask).mean()
+    assert float(trainer.callback_metrics["mix/pasted_attention"]) == pytest.approx(float(expected))
 
 
 def test_monitor_lends_heatmaps_to_the_visualizer_in_any_order(tmp_path):
     for order in (0, 1):
         mixer = CutMix(seed=0)
-        monitor = PastedAttentionMonitor(attention_model=tiny_attention(), input_mean=(0.0,), input_std=(1.0,))
+        calls: list[int] = []
+        teacher = tiny_attention()
+        teacher.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+        monitor = PastedAttentionMonitor(attention_model=teacher, input_mean=(0.0,), input_std=(1.0,))
         visualizer = MixVisualizer(every_n_steps=1, max_samples=2)
         extra = [visualizer, monitor] if order == 0 else [monitor, visualizer]
         trainer = fit([mixer, *extra], root=str(tmp_path / str(order)))
-        assert mixer.last_mix is not None and mixer.last_mix.partner_heatmaps is not None
         assert "mix/pasted_attention" in trainer.callback_metrics
+        assert calls == [8] * 4  # one teacher run per batch, shared by the monitor and the visualizer
         assert len(os.listdir(tmp_path / str(order) / "mixes")) == 4
 
 
