@@ -68,7 +68,7 @@ def resolve_config(value: str) -> str:
 
         >>> resolve_config("demo") == str(CONFIG_DIR / "demo.yaml")
         True
-        >>> resolve_config("configs/method/cutmix.yaml") == str(CONFIG_DIR / "method" / "cutmix.yaml")
+        >>> resolve_config("method/cutmix.yaml") == str(CONFIG_DIR / "method" / "cutmix.yaml")
         True
     """
     if Path(value).is_file() or any(char in value for char in ":{"):
