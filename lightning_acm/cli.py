@@ -2,8 +2,12 @@
 
 Every experiment is ``fit`` with three composable configs (data, model, method)::
 
-    lightning-acm fit --config configs/data/cifar10.yaml --config configs/model/resnet18.yaml \\
-        --config configs/method/attentive_cutmix.yaml
+    lightning-acm fit --config data/cifar10 --config model/resnet18 --config method/attentive_cutmix
+
+A ``--config`` (or ``-c``) value that is not a file names a config shipped inside the package
+(:data:`CONFIG_DIR`, the ``configs/`` folder of a clone): ``demo``, ``data/cifar10``,
+``method/cutmix.yaml`` and ``configs/model/resnet18.yaml`` all work from any directory after
+``pip install``. Copy a packaged file out (``CONFIG_DIR`` gives its folder) to edit it.
 
 The ``mixing`` key holds one of :class:`~lightning_acm.callbacks.AttentiveCutMix`,
 :class:`~lightning_acm.callbacks.CutMix` or :class:`~lightning_acm.callbacks.MixUp` (or ``null``:
@@ -14,17 +18,82 @@ normalisation that its attention model must undo from the datamodule (``datamodu
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any, Optional
 
+from jsonargparse import Namespace
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_acm.callbacks import MixingCallback
 from lightning_acm.data import VisionDataModule
 from lightning_acm.model import ImageClassifier
 
-__all__ = ["AttentiveCutMixCLI", "main"]
+__all__ = ["CONFIG_DIR", "AttentiveCutMixCLI", "main", "packaged_configs", "resolve_config"]
+
+#: The YAML configs shipped inside the package (``configs/`` in a clone links here).
+CONFIG_DIR = Path(__file__).resolve().with_name("configs")
+
+
+def packaged_configs() -> list[str]:
+    """The names of the packaged configs: their paths in :data:`CONFIG_DIR` without ``.yaml``.
+
+    Example::
+
+        >>> {"demo", "data/cifar10", "method/cutmix"} <= set(packaged_configs())
+        True
+    """
+    return sorted(path.relative_to(CONFIG_DIR).with_suffix("").as_posix() for path in CONFIG_DIR.rglob("*.yaml"))
+
+
+def resolve_config(value: str) -> str:
+    """The file a ``--config`` value stands for: the value itself when it is a file, else a packaged config.
+
+    A packaged config is named by its path in :data:`CONFIG_DIR`, with or without ``.yaml`` and a
+    leading ``configs/`` (so the paths of a clone work anywhere). A value holding ``:`` or ``{`` is
+    inline YAML or JSON and is returned as it is, for the parser to read.
+
+    Args:
+        value: a path, a packaged config's name, or an inline config.
+
+    Returns:
+        ``value``, or the path of the packaged config it names.
+
+    Raises:
+        ValueError: if ``value`` is neither a file, a packaged config nor an inline config.
+
+    Example::
+
+        >>> resolve_config("demo") == str(CONFIG_DIR / "demo.yaml")
+        True
+        >>> resolve_config("method/cutmix.yaml") == str(CONFIG_DIR / "method" / "cutmix.yaml")
+        True
+    """
+    if Path(value).is_file() or any(char in value for char in ":{"):
+        return value
+    name = value.removeprefix("configs/").removesuffix(".yaml")
+    names = packaged_configs()
+    if name in names:
+        return str(CONFIG_DIR / f"{name}.yaml")
+    raise ValueError(
+        f"Expected `--config` to be a YAML file or the name of a packaged config ({', '.join(names)}),"
+        f" but got {value!r}, which is neither."
+    )
+
+
+def _resolve_config_args(args: list[str]) -> list[str]:
+    """``args`` with the value of each ``--config``/``-c`` (``--config X`` or ``--config=X``) resolved."""
+    resolved: list[str] = []
+    for i, arg in enumerate(args):
+        flag, sep, value = arg.partition("=")
+        if sep and flag in ("--config", "-c"):
+            arg = f"{flag}={resolve_config(value)}"
+        elif i > 0 and args[i - 1] in ("--config", "-c"):
+            arg = resolve_config(arg)
+        resolved.append(arg)
+    return resolved
 
 
 class AttentiveCutMixCLI(LightningCLI):
@@ -42,6 +111,20 @@ class AttentiveCutMixCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+            return
+        try:
+            resolved = _resolve_config_args(list(sys.argv[1:] if args is None else args))
+        except ValueError as err:
+            parser.error(str(err))
+        if args is None:
+            # Parsed here: given any args, super() warns that sys.argv holds arguments too.
+            self.config = parser.parse_args(resolved)
+        else:
+            super().parse_arguments(parser, resolved)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MixingCallback, "mixing", subclass_mode=True, required=False)

@@ -1,4 +1,4 @@
-"""The LightningCLI: every YAML in configs/ parses and instantiates (run=False), and a tiny fit runs."""
+"""The LightningCLI: every packaged YAML parses and instantiates (run=False), names resolve, and a tiny fit runs."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixUp
-from lightning_acm.cli import AttentiveCutMixCLI
+from lightning_acm.cli import CONFIG_DIR, AttentiveCutMixCLI, packaged_configs, resolve_config
 from lightning_acm.data import FASHION_MNIST_SYSTEM_DIR, FashionMNISTDataModule, read_idx, write_idx
 from lightning_acm.model import ImageClassifier
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 DATA = sorted((CONFIGS / "data").glob("*.yaml"))
 MODELS = sorted((CONFIGS / "model").glob("*.yaml"))
 METHODS = sorted((CONFIGS / "method").glob("*.yaml"))
@@ -63,6 +63,50 @@ def test_method_configs_instantiate(method: Path):
         assert type(mixing[0]) is expected
     if method.stem == "attentive_cutmix":
         assert mixing[0].attention == "paper" and mixing[0].top_k == 6 and mixing[0].grid_size == (7, 7)
+
+
+def test_every_packaged_config_is_checked_here_and_the_clone_links_to_them():
+    checked = {"demo"} | {f"{p.parent.name}/{p.stem}" for p in (*DATA, *MODELS, *METHODS)}
+    assert set(packaged_configs()) == checked
+    assert (Path(__file__).resolve().parents[1] / "configs").resolve() == CONFIG_DIR
+
+
+@pytest.mark.parametrize("value", ["demo", "demo.yaml", "configs/demo.yaml"])
+def test_a_packaged_name_resolves_to_its_file(value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)  # away from the clone, as after a pip install
+    assert resolve_config(value) == str(CONFIG_DIR / "demo.yaml")
+    assert resolve_config("method/cutmix") == str(CONFIG_DIR / "method" / "cutmix.yaml")
+
+
+def test_files_and_inline_configs_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("seed_everything: 1\n")  # a file wins over the packaged name
+    assert resolve_config("demo") == "demo"
+    assert resolve_config("{seed_everything: 1}") == "{seed_everything: 1}"
+    assert resolve_config("seed_everything: 1") == "seed_everything: 1"
+
+
+def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"packaged config \(data/cifar10, .*demo, .*model/resnet34\), but got 'demoo'"):
+        resolve_config("demoo")
+
+
+@pytest.mark.parametrize("form", ["--config NAME", "--config=NAME", "-c NAME", "-c=NAME"])
+def test_the_cli_takes_packaged_names(form: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    names = ["data/fashion_mnist", "model/cifar_resnet8.yaml", "configs/method/cutmix.yaml"]
+    args = [arg for name in names for arg in form.replace("NAME", name).split()]
+    run = AttentiveCutMixCLI(args=[*args, "--trainer.logger=false"], run=False)
+    assert isinstance(run.datamodule, FashionMNISTDataModule) and run.model.hparams.arch == "cifar_resnet8"
+    assert [type(c) for c in run.trainer.callbacks if isinstance(c, (AttentiveCutMix, CutMix, MixUp))] == [CutMix]
+
+
+def test_the_cli_refuses_an_unknown_config_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="2"):
+        AttentiveCutMixCLI(args=["fit", "--config", "data/fashion_mnist", "--config=demoo"])
+    assert "the name of a packaged config (data/cifar10, " in capsys.readouterr().err
 
 
 def test_demo_config_instantiates():

@@ -86,7 +86,7 @@ def test_split_argv() -> None:
 
 def test_parse_method(tmp_path: Path) -> None:
     method = reproduce.parse_method("attentive_cutmix_offline")
-    expected = REPO / "configs" / "method" / "attentive_cutmix_offline.yaml"
+    expected = (REPO / "configs" / "method" / "attentive_cutmix_offline.yaml").resolve()
     assert method.attentive and [Path(c).resolve() for c in method.configs] == [expected]
     assert not reproduce.parse_method("baseline").attentive
     custom = tmp_path / "m.yaml"
