@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import attention_model_from_module
-from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, batch_seed
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, batch_generator
 from lightning_acm.loss import SoftTargetLossMixin
 
 NUM_CLASSES = 4
@@ -243,10 +243,11 @@ def test_seed_none_follows_seed_everything():
     torch.testing.assert_close(a.last_mix.lam, b.last_mix.lam)
 
 
-def test_batch_seed_depends_on_every_key_and_order():
-    seeds = {batch_seed(0, 0, e, b) for e in range(3) for b in range(50)}
-    assert len(seeds) == 150
-    assert batch_seed(1, 2) != batch_seed(2, 1)
+def test_batch_generator_depends_on_every_key_and_order():
+    draws = {batch_generator(0, 0, e, b).integers(2**63) for e in range(3) for b in range(50)}
+    assert len(draws) == 150
+    assert batch_generator(1, 2).integers(2**63) != batch_generator(2, 1).integers(2**63)
+    assert batch_generator(3, 1, 2, 5).integers(2**63) == batch_generator(3, 1, 2, 5).integers(2**63)
 
 
 def test_state_dict_round_trip():
