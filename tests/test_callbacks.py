@@ -427,3 +427,19 @@ def test_compiled_teacher_mixes_like_the_eager_one():
         mixes.append((callback.last_mix.mixed, callback.last_mix.soft_targets, callback.last_mix.cell_indices))
     for a, b in zip(*mixes, strict=True):
         assert torch.equal(a, b)
+
+
+def test_class_indices_of_shape_b_1_are_mixed_as_indices_through_a_callback():
+    # MedMNIST-style labels collate to (B, 1): the callback takes them as class indices.
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(8, 3, SIZE, SIZE, generator=g), (torch.arange(8) % NUM_CLASSES).unsqueeze(1)
+    _, model = fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, labels), batch_size=8))
+    (column_images, column_targets), = model.seen
+    _, model = fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, labels.squeeze(1)), batch_size=8))
+    (flat_images, flat_targets), = model.seen
+    assert column_targets.shape == (8, NUM_CLASSES)
+    assert torch.equal(column_images, flat_images) and torch.equal(column_targets, flat_targets)
+    with pytest.raises(ValueError, match=r"`targets` to be class indices \(B,\) or float probabilities \(B, K\), but got an integer"):
+        fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, nn.functional.one_hot(labels.squeeze(1), NUM_CLASSES)), batch_size=8))
+    with pytest.raises(ValueError, match=r"soft `targets` to be probabilities \(non-negative rows that sum to 1\)"):
+        fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, torch.full((8, NUM_CLASSES), 0.5)), batch_size=8))
