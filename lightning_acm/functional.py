@@ -41,31 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "attention_grid",
-    "attentive_cutmix",
-    "cell_index_maps",
-    "cell_mask",
-    "cutmix",
-    "cutmix_box_mask",
-    "expand_grid",
-    "mix_targets",
-    "mix_with_mask",
-    "mixup",
-    "pairing_permutation",
-    "paste",
-    "pasted_attention_share",
-    "sample_beta",
-    "to_probabilities",
-    "topk_cell_indices",
-    "topk_cell_mask",
+    "attention_grid", "attentive_cutmix", "cell_index_maps", "cell_mask", "cutmix", "cutmix_box_mask",
+    "expand_grid", "mix_targets", "mix_with_mask", "mixup", "pairing_permutation", "paste",
+    "pasted_attention_share", "sample_beta", "to_probabilities", "topk_cell_indices", "topk_cell_mask",
 ]
 
 Size2 = Union[int, tuple[int, int]]
 Reduction = Literal["mean", "max"]
 Generator = Optional[np.random.Generator]
 
-
-# --------------------------------------------------------------------------- validation
 
 
 def _pair(value: Size2, name: str) -> tuple[int, int]:
@@ -220,8 +204,6 @@ def _checked_targets(targets: Tensor, num_classes: Optional[int], batch_size: Op
     return targets
 
 
-# --------------------------------------------------------------------------- randomness
-
 
 def pairing_permutation(batch_size: int, *, generator: Generator = None, device: Optional[torch.device] = None) -> Tensor:
     """Draw a pairing ``p`` of ``range(batch_size)``: a uniform single cycle, so ``p[i] != i`` when ``batch_size > 1``.
@@ -252,8 +234,6 @@ def sample_beta(alpha: float, size: int, *, generator: Generator = None, device:
     _check_alpha(alpha)
     return torch.from_numpy(_rng(generator).beta(alpha, alpha, size)).float().to(device)
 
-
-# --------------------------------------------------------------------------- heatmaps and masks
 
 
 def attention_grid(features: Tensor, grid_size: Size2 = 7, reduction: Reduction = "mean") -> Tensor:
@@ -434,8 +414,6 @@ def cutmix_box_mask(
         raise ValueError(f"Expected `area` to have shape ({batch_size},), but got shape {shape}.")
     return _box_mask(_cutmix_boxes(area.detach().cpu().double().numpy(), size, _rng(generator)).to(device), size)
 
-
-# --------------------------------------------------------------------------- pasting and targets
 
 
 def paste(images: Tensor, mask: Tensor, permutation: Tensor) -> Tensor:
