@@ -29,6 +29,7 @@ import sys
 import warnings
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -68,7 +69,7 @@ def mixing_ops(
     geometry = torch.cat(
         [torch.randperm(4 * b)[:b, None].float(), corner, corner + 1.0, (torch.rand(b, 1) < 0.5).float()], 1
     ).to(device)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = np.random.default_rng(args.seed)
     tv_cutmix = v2.CutMix(num_classes=args.num_classes)
     tv_mixup = v2.MixUp(num_classes=args.num_classes)
     k = args.num_classes

@@ -11,8 +11,8 @@ Example::
     >>> from lightning_acm import CutMix
     >>> trainer = L.Trainer(callbacks=[CutMix(alpha=1.0, seed=0)], accelerator="cpu", logger=False)
 
-Randomness: the generator of each callback is re-seeded for every batch from
-``(seed, global rank, epoch, batch index)``. Ranks therefore mix differently, a rerun with the
+Randomness: each batch is mixed with a ``numpy.random.Generator`` built for it from
+``SeedSequence([seed, global rank, epoch, batch index])``. Ranks therefore mix differently, a rerun with the
 same seed mixes identically, and a run resumed from a checkpoint continues exactly as the
 uninterrupted run would (the seed is part of the callback's ``state_dict``).
 """
@@ -26,6 +26,7 @@ from collections.abc import MutableMapping, MutableSequence, Sequence
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
@@ -45,22 +46,10 @@ from lightning_acm.loss import SoftTargetLossMixin
 
 __all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp"]
 
-_MASK64 = (1 << 64) - 1
 
-
-def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def batch_seed(*keys: int) -> int:
-    """A 63-bit seed that depends on every key (order included); used to seed each batch."""
-    state = 0
-    for key in keys:
-        state = _splitmix64(state ^ (int(key) & _MASK64))
-    return state & ((1 << 63) - 1)
+def batch_generator(*keys: int) -> np.random.Generator:
+    """The numpy generator of one batch, seeded by ``SeedSequence(keys)``: every key counts, order included."""
+    return np.random.default_rng(np.random.SeedSequence([int(key) & ((1 << 64) - 1) for key in keys]))
 
 
 class MixResult:
@@ -127,7 +116,7 @@ class MixResult:
             image_size = (self.mixed.shape[-2], self.mixed.shape[-1])
             if self.cell_indices is not None and self.partner_heatmaps is not None:
                 grid = (self.partner_heatmaps.shape[-2], self.partner_heatmaps.shape[-1])
-                self._mask = AF.cell_mask(self.cell_indices, grid, image_size)
+                self._mask = AF._cell_mask(self.cell_indices, grid, image_size)
             elif self.boxes is not None:
                 self._mask = AF._box_mask(self.boxes, image_size)
         return self._mask
@@ -359,8 +348,8 @@ class _LabelRangeCheck:
 
     def __call__(self, targets: Tensor, num_classes: int, where: str) -> Tensor:
         """Check ``targets`` (or queue the check); returns the labels to build soft targets from."""
-        if not AF._is_class_indices(targets, num_classes, check_range=False) or targets.numel() == 0:
-            return targets  # probabilities, or a shape that the mixing op rejects with its own message
+        if targets.ndim != 1 or targets.numel() == 0:
+            return targets  # probabilities
         if targets.device.type != "cuda":
             AF._check_class_index_range(targets, num_classes, where)
             return targets
@@ -477,7 +466,7 @@ class MixingCallback(Callback):
         self._num_classes: Optional[int] = self.num_classes
         self._seed: Optional[int] = self.seed
         self._rank: int = 0
-        self._generator = torch.Generator()
+        self._generator = batch_generator(seed or 0)  # rebuilt for every batch in on_train_batch_start
         self._batches_seen = 0
         self._batches_mixed = 0
         self._warned_single = False
@@ -638,9 +627,9 @@ class MixingCallback(Callback):
         if num_classes is None:
             raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
 
-        self._generator.manual_seed(batch_seed(self._seed or 0, self._rank, trainer.current_epoch, batch_idx))
+        self._generator = batch_generator(self._seed or 0, self._rank, trainer.current_epoch, batch_idx)
         self._batches_seen += 1
-        mix_now = self.p > 0 and float(torch.rand((), generator=self._generator)) < self.p
+        mix_now = self.p > 0 and self._generator.random() < self.p
         # Only the mixing stops: the targets are still checked and smoothed below.
         mix_now = mix_now and self.is_active(trainer)
         if mix_now and images.shape[0] < 2:
@@ -654,13 +643,10 @@ class MixingCallback(Callback):
             mix_now = False
 
         where = f" (training batch {batch_idx} of epoch {trainer.current_epoch})"
-        checked = self._label_check(targets, num_classes, where)
+        checked = self._label_check(AF._targets(targets, num_classes, images.shape[0]), num_classes, where)
         if not mix_now:
-            class_indices = AF._is_class_indices(checked, num_classes, check_range=False)
-            if self.label_smoothing > 0 or not class_indices:  # (the latter checks the shape of soft targets)
-                probabilities = AF._probabilities(checked, num_classes, class_indices, self.label_smoothing)
-                if self.label_smoothing > 0:
-                    batch[target_slot] = probabilities  # type: ignore[index]
+            if self.label_smoothing > 0:
+                batch[target_slot] = AF._probabilities(checked, num_classes, self.label_smoothing)  # type: ignore[index]
             self._epoch_means.add("mixed", 0.0, images.shape[0], images.device)
             return
 
@@ -712,7 +698,7 @@ class MixingCallback(Callback):
     def soft_targets(self, targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: int) -> Tensor:
         """:func:`~lightning_acm.functional.mix_targets` with the callback's label smoothing, for
         the ``targets`` given to :meth:`mix` (their range is not checked again: no host-device sync)."""
-        return AF._mix_targets(targets, lam, permutation, num_classes, self.label_smoothing, check_range=False)
+        return AF._mix_targets(targets, lam, permutation, num_classes, self.label_smoothing)
 
 
 class _BetaMixingCallback(MixingCallback):
@@ -987,7 +973,7 @@ class AttentiveCutMix(MixingCallback):
             )
         permutation = self.draw_permutation(images.shape[0], images.device)
         partner_heatmaps = heatmaps.index_select(0, permutation)
-        mixed, lam, cells = AF.paste_topk_cells(images, partner_heatmaps, self.top_k, permutation)
+        mixed, lam, cells = AF._paste_topk_cells(images, partner_heatmaps, self.top_k, permutation)
         soft = self.soft_targets(targets, lam, permutation, num_classes)
         return MixResult(mixed, soft, lam, permutation, partner_heatmaps=partner_heatmaps, cell_indices=cells)
 

@@ -74,13 +74,6 @@ def test_bench_mixing_op_runs_and_prints_every_op_with_torchvision_as_the_refere
     assert any("Attentive CutMix (heatmaps given)" in row[2] for row in rows)
 
 
-def test_bench_cold_ops_prints_one_row_per_pass_batch():
-    lines = run_benchmark("bench_cold_ops.py", "--pass-batches", "2,4", "--rounds", "3", "--warmup", "1")
-    rows = [line.split("|") for line in lines if line.startswith(("| 2x3x32x32", "| 4x3x32x32"))]
-    assert [row[1].strip() for row in rows] == ["2x3x32x32", "4x3x32x32"]
-    assert all(float(row[3]) > 0 and float(row[4]) > 0 and row[6].strip() == "3" for row in rows)
-
-
 # The other benchmarks at toy sizes (random data, a random-weight teacher at the smallest size its
 # layer allows): each runs end to end and prints every row of its table.
 SMOKE_RUNS = {

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import attention_model_from_module
-from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, batch_seed
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, batch_generator
 from lightning_acm.loss import SoftTargetLossMixin
 
 NUM_CLASSES = 4
@@ -243,10 +243,11 @@ def test_seed_none_follows_seed_everything():
     torch.testing.assert_close(a.last_mix.lam, b.last_mix.lam)
 
 
-def test_batch_seed_depends_on_every_key_and_order():
-    seeds = {batch_seed(0, 0, e, b) for e in range(3) for b in range(50)}
-    assert len(seeds) == 150
-    assert batch_seed(1, 2) != batch_seed(2, 1)
+def test_batch_generator_depends_on_every_key_and_order():
+    draws = {batch_generator(0, 0, e, b).integers(2**63) for e in range(3) for b in range(50)}
+    assert len(draws) == 150
+    assert batch_generator(1, 2).integers(2**63) != batch_generator(2, 1).integers(2**63)
+    assert batch_generator(3, 1, 2, 5).integers(2**63) == batch_generator(3, 1, 2, 5).integers(2**63)
 
 
 def test_state_dict_round_trip():
@@ -564,3 +565,19 @@ def test_label_smoothing_in_both_the_callback_and_the_loss_warns_once():
                                          r" smooths them again in its loss\. Set one of the two to 0\.") as record:
         fit(CutMix(seed=0, label_smoothing=0.1), model=model)
     assert sum("smooths them again" in str(w.message) for w in record) == 1
+
+
+def test_class_indices_of_shape_b_1_are_mixed_as_indices_through_a_callback():
+    # MedMNIST-style labels collate to (B, 1): the callback takes them as class indices.
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(8, 3, SIZE, SIZE, generator=g), (torch.arange(8) % NUM_CLASSES).unsqueeze(1)
+    _, model = fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, labels), batch_size=8))
+    (column_images, column_targets), = model.seen
+    _, model = fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, labels.squeeze(1)), batch_size=8))
+    (flat_images, flat_targets), = model.seen
+    assert column_targets.shape == (8, NUM_CLASSES)
+    assert torch.equal(column_images, flat_images) and torch.equal(column_targets, flat_targets)
+    with pytest.raises(ValueError, match=r"`targets` to be class indices \(B,\) or float probabilities \(B, K\), but got an integer"):
+        fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, nn.functional.one_hot(labels.squeeze(1), NUM_CLASSES)), batch_size=8))
+    with pytest.raises(ValueError, match=r"soft `targets` to be probabilities \(non-negative rows that sum to 1\)"):
+        fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, torch.full((8, NUM_CLASSES), 0.5)), batch_size=8))

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_acm.callbacks import batch_seed
+from lightning_acm.callbacks import batch_generator
 from lightning_acm.functional import pairing_permutation
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_mix.py"
@@ -39,6 +39,7 @@ def _env() -> dict[str, str]:
                                                            "MASTER_PORT", "GLOBAL_RANK", "RANK", "PL_GLOBAL_SEED"}}
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])  # this checkout
     return env
 
 
@@ -111,8 +112,8 @@ def test_ranks_mix_differently(runs, method):
 def test_each_rank_is_seeded_from_seed_rank_epoch_and_batch(runs, method):
     for rank, result in runs[0].items():
         for step in result[method]["steps"]:
-            generator = torch.Generator().manual_seed(batch_seed(1234, rank, step["epoch"], step["batch_idx"]))
-            torch.rand((), generator=generator)  # the draw that decides whether the batch is mixed
+            generator = batch_generator(1234, rank, step["epoch"], step["batch_idx"])
+            generator.random()  # the draw that decides whether the batch is mixed
             assert torch.equal(step["permutation"], pairing_permutation(BATCH, generator=generator))
 
 
@@ -154,3 +155,61 @@ def test_checkpoint_holds_no_teacher_and_only_the_small_callback_state(runs, met
     assert sorted(checkpoint["state_dict"]) == ["net.1.bias", "net.1.weight"]
     (state,) = [v for k, v in checkpoint["callbacks"].items() if "Mix" in k]
     assert state == {"seed": 1234, "batches_seen": STEPS, "batches_mixed": STEPS}
+
+
+SPAWN_SCRIPT = '''
+import sys
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_acm.callbacks import CutMix, MixUp
+
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        assert targets.ndim == 2, "the mixing callback did not reach training_step"
+        return torch.sum(-targets * self.net(images).log_softmax(1), 1).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Report(L.Callback):
+    def __init__(self, mixing):
+        self.mixing = mixing
+
+    def on_train_end(self, trainer, pl_module):
+        print(f"rank {trainer.global_rank} mixed {self.mixing.batches_mixed} batches", flush=True)
+
+
+if __name__ == "__main__":
+    images, labels = torch.rand(16, 3, 8, 8), torch.arange(16) % 4
+    for mixing in (CutMix(seed=0, num_classes=4), MixUp(seed=0, num_classes=4)):
+        trainer = L.Trainer(
+            accelerator="cpu", strategy="ddp_spawn", devices=2, max_steps=2, callbacks=[mixing, Report(mixing)],
+            default_root_dir=sys.argv[1], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Net(), train_dataloaders=DataLoader(TensorDataset(images, labels), batch_size=4))
+'''
+
+
+def test_ddp_spawn_fit_with_the_mixing_callbacks(tmp_path):
+    # The callbacks hold no torch.Generator (which cannot cross a spawn under torch's default
+    # sharing strategy), so they are pickled to both processes.
+    script = tmp_path / "spawn_fit.py"
+    script.write_text(SPAWN_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=_env(), cwd=str(tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    for rank in (0, 1):
+        assert proc.stdout.count(f"rank {rank} mixed 2 batches") == 2, proc.stdout[-4000:]
