@@ -329,15 +329,15 @@ def test_cache_path_recomputes_for_another_dataset_of_the_same_size(tmp_path, ca
     first = fashion_datamodule(str(tmp_path / "a"), record_augmentation=True)
     second = fashion_datamodule(str(tmp_path / "b"), pixels_seed=1, record_augmentation=True)
     fit(cached_callback(Counting(), cache_path=path), first, epochs=1)
-    same = Counting()
+    same = cached_callback(Counting(), cache_path=path)
     with caplog.at_level("INFO"):
-        fit(cached_callback(same, cache_path=path), first, epochs=1)
-    assert same.images_seen == 0 and f"loaded 40 cached heatmaps from {path!r}" in caplog.text
-    other = Counting()
-    callback = cached_callback(other, cache_path=path)
+        fit(same, first, epochs=1)
+    assert same.attention_model.backbone.images_seen == 0
+    assert f"loaded 40 cached heatmaps from {path!r}" in caplog.text
+    callback = cached_callback(Counting(), cache_path=path)
     with pytest.warns(UserWarning, match=r"heat\.pt': its dataset_pixels differ; it is recomputed and overwritten"):
         fit(callback, second, epochs=1)
-    assert other.images_seen == 24
+    assert callback.attention_model.backbone.images_seen == 24
     assert callback.cache is not None and HeatmapCache.load(path).meta == callback.cache.meta
 
 
@@ -351,7 +351,7 @@ def test_cache_path_recomputes_for_a_retrained_teacher(tmp_path):
     callback = cached_callback(retrained, cache_path=path)
     with pytest.warns(UserWarning, match="its teacher_weights differ; it is recomputed and overwritten"):
         fit(callback, datamodule, epochs=1)
-    assert retrained.images_seen == 24
+    assert callback.attention_model.backbone.images_seen == 24
     after = HeatmapCache.load(path)
     assert callback.cache is not None and after.meta == callback.cache.meta
     assert after.meta["teacher_weights"] != before.meta["teacher_weights"]
@@ -389,10 +389,10 @@ def test_damaged_cache_file_is_recomputed_with_a_warning(tmp_path, damage):
     path.write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"heat\.pt' to be a heatmap cache .* cannot be read .* Delete the file"):
         HeatmapCache.load(path)
-    teacher = Counting()
+    callback = cached_callback(Counting(), cache_path=str(path))
     with pytest.warns(UserWarning, match=r"heat\.pt': it is empty, truncated or not a heatmap cache; it is recomputed"):
-        fit(cached_callback(teacher, cache_path=str(path)), datamodule, epochs=1)
-    assert teacher.images_seen == 24 and int(HeatmapCache.load(path).filled.sum()) == 24
+        fit(callback, datamodule, epochs=1)
+    assert callback.attention_model.backbone.images_seen == 24 and int(HeatmapCache.load(path).filled.sum()) == 24
 
 
 def test_misconfiguration_names_the_fix(tmp_path):
