@@ -1,0 +1,161 @@
+"""Argument checks shared by the library: one check per rule, each message naming the argument and the fix.
+
+Public functions and constructors call these once; internal code trusts its callers. Each check
+returns the value in its plain Python form (numpy scalars become ``int``/``float``), so callers can
+store what it returns.
+
+Example::
+
+    >>> check_int(3, "top_k", minimum=1)
+    3
+    >>> check_size2(7, "grid_size")
+    (7, 7)
+    >>> check_real(0.5, "p", low=0.0, high=1.0)
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any, Optional, TypeVar, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_heatmaps",
+    "check_images",
+    "check_int",
+    "check_permutation",
+    "check_real",
+    "check_size2",
+    "check_top_k",
+    "is_int",
+]
+
+Size2 = Union[int, tuple[int, int]]
+T = TypeVar("T")
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(value: Any, name: str, *, minimum: Optional[int] = None, optional: bool = False, hint: str = "") -> Any:
+    """``value`` as an ``int`` (``None`` passes when ``optional``); raise if it is not an int ``>= minimum``."""
+    if optional and value is None:
+        return None
+    if not is_int(value) or (minimum is not None and value < minimum):
+        kind = "an int" if minimum is None else ("a positive int" if minimum == 1 else f"an int >= {minimum}")
+        prefix = "None or " if optional else ""
+        raise ValueError(f"Expected `{name}` to be {prefix}{kind}, but got {value!r}.{hint}")
+    return int(value)
+
+
+def check_real(
+    value: Any,
+    name: str,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    high_open: bool = False,
+    low_open: bool = False,
+    what: str = "",
+) -> float:
+    """``value`` as a finite ``float`` in ``[low, high]`` (either end open); raise otherwise."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        if low is not None and high is not None:
+            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            bounds = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            bounds = "a finite number"
+        raise ValueError(f"Expected `{name}`{f' ({what})' if what else ''} to be {bounds}, but got {value!r}.")
+    return float(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is a ``bool``; raise a ``TypeError`` otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be a bool, but got {value!r}.")
+    return value
+
+
+def check_choice(value: T, name: str, choices: Sequence[Any]) -> T:
+    """``value`` if it is one of ``choices``; raise otherwise."""
+    if value not in choices:
+        raise ValueError(f"Expected `{name}` to be one of {', '.join(map(repr, choices))}, but got {value!r}.")
+    return value
+
+
+def check_size2(value: Any, name: str, *, optional: bool = False) -> Any:
+    """An int or a pair of ints ``(h, w)``, all positive, as a ``tuple[int, int]``."""
+    if optional and value is None:
+        return None
+    if is_int(value):
+        pair = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"Expected `{name}` to be an int or a pair of ints (h, w), but got {value!r}.")
+    if min(pair) < 1:
+        raise ValueError(f"Expected `{name}` to be positive, but got {value!r}.")
+    return pair
+
+
+def check_top_k(top_k: Any, grid: tuple[int, int]) -> int:
+    """``top_k`` as an int in ``[1, gh * gw]`` for a ``(gh, gw)`` grid."""
+    gh, gw = grid
+    if not is_int(top_k) or not 1 <= top_k <= gh * gw:
+        raise ValueError(f"Expected `top_k` to be in [1, {gh * gw}] for a {gh}x{gw} grid, but got {top_k!r}.")
+    return int(top_k)
+
+
+def check_images(images: Any) -> None:
+    """Raise unless ``images`` is a non-empty ``(B, C, H, W)`` tensor."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"Expected `images` to be a torch.Tensor, but got {type(images).__name__}.")
+    if images.ndim != 4:
+        raise ValueError(
+            f"Expected `images` to be a 4-D batch (B, C, H, W), but got shape {tuple(images.shape)}."
+            " Add the batch dimension with `images.unsqueeze(0)` for a single image."
+        )
+    if images.shape[0] < 1:
+        raise ValueError("Expected `images` to hold at least one sample, but got an empty batch.")
+
+
+def check_heatmaps(heatmaps: Any, batch_size: Optional[int] = None) -> None:
+    """Raise unless ``heatmaps`` is a ``(B, gh, gw)`` tensor with ``batch_size`` maps (when given)."""
+    if not isinstance(heatmaps, Tensor):
+        raise TypeError(f"Expected `heatmaps` to be a torch.Tensor, but got {type(heatmaps).__name__}.")
+    if heatmaps.ndim != 3:
+        raise ValueError(f"Expected `heatmaps` to have shape (B, gh, gw), but got shape {tuple(heatmaps.shape)}.")
+    if batch_size is not None and heatmaps.shape[0] != batch_size:
+        raise ValueError(
+            "Expected `heatmaps` to have one map per image, but the batch sizes do not match:"
+            f" {heatmaps.shape[0]} != {batch_size}."
+        )
+
+
+def check_permutation(permutation: Any, batch_size: int) -> Tensor:
+    """``permutation`` as int64 if it is a permutation of ``range(batch_size)``; raise otherwise."""
+    if not isinstance(permutation, Tensor) or permutation.dtype not in (torch.int64, torch.int32):
+        raise TypeError("Expected `permutation` to be an integer tensor of shape (B,), e.g. `torch.randperm(B)`.")
+    if tuple(permutation.shape) != (batch_size,):
+        raise ValueError(
+            f"Expected `permutation` to have shape ({batch_size},), but got shape {tuple(permutation.shape)}."
+        )
+    if not torch.equal(permutation.sort().values.long(), torch.arange(batch_size, device=permutation.device)):
+        raise ValueError(
+            "Expected `permutation` to be a permutation of range(B) (each index exactly once),"
+            f" but got {permutation.tolist()}."
+        )
+    return permutation.long()
