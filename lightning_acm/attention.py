@@ -32,13 +32,14 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import difflib
 import itertools
 import os
 import pickle
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -47,6 +48,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_acm.functional import Size2, _check_images, _pair, attention_grid
+from lightning_acm.validation import check_bool, check_choice, check_int, check_size2
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -54,6 +56,7 @@ __all__ = [
     "PRESETS",
     "AttentionModel",
     "AttentionPreset",
+    "Teacher",
     "attention_model_from_module",
     "build_attention_model",
     "list_presets",
@@ -840,3 +843,130 @@ def _load_into(model: nn.Module, state: Mapping[str, Tensor], prefix: Optional[s
             " Check the architecture name (`source`) or `weights_prefix`."
         )
     model.load_state_dict(picked, strict=False)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Settings of a frozen attention model ("teacher"): where it comes from and how it runs.
+
+    One object that :class:`~lightning_acm.callbacks.AttentiveCutMix`,
+    :class:`~lightning_acm.visualize.PastedAttentionMonitor` and the heatmap cache share. In YAML
+    a string is enough (``teacher: paper``) or the nested form (``teacher: {source: resnet50,
+    layer: layer3, input_size: 112}``).
+
+    Args:
+        source: a preset of :data:`PRESETS` (``"efficientnet_lite0"``, the offline default;
+            ``"paper"`` = ResNet-152 ``layer4``), any torchvision classifier name (with ``layer``),
+            or the architecture of a local ``weights`` file.
+        weights: a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V2"``) or the path of a
+            local state_dict or checkpoint; the preset's when ``None``.
+        layer: the layer (or method) to tap; the preset's when ``None``.
+        input_size: the teacher's input size; the preset's (224) when ``None``.
+        grid_size: heatmap cells per side (int or ``(gh, gw)``).
+        reduction: channel reduction of the tapped features, ``"mean"`` (the paper) or ``"max"``.
+        precision: run the teacher under autocast (``"bf16"``, ``"fp16"``) or in fp32 (``None``).
+        channels_last: run the teacher in ``torch.channels_last`` memory format.
+        compile: run the teacher up to its layer through ``torch.compile`` (``True`` or a dict of
+            ``torch.compile`` arguments).
+        input_mean: the normalisation the training images carry, undone before the teacher's own;
+            ``trainer.datamodule.mean`` when ``None``.
+        input_std: as ``input_mean``.
+        module: (Python only) a ready module instead of ``source``: an :class:`AttentionModel` is
+            used as it is, any other module is tapped at ``layer``. It is never changed: the
+            teacher is a frozen copy taken when built.
+
+    Example::
+
+        >>> teacher = Teacher("resnet18", layer="layer3", input_size=112)
+        >>> teacher.layer, teacher.grid_size
+        ('layer3', 7)
+        >>> tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU())
+        >>> Teacher(module=tiny, layer="1", input_size=28).build()(torch.rand(2, 3, 28, 28)).shape
+        torch.Size([2, 7, 7])
+    """
+
+    source: str = _LITE0
+    weights: Optional[str] = None
+    layer: Optional[str] = None
+    input_size: Optional[int] = None
+    grid_size: Union[int, tuple[int, int]] = 7
+    reduction: Literal["mean", "max"] = "mean"
+    precision: Optional[Literal["bf16", "fp16"]] = None
+    channels_last: bool = False
+    compile: Union[bool, dict[str, Any]] = False
+    input_mean: Optional[tuple[float, ...]] = None
+    input_std: Optional[tuple[float, ...]] = None
+    module: Optional[nn.Module] = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str):
+            raise TypeError(f"Expected `source` to be a str (a preset or torchvision name), but got {self.source!r}.")
+        check_int(self.input_size, "input_size", minimum=1, optional=True)
+        object.__setattr__(self, "grid_size", _plain_grid(check_size2(self.grid_size, "grid_size")))
+        check_choice(self.reduction, "reduction", ("mean", "max"))
+        check_choice(self.precision, "precision", (None, "bf16", "fp16"))
+        check_bool(self.channels_last, "channels_last")
+        if not isinstance(self.compile, bool) and not (
+            isinstance(self.compile, dict) and all(isinstance(key, str) for key in self.compile)
+        ):
+            raise TypeError(
+                "Expected `compile` to be a bool or a dict of torch.compile arguments (e.g."
+                f" {{'mode': 'max-autotune'}}), but got {self.compile!r}."
+            )
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ValueError("Expected `input_mean` and `input_std` to be given together, but got only one of them.")
+        for name in ("input_mean", "input_std"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.module is not None and not isinstance(self.module, nn.Module):
+            raise TypeError(f"Expected `module` to be an nn.Module, but got {type(self.module).__name__}.")
+        if self.module is not None and not isinstance(self.module, AttentionModel) and self.layer is None:
+            raise ValueError(
+                "Expected `layer` with a plain `module`: name the layer whose output gives the heatmap (e.g. 'layer4')."
+            )
+
+    def build(
+        self,
+        device: Optional[Union[str, torch.device]] = None,
+        *,
+        input_mean: Optional[Sequence[float]] = None,
+        input_std: Optional[Sequence[float]] = None,
+    ) -> AttentionModel:
+        """The frozen teacher (eval mode, no gradients) on ``device``.
+
+        ``input_mean``/``input_std`` (e.g. the datamodule's) apply when the teacher has none of its
+        own; images in ``[0, 1]`` are assumed when neither gives them.
+        """
+        mean = self.input_mean if self.input_mean is not None else input_mean
+        std = self.input_std if self.input_std is not None else input_std
+        if isinstance(self.module, AttentionModel):
+            model = copy.deepcopy(self.module)
+            if mean is not None and std is not None:
+                model.set_input_normalization(mean, std)
+            if self.precision is not None:
+                model.amp_dtype = _resolve_amp_dtype(self.precision)
+            if self.channels_last:
+                model.use_channels_last()
+        else:
+            common: dict[str, Any] = {
+                "grid_size": self.grid_size,
+                "reduction": self.reduction,
+                "amp_dtype": self.precision,
+                "channels_last": self.channels_last,
+                "input_mean": (0.0,) if mean is None else tuple(mean),
+                "input_std": (1.0,) if std is None else tuple(std),
+            }
+            if self.input_size is not None:
+                common["input_size"] = self.input_size
+            if self.module is not None:
+                model = AttentionModel(copy.deepcopy(self.module), str(self.layer), **common)
+            else:
+                model = build_attention_model(self.source, weights=self.weights, layer=self.layer, **common)
+        model = model.to(device).eval().requires_grad_(False)
+        if self.compile is not False and not model.compiled:
+            model.compile_features(**({} if self.compile is True else self.compile))
+        return model
+
+
+def _plain_grid(grid: tuple[int, int]) -> Union[int, tuple[int, int]]:
+    return grid[0] if grid[0] == grid[1] else grid

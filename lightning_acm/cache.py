@@ -42,6 +42,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -51,9 +52,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_acm.functional import Size2, _check_heatmaps, _check_images, _pair
+from lightning_acm.validation import check_int, check_size2
 
 __all__ = [
     "HeatmapCache",
+    "HeatmapCacheConfig",
     "apply_geometry",
     "batch_geometry",
     "cache_fingerprint",
@@ -240,6 +243,46 @@ def topk_overlap(heatmaps: Tensor, reference: Tensor, top_k: int) -> Tensor:
     first, second = chosen(heatmaps), chosen(reference.to(heatmaps.device))
     return (first & second).sum(1).float() / (first | second).sum(1).float()
 
+
+
+@dataclass(frozen=True)
+class HeatmapCacheConfig:
+    """Settings of the heatmap cache of :class:`~lightning_acm.callbacks.AttentiveCutMix`.
+
+    The teacher runs once per training image, on its un-augmented version, and each batch's maps
+    are warped through the crop and flip its datamodule recorded (``record_augmentation=True``).
+
+    Args:
+        grid_size: cells per side of the cached maps, at least the teacher's grid; the teacher's
+            own grid when ``None``.
+        input_size: teacher input size while filling; ``None`` scales the teacher's input size by
+            ``grid_size / teacher grid``.
+        path: a file to load the cache from when its fingerprint matches the teacher and the
+            dataset, and to save it to otherwise (rank 0 writes).
+        batch_size: teacher batch size while filling.
+        geometry_key: where the batch holds the recorded geometry (position 2 of a list batch, or
+            a dict key).
+
+    Example::
+
+        >>> HeatmapCacheConfig(path="heatmaps.pt").batch_size
+        64
+    """
+
+    grid_size: Optional[Union[int, tuple[int, int]]] = None
+    input_size: Optional[int] = None
+    path: Optional[str] = None
+    batch_size: int = 64
+    geometry_key: Union[int, str] = 2
+
+    def __post_init__(self) -> None:
+        check_size2(self.grid_size, "grid_size", optional=True)
+        check_int(self.input_size, "input_size", minimum=1, optional=True)
+        check_int(self.batch_size, "batch_size", minimum=1)
+        if self.path is not None and not isinstance(self.path, (str, os.PathLike)):
+            raise TypeError(f"Expected `path` to be None or a file path, but got {self.path!r}.")
+        if isinstance(self.geometry_key, bool) or not isinstance(self.geometry_key, (int, str)):
+            raise TypeError(f"Expected `geometry_key` to be an int or a str, but got {self.geometry_key!r}.")
 
 class HeatmapCache:
     """One fine heatmap per training sample, keyed by dataset index, filled once by a teacher.
