@@ -62,6 +62,18 @@ holds the missing ones, mostly through a real ``Trainer``. The inventory (item: 
     test_callbacks::test_label_smoothing_in_both_the_callback_and_the_loss_warns_once, here
     test_smoothing_in_both_the_classifier_and_the_callback_warns
 32. two callbacks of one class on one Trainer: test_resume::test_two_callbacks_of_one_class_share_a_trainer_and_resume_each
+33. a ``cache_path`` made for another dataset of the same size or another teacher (recomputed with a warning
+    naming the file and the fields that differ): test_cache::test_cache_path_recomputes_for_another_dataset_of_the_same_size,
+    test_cache::test_cache_path_recomputes_for_a_retrained_teacher
+34. an empty or truncated ``cache_path`` file (recomputed with a warning that names it; ``HeatmapCache.load``
+    raises naming the file and saying to delete it): test_cache::test_damaged_cache_file_is_recomputed_with_a_warning
+35. class indices of shape (B, 1) (taken as indices), integer targets wider than 1, soft targets that are
+    negative or do not sum to 1: test_callbacks::test_class_indices_of_shape_b_1_are_mixed_as_indices_through_a_callback,
+    test_functional (targets tests)
+36. images that require grad (gradients reach both the canvas and the partner):
+    test_functional::test_input_gradient_is_that_of_the_mask_blend
+37. ``strategy="ddp_spawn"`` (the callbacks pickle; no generator object crosses the spawn):
+    test_ddp::test_ddp_spawn_fit_with_the_mixing_callbacks
 """
 
 from __future__ import annotations
