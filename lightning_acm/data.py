@@ -220,11 +220,10 @@ class _TransformedSet(Dataset):
     and ``"index"`` ``(image, target, index)``.
     """
 
-    def __init__(
-        self, base: Dataset, indices: Optional[Tensor], transform: GeometryTransform, normalize: T.Normalize, output: str
-    ) -> None:
+    def __init__(self, base: Dataset, indices: Optional[Tensor], transform: Any, normalize: Any, output: str) -> None:
         # A tensor, not a list: forked workers would otherwise copy a list of Python ints page by page.
-        self.base, self.indices, self.transform, self.normalize, self.output = base, indices, transform, normalize, output
+        self.base, self.indices, self.transform, self.normalize = base, indices, transform, normalize
+        self.output = output
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
@@ -369,6 +368,7 @@ class VisionDataModule(LightningDataModule):
     """
 
     name: ClassVar[str] = "vision"
+    _offline_hint: str = ""
     num_classes: int
     dims: tuple[int, int, int]
     mean: tuple[float, ...]
@@ -396,7 +396,9 @@ class VisionDataModule(LightningDataModule):
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"Expected `data_dir` to be a non-empty path, but got {data_dir!r}.")
         if isinstance(val_split, bool) or not isinstance(val_split, (int, float)):
-            raise ValueError(f"Expected `val_split` to be an int (a count) or a float (a fraction), but got {val_split!r}.")
+            raise ValueError(
+                f"Expected `val_split` to be an int (a count) or a float (a fraction), but got {val_split!r}."
+            )
         if isinstance(val_split, int) and val_split < 0:
             raise ValueError(f"Expected `val_split` to be a count >= 0, but got {val_split}.")
         if isinstance(val_split, float) and not 0.0 <= val_split < 1.0:
@@ -446,8 +448,14 @@ class VisionDataModule(LightningDataModule):
     @override
     def prepare_data(self) -> None:
         """Download the data when ``download=True``; do nothing otherwise."""
-        if self.download:
+        if not self.download:
+            return
+        try:
             self._download()
+        except (OSError, RuntimeError) as err:
+            raise RuntimeError(
+                f"Could not download {self.name} into '{self.data_dir}' ({err}). Without internet, {self._offline_hint}"
+            ) from err
 
     @override
     def setup(self, stage: Optional[str] = None) -> None:
@@ -595,15 +603,13 @@ class CIFAR10DataModule(VisionDataModule):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
+    @property
+    def _offline_hint(self) -> str:
+        return f"place the extracted `{self.dataset_cls.base_folder}` folder in data_dir and pass `download=False`."
+
     @override
     def _download(self) -> None:
-        try:
-            self.dataset_cls(self.data_dir, train=True, download=True)
-        except (OSError, RuntimeError) as err:
-            raise RuntimeError(
-                f"Could not download {self.name} into '{self.data_dir}' ({err}). Without internet, place the"
-                f" extracted `{self.dataset_cls.base_folder}` folder in data_dir and pass `download=False`."
-            ) from err
+        self.dataset_cls(self.data_dir, train=True, download=True)
 
     @override
     def _check_data(self) -> None:
@@ -699,7 +705,9 @@ class ImageNetDataModule(VisionDataModule):
         resize_size = int(round(image_size / 0.875)) if resize_size is None else resize_size
         self.resize_size = check_int(resize_size, "resize_size", minimum=1)
         if resize_size < image_size:
-            raise ValueError(f"Expected `resize_size` to be at least `image_size` ({image_size}), but got {resize_size}.")
+            raise ValueError(
+                f"Expected `resize_size` to be at least `image_size` ({image_size}), but got {resize_size}."
+            )
         self.scale = _check_range(scale, "scale", high=1.0)
         self.dims = (3, image_size, image_size)
 
@@ -835,18 +843,13 @@ class FashionMNISTDataModule(VisionDataModule):
             report.append(f"'{folder}' (no IDX files)")
         return None, report
 
+    _offline_hint = "run `apt-get install dataset-fashion-mnist` or put the four IDX files in data_dir."
+
     @override
     def _download(self) -> None:
-        if self._find_files()[0] is not None:
-            return
-        try:
+        if self._find_files()[0] is None:
             for train in (True, False):
                 tv_datasets.FashionMNIST(self.data_dir, train=train, download=True)
-        except (OSError, RuntimeError) as err:
-            raise RuntimeError(
-                f"Could not download Fashion-MNIST into '{self.data_dir}' ({err}). Without internet, run"
-                " `apt-get install dataset-fashion-mnist` or put the four IDX files in data_dir."
-            ) from err
 
     @override
     def _check_data(self) -> None:

@@ -401,7 +401,7 @@ def test_prepare_data_downloads_only_when_asked(
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    with pytest.raises(RuntimeError, match=r"Could not download Fashion-MNIST.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(RuntimeError, match=r"Could not download fashion_mnist into .*apt-get install dataset-fashion-mnist"):
         fmnist(tmp_path / "c", download=True).prepare_data()
 
 
