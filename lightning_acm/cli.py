@@ -7,7 +7,7 @@ Every experiment is ``fit`` with three composable configs (data, model, method):
 A ``--config`` (or ``-c``) value that is not a file names a config shipped inside the package
 (:data:`CONFIG_DIR`, the ``configs/`` folder of a clone): ``demo``, ``data/cifar10``,
 ``method/cutmix.yaml`` and ``configs/model/resnet18.yaml`` all work from any directory after
-``pip install``. Copy a packaged file out (``CONFIG_DIR`` gives its folder) to edit it.
+``pip install``; copy one out of ``CONFIG_DIR`` to edit it.
 
 The ``mixing`` key holds one of :class:`~lightning_acm.callbacks.AttentiveCutMix`,
 :class:`~lightning_acm.callbacks.CutMix` or :class:`~lightning_acm.callbacks.MixUp` (or ``null``:
@@ -114,8 +114,7 @@ class AttentiveCutMixCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         if isinstance(args, (dict, Namespace)):
-            super().parse_arguments(parser, args)
-            return
+            return super().parse_arguments(parser, args)
         try:
             resolved = _resolve_config_args(list(sys.argv[1:] if args is None else args))
         except ValueError as err:

@@ -16,6 +16,8 @@ import torch  # noqa: F401  (the docstring examples use it)
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_acm.validation import check_real
+
 __all__ = ["SoftTargetLossMixin", "dominant_class", "soft_target_cross_entropy"]
 
 
@@ -35,20 +37,16 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: 
         >>> float(soft_target_cross_entropy(logits, torch.full((2, 4), 0.25)))  # log(4)
         1.3862...
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing!r}.")
+    check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
     if logits.ndim != 2:
         raise ValueError(f"Expected `logits` of shape (B, K), but got shape {tuple(logits.shape)}.")
-    log_probs = F.log_softmax(logits.float(), dim=1)
     if targets.ndim == 1 and not targets.is_floating_point():
         if targets.shape[0] != logits.shape[0]:
             raise ValueError(
                 f"Expected one target per row of `logits`, but the batch sizes do not match:"
                 f" {targets.shape[0]} != {logits.shape[0]}."
             )
-        return F.nll_loss(log_probs, targets.long()) if label_smoothing == 0 else F.cross_entropy(
-            logits.float(), targets.long(), label_smoothing=label_smoothing
-        )
+        return F.cross_entropy(logits.float(), targets.long(), label_smoothing=label_smoothing)
     if targets.shape != logits.shape:
         raise ValueError(
             "Expected soft `targets` with the shape of `logits` (B, K), but the shapes do not match:"
@@ -57,7 +55,7 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: 
     probabilities = targets.float()
     if label_smoothing > 0:
         probabilities = probabilities * (1.0 - label_smoothing) + label_smoothing / probabilities.shape[1]
-    return -(probabilities * log_probs).sum(dim=1).mean()
+    return -(probabilities * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
 def dominant_class(targets: Tensor) -> Tensor:
@@ -66,18 +64,14 @@ def dominant_class(targets: Tensor) -> Tensor:
     On a mixed batch this is the label that holds the larger share (``1 - lam`` vs ``lam``),
     which is what training accuracy is measured against.
     """
-    if targets.ndim == 2:
-        return targets.argmax(dim=1)
-    return targets.long()
+    return targets.argmax(dim=1) if targets.ndim == 2 else targets.long()
 
 
 class SoftTargetLossMixin:
     """Mixin for a ``LightningModule``: one loss method for index targets and mixed soft targets.
 
-    The same ``training_step`` then works with or without a mixing callback. Training accuracy
-    on a mixed batch is measured against the dominant label (:func:`dominant_class`), i.e. the
-    label with the larger weight; it is therefore lower than on clean data and is a training
-    signal, not an evaluation metric.
+    The same ``training_step`` then works with or without a mixing callback; ``hard_targets``
+    gives the dominant label (:func:`dominant_class`) for accuracy on mixed batches.
 
     Example::
 

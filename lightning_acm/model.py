@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from functools import partial
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
 from urllib.parse import urlparse
@@ -32,6 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_acm.loss import SoftTargetLossMixin, soft_target_cross_entropy
+from lightning_acm.validation import check_choice, check_int, check_real, is_int
 
 __all__ = ["CifarResNet", "ImageClassifier", "available_archs", "build_classifier"]
 
@@ -69,10 +71,8 @@ class CifarResNet(nn.Module):
     """The CIFAR ResNet of He et al. (2016, section 4.2): a 3x3 stem, three stages of ``blocks`` basic blocks.
 
     Stages have ``width``, ``2 * width`` and ``4 * width`` channels at strides 1, 2, 2, then global
-    average pooling and a linear head; depth is ``6 * blocks + 2`` (ResNet-8: 1 block, 78k
-    parameters; ResNet-20: 3 blocks, 0.27M). Built for 32 px inputs: it is a cheap student where a
-    torchvision ResNet-18 is too slow (CPU runs). The 1x1-convolution shortcut ("option B") is used
-    where the shape changes.
+    average pooling and a linear head; depth is ``6 * blocks + 2``. A 1x1-convolution shortcut
+    ("option B") is used where the shape changes. Built for 32 px inputs.
 
     Example::
 
@@ -82,8 +82,7 @@ class CifarResNet(nn.Module):
 
     def __init__(self, blocks: int, *, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
         super().__init__()
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-            raise ValueError(f"Expected `blocks` to be a positive int, but got {blocks!r}.")
+        check_int(blocks, "blocks", minimum=1)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         layers: list[nn.Module] = []
@@ -109,21 +108,10 @@ def available_archs() -> list[str]:
     return sorted([*torchvision.models.list_models(module=torchvision.models), "densenet264", *CIFAR_RESNET_BLOCKS])
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _resolve_weights(arch: str, weights: str) -> torchvision.models.WeightsEnum:
-    if arch == "densenet264":
-        raise ValueError(
-            "Expected `weights` to be None for `arch='densenet264'`: torchvision has no pretrained"
-            f" DenseNet-264, but got {weights!r}."
-        )
-    if arch in CIFAR_RESNET_BLOCKS:
-        raise ValueError(
-            f"Expected `weights` to be None for `arch={arch!r}`: it has no pretrained weights, but got {weights!r}."
-        )
+    if arch == "densenet264" or arch in CIFAR_RESNET_BLOCKS:
+        what = "DenseNet-264" if arch == "densenet264" else "weights for it"
+        raise ValueError(f"Expected `weights` to be None for `arch={arch!r}`: torchvision has no pretrained {what}.")
     enum = torchvision.models.get_model_weights(arch)
     prefix, _, name = weights.rpartition(".")
     names = ["DEFAULT", *(member.name for member in enum)]
@@ -132,8 +120,17 @@ def _resolve_weights(arch: str, weights: str) -> torchvision.models.WeightsEnum:
     return enum[name]
 
 
-def _download_path(weights: torchvision.models.WeightsEnum) -> str:
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+def _load_pretrained(arch: str, weights: torchvision.models.WeightsEnum, **kwargs: Any) -> nn.Module:
+    """``arch`` with ``weights``; offline, the error says where to put the file."""
+    try:
+        return torchvision.models.get_model(arch, weights=weights, **kwargs)
+    except (OSError, RuntimeError) as err:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+        raise RuntimeError(
+            f"Could not load the `weights={weights.name!r}` of `arch={arch!r}` ({type(err).__name__}: {err})."
+            f" Without internet access, download {weights.url} elsewhere and put the file at {path}"
+            " (that is, `torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it)."
+        ) from err
 
 
 def _replace_head(model: nn.Module, num_classes: int, arch: str) -> None:
@@ -144,27 +141,32 @@ def _replace_head(model: nn.Module, num_classes: int, arch: str) -> None:
             f"Expected `arch={arch!r}` to end with an `nn.Linear` head so that pretrained `weights` can be used"
             f" with `num_classes={num_classes}`, but found none."
         )
-    _set_submodule(model, name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
+    model.set_submodule(name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
+
+
+# Family -> (first convolution, stem pooling, init keyword arguments) replaced by `small_input`.
+_SMALL_STEMS: dict[type, tuple[str, str, dict[str, str]]] = {
+    torchvision.models.ResNet: ("conv1", "maxpool", {"mode": "fan_out", "nonlinearity": "relu"}),
+    torchvision.models.DenseNet: ("features.conv0", "features.pool0", {}),
+}
 
 
 def _make_small_input(model: nn.Module, arch: str) -> None:
-    if isinstance(model, torchvision.models.ResNet):
-        old = model.conv1
-        model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-        model.maxpool = nn.Identity()
-    elif isinstance(model, torchvision.models.DenseNet):
-        old = model.features.conv0
-        model.features.conv0 = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(model.features.conv0.weight)
-        model.features.pool0 = nn.Identity()
-    elif isinstance(model, torchvision.models.EfficientNet):
+    if isinstance(model, torchvision.models.EfficientNet):
         model.features[0][0].stride = (1, 1)
-    else:
+        return
+    stem = next((value for family, value in _SMALL_STEMS.items() if isinstance(model, family)), None)
+    if stem is None:
         raise ValueError(
             "Expected `arch` to be a ResNet, DenseNet or EfficientNet when `small_input=True`,"
             f" but got {arch!r} ({type(model).__name__})."
         )
+    conv_name, pool_name, init = stem
+    old = model.get_submodule(conv_name)
+    conv = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, **init)
+    model.set_submodule(conv_name, conv)
+    model.set_submodule(pool_name, nn.Identity())
 
 
 def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
@@ -173,16 +175,8 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
         raise ValueError(
             f"Expected the first convolution to have groups=1 to change `in_channels`, but got {old.groups}."
         )
-    new = nn.Conv2d(
-        in_channels,
-        old.out_channels,
-        old.kernel_size,
-        stride=old.stride,
-        padding=old.padding,
-        dilation=old.dilation,
-        bias=old.bias is not None,
-        padding_mode=old.padding_mode,
-    )
+    keep = ("out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode")
+    new = nn.Conv2d(in_channels, bias=old.bias is not None, **{key: getattr(old, key) for key in keep})
     with torch.no_grad():
         # Summing (1 channel) or tiling and rescaling (others) keeps the stem's response to
         # a uniform image, so pretrained stems stay useful and random ones keep their scale.
@@ -195,7 +189,7 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
         new.weight.copy_(weight)
         if old.bias is not None:
             new.bias.copy_(old.bias)
-    _set_submodule(model, name, new)
+    model.set_submodule(name, new)
 
 
 def build_classifier(
@@ -209,19 +203,16 @@ def build_classifier(
     """Build a torchvision classifier by name, optionally pretrained, for ``(B, in_channels, H, W)`` inputs.
 
     Args:
-        arch: a name from :func:`available_archs` (case-insensitive). ``"densenet264"`` builds
-            ``torchvision.models.DenseNet(growth_rate=32, block_config=(6, 12, 64, 48),
-            num_init_features=64)``, i.e. DenseNet-264, without pretrained weights.
-            ``"cifar_resnet8"``/``"cifar_resnet20"`` build a :class:`CifarResNet`, without pretrained weights.
+        arch: a name from :func:`available_archs` (case-insensitive). ``"densenet264"`` builds a
+            DenseNet with :data:`DENSENET264_CONFIG`; ``"cifar_resnet8"``/``"cifar_resnet20"`` build a
+            :class:`CifarResNet`; neither has pretrained weights.
         num_classes: outputs of the head. With ``weights``, a pretrained head of another size is
             replaced by a new ``nn.Linear`` (the last ``nn.Linear`` of the model).
         in_channels: input channels; the first convolution is rebuilt when not 3, its weights
             summed over channels (1 channel) or tiled and rescaled (others).
-        small_input: CIFAR-style stem for 32 px inputs (the CIFAR ResNets always have it; the flag
-            does not change them). ResNets: ``conv1`` becomes a 3x3, stride-1 convolution and
-            ``maxpool`` an ``nn.Identity``. DenseNets: ``features.conv0`` becomes a 3x3, stride-1
-            convolution and ``features.pool0`` an ``nn.Identity``. EfficientNets: the stride of
-            ``features[0][0]`` becomes 1. Replaced convolutions are freshly initialised even with ``weights``.
+        small_input: CIFAR-style stem for 32 px inputs: ResNets and DenseNets get a fresh 3x3, stride-1
+            first convolution and no stem pooling; EfficientNets a stride-1 first convolution (the CIFAR
+            ResNets already have such a stem).
         weights: a torchvision weights name for ``arch`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``, or
             qualified, ``"ResNet18_Weights.IMAGENET1K_V1"``), or None for random initialisation.
 
@@ -235,30 +226,18 @@ def build_classifier(
         close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
         hint = f" Did you mean one of {close}?" if close else ""
         raise ValueError(f"Expected `arch` to be a torchvision classification model name, but got {arch!r}.{hint}")
+    resolved = None if weights is None else _resolve_weights(arch, weights)
     if arch in CIFAR_RESNET_BLOCKS:
-        if weights is not None:
-            _resolve_weights(arch, weights)
         # Already a small-input network: `small_input` has nothing to change.
         return CifarResNet(CIFAR_RESNET_BLOCKS[arch], num_classes=num_classes, in_channels=in_channels)
     if arch == "densenet264":
-        if weights is not None:
-            _resolve_weights(arch, weights)
         model = torchvision.models.DenseNet(**DENSENET264_CONFIG, num_classes=num_classes)
     else:
-        kwargs = dict(_BUILDER_KWARGS.get(arch, {}))
-        if weights is None:
+        kwargs = _BUILDER_KWARGS.get(arch, {})
+        if resolved is None:
             model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
         else:
-            resolved = _resolve_weights(arch, weights)
-            path = _download_path(resolved)
-            try:
-                model = torchvision.models.get_model(arch, weights=resolved, **kwargs)
-            except (OSError, RuntimeError) as err:
-                raise RuntimeError(
-                    f"Could not load the `weights={weights!r}` of `arch={arch!r}` ({type(err).__name__}: {err})."
-                    f" Without internet access, download {resolved.url} elsewhere and put the file at {path}"
-                    " (that is, `torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it)."
-                ) from err
+            model = _load_pretrained(arch, resolved, **kwargs)
             if len(resolved.meta["categories"]) != num_classes:
                 _replace_head(model, num_classes, arch)
     if small_input:
@@ -269,13 +248,7 @@ def build_classifier(
 
 
 def _lr_factor(
-    step: int,
-    *,
-    schedule: str,
-    warmup_steps: int,
-    total_steps: float,
-    milestone_steps: Sequence[int],
-    gamma: float,
+    step: int, *, schedule: str, warmup_steps: int, total_steps: float, milestone_steps: Sequence[int], gamma: float
 ) -> float:
     """Multiplier of the base learning rate after ``step`` optimizer steps (for ``LambdaLR``)."""
     if step < warmup_steps:
@@ -310,13 +283,11 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
     of a paste, are ignored) or dicts with ``"image"`` and ``"target"`` keys. Targets are
     ``(B,)`` class indices or ``(B, K)`` soft targets from a mixing callback.
 
-    Metrics (torchmetrics, micro-averaged): ``train/loss`` (per step), ``train/acc`` (per
-    epoch, against the *dominant* label of each mixed target, i.e. the class with the larger
-    share ``max(lam, 1 - lam)``: a training signal that is lower than clean accuracy, not an
-    evaluation metric); ``val/loss``, ``val/acc``, ``val/acc_top5`` and the ``test/`` equivalents
-    (per epoch, synced across processes; top-5 is top-``min(5, num_classes)``). Evaluation
-    losses are plain cross-entropy, without ``label_smoothing``. ``predict_step`` returns
-    softmax probabilities ``(B, K)``; take ``argmax(dim=1)`` for the predicted class.
+    Metrics (micro-averaged): ``train/loss`` per step; ``train/acc`` per epoch, against the
+    dominant label of each mixed target (a training signal, lower than clean accuracy);
+    ``val/loss``, ``val/acc``, ``val/acc_top5`` and their ``test/`` twins per epoch (top-5 is
+    top-``min(5, num_classes)``; losses without ``label_smoothing``). ``predict_step`` returns
+    softmax probabilities ``(B, K)``.
 
     Args:
         arch: torchvision classification model name, or ``"densenet264"``; see :func:`build_classifier`.
@@ -324,20 +295,16 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         in_channels: input channels; the stem is adapted when not 3.
         small_input: CIFAR-style stem for 32 px inputs (ResNet, DenseNet and EfficientNet families).
         weights: torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``) for fine-tuning, or None.
-            Pretrained files are read from ``torch.hub.get_dir()/checkpoints`` (downloaded if missing).
         label_smoothing: ``eps`` in ``[0, 1)`` for the training loss.
-        optimizer: ``"sgd"`` (``momentum``, ``nesterov``) or ``"adamw"`` (``momentum`` and
-            ``nesterov`` are unused; pick an ``lr`` near 1e-3).
+        optimizer: ``"sgd"`` or ``"adamw"`` (``momentum`` and ``nesterov`` unused; ``lr`` near 1e-3).
         lr: base learning rate (the peak after warmup).
         momentum: SGD momentum in ``[0, 1)``.
         nesterov: Nesterov momentum for SGD (needs ``momentum > 0``).
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay, ``>= 0``.
-        no_weight_decay_on_bn_and_bias: put every parameter with at most one dimension (biases,
-            BatchNorm/LayerNorm scales and shifts) in a parameter group without weight decay.
-        lr_scheduler: ``"cosine"`` (from ``lr`` to 0 over all training steps), ``"multistep"``
-            (times ``gamma`` at each of ``milestones``) or ``"none"``. Updated every step.
-        milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``;
-            the default is CutMix's CIFAR recipe (300 epochs).
+        no_weight_decay_on_bn_and_bias: no weight decay on parameters with at most one dimension.
+        lr_scheduler: ``"cosine"`` (``lr`` to 0 over all steps), ``"multistep"`` (times ``gamma`` at
+            each of ``milestones``) or ``"none"``; updated every step.
+        milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``.
         gamma: factor in ``(0, 1]`` for ``"multistep"``.
         warmup_epochs: epochs of linear warmup from ``lr / warmup_steps`` to ``lr``, before any schedule.
 
@@ -376,36 +343,23 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         warmup_epochs: int = 0,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"Expected `num_classes` to be >= 2, but got {num_classes}.")
-        if in_channels < 1:
-            raise ValueError(f"Expected `in_channels` to be >= 1, but got {in_channels}.")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"Expected `label_smoothing` to be in [0, 1), but got {label_smoothing}.")
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"Expected `optimizer` to be one of ['sgd', 'adamw'], but got {optimizer!r}.")
-        if not lr > 0:
-            raise ValueError(f"Expected `lr` to be > 0, but got {lr}.")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Expected `momentum` to be in [0, 1), but got {momentum}.")
+        check_int(num_classes, "num_classes", minimum=2)
+        check_int(in_channels, "in_channels", minimum=1)
+        check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
+        check_choice(optimizer, "optimizer", ("sgd", "adamw"))
+        check_real(lr, "lr", low=0.0, low_open=True)
+        check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         if optimizer == "sgd" and nesterov and momentum == 0:
             raise ValueError(f"Expected `momentum` to be > 0 when `nesterov=True`, but got {momentum}.")
-        if not weight_decay >= 0:
-            raise ValueError(f"Expected `weight_decay` to be >= 0, but got {weight_decay}.")
-        if lr_scheduler not in ("cosine", "multistep", "none"):
-            raise ValueError(
-                f"Expected `lr_scheduler` to be one of ['cosine', 'multistep', 'none'], but got {lr_scheduler!r}."
-            )
+        check_real(weight_decay, "weight_decay", low=0.0)
+        check_choice(lr_scheduler, "lr_scheduler", ("cosine", "multistep", "none"))
         milestones = list(milestones)  # a list, so that hparams.yaml stays plain YAML
-        valid_epochs = all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in milestones)
-        if not valid_epochs or milestones != sorted(set(milestones)):
+        if not all(is_int(m) and m >= 1 for m in milestones) or milestones != sorted(set(milestones)):
             raise ValueError(f"Expected `milestones` to be strictly increasing epochs >= 1, but got {milestones}.")
         if lr_scheduler == "multistep" and not milestones:
             raise ValueError("Expected `milestones` to be non-empty with `lr_scheduler='multistep'`, but got [].")
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"Expected `gamma` to be in (0, 1], but got {gamma}.")
-        if warmup_epochs < 0:
-            raise ValueError(f"Expected `warmup_epochs` to be >= 0, but got {warmup_epochs}.")
+        check_real(gamma, "gamma", low=0.0, high=1.0, low_open=True)
+        check_int(warmup_epochs, "warmup_epochs", minimum=0)
         if optimizer == "adamw" and lr > 0.01:
             rank_zero_warn(f"`lr={lr}` is large for AdamW; values near 1e-3 are usual. Set `lr` explicitly.")
         self.save_hyperparameters()
@@ -502,19 +456,8 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
             )
         needs_epochs = hp.warmup_epochs > 0 or hp.lr_scheduler == "multistep"
         steps_per_epoch = self._steps_per_epoch() if needs_epochs else 0
-        warmup_steps = hp.warmup_epochs * steps_per_epoch
-        milestone_steps = [m * steps_per_epoch for m in hp.milestones]
-        schedule, gamma = hp.lr_scheduler, hp.gamma
-
-        def factor(step: int) -> float:
-            return _lr_factor(
-                step,
-                schedule=schedule,
-                warmup_steps=warmup_steps,
-                total_steps=total_steps,
-                milestone_steps=milestone_steps,
-                gamma=gamma,
-            )
-
+        warmup, milestones = hp.warmup_epochs * steps_per_epoch, [m * steps_per_epoch for m in hp.milestones]
+        schedule = dict(schedule=hp.lr_scheduler, warmup_steps=warmup, milestone_steps=milestones, gamma=hp.gamma)
+        factor = partial(_lr_factor, total_steps=total_steps, **schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

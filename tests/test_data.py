@@ -335,13 +335,13 @@ def test_fmnist_corrupt_files(tmp_path: Path) -> None:
     ("kwargs", "error"),
     [
         ({"batch_size": 0}, r"`batch_size` to be a positive int, but got 0"),
-        ({"eval_batch_size": 0}, r"`eval_batch_size` to be a positive int, but got 0. Pass None"),
+        ({"eval_batch_size": 0}, r"`eval_batch_size` to be None or a positive int, but got 0. Pass None"),
         ({"num_workers": -1}, r"`num_workers` to be an int >= 0, but got -1"),
         ({"val_split": -1}, r"`val_split` to be a count >= 0, but got -1"),
         ({"val_split": 1.0}, r"`val_split` as a fraction to be in \[0, 1\), but got 1.0"),
         ({"val_split": True}, r"`val_split` to be an int \(a count\) or a float"),
-        ({"train_subset": 0}, r"`train_subset` to be a positive int, but got 0"),
-        ({"test_subset": -5}, r"`test_subset` to be a positive int, but got -5"),
+        ({"train_subset": 0}, r"`train_subset` to be None or a positive int, but got 0. Pass None"),
+        ({"test_subset": -5}, r"`test_subset` to be None or a positive int, but got -5"),
         ({"seed": 1.5}, r"`seed` to be an int"),
         ({"channels": 2}, r"`channels` to be 1 or 3, but got 2"),
         ({"pad_to": 20}, r"`pad_to` to be an int >= 28, but got 20"),
@@ -401,7 +401,7 @@ def test_prepare_data_downloads_only_when_asked(
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    with pytest.raises(RuntimeError, match=r"Could not download Fashion-MNIST.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(RuntimeError, match=r"Could not download fashion_mnist into .*apt-get install dataset-fashion-mnist"):
         fmnist(tmp_path / "c", download=True).prepare_data()
 
 

@@ -159,8 +159,8 @@ def test_pretrained_weights_from_local_file_replace_the_head(tmp_path, monkeypat
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"lr": -1}, r"Expected `lr` to be > 0, but got -1\."),
-        ({"lr": 0.0}, r"Expected `lr` to be > 0"),
+        ({"lr": -1}, r"Expected `lr` to be a finite number > 0, but got -1\."),
+        ({"lr": 0.0}, r"Expected `lr` to be a finite number > 0, but got 0.0\."),
         ({"momentum": 1.0}, r"Expected `momentum` to be in \[0, 1\), but got 1.0\."),
         ({"momentum": 0.0}, r"Expected `momentum` to be > 0 when `nesterov=True`"),
         ({"label_smoothing": 1.0}, r"Expected `label_smoothing` to be in \[0, 1\)"),
@@ -169,12 +169,12 @@ def test_pretrained_weights_from_local_file_replace_the_head(tmp_path, monkeypat
         ({"milestones": [0, 5]}, r"Expected `milestones` to be strictly increasing"),
         ({"milestones": [5, 5]}, r"Expected `milestones` to be strictly increasing"),
         ({"lr_scheduler": "multistep", "milestones": []}, r"Expected `milestones` to be non-empty"),
-        ({"num_classes": 1}, r"Expected `num_classes` to be >= 2"),
-        ({"in_channels": 0}, r"Expected `in_channels` to be >= 1"),
-        ({"weight_decay": -1e-4}, r"Expected `weight_decay` to be >= 0"),
+        ({"num_classes": 1}, r"Expected `num_classes` to be an int >= 2, but got 1\."),
+        ({"in_channels": 0}, r"Expected `in_channels` to be a positive int, but got 0\."),
+        ({"weight_decay": -1e-4}, r"Expected `weight_decay` to be a finite number >= 0, but got -0.0001\."),
         ({"gamma": 0.0}, r"Expected `gamma` to be in \(0, 1\]"),
-        ({"warmup_epochs": -1}, r"Expected `warmup_epochs` to be >= 0"),
-        ({"optimizer": "adam"}, r"Expected `optimizer` to be one of \['sgd', 'adamw'\]"),
+        ({"warmup_epochs": -1}, r"Expected `warmup_epochs` to be an int >= 0, but got -1\."),
+        ({"optimizer": "adam"}, r"Expected `optimizer` to be one of 'sgd', 'adamw', but got 'adam'\."),
         ({"lr_scheduler": "step"}, r"Expected `lr_scheduler` to be one of"),
     ],
 )
