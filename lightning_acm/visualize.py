@@ -1,26 +1,6 @@
-"""See what the mixing does: render mixed batches, log them while training, measure the pasted attention.
-
-* :func:`render_mix_grid` (no Lightning) draws mixes with torchvision's drawing utilities, a row per
-  sample: the partner ``x_A`` with its heatmap, the canvas ``x_B`` and the mix, the pasted region
-  outlined, captions with the classes and ``lam``; :func:`render_mix` draws a
-  :class:`~lightning_acm.callbacks.MixResult`.
-* :class:`MixVisualizer` logs that image every ``every_n_steps`` training batches (TensorBoard, or
-  PNG files in ``{trainer.log_dir}/mixes/`` for loggers without images).
-* :class:`PastedAttentionMonitor` runs a frozen teacher of its own so that CutMix also logs
-  ``{log_prefix}/pasted_attention`` (Attentive CutMix and Mixup log it themselves).
-
-Both callbacks read the mixing callbacks' ``last_mix`` and change nothing in them.
-
-Example::
-
-    >>> import torch
-    >>> from lightning_acm.functional import topk_cell_mask
-    >>> images, heat = torch.rand(2, 3, 28, 28), torch.rand(2, 7, 7)
-    >>> mask = topk_cell_mask(heat, 6, 28)
-    >>> grid = render_mix_grid(images.flip(0), images, torch.where(mask, images.flip(0), images),
-    ...                        mask.float().mean((1, 2, 3)), partner_heatmaps=heat, mask=mask)
-    >>> grid.dtype, grid.shape[0]
-    (torch.uint8, 3)
+"""See what the mixing does: :func:`render_mix_grid` and :func:`render_mix` draw mixes (no Lightning),
+:class:`MixVisualizer` logs them while training, and :class:`PastedAttentionMonitor` gives CutMix the
+``pasted_attention`` metric. The callbacks read the mixing callbacks' ``last_mix`` and change nothing in them.
 """
 
 from __future__ import annotations
@@ -51,7 +31,6 @@ __all__ = ["MixVisualizer", "PastedAttentionMonitor", "render_mix", "render_mix_
 _BACKGROUND = 30  # dark grey between the panels and behind the captions
 _CAPTION_HEIGHT = 14  # one line of PIL's default font
 _MIN_PANEL = 96  # small images are upscaled by an integer factor to at least this
-Stats = Optional[tuple[float, ...]]
 
 
 def _shape(value: Any) -> Any:
@@ -63,8 +42,7 @@ def _unit_images(images: Tensor, name: str, mean: Optional[Sequence[float]], std
     dtype's maximum (as ``ToDtype(scale=True)``), floats un-normalised with ``mean``/``std``."""
     if not isinstance(images, Tensor) or images.ndim != 4:
         raise ValueError(f"Expected `{name}` to be a batch (B, C, H, W), but got {_shape(images)}.")
-    channels = images.shape[1]
-    if channels not in (1, 3):
+    if (channels := images.shape[1]) not in (1, 3):
         raise ValueError(f"Expected `{name}` to have 1 or 3 channels, but got {channels}.")
     x = images.detach().cpu()
     if not x.is_floating_point():
@@ -77,11 +55,6 @@ def _unit_images(images: Tensor, name: str, mean: Optional[Sequence[float]], std
             value = torch.tensor([float(v) for v in stats]).view(1, -1, 1, 1)
             x = x * value if label == "std" else x + value
     return x.clamp(0.0, 1.0).expand(-1, 3, -1, -1)
-
-
-def _jet(values: Tensor) -> Tensor:
-    """The "jet" colormap: ``(B, 1, H, W)`` values in [0, 1] → ``(B, 3, H, W)`` RGB in [0, 1]."""
-    return (1.5 - (4.0 * values - torch.tensor([3.0, 2.0, 1.0]).view(1, 3, 1, 1)).abs()).clamp(0.0, 1.0)
 
 
 def _captions(side: str, labels: Any, name: str, batch: int, n: int, class_names: Optional[Sequence[str]]) -> list[str]:
@@ -135,19 +108,13 @@ def render_mix_grid(
     Args:
         partners: ``(B, C, H, W)`` pasted images ``x_A``, C in {1, 3}: integer (scaled by the dtype's
             maximum), or float normalised with ``mean``/``std`` (in [0, 1] when they are ``None``).
-        canvases: ``(B, C, H, W)`` images ``x_B``.
-        mixed: ``(B, C, H, W)`` mixed images.
-        lam: ``(B,)`` fraction of each mix taken from the partner.
-        partner_labels: ``y_A``, class indices ``(B,)`` or probabilities ``(B, K)`` (argmax shown).
-        canvas_labels: ``y_B``, as ``partner_labels``.
+        canvases: ``x_B``, and mixed: the mixes, as ``partners``; lam: ``(B,)`` share of ``x_A`` in each mix.
+        partner_labels: ``y_A``, class indices ``(B,)`` or probabilities ``(B, K)``; canvas_labels: ``y_B``.
         partner_heatmaps: ``(B, gh, gw)`` attention overlaid on ``x_A`` (min-max scaled, "jet").
-        mask: ``(B, 1, H, W)`` boolean pasted region (``None`` for Mixup).
+        mask: ``(B, 1, H, W)`` boolean pasted region (``None`` for Mixup), outlined in ``outline_color``.
         class_names: names shown after the class indices.
-        mean: per-channel mean the float images were normalised with; std: as ``mean``.
-        max_samples: rows drawn (the first samples).
-        alpha: opacity of the heatmap overlay, in [0, 1].
+        max_samples: rows drawn; alpha: opacity of the heatmap overlay, in [0, 1].
         scale: integer upscaling; by default the smallest that makes the panels at least 96 px.
-        outline_color: RGB colour of the outline.
 
     Returns:
         ``(3, H', W')`` uint8 image (CHW, as ``SummaryWriter.add_image`` takes).
@@ -172,13 +139,14 @@ def render_mix_grid(
     n = min(max_samples, batch)
     captions = zip(_captions("A", partner_labels, "partner_labels", batch, n, class_names),
                    _captions("B", canvas_labels, "canvas_labels", batch, n, class_names),
-                   [f"lam = {value:.3f}" for value in lam[:n].detach().cpu().float().tolist()])
+                   [f"lam = {value:.3f}" for value in lam[:n].detach().cpu().float().tolist()], strict=True)
     x_a, x_b, x_m = x_a[:n], x_b[:n], x_m[:n]
     if partner_heatmaps is not None:
         heat = partner_heatmaps[:n, None].detach().cpu().float().nan_to_num(0.0)
         low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
         heat = F.interpolate((heat - low) / (high - low).clamp_min(1e-12), size=(height, width), mode="nearest")
-        x_a = (1.0 - alpha) * x_a + alpha * _jet(heat)
+        jet = (1.5 - (4.0 * heat - torch.tensor([3.0, 2.0, 1.0]).view(1, 3, 1, 1)).abs()).clamp(0.0, 1.0)
+        x_a = (1.0 - alpha) * x_a + alpha * jet  # the "jet" colormap
     scale = scale or max(1, math.ceil(_MIN_PANEL / max(height, width)))
     panels = F.interpolate(torch.cat([x_a, x_b, x_m]), scale_factor=scale, mode="nearest")
     panels = (panels * 255.0).round().to(torch.uint8).view(3, n, 3, height * scale, width * scale)
@@ -214,11 +182,9 @@ def render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None, 
                          " Build the MixResult with `source=` (the mixing callbacks do).")
     permutation, targets = result.permutation.to(result.source.device), result.source_targets
     heatmaps = result.partner_heatmaps if result.partner_heatmaps is not None else partner_heatmaps
-    return render_mix_grid(
-        result.source[permutation], result.source, result.mixed, result.lam,
-        partner_labels=None if targets is None else targets[permutation.to(targets.device)],
-        canvas_labels=targets, partner_heatmaps=heatmaps, mask=result.mask, **options,
-    )
+    partner_labels = None if targets is None else targets[permutation.to(targets.device)]
+    return render_mix_grid(result.source[permutation], result.source, result.mixed, result.lam, mask=result.mask,
+                           partner_labels=partner_labels, canvas_labels=targets, partner_heatmaps=heatmaps, **options)
 
 
 def _mixing_callbacks(trainer: pl.Trainer, owner: str) -> list[MixingCallback]:
@@ -229,10 +195,9 @@ def _mixing_callbacks(trainer: pl.Trainer, owner: str) -> list[MixingCallback]:
     return mixers
 
 
-def _datamodule_normalization(trainer: pl.Trainer) -> tuple[Stats, Stats]:
+def _datamodule_normalization(trainer: pl.Trainer) -> tuple[Any, Any]:
     datamodule = getattr(trainer, "datamodule", None)
-    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-    return (None, None) if mean is None or std is None else (tuple(mean), tuple(std))
+    return getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
 
 
 class _EveryNSteps(Callback):
@@ -261,12 +226,9 @@ class PastedAttentionMonitor(_EveryNSteps):
     """Log ``{log_prefix}/pasted_attention`` for CutMix with a frozen teacher of its own.
 
     The metric is the share of the partner's attention mass inside the pasted region
-    (:func:`~lightning_acm.functional.pasted_attention_share`), averaged over the epoch: Attentive
-    CutMix pastes a small area holding much of the mass, a random box about its area's share.
-    Attentive CutMix and Mixup log it themselves; this callback measures the mixing callbacks that
-    paste a region without heatmaps (CutMix), running the teacher on the unmixed batch of their
-    ``last_mix`` (one extra teacher forward per measured batch). :class:`MixVisualizer` borrows
-    these heatmaps (:meth:`partner_heatmaps`).
+    (:func:`~lightning_acm.functional.pasted_attention_share`), averaged over the epoch. This callback
+    measures the mixers that paste without heatmaps (CutMix): one teacher forward on the unmixed
+    batch of their ``last_mix`` per measured batch. :class:`MixVisualizer` borrows these heatmaps.
 
     Args:
         teacher: a :class:`~lightning_acm.attention.Teacher`, or the name of its ``source``; its
@@ -312,11 +274,8 @@ class PastedAttentionMonitor(_EveryNSteps):
 
     @torch.no_grad()
     def partner_heatmaps(self, result: MixResult) -> Optional[Tensor]:
-        """``(B, gh, gw)`` attention of the partners of ``result``, which is not changed.
-
-        The result's own ``partner_heatmaps`` when it has them, else the teacher's on
-        ``result.source`` (run once per result); ``None`` before ``setup`` or without ``source``.
-        """
+        """``(B, gh, gw)`` attention of the partners of ``result`` (not changed): its own, else the teacher's on
+        ``result.source`` (run once per result); ``None`` before ``setup`` or without ``source``."""
         if result.partner_heatmaps is not None:
             return result.partner_heatmaps
         if self._model is None or result.source is None:
@@ -327,13 +286,11 @@ class PastedAttentionMonitor(_EveryNSteps):
         return self._measured[1]
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._measured = None  # lets the previous batch go
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not self._count_batch():
             return
         for mixer in self._mixers:
@@ -357,20 +314,17 @@ class PastedAttentionMonitor(_EveryNSteps):
 class MixVisualizer(_EveryNSteps):
     """Log a picture of the mixed batch every ``every_n_steps`` training batches (rank zero only).
 
-    One image per mixing callback (see :func:`render_mix_grid`), tagged ``{log_prefix}/mixes``:
-    written with ``experiment.add_image`` to every logger that has it (TensorBoard), otherwise
-    saved as ``{trainer.log_dir}/mixes/{log_prefix}_mixes_step{N}.png``. A due picture waits for
-    the next mixed batch. CutMix rows show the partner's attention when a
-    :class:`PastedAttentionMonitor` is also used.
+    One image per mixing callback (see :func:`render_mix_grid`), tagged ``{log_prefix}/mixes``, to
+    every logger with ``experiment.add_image``, else as PNG in ``{trainer.log_dir}/mixes/``. A due
+    picture waits for the next mixed batch; a :class:`PastedAttentionMonitor` lends CutMix heatmaps.
 
     Args:
         every_n_steps: training batches between two pictures (the first batch is drawn).
         max_samples: rows per picture.
         class_names: names shown with the class indices; ``trainer.datamodule.classes`` when ``None``.
         alpha: opacity of the heatmap overlay.
-        mean: the per-channel mean of the training images' normalisation, to undo it; the
-            datamodule's ``mean`` (or an Attentive CutMix teacher's ``input_mean``) when ``None``.
-        std: as ``mean``.
+        mean: the training images' per-channel normalisation mean, to undo it; the datamodule's
+            ``mean`` (or an Attentive CutMix teacher's ``input_mean``) when ``None``; std: as ``mean``.
 
     Raises:
         ValueError: for an argument out of range.
@@ -392,12 +346,12 @@ class MixVisualizer(_EveryNSteps):
         if (mean is None) != (std is None):
             raise ValueError("Expected `mean` and `std` to be given together, but got only one of them.")
         self.class_names = list(class_names) if class_names is not None else None
-        self.mean, self.std = (tuple(mean), tuple(std)) if mean is not None and std is not None else (None, None)
+        self.mean, self.std = mean, std
         self._mixers: list[MixingCallback] = []
         self._monitors: list[PastedAttentionMonitor] = []
         self._pending: list[bool] = []
         self._png_dir: Optional[str] = None
-        self._options: dict[str, Any] = {}
+        self._options: dict[str, Any] = {"class_names": self.class_names, "max_samples": self.max_samples, "alpha": self.alpha}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -410,30 +364,19 @@ class MixVisualizer(_EveryNSteps):
         self._png_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "mixes")
         mean, std = self._normalization(trainer)
         classes = getattr(getattr(trainer, "datamodule", None), "classes", None)
-        if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
-            classes = None
-        names = self.class_names if self.class_names is not None else classes
-        self._options = {"class_names": names, "mean": mean, "std": std, "max_samples": self.max_samples,
-                         "alpha": self.alpha}
+        if self.class_names is None and isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
+            self._options["class_names"] = list(classes)
+        self._options.update(mean=mean, std=std)
 
-    def _normalization(self, trainer: pl.Trainer) -> tuple[Stats, Stats]:
+    def _normalization(self, trainer: pl.Trainer) -> tuple[Any, Any]:
         """The given ``mean``/``std``, else the datamodule's, else an Attentive CutMix teacher's."""
-        if self.mean is not None:
-            return self.mean, self.std
-        mean, std = _datamodule_normalization(trainer)
-        if mean is not None:
-            return mean, std
-        for mixer in self._mixers:
-            settings = getattr(mixer, "teacher", mixer)  # a Teacher, or the callback's own input_mean/input_std
-            mean, std = getattr(settings, "input_mean", None), getattr(settings, "input_std", None)
-            if mean is not None and std is not None:
-                return tuple(mean), tuple(std)
-        return None, None
+        settings = [getattr(mixer, "teacher", mixer) for mixer in self._mixers]  # a Teacher, or the mixer's own
+        candidates = [(self.mean, self.std), _datamodule_normalization(trainer)]
+        candidates += [(getattr(s, "input_mean", None), getattr(s, "input_std", None)) for s in settings]
+        return next(((tuple(m), tuple(s)) for m, s in candidates if m is not None and s is not None), (None, None))
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not trainer.is_global_zero:
             return
         due = self._count_batch()
@@ -442,20 +385,14 @@ class MixVisualizer(_EveryNSteps):
             result = mixer.last_mix
             if not self._pending[index] or result is None:
                 continue
-            heatmaps = result.partner_heatmaps
-            for monitor in self._monitors:
-                heatmaps = heatmaps if heatmaps is not None else monitor.partner_heatmaps(result)
+            heatmaps = next((h for m in self._monitors if (h := m.partner_heatmaps(result)) is not None), None)
             self._log_image(trainer, f"{mixer.log_prefix}/mixes", render_mix(result, partner_heatmaps=heatmaps, **self._options))
             self._pending[index] = False
 
     def _log_image(self, trainer: pl.Trainer, tag: str, image: Tensor) -> None:
-        written = False
-        for logger in trainer.loggers:
-            add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
-            if callable(add_image):
-                add_image(tag, image, global_step=trainer.global_step)
-                written = True
-        if written or self._png_dir is None:
-            return
-        os.makedirs(self._png_dir, exist_ok=True)
-        to_pil_image(image).save(os.path.join(self._png_dir, f"{tag.replace('/', '_')}_step{trainer.global_step:07d}.png"))
+        adders = [getattr(getattr(logger, "experiment", None), "add_image", None) for logger in trainer.loggers]
+        for add_image in filter(callable, adders):
+            add_image(tag, image, global_step=trainer.global_step)
+        if not any(map(callable, adders)) and self._png_dir is not None:
+            os.makedirs(self._png_dir, exist_ok=True)
+            to_pil_image(image).save(os.path.join(self._png_dir, f"{tag.replace('/', '_')}_step{trainer.global_step:07d}.png"))
