@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from PIL import Image
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import attention_model_from_module
+from lightning_acm.attention import Teacher, attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixResult, MixUp
 from lightning_acm.loss import SoftTargetLossMixin
 from lightning_acm.visualize import MixVisualizer, PastedAttentionMonitor, render_mix, render_mix_grid
@@ -309,7 +309,7 @@ def test_monitor_and_visualizer_change_nothing_in_the_mixing_callback(tmp_path):
     alone = CutMix(seed=0)
     fit([alone])
     watched = CutMix(seed=0)
-    monitor = PastedAttentionMonitor(attention_model=tiny_attention(), input_mean=(0.0,), input_std=(1.0,))
+    monitor = PastedAttentionMonitor(teacher=Teacher(module=tiny_attention(), input_mean=(0.0,), input_std=(1.0,)))
     fit([watched, monitor, MixVisualizer(every_n_steps=1)], root=str(tmp_path))
     assert watched.last_mix is not None and alone.last_mix is not None
     assert watched.last_mix.partner_heatmaps is None  # the monitor keeps its heatmaps to itself
@@ -319,7 +319,7 @@ def test_monitor_and_visualizer_change_nothing_in_the_mixing_callback(tmp_path):
 
 
 def test_visualizer_and_monitor_need_a_mixing_callback():
-    for callback in (MixVisualizer(), PastedAttentionMonitor(attention_model=tiny_attention())):
+    for callback in (MixVisualizer(), PastedAttentionMonitor(teacher=Teacher(module=tiny_attention()))):
         with pytest.raises(MisconfigurationException, match="Add AttentiveCutMix, CutMix or MixUp"):
             fit([callback])
 
@@ -332,10 +332,8 @@ def test_visualizer_and_monitor_need_a_mixing_callback():
         (lambda: MixVisualizer(alpha=2.0), r"`alpha` to be in \[0, 1\]"),
         (lambda: MixVisualizer(mean=(0.5,)), "`mean` and `std` to be given together"),
         (lambda: PastedAttentionMonitor(every_n_steps=0), "`every_n_steps` to be a positive int"),
-        (lambda: PastedAttentionMonitor(reduction="sum"), "`reduction` to be one of"),
-        (lambda: PastedAttentionMonitor(grid_size=0), "`grid_size` to be positive"),
-        (lambda: PastedAttentionMonitor(attention_input_size=0), "`attention_input_size` to be a positive int"),
-        (lambda: PastedAttentionMonitor(input_std=(1.0,)), "`input_mean` and `input_std` to be given together"),
+        (lambda: PastedAttentionMonitor(teacher=Teacher(reduction="sum")), "`reduction` to be one of"),
+        (lambda: PastedAttentionMonitor(teacher=Teacher(input_std=(1.0,))), "`input_mean` and `input_std` to be given together"),
     ],
 )
 def test_callbacks_reject_bad_arguments(make: Any, match: str):
@@ -343,12 +341,27 @@ def test_callbacks_reject_bad_arguments(make: Any, match: str):
         make()
 
 
-def test_monitor_rejects_a_module_that_is_not_a_module_and_a_plain_module_without_layer():
-    with pytest.raises(TypeError, match="`attention_model` to be an nn.Module"):
-        PastedAttentionMonitor(attention_model="resnet")  # type: ignore[arg-type]
-    plain = nn.Sequential(nn.Conv2d(3, 2, 4, stride=4))
-    with pytest.raises(MisconfigurationException, match="`attention_layer` must name the layer"):
-        fit([CutMix(seed=0), PastedAttentionMonitor(attention_model=plain)])
+def test_monitor_rejects_a_teacher_that_is_not_a_teacher():
+    with pytest.raises(TypeError, match="`teacher` to be a str or a Teacher, but got Sequential"):
+        PastedAttentionMonitor(teacher=nn.Sequential())  # type: ignore[arg-type]
+
+
+def test_monitor_builds_its_teacher_with_the_datamodule_normalisation():
+    class Data(L.LightningDataModule):
+        mean, std = (0.5,), (0.25,)
+
+        def train_dataloader(self) -> DataLoader:
+            return loader()
+
+    class Peek(L.Callback):
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.stats = [monitor._model.input_mean.flatten().tolist(), monitor._model.input_std.flatten().tolist()]
+
+    monitor, peek = PastedAttentionMonitor(teacher=Teacher(module=tiny_attention())), Peek()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, callbacks=[CutMix(seed=0), monitor, peek], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Classifier(), datamodule=Data())
+    assert peek.stats == [[0.5], [0.25]]
 
 
 # --------------------------------------------------------------------------- pasted_attention diagnostic
@@ -376,7 +389,7 @@ def test_cutmix_logs_pasted_attention_only_with_the_monitor():
     calls: list[int] = []
     teacher = tiny_attention()
     teacher.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
-    monitor = PastedAttentionMonitor(attention_model=teacher, input_mean=(0.0,), input_std=(1.0,), every_n_steps=2)
+    monitor = PastedAttentionMonitor(teacher=Teacher(module=teacher, input_mean=(0.0,), input_std=(1.0,)), every_n_steps=2)
     trainer = fit([mixer, monitor])
     share = float(trainer.callback_metrics["mix/pasted_attention"])
     assert 0.0 <= share <= 1.0
@@ -386,7 +399,7 @@ def test_cutmix_logs_pasted_attention_only_with_the_monitor():
 def test_monitor_share_matches_the_functional_on_the_unmixed_partners():
     mixer = CutMix(seed=0)
     teacher = tiny_attention()
-    monitor = PastedAttentionMonitor(attention_model=teacher, input_mean=(0.0,), input_std=(1.0,))
+    monitor = PastedAttentionMonitor(teacher=Teacher(module=teacher, input_mean=(0.0,), input_std=(1.0,)))
     trainer = fit([mixer, monitor], limit_train_batches=1)
     result = mixer.last_mix
     assert result is not None and result.source is not None and result.mask is not None
@@ -402,7 +415,7 @@ def test_monitor_lends_heatmaps_to_the_visualizer_in_any_order(tmp_path):
         calls: list[int] = []
         teacher = tiny_attention()
         teacher.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
-        monitor = PastedAttentionMonitor(attention_model=teacher, input_mean=(0.0,), input_std=(1.0,))
+        monitor = PastedAttentionMonitor(teacher=Teacher(module=teacher, input_mean=(0.0,), input_std=(1.0,)))
         visualizer = MixVisualizer(every_n_steps=1, max_samples=2)
         extra = [visualizer, monitor] if order == 0 else [monitor, visualizer]
         trainer = fit([mixer, *extra], root=str(tmp_path / str(order)))
@@ -413,4 +426,4 @@ def test_monitor_lends_heatmaps_to_the_visualizer_in_any_order(tmp_path):
 
 def test_monitor_warns_when_the_mixing_callbacks_measure_themselves():
     with pytest.warns(UserWarning, match="nothing to measure"):
-        fit([acm(), PastedAttentionMonitor(attention_model=tiny_attention())])
+        fit([acm(), PastedAttentionMonitor(teacher=Teacher(module=tiny_attention()))])
