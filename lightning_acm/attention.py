@@ -931,14 +931,23 @@ class Teacher:
         *,
         input_mean: Optional[Sequence[float]] = None,
         input_std: Optional[Sequence[float]] = None,
+        owner: str = "Teacher",
     ) -> AttentionModel:
-        """The frozen teacher (eval mode, no gradients) on ``device``.
+        """The frozen teacher (eval mode, no gradients) on ``device``; ``self.module`` is left untouched.
 
         ``input_mean``/``input_std`` (e.g. the datamodule's) apply when the teacher has none of its
-        own; images in ``[0, 1]`` are assumed when neither gives them.
+        own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them.
         """
         mean = self.input_mean if self.input_mean is not None else input_mean
         std = self.input_std if self.input_std is not None else input_std
+        if (mean is None or std is None) and not isinstance(self.module, AttentionModel):
+            rank_zero_warn(
+                f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and no"
+                " `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are scaled"
+                " by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are normalised, or"
+                " the teacher sees wrongly scaled images."
+            )
+            mean, std = None, None
         if isinstance(self.module, AttentionModel):
             model = copy.deepcopy(self.module)
             if mean is not None and std is not None:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from PIL import Image
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import attention_model_from_module
+from lightning_acm.attention import Teacher, attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixResult, MixUp
 from lightning_acm.loss import SoftTargetLossMixin
 from lightning_acm.visualize import MixVisualizer, PastedAttentionMonitor, render_mix, render_mix_grid
@@ -73,7 +73,7 @@ def fit(callbacks: list[Any], logger: Any = False, root: Optional[str] = None, *
 
 
 def acm(**kwargs: Any) -> AttentiveCutMix:
-    return AttentiveCutMix(attention_model=tiny_attention(), input_mean=(0.0,), input_std=(1.0,), seed=0, **kwargs)
+    return AttentiveCutMix(teacher=Teacher(module=tiny_attention(), input_mean=(0.0,), input_std=(1.0,)), seed=0, **kwargs)
 
 
 def one_cell_batch(cells: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
