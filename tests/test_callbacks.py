@@ -578,3 +578,37 @@ def test_class_indices_of_shape_b_1_are_mixed_as_indices_through_a_callback():
         fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, nn.functional.one_hot(labels.squeeze(1), NUM_CLASSES)), batch_size=8))
     with pytest.raises(ValueError, match=r"soft `targets` to be probabilities \(non-negative rows that sum to 1\)"):
         fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, torch.full((8, NUM_CLASSES), 0.5)), batch_size=8))
+
+
+def test_attentive_cutmix_takes_twelve_arguments():
+    import inspect
+
+    names = list(inspect.signature(AttentiveCutMix.__init__).parameters)[1:]
+    assert names == ["top_k", "teacher", "heatmap_cache", "p", "num_classes", "seed", "label_smoothing",
+                     "stop_after_step", "stop_after_epoch", "image_key", "target_key", "log_prefix"]  # fmt: skip
+
+
+def test_teacher_as_a_string_or_a_nested_teacher():
+    from lightning_acm.cache import HeatmapCacheConfig
+
+    assert AttentiveCutMix(teacher="paper").teacher == Teacher(source="paper")
+    nested = AttentiveCutMix(teacher=Teacher("resnet50", layer="layer3", input_size=112, grid_size=(2, 3)), top_k=6)
+    assert nested.grid_size == (2, 3) and nested.teacher.layer == "layer3"
+    assert AttentiveCutMix(heatmap_cache=True).heatmap_cache == HeatmapCacheConfig()
+    assert AttentiveCutMix().heatmap_cache is None
+    with pytest.raises(TypeError, match=r"`teacher` to be a str or a Teacher, but got Sequential"):
+        AttentiveCutMix(teacher=tiny_teacher())
+    with pytest.raises(TypeError, match=r"`heatmap_cache` to be a bool or a HeatmapCacheConfig, but got 'yes'"):
+        AttentiveCutMix(heatmap_cache="yes")
+    # the teacher's and the cache's settings are part of the state key
+    assert AttentiveCutMix(teacher="paper").state_key != AttentiveCutMix(teacher="resnet50").state_key
+    assert AttentiveCutMix(heatmap_cache=True).state_key != AttentiveCutMix(heatmap_cache=HeatmapCacheConfig(path="x")).state_key
+
+
+def test_a_teacher_module_is_left_untouched():
+    module = tiny_teacher().train()
+    callback = AttentiveCutMix(teacher=Teacher(module=module, layer="1", input_size=SIZE, input_mean=(0.0,),
+                                               input_std=(1.0,)), num_classes=NUM_CLASSES, seed=0)  # fmt: skip
+    fit(callback)
+    assert module.training and all(p.requires_grad for p in module.parameters())
+    assert callback.attention_model.backbone is not module and not callback.attention_model.training
