@@ -709,8 +709,9 @@ class AttentiveCutMix(MixingCallback):
         size = getattr(self._attention, "input_size", None)
         if input_size is None and size is None:
             size = tuple(trainer.datamodule.train_reference_dataset()[0][0].shape[-2:])  # type: ignore[attr-defined]
+        scales = zip(self.cache_grid_size, self.grid_size, strict=True)
         sizes = (input_size, input_size) if input_size is not None else tuple(
-            round(side * fine / coarse) for side, fine, coarse in zip(size, self.cache_grid_size, self.grid_size)
+            round(side * fine / coarse) for side, (fine, coarse) in zip(size, scales, strict=True)
         )  # fmt: skip
         self._cache = cache_for_trainer(
             trainer,

@@ -591,8 +591,8 @@ class MixVisualizer(_EveryNSteps):
         if mean is not None:
             return mean, std
         for mixer in self._mixers:
-            if isinstance(mixer, AttentiveCutMix) and mixer.input_mean is not None:
-                return mixer.input_mean, mixer.input_std
+            if isinstance(mixer, AttentiveCutMix) and mixer.teacher.input_mean is not None:
+                return mixer.teacher.input_mean, mixer.teacher.input_std
         return None, None
 
     @staticmethod

@@ -347,7 +347,7 @@ def test_monitor_rejects_a_module_that_is_not_a_module_and_a_plain_module_withou
     with pytest.raises(TypeError, match="`attention_model` to be an nn.Module"):
         PastedAttentionMonitor(attention_model="resnet")  # type: ignore[arg-type]
     plain = nn.Sequential(nn.Conv2d(3, 2, 4, stride=4))
-    with pytest.raises(MisconfigurationException, match="`attention_layer` must name the layer"):
+    with pytest.raises(ValueError, match="Expected `layer` with a plain `module`: name the layer"):
         fit([CutMix(seed=0), PastedAttentionMonitor(attention_model=plain)])
 
 
