@@ -44,6 +44,7 @@ from _common import (  # noqa: E402
     synchronize,
 )
 
+from lightning_acm.attention import Teacher  # noqa: E402
 from lightning_acm.callbacks import AttentiveCutMix  # noqa: E402
 
 
@@ -110,8 +111,8 @@ def reference_port(datamodule: RandomDataModule, teacher: nn.Module, args: Any, 
 
 def ours(datamodule: RandomDataModule, teacher: nn.Module, cached: bool, args: Any,
          device: torch.device) -> tuple[float, float]:
-    callback = AttentiveCutMix(attention_model=teacher, top_k=args.top_k, num_classes=10, seed=args.seed,
-                               heatmap_cache=cached)
+    callback = AttentiveCutMix(teacher=Teacher(module=teacher), heatmap_cache=cached, top_k=args.top_k, num_classes=10,
+                               seed=args.seed)
     timer, fill = ThroughputTimer(args.warmup, device), FillTimer()
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1,

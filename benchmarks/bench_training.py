@@ -48,6 +48,8 @@ from _common import (  # noqa: E402
     synchronize,
 )
 
+from lightning_acm.attention import Teacher  # noqa: E402
+from lightning_acm.cache import HeatmapCacheConfig  # noqa: E402
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixUp  # noqa: E402
 from lightning_acm.model import ImageClassifier  # noqa: E402
 
@@ -156,8 +158,9 @@ def main() -> None:
     )
 
     def acm(cached: bool) -> AttentiveCutMix:
-        return AttentiveCutMix(attention_model=teacher, top_k=args.top_k, num_classes=10, seed=args.seed,
-                               heatmap_cache=cached, cache_grid_size=args.cache_grid)
+        cache = HeatmapCacheConfig(grid_size=args.cache_grid) if cached else False
+        return AttentiveCutMix(teacher=Teacher(module=teacher), heatmap_cache=cache, top_k=args.top_k, num_classes=10,
+                               seed=args.seed)
 
     variants = {
         "baseline": ("no mixing", lambda: None),

@@ -201,8 +201,7 @@ def run_command(
         cache = cache_file(Path(args.out), method.name)
         command += [
             "--data.init_args.record_augmentation", "true",
-            "--mixing.init_args.heatmap_cache", "true",
-            "--mixing.init_args.cache_path", str(cache),
+            "--mixing.init_args.heatmap_cache", json.dumps({"path": str(cache)}),
         ]  # fmt: skip
     return command + list(overrides)
 

@@ -1,30 +1,15 @@
-"""The frozen attention model of Attentive CutMix: from a preset name, a weights file or a module.
+"""The frozen attention model ("teacher") of Attentive CutMix: from a preset name, a weights file or a module.
 
-Attentive CutMix (Walawalkar et al., 2020) asks a frozen, pretrained classifier where it looks:
-the last convolutional feature map of ``x_A`` is averaged over its channels into a ``7x7`` grid
-and the ``top_k`` hottest cells are pasted onto ``x_B``. :class:`AttentionModel` wraps any
-backbone for that: it takes the student's batch as it arrives (normalised for the student),
-undoes the student's normalisation, resizes to the teacher's input size, applies the teacher's
-normalisation, runs the backbone *only up to* the tapped layer and returns ``(B, gh, gw)``
-float32 heatmaps (see :func:`lightning_acm.functional.attention_grid`).
-
-Three ways to get one:
-
-* :func:`build_attention_model` from a preset (:data:`PRESETS`, e.g. ``"efficientnet_lite0"``,
-  the default that needs no network, or ``"paper"`` = ResNet-152), from any torchvision
-  classification model name, or from a local weights file (a state_dict or a Lightning
-  checkpoint of your own classifier);
-* :func:`attention_model_from_module` for any ``nn.Module`` built in Python;
-* :class:`AttentionModel` directly.
-
-Speed: the paper taps a stride-32 layer at 224 px. A stride-16 layer at half the resolution
-gives the same 7x7 grid for about a quarter of the compute, e.g.
-``build_attention_model("resnet50", layer="layer3", input_size=112)``.
+:class:`AttentionModel` wraps a backbone: it undoes the student's normalisation of the batch,
+resizes it to the teacher's input size, applies the teacher's normalisation, runs the backbone up
+to the tapped layer only, and returns ``(B, gh, gw)`` float32 heatmaps (the channel mean of the
+feature map on a grid, :func:`lightning_acm.functional.attention_grid`). Build one with
+:class:`Teacher` (the settings the callbacks take), :func:`build_attention_model` (a preset, a
+torchvision name or a weights file) or :func:`attention_model_from_module`.
 
 Example::
 
     >>> import torch, torchvision
-    >>> from lightning_acm.attention import attention_model_from_module
     >>> teacher = attention_model_from_module(torchvision.models.resnet18(), "layer3", input_size=112)
     >>> teacher(torch.rand(2, 3, 32, 32)).shape
     torch.Size([2, 7, 7])
@@ -47,8 +32,8 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_acm.functional import Size2, _check_images, _pair, attention_grid
-from lightning_acm.validation import check_bool, check_choice, check_int, check_size2
+from lightning_acm.functional import attention_grid
+from lightning_acm.validation import Size2, check_bool, check_choice, check_images, check_int, check_size2
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -73,43 +58,29 @@ class _StopForward(Exception):
     """Raised by the tap hook so that the backbone does not run past the tapped layer."""
 
 
-# --------------------------------------------------------------------------- the model
-
-
 class AttentionModel(nn.Module):
-    """A frozen backbone tapped at ``layer``, mapping the student's batch to ``(B, gh, gw)`` heatmaps.
+    """A frozen backbone tapped at ``layer``, mapping the student's ``(B, C, H, W)`` batch to ``(B, gh, gw)`` heatmaps.
 
-    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)`` (the two
-    affine maps are fused and applied on the smaller side of the bilinear resize, which commutes
-    with them). An integer batch (e.g. ``uint8``) is first scaled to ``[0, 1]`` by the maximum of
-    its dtype (1/255 for ``uint8``, as torchvision's ``ToDtype(torch.float32, scale=True)``), so
-    ``input_mean`` and ``input_std`` describe the scaled values. The backbone runs under
-    ``torch.no_grad()`` up to ``layer`` only: a forward hook captures the layer's output and stops
-    the forward there. The model is always in eval mode
-    (``train()`` is a no-op, so BatchNorm uses its running statistics) and its parameters do
-    not require grad.
+    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)``; an
+    integer batch (e.g. ``uint8``) is first scaled to ``[0, 1]`` by its dtype's maximum. The
+    backbone runs under ``torch.no_grad()`` up to ``layer`` only. The model stays in eval mode
+    (``train()`` is a no-op) and its parameters do not require grad.
 
     Args:
-        backbone: the teacher network, expecting ``(B, channels, H, W)`` input.
-        layer: the submodule whose output is tapped (a name of ``backbone.named_modules()``, e.g.
-            ``"layer4"``), or the name of a method of ``backbone`` that returns the feature map
-            (e.g. EfficientNet-Lite's ``"extract_features"``). The output must be ``(B, C, h, w)``.
-            A module called several times in one forward is tapped at its first call.
-        input_mean: per-channel mean the incoming batch was normalised with (1 value or ``channels``);
-            the default ``(0.0,)`` with ``input_std=(1.0,)`` means images in ``[0, 1]``.
-        input_std: per-channel std the incoming batch was normalised with (all > 0).
-        teacher_mean: the normalisation the teacher was trained with (``channels`` values or 1).
+        backbone: the teacher network.
+        layer: a submodule name (``"layer4"``) or a method of ``backbone`` returning the feature map
+            (``"extract_features"``); its output must be ``(B, C, h, w)``.
+        input_mean: per-channel mean the incoming batch carries (1 or ``channels`` values).
+        input_std: per-channel std the incoming batch carries (all > 0).
+        teacher_mean: the normalisation the teacher was trained with.
         teacher_std: as ``teacher_mean``.
         input_size: teacher input size ``H`` or ``(H, W)``; ``None`` keeps the batch's size.
         grid_size: heatmap cells per side (int or ``(gh, gw)``), not finer than the tapped map.
         reduction: ``"mean"`` (the paper) or ``"max"`` over the channels.
-        channels: input channels the teacher takes. A 1-channel batch is repeated to
-            ``channels`` (with a one-time warning); any other mismatch is an error.
-        amp_dtype: run the backbone under ``torch.autocast`` with this dtype (``"bf16"``,
-            ``"fp16"``, ``torch.bfloat16``, ``torch.float16``), or in full precision (``None``).
+        channels: input channels the teacher takes; a 1-channel batch is repeated (with a warning).
+        amp_dtype: autocast dtype of the backbone (``"bf16"``, ``"fp16"`` or that ``torch.dtype``), or ``None``.
         channels_last: keep the backbone and its input in ``torch.channels_last`` memory format.
-        relu: apply a ReLU to the tapped features (for layers that end before the activation
-            the classifier applies, e.g. DenseNet's ``features`` that end with ``norm5``).
+        relu: apply a ReLU to the tapped features (DenseNet's ``features`` end before theirs).
 
     Raises:
         ValueError: for an unknown ``layer`` (close names are suggested), bad normalisation values
@@ -151,16 +122,12 @@ class AttentionModel(nn.Module):
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"Expected `channels` to be a positive int, but got {channels!r}.")
-        if reduction not in ("mean", "max"):
-            raise ValueError(f"Expected `reduction` to be one of 'mean', 'max', but got {reduction!r}.")
+        self.channels = check_int(channels, "channels", minimum=1)
+        self.reduction: Literal["mean", "max"] = check_choice(reduction, "reduction", ("mean", "max"))
         self.layer = layer
         self._is_method = _resolve_layer(backbone, layer)
-        self.channels = channels
-        self.input_size: Optional[tuple[int, int]] = None if input_size is None else _pair(input_size, "input_size")
-        self.grid_size = _pair(grid_size, "grid_size")
-        self.reduction: Literal["mean", "max"] = reduction
+        self.input_size: Optional[tuple[int, int]] = check_size2(input_size, "input_size", optional=True)
+        self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
         self.amp_dtype = _resolve_amp_dtype(amp_dtype)
         self.channels_last = False
         self.relu = bool(relu)
@@ -198,17 +165,12 @@ class AttentionModel(nn.Module):
     def compile_features(self, **compile_kwargs: Any) -> None:
         """Run the backbone up to ``layer`` through ``torch.compile`` from now on.
 
-        What is compiled is the backbone *truncated* at ``layer`` (a ``torch.fx`` graph that ends
-        there, from torchvision's ``create_feature_extractor``; or the method that ``layer``
-        names), not the hooked full forward, which would break the graph where the hook stops it.
-        The truncated graph shares the backbone's parameters and buffers, so device moves and the
-        ``state_dict`` are unchanged. ``compile_kwargs`` go to ``torch.compile`` (``mode``,
-        ``backend``, ``dynamic``, ...). The first batch (and a first batch of a new size) pays
-        the compilation.
+        What is compiled is the backbone truncated at ``layer`` (torchvision's
+        ``create_feature_extractor``, or the method ``layer`` names), sharing the backbone's
+        parameters. ``compile_kwargs`` go to ``torch.compile``.
 
         Raises:
-            ValueError: if ``torch.fx`` cannot trace the backbone up to ``layer`` (data-dependent
-                control flow); use the teacher uncompiled, or tap a method that returns the features.
+            ValueError: if ``torch.fx`` cannot trace the backbone up to ``layer``.
 
         Example::
 
@@ -256,7 +218,7 @@ class AttentionModel(nn.Module):
         return self.__dict__.get("_compiled_features") is not None
 
     def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Set the normalisation the incoming batches carry (e.g. from a datamodule, after construction).
+        """Set the normalisation the incoming batches carry.
 
         Raises:
             ValueError: if the lengths are not 1 or ``channels``, or a std is not > 0.
@@ -299,7 +261,7 @@ class AttentionModel(nn.Module):
 
     def teacher_input(self, images: Tensor) -> Tensor:
         """The batch as the teacher sees it: scaled to [0, 1] if integer, renormalised, channel-matched, resized (float32)."""
-        _check_images(images)
+        check_images(images)
         in_channels = images.shape[1]
         if in_channels != self.channels and not (in_channels == 1 and self.channels > 1):
             raise ValueError(
@@ -499,37 +461,30 @@ def build_attention_model(
     """Build a frozen, pretrained :class:`AttentionModel` from a name and optional weights.
 
     Args:
-        source: a preset of :data:`PRESETS` (``"efficientnet_lite0"``, the offline default; ``"paper"``
-            = ResNet-152 ``layer4``; ``resnet18``..``resnet152``; ``densenet121/169/201``;
-            ``efficientnet_b0/b1/b6/b7``) or any torchvision classification model name (then
-            ``layer`` is required). With a local ``weights`` file it names the architecture.
-        weights: ``None`` or ``"DEFAULT"`` for the preset's (or torchvision's default) ImageNet
-            weights, a torchvision weights member such as ``"IMAGENET1K_V2"``, or the path of a local
-            file: a state_dict, or a checkpoint whose ``"state_dict"`` (Lightning) or ``"model"``
-            entry holds the weights under a prefix such as ``"model."``. Torchvision weights come
-            from torch hub's cache (``torch.hub.get_dir()/checkpoints``), downloaded if missing.
-        weights_prefix: the key prefix of the backbone in a checkpoint (e.g. ``"model."``); found
-            automatically when ``None`` (the prefix under which most model keys appear).
+        source: a preset of :data:`PRESETS` or any torchvision classification model name (then
+            ``layer`` is required); with a local ``weights`` file it names the architecture.
+        weights: ``None``/``"DEFAULT"`` for the preset's (or torchvision's default) weights, a
+            torchvision weights member (``"IMAGENET1K_V2"``), or the path of a state_dict or a
+            checkpoint (its ``"state_dict"`` or ``"model"`` entry, under a prefix such as ``"model."``).
+        weights_prefix: the backbone's key prefix in a checkpoint; the most common one when ``None``.
         layer: the layer or method to tap; the preset's when ``None``.
         input_mean: normalisation of the incoming batch (see :class:`AttentionModel`).
         input_std: as ``input_mean``.
         teacher_mean: the teacher's normalisation; the preset's or the weights' when ``None``.
-            Give it for a teacher trained on your own data with another normalisation.
         teacher_std: as ``teacher_mean``.
         input_size: teacher input size; the preset's (224) or the weights' crop size when ``None``.
-            A stride-16 layer at half the size is a cheaper 7x7 teacher (``layer="layer3"``, 112).
         grid_size: heatmap cells per side.
         reduction: ``"mean"`` or ``"max"`` over channels.
         amp_dtype: autocast dtype for the backbone (``"bf16"``, ``"fp16"``) or ``None``.
         channels_last: channels-last memory format for the backbone.
-        device: where to put the model (built on the CPU first).
+        device: where to put the model.
 
     Raises:
         ValueError: for an unknown source or layer (close names are suggested), a missing
             ``layer`` for a non-preset model, a corrupt weights file or keys that do not fit.
         FileNotFoundError: if a local weights file does not exist.
-        RuntimeError: if torchvision weights are neither cached nor downloadable; the message names
-            the file and where to put it.
+        RuntimeError: if torchvision weights are neither cached nor downloadable (the message says
+            where to put the file).
 
     Example::
 
@@ -560,6 +515,34 @@ def build_attention_model(
     defaults = _arch_defaults(arch, preset)
     size = input_size if input_size is not None else defaults["input_size"]
     weights_key = weights if weights is not None else (preset.weights if preset is not None else "DEFAULT")
+    backbone, tv_weights = _load_backbone(arch, layer, size, weights_key, weights_prefix)
+    mean, std = defaults["teacher_mean"], defaults["teacher_std"]
+    if preset is None and tv_weights is not None:
+        mean, std = _transform_stats(tv_weights, mean, std)
+    model = AttentionModel(
+        backbone,
+        layer,
+        input_mean=input_mean,
+        input_std=input_std,
+        teacher_mean=teacher_mean if teacher_mean is not None else mean,
+        teacher_std=teacher_std if teacher_std is not None else std,
+        input_size=size,
+        grid_size=grid_size,
+        reduction=reduction,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        relu=preset.relu if preset is not None and layer == preset.layer else False,
+    )
+    return model.to(device) if device is not None else model
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load_backbone(
+    arch: str, layer: str, size: Size2, weights_key: str, weights_prefix: Optional[str]
+) -> tuple[nn.Module, Any]:
+    """The backbone of ``arch`` with its weights, and the torchvision weights enum member used (or ``None``)."""
     tv_weights = None
     if arch == _LITE0:
         backbone = _efficientnet_lite0(size)
@@ -585,27 +568,7 @@ def build_attention_model(
                 f" {weights_key!r}."
             )
 
-    mean, std = defaults["teacher_mean"], defaults["teacher_std"]
-    if preset is None and tv_weights is not None:
-        mean, std = _transform_stats(tv_weights, mean, std)
-    model = AttentionModel(
-        backbone,
-        layer,
-        input_mean=input_mean,
-        input_std=input_std,
-        teacher_mean=teacher_mean if teacher_mean is not None else mean,
-        teacher_std=teacher_std if teacher_std is not None else std,
-        input_size=size,
-        grid_size=grid_size,
-        reduction=reduction,
-        amp_dtype=amp_dtype,
-        channels_last=channels_last,
-        relu=preset.relu if preset is not None and layer == preset.layer else False,
-    )
-    return model.to(device) if device is not None else model
-
-
-# --------------------------------------------------------------------------- helpers
+    return backbone, tv_weights
 
 
 def _stats(values: Sequence[float], name: str, channels: int, positive: bool = False) -> Tensor:
@@ -622,12 +585,8 @@ def _stats(values: Sequence[float], name: str, channels: int, positive: bool = F
 
 
 def _resolve_amp_dtype(amp_dtype: AmpDtype) -> Optional[torch.dtype]:
-    aliases: dict[Any, Optional[torch.dtype]] = {
-        None: None, "32": None, "fp32": None, "32-true": None,
-        "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "bfloat16": torch.bfloat16,
-        "fp16": torch.float16, "16": torch.float16, "16-mixed": torch.float16, "float16": torch.float16,
-        torch.bfloat16: torch.bfloat16, torch.float16: torch.float16,
-    }  # fmt: skip
+    aliases = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16,
+               torch.float16: torch.float16}  # fmt: skip
     if amp_dtype not in aliases:
         raise ValueError(
             f"Expected `amp_dtype` to be None, 'bf16' or 'fp16' (or that torch.dtype), but got {amp_dtype!r}."
@@ -718,7 +677,7 @@ def _efficientnet_lite0(input_size: Size2) -> nn.Module:
     except ImportError:
         _lite0_file()
         raise
-    height, width = _pair(input_size, "input_size")
+    height, width = check_size2(input_size, "input_size")
     # Its "same" padding is static, computed for `image_size`: build it for the size it will see.
     return EfficientNet.from_name("efficientnet-lite0", image_size=height if height == width else [height, width])
 
@@ -849,31 +808,26 @@ def _load_into(model: nn.Module, state: Mapping[str, Tensor], prefix: Optional[s
 class Teacher:
     """Settings of a frozen attention model ("teacher"): where it comes from and how it runs.
 
-    One object that :class:`~lightning_acm.callbacks.AttentiveCutMix`,
-    :class:`~lightning_acm.visualize.PastedAttentionMonitor` and the heatmap cache share. In YAML
-    a string is enough (``teacher: paper``) or the nested form (``teacher: {source: resnet50,
-    layer: layer3, input_size: 112}``).
+    Shared by :class:`~lightning_acm.callbacks.AttentiveCutMix`, the monitor and the heatmap cache.
+    In YAML a string is enough (``teacher: paper``), or the nested form (``teacher: {source:
+    resnet50, layer: layer3, input_size: 112}``).
 
     Args:
         source: a preset of :data:`PRESETS` (``"efficientnet_lite0"``, the offline default;
-            ``"paper"`` = ResNet-152 ``layer4``), any torchvision classifier name (with ``layer``),
+            ``"paper"`` = ResNet-152 ``layer4``), a torchvision classifier name (with ``layer``),
             or the architecture of a local ``weights`` file.
-        weights: a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V2"``) or the path of a
-            local state_dict or checkpoint; the preset's when ``None``.
+        weights: a torchvision weights name or the path of a local state_dict or checkpoint.
         layer: the layer (or method) to tap; the preset's when ``None``.
         input_size: the teacher's input size; the preset's (224) when ``None``.
         grid_size: heatmap cells per side (int or ``(gh, gw)``).
-        reduction: channel reduction of the tapped features, ``"mean"`` (the paper) or ``"max"``.
+        reduction: channel reduction, ``"mean"`` (the paper) or ``"max"``.
         precision: run the teacher under autocast (``"bf16"``, ``"fp16"``) or in fp32 (``None``).
         channels_last: run the teacher in ``torch.channels_last`` memory format.
-        compile: run the teacher up to its layer through ``torch.compile`` (``True`` or a dict of
-            ``torch.compile`` arguments).
-        input_mean: the normalisation the training images carry, undone before the teacher's own;
-            ``trainer.datamodule.mean`` when ``None``.
+        compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
+        input_mean: the normalisation the training images carry; the datamodule's when ``None``.
         input_std: as ``input_mean``.
-        module: (Python only) a ready module instead of ``source``: an :class:`AttentionModel` is
-            used as it is, any other module is tapped at ``layer``. It is never changed: the
-            teacher is a frozen copy taken when built.
+        module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any
+            other is tapped at ``layer``. It is never changed: :meth:`build` copies it.
 
     Example::
 
@@ -931,14 +885,23 @@ class Teacher:
         *,
         input_mean: Optional[Sequence[float]] = None,
         input_std: Optional[Sequence[float]] = None,
+        owner: str = "Teacher",
     ) -> AttentionModel:
-        """The frozen teacher (eval mode, no gradients) on ``device``.
+        """The frozen teacher (eval mode, no gradients) on ``device``; ``self.module`` is left untouched.
 
         ``input_mean``/``input_std`` (e.g. the datamodule's) apply when the teacher has none of its
-        own; images in ``[0, 1]`` are assumed when neither gives them.
+        own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them.
         """
         mean = self.input_mean if self.input_mean is not None else input_mean
         std = self.input_std if self.input_std is not None else input_std
+        if (mean is None or std is None) and not isinstance(self.module, AttentionModel):
+            rank_zero_warn(
+                f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and no"
+                " `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are scaled"
+                " by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are normalised, or"
+                " the teacher sees wrongly scaled images."
+            )
+            mean, std = None, None
         if isinstance(self.module, AttentionModel):
             model = copy.deepcopy(self.module)
             if mean is not None and std is not None:

@@ -270,7 +270,9 @@ class PastedAttentionMonitor(_EveryNSteps):
                            " or use it with CutMix.")
         elif self._model is None:
             mean, std = _datamodule_normalization(trainer)
-            self._model = self.teacher.build(trainer.strategy.root_device, input_mean=mean, input_std=std)
+            self._model = self.teacher.build(
+                trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__
+            )
 
     @torch.no_grad()
     def partner_heatmaps(self, result: MixResult) -> Optional[Tensor]:

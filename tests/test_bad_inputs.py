@@ -91,7 +91,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import AttentionModel, attention_model_from_module
+from lightning_acm.attention import AttentionModel, Teacher, attention_model_from_module
+from lightning_acm.cache import HeatmapCacheConfig
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 from lightning_acm.loss import soft_target_cross_entropy
 
@@ -151,12 +152,12 @@ def fit(callback: MixingCallback, loader: DataLoader, model: Optional[Net] = Non
 
 def test_top_k_for_a_non_square_grid():
     with pytest.raises(ValueError, match=r"Expected `top_k` to be in \[1, 6\] for a 2x3 grid, but got 7\."):
-        AttentiveCutMix(grid_size=(2, 3), top_k=7)
+        AttentiveCutMix(teacher=Teacher(grid_size=(2, 3)), top_k=7)
 
 
 def test_cache_grid_coarser_than_the_grid():
-    with pytest.raises(ValueError, match=r"`cache_grid_size` to be at least `grid_size` 7x7, but got 4x4"):
-        AttentiveCutMix(cache_grid_size=4)
+    with pytest.raises(ValueError, match=r"`heatmap_cache.grid_size` to be at least the teacher's `grid_size` 7x7, but got 4\."):
+        AttentiveCutMix(heatmap_cache=HeatmapCacheConfig(grid_size=4))
 
 
 # --------------------------------------------------------------------------- the batch
@@ -230,28 +231,25 @@ def test_uint8_images_into_mixup():
 
 
 def test_grid_finer_than_the_teachers_map_through_the_callback():
-    callback = AttentiveCutMix(
-        attention_model=conv(), attention_layer="1", attention_input_size=SIZE, grid_size=14, top_k=6,
-        input_mean=(0.0,), input_std=(1.0,), seed=0,
-    )
+    callback = AttentiveCutMix(teacher=Teacher(module=conv(), layer="1", input_size=SIZE, grid_size=14, input_mean=(0.0,), input_std=(1.0,)), top_k=6, seed=0)
     with pytest.raises(ValueError, match=r"`grid_size` to be at most the feature map size 7x7 .*but got 14x14\. Use a coarser `grid_size`"):
         fit(callback, data())
 
 
 def test_grid_finer_than_the_teachers_map_given_a_ready_attention_model():
-    callback = AttentiveCutMix(attention_model=teacher(), grid_size=5, top_k=6, seed=0)
-    with pytest.raises(ValueError, match=r"returned a 7x7 grid but `grid_size` is 5x5\. Build the given `attention_model` with the same"):
+    callback = AttentiveCutMix(teacher=Teacher(module=teacher(), grid_size=5), top_k=6, seed=0)
+    with pytest.raises(ValueError, match=r"returned a 7x7 grid but `grid_size` is 5x5\. Build the given `module` with the same"):
         fit(callback, data())
 
 
 def test_two_channel_images_are_refused_by_an_rgb_teacher():
-    callback = AttentiveCutMix(attention_model=teacher(), seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=teacher()), seed=0)
     with pytest.raises(ValueError, match=r"3 channels \(the attention model's `channels`\), but got 2\. Convert the batch"):
         fit(callback, data(torch.rand(2 * BATCH, 2, SIZE, SIZE)))
 
 
 def test_grayscale_batch_with_an_rgb_teacher_warns_once_and_mixes():
-    callback = AttentiveCutMix(attention_model=teacher(), seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=teacher()), seed=0)
     gray = torch.rand(4 * BATCH, 1, SIZE, SIZE)
     with pytest.warns(UserWarning, match=r"1-channel images; they are repeated to the teacher's 3 channels") as record:
         _, model = fit(callback, data(gray))
@@ -264,17 +262,17 @@ def test_grayscale_batch_with_an_rgb_teacher_warns_once_and_mixes():
 
 def test_unknown_attention_name_through_the_callback():
     with pytest.raises(ValueError, match=r"but got 'resnet15'\. Did you mean .*'resnet152'"):
-        fit(AttentiveCutMix(attention="resnet15", seed=0, input_mean=(0.0,), input_std=(1.0,)), data())
+        fit(AttentiveCutMix(teacher=Teacher(source="resnet15", input_mean=(0.0,), input_std=(1.0,)), seed=0), data())
 
 
 def test_missing_or_corrupt_attention_weights_through_the_callback(tmp_path: Path):
     missing = tmp_path / "teacher.pth"
-    callback = AttentiveCutMix(attention="resnet18", attention_weights=str(missing), input_mean=(0.0,), input_std=(1.0,))
+    callback = AttentiveCutMix(teacher=Teacher(source="resnet18", weights=str(missing), input_mean=(0.0,), input_std=(1.0,)))
     with pytest.raises(FileNotFoundError, match=rf"`weights` to be an existing weights file, but '{missing}' does not exist"):
         fit(callback, data())
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
-    callback = AttentiveCutMix(attention="resnet18", attention_weights=str(corrupt), input_mean=(0.0,), input_std=(1.0,))
+    callback = AttentiveCutMix(teacher=Teacher(source="resnet18", weights=str(corrupt), input_mean=(0.0,), input_std=(1.0,)))
     with pytest.raises(ValueError, match=r"corrupt.pth' to be a file saved with torch.save"):
         fit(callback, data())
 
@@ -282,7 +280,7 @@ def test_missing_or_corrupt_attention_weights_through_the_callback(tmp_path: Pat
 @pytest.mark.parametrize("value", [0.0, math.nan], ids=["constant", "nan"])
 def test_constant_or_nan_teacher_pastes_the_first_cells_in_row_major_order(value):
     # A zero conv gives a constant (all-zero) heatmap, a NaN conv an all-NaN one: every cell ties.
-    callback = AttentiveCutMix(attention_model=teacher(value=value), top_k=6, seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=teacher(value=value)), top_k=6, seed=0)
     trainer, model = fit(callback, data())
     mix = callback.last_mix
     expected = torch.zeros(SIZE, SIZE, dtype=torch.bool)
@@ -301,7 +299,7 @@ def test_constant_or_nan_teacher_pastes_the_first_cells_in_row_major_order(value
 @pytest.mark.parametrize("method", ["attentive_cutmix", "cutmix"])
 def test_non_square_and_non_divisible_images_are_tiled_as_evenly_as_possible(method, size):
     images = torch.rand(2 * BATCH, 3, *size, generator=torch.Generator().manual_seed(0))
-    callback = AttentiveCutMix(attention_model=teacher(), seed=0) if method == "attentive_cutmix" else CutMix(seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=teacher()), seed=0) if method == "attentive_cutmix" else CutMix(seed=0)
     _, model = fit(callback, data(images))
     mix = callback.last_mix
     x = images[BATCH:]
@@ -316,7 +314,7 @@ def test_non_square_and_non_divisible_images_are_tiled_as_evenly_as_possible(met
 
 
 def test_images_smaller_than_the_grid():
-    callback = AttentiveCutMix(attention_model=teacher(), seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=teacher()), seed=0)
     with pytest.raises(ValueError, match=r"`image_size` to be at least the grid size 7x7, but got 6x6\. Use a coarser `grid_size`"):
         fit(callback, data(torch.rand(2 * BATCH, 3, 6, 6)))
 
@@ -329,15 +327,15 @@ class WrongCount(AttentionModel):
 
 
 def test_a_teacher_returning_the_wrong_number_of_heatmaps_is_named():
-    callback = AttentiveCutMix(attention_model=WrongCount(conv(), "1", input_size=SIZE), seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=WrongCount(conv(), "1", input_size=SIZE)), seed=0)
     with pytest.raises(ValueError, match=r"attention model WrongCount to return heatmaps of shape \(8, gh, gw\), one per"
                                          r" image of the batch, but got shape \(7, 7, 7\)\. Check its forward"):
         fit(callback, data())
 
 
 def test_attention_input_size_is_not_a_bool():
-    with pytest.raises(ValueError, match=r"`attention_input_size` to be None or a positive int, but got True\."):
-        AttentiveCutMix(attention_input_size=True)
+    with pytest.raises(ValueError, match=r"`input_size` to be None or a positive int, but got True\."):
+        AttentiveCutMix(teacher=Teacher(input_size=True))
 
 
 # --------------------------------------------------------------------------- numpy scalars
@@ -345,9 +343,8 @@ def test_attention_input_size_is_not_a_bool():
 
 def test_numpy_scalars_are_accepted_as_arguments():
     callback = AttentiveCutMix(
-        attention_model=teacher(), num_classes=np.int64(NUM_CLASSES), p=np.float32(1.0), top_k=np.int64(6),
-        grid_size=np.int64(7), label_smoothing=np.float32(0.1), seed=np.int64(0), stop_after_step=np.int64(5),
-        attention_input_size=np.int64(SIZE), cache_batch_size=np.int64(8),
+        teacher=Teacher(module=teacher(), grid_size=np.int64(7), input_size=np.int64(SIZE)), num_classes=np.int64(NUM_CLASSES),
+        p=np.float32(1.0), top_k=np.int64(6), label_smoothing=np.float32(0.1), seed=np.int64(0), stop_after_step=np.int64(5),
     )
     assert isinstance(callback.num_classes, int) and isinstance(callback.top_k, int) and callback.p == 1.0
     assert isinstance(CutMix(alpha=np.float32(0.5)).alpha, float)

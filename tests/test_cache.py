@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import attention_model_from_module
+from lightning_acm.attention import Teacher, attention_model_from_module
 from lightning_acm.cache import (
     HeatmapCache,
+    HeatmapCacheConfig,
     apply_geometry,
     batch_geometry,
     cache_fingerprint,
@@ -263,16 +264,15 @@ def fit(callback: AttentiveCutMix, datamodule: Any, epochs: int = 2, **kwargs: A
     return trainer, model
 
 
-def cached_callback(backbone: Counting, **kwargs: Any) -> AttentiveCutMix:
-    return AttentiveCutMix(
-        attention_model=backbone, attention_layer="act", attention_input_size=28, heatmap_cache=True, seed=0, **kwargs
-    )
+def cached_callback(backbone: Counting, **cache: Any) -> AttentiveCutMix:
+    teacher = Teacher(module=backbone, layer="act", input_size=28)
+    return AttentiveCutMix(teacher=teacher, heatmap_cache=HeatmapCacheConfig(**cache), seed=0)
 
 
 def test_teacher_runs_once_per_training_sample_and_training_step_sees_the_mix(tmp_path):
     datamodule = fashion_datamodule(str(tmp_path), record_augmentation=True)
     backbone = Counting()
-    callback = cached_callback(backbone, cache_grid_size=14)
+    callback = cached_callback(backbone, grid_size=14)
     trainer, model = fit(callback, datamodule)
 
     # the callback runs a frozen copy of the module it was given
@@ -307,15 +307,15 @@ def test_teacher_runs_once_per_training_sample_and_training_step_sees_the_mix(tm
 
 def test_cache_path_is_written_then_loaded(tmp_path):
     path = str(tmp_path / "heat.pt")
-    first = cached_callback(Counting(), cache_path=path)
+    first = cached_callback(Counting(), path=path)
     fit(first, fashion_datamodule(str(tmp_path), record_augmentation=True), epochs=1)
     assert first.attention_model.backbone.images_seen == 24 and os.path.isfile(path)
-    callback = cached_callback(Counting(), cache_path=path)
+    callback = cached_callback(Counting(), path=path)
     fit(callback, fashion_datamodule(str(tmp_path), record_augmentation=True), epochs=1)
     assert callback.attention_model.backbone.images_seen == 0 and callback.cache is not None
     assert callback.cache.grid_size == (7, 7)  # by default the teacher's own grid
     # another grid does not match the file: recomputed with a warning
-    third = cached_callback(Counting(), cache_path=path, cache_grid_size=14)
+    third = cached_callback(Counting(), path=path, grid_size=14)
     datamodule = fashion_datamodule(str(tmp_path), record_augmentation=True)
     with pytest.warns(UserWarning, match="recomputed and overwritten"):
         fit(third, datamodule, epochs=1)
@@ -328,13 +328,13 @@ def test_cache_path_recomputes_for_another_dataset_of_the_same_size(tmp_path, ca
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     first = fashion_datamodule(str(tmp_path / "a"), record_augmentation=True)
     second = fashion_datamodule(str(tmp_path / "b"), pixels_seed=1, record_augmentation=True)
-    fit(cached_callback(Counting(), cache_path=path), first, epochs=1)
-    same = cached_callback(Counting(), cache_path=path)
+    fit(cached_callback(Counting(), path=path), first, epochs=1)
+    same = cached_callback(Counting(), path=path)
     with caplog.at_level("INFO"):
         fit(same, first, epochs=1)
     assert same.attention_model.backbone.images_seen == 0
     assert f"loaded 40 cached heatmaps from {path!r}" in caplog.text
-    callback = cached_callback(Counting(), cache_path=path)
+    callback = cached_callback(Counting(), path=path)
     with pytest.warns(UserWarning, match=r"heat\.pt': its dataset_pixels differ; it is recomputed and overwritten"):
         fit(callback, second, epochs=1)
     assert callback.attention_model.backbone.images_seen == 24
@@ -344,11 +344,11 @@ def test_cache_path_recomputes_for_another_dataset_of_the_same_size(tmp_path, ca
 def test_cache_path_recomputes_for_a_retrained_teacher(tmp_path):
     path = str(tmp_path / "heat.pt")
     datamodule = fashion_datamodule(str(tmp_path), record_augmentation=True)
-    fit(cached_callback(Counting(), cache_path=path), datamodule, epochs=1)
+    fit(cached_callback(Counting(), path=path), datamodule, epochs=1)
     before = HeatmapCache.load(path)
     retrained = Counting()
     nn.init.constant_(retrained.conv.weight, 2.0 / 48)
-    callback = cached_callback(retrained, cache_path=path)
+    callback = cached_callback(retrained, path=path)
     with pytest.warns(UserWarning, match="its teacher_weights differ; it is recomputed and overwritten"):
         fit(callback, datamodule, epochs=1)
     assert callback.attention_model.backbone.images_seen == 24
@@ -384,12 +384,12 @@ def test_cache_fingerprint_fields():
 def test_damaged_cache_file_is_recomputed_with_a_warning(tmp_path, damage):
     path = tmp_path / "heat.pt"
     datamodule = fashion_datamodule(str(tmp_path), record_augmentation=True)
-    fit(cached_callback(Counting(), cache_path=str(path)), datamodule, epochs=1)
+    fit(cached_callback(Counting(), path=str(path)), datamodule, epochs=1)
     whole = path.read_bytes()
     path.write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"heat\.pt' to be a heatmap cache .* cannot be read .* Delete the file"):
         HeatmapCache.load(path)
-    callback = cached_callback(Counting(), cache_path=str(path))
+    callback = cached_callback(Counting(), path=str(path))
     with pytest.warns(UserWarning, match=r"heat\.pt': it is empty, truncated or not a heatmap cache; it is recomputed"):
         fit(callback, datamodule, epochs=1)
     assert callback.attention_model.backbone.images_seen == 24 and int(HeatmapCache.load(path).filled.sum()) == 24
@@ -408,14 +408,14 @@ def test_misconfiguration_names_the_fix(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"cache_grid_size": 5}, "at least `grid_size` 7x7"),
-        ({"cache_input_size": 0}, "cache_input_size"),
-        ({"cache_batch_size": 0}, "cache_batch_size"),
+        ({"grid_size": 5}, r"`heatmap_cache.grid_size` to be at least the teacher's `grid_size` 7x7, but got 5\."),
+        ({"input_size": 0}, r"`input_size` to be None or a positive int, but got 0\."),
+        ({"batch_size": 0}, r"`batch_size` to be a positive int, but got 0\."),
     ],
 )
 def test_bad_cache_arguments_fail_early(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        AttentiveCutMix(heatmap_cache=True, **kwargs)
+        AttentiveCutMix(heatmap_cache=HeatmapCacheConfig(**kwargs))
 
 
 def test_batch_geometry_from_lists_and_dicts():
@@ -439,7 +439,7 @@ from test_cache import Counting, Recorder, cached_callback, fashion_datamodule
 if __name__ == "__main__":
     root, logs, path = sys.argv[1:4]
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
-                        callbacks=[cached_callback(Counting(logs), cache_path=path)], enable_checkpointing=False,
+                        callbacks=[cached_callback(Counting(logs), path=path)], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Recorder(), datamodule=fashion_datamodule(root, record_augmentation=True))
 """

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import attention_model_from_module
+from lightning_acm.attention import Teacher, attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, batch_generator
 from lightning_acm.loss import SoftTargetLossMixin
 
@@ -74,7 +74,7 @@ def fit(callback: Optional[MixingCallback], model: Optional[Recorder] = None, da
 
 
 def test_attentive_cutmix_training_step_sees_mixed_batch():
-    callback = AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=tiny_attention()), num_classes=NUM_CLASSES, seed=0)
     data = loader()
     originals = [batch for batch in data]
     trainer, model = fit(callback, data=data)
@@ -107,7 +107,7 @@ def test_attentive_cutmix_training_step_sees_mixed_batch():
 
 
 def test_attention_model_is_frozen_and_not_part_of_the_module(tmp_path):
-    callback = AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=tiny_attention()), num_classes=NUM_CLASSES, seed=0)
     model = Recorder()
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False, enable_progress_bar=False,
@@ -169,14 +169,14 @@ def test_probability_half_mixes_some_batches_and_skips_the_teacher_on_the_others
     calls = []
     teacher = tiny_attention()
     teacher.register_forward_hook(lambda *_: calls.append(1))
-    callback = AttentiveCutMix(attention_model=teacher, p=0.5, num_classes=NUM_CLASSES, seed=3)
+    callback = AttentiveCutMix(teacher=Teacher(module=teacher), p=0.5, num_classes=NUM_CLASSES, seed=3)
     fit(callback, data=loader(n=160), max_epochs=1)
     assert 0 < callback.batches_mixed < callback.batches_seen == 20
     assert len(calls) == callback.batches_mixed
 
 
 def test_logs_mean_lam_and_mixed_fraction():
-    callback = AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0, log_prefix="acm")
+    callback = AttentiveCutMix(teacher=Teacher(module=tiny_attention()), num_classes=NUM_CLASSES, seed=0, log_prefix="acm")
     trainer, _ = fit(callback)
     metrics = trainer.callback_metrics
     assert float(metrics["acm/mixed"]) == 1.0
@@ -370,8 +370,8 @@ def test_label_smoothing_applies_to_unmixed_batches_too():
 
 
 def test_plain_module_needs_a_layer():
-    with pytest.raises(MisconfigurationException, match="`attention_layer` must name the layer"):
-        fit(AttentiveCutMix(attention_model=tiny_teacher(), num_classes=NUM_CLASSES))
+    with pytest.raises(ValueError, match=r"Expected `layer` with a plain `module`: name the layer"):
+        AttentiveCutMix(teacher=Teacher(module=tiny_teacher()), num_classes=NUM_CLASSES)
 
 
 def test_plain_module_with_layer_and_datamodule_normalisation():
@@ -382,7 +382,7 @@ def test_plain_module_with_layer_and_datamodule_normalisation():
         def train_dataloader(self) -> DataLoader:
             return loader()
 
-    callback = AttentiveCutMix(attention_model=tiny_teacher(), attention_layer="1", attention_input_size=SIZE, seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=tiny_teacher(), layer="1", input_size=SIZE), seed=0)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Recorder(), datamodule=Normalised())
@@ -399,14 +399,14 @@ def test_plain_module_with_layer_and_datamodule_normalisation():
         (lambda: MixUp(alpha=float("nan")), r"`alpha` to be a finite number > 0"),
         (lambda: AttentiveCutMix(top_k=50), r"`top_k` to be in \[1, 49\] for a 7x7 grid, but got 50"),
         (lambda: AttentiveCutMix(top_k=0), r"`top_k` to be in \[1, 49\]"),
-        (lambda: AttentiveCutMix(grid_size=0), r"`grid_size` to be positive"),
-        (lambda: AttentiveCutMix(grid_size=2, top_k=6), r"`top_k` to be in \[1, 4\] for a 2x2 grid"),
-        (lambda: AttentiveCutMix(reduction="sum"), r"`reduction` to be one of 'mean', 'max'"),
-        (lambda: AttentiveCutMix(attention_precision="fp8"), r"`attention_precision` to be None, 'bf16' or 'fp16'"),
-        (lambda: AttentiveCutMix(attention_channels_last="yes"), r"`attention_channels_last` to be a bool"),
-        (lambda: AttentiveCutMix(attention_compile="max-autotune"), r"`attention_compile` to be a bool or a dict of"
+        (lambda: AttentiveCutMix(teacher=Teacher(grid_size=0)), r"`grid_size` to be positive"),
+        (lambda: AttentiveCutMix(teacher=Teacher(grid_size=2), top_k=6), r"`top_k` to be in \[1, 4\] for a 2x2 grid"),
+        (lambda: AttentiveCutMix(teacher=Teacher(reduction="sum")), r"`reduction` to be one of 'mean', 'max'"),
+        (lambda: AttentiveCutMix(teacher=Teacher(precision="fp8")), r"`precision` to be one of None, 'bf16', 'fp16', but got 'fp8'"),
+        (lambda: AttentiveCutMix(teacher=Teacher(channels_last="yes")), r"`channels_last` to be a bool, but got 'yes'"),
+        (lambda: AttentiveCutMix(teacher=Teacher(compile="max-autotune")), r"`compile` to be a bool or a dict of"
                                                                     r" torch.compile arguments"),
-        (lambda: AttentiveCutMix(input_mean=[0.5]), r"`input_mean` and `input_std` to be given together"),
+        (lambda: AttentiveCutMix(teacher=Teacher(input_mean=[0.5])), r"`input_mean` and `input_std` to be given together"),
         (lambda: CutMix(num_classes=1), r"`num_classes` to be None or an int >= 2"),
         (lambda: CutMix(label_smoothing=1.0), r"`label_smoothing` to be in \[0, 1\)"),
         (lambda: CutMix(stop_after_step=-1), r"`stop_after_step` to be None or an int >= 0"),
@@ -436,8 +436,7 @@ def test_label_range_check_on_the_cpu_is_immediate_and_names_the_batch() -> None
 def test_compiled_teacher_mixes_like_the_eager_one():
     mixes = []
     for compile_arg in (False, {"backend": "eager"}):
-        callback = AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0,
-                                   attention_compile=compile_arg)
+        callback = AttentiveCutMix(teacher=Teacher(module=tiny_attention(), compile=compile_arg), num_classes=NUM_CLASSES, seed=0)
         fit(callback)
         assert callback.attention_model.compiled is (compile_arg is not False)
         mixes.append((callback.last_mix.mixed, callback.last_mix.soft_targets, callback.last_mix.cell_indices))
@@ -459,14 +458,14 @@ def test_uint8_images_reach_the_teacher_scaled_like_floats():
         nn.init.constant_(conv.weight, 1.0 / 48)
         nn.init.constant_(conv.bias, -0.3)
         teacher = attention_model_from_module(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
-        callback = AttentiveCutMix(attention_model=teacher, num_classes=NUM_CLASSES, seed=0)
+        callback = AttentiveCutMix(teacher=Teacher(module=teacher), num_classes=NUM_CLASSES, seed=0)
         fit(callback, data=DataLoader(TensorDataset(images, labels), batch_size=8))
         cache = HeatmapCache(16, (7, 7)).fill(callback.attention_model, TensorDataset(images, labels), batch_size=8)
         heatmaps.append((callback.last_mix.partner_heatmaps, callback.last_mix.cell_indices, cache.lookup(torch.arange(16))))
     for from_uint8, from_float in zip(*heatmaps, strict=True):
         torch.testing.assert_close(from_uint8, from_float)
     with pytest.warns(UserWarning, match=r"taken to be in \[0, 1\] \(integer images, e.g. uint8, are scaled by 1/255"):
-        fit(AttentiveCutMix(attention_model=tiny_teacher(), attention_layer="1", attention_input_size=SIZE, seed=0),
+        fit(AttentiveCutMix(teacher=Teacher(module=tiny_teacher(), layer="1", input_size=SIZE), seed=0),
             data=DataLoader(TensorDataset(as_uint8, labels), batch_size=8))
 
 
@@ -505,8 +504,7 @@ def test_student_backbone_as_teacher_is_copied_not_frozen():
     backbone = nn.Sequential(nn.Conv2d(3, 3, kernel_size=1), nn.ReLU())
     model.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(3 * SIZE * SIZE, NUM_CLASSES))
     before = backbone[0].weight.detach().clone()
-    callback = AttentiveCutMix(attention_model=backbone, attention_layer="1", attention_input_size=SIZE, grid_size=7,
-                               input_mean=(0.0,), input_std=(1.0,), seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=backbone, layer="1", input_size=SIZE, grid_size=7, input_mean=(0.0,), input_std=(1.0,)), seed=0)
     fit(callback, model=model)
     assert all(p.requires_grad for p in backbone.parameters()) and backbone.training
     assert not torch.equal(backbone[0].weight, before)  # the student's backbone trained
@@ -517,8 +515,7 @@ def test_student_backbone_as_teacher_is_copied_not_frozen():
 
 def test_a_given_attention_model_is_not_changed():
     given = tiny_attention()
-    callback = AttentiveCutMix(attention_model=given, input_mean=(0.5,), input_std=(0.25,), attention_channels_last=True,
-                               seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=given, input_mean=(0.5,), input_std=(0.25,), channels_last=True), seed=0)
     fit(callback)
     assert callback.attention_model is not given and callback.attention_model.channels_last
     assert not given.channels_last and given.input_std.flatten().tolist() == [1.0]
@@ -527,7 +524,7 @@ def test_a_given_attention_model_is_not_changed():
 def test_a_compiled_attention_model_is_copied_with_its_own_compilation():
     given = tiny_attention()
     given.compile_features(backend="eager")
-    callback = AttentiveCutMix(attention_model=given, num_classes=NUM_CLASSES, seed=0)
+    callback = AttentiveCutMix(teacher=Teacher(module=given), num_classes=NUM_CLASSES, seed=0)
     fit(callback)
     copy = callback.attention_model
     assert copy.compiled and copy.__dict__["_compiled_features"] is not given.__dict__["_compiled_features"]
@@ -581,3 +578,37 @@ def test_class_indices_of_shape_b_1_are_mixed_as_indices_through_a_callback():
         fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, nn.functional.one_hot(labels.squeeze(1), NUM_CLASSES)), batch_size=8))
     with pytest.raises(ValueError, match=r"soft `targets` to be probabilities \(non-negative rows that sum to 1\)"):
         fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, torch.full((8, NUM_CLASSES), 0.5)), batch_size=8))
+
+
+def test_attentive_cutmix_takes_twelve_arguments():
+    import inspect
+
+    names = list(inspect.signature(AttentiveCutMix.__init__).parameters)[1:]
+    assert names == ["top_k", "teacher", "heatmap_cache", "p", "num_classes", "seed", "label_smoothing",
+                     "stop_after_step", "stop_after_epoch", "image_key", "target_key", "log_prefix"]  # fmt: skip
+
+
+def test_teacher_as_a_string_or_a_nested_teacher():
+    from lightning_acm.cache import HeatmapCacheConfig
+
+    assert AttentiveCutMix(teacher="paper").teacher == Teacher(source="paper")
+    nested = AttentiveCutMix(teacher=Teacher("resnet50", layer="layer3", input_size=112, grid_size=(2, 3)), top_k=6)
+    assert nested.grid_size == (2, 3) and nested.teacher.layer == "layer3"
+    assert AttentiveCutMix(heatmap_cache=True).heatmap_cache == HeatmapCacheConfig()
+    assert AttentiveCutMix().heatmap_cache is None
+    with pytest.raises(TypeError, match=r"`teacher` to be a str or a Teacher, but got Sequential"):
+        AttentiveCutMix(teacher=tiny_teacher())
+    with pytest.raises(TypeError, match=r"`heatmap_cache` to be a bool or a HeatmapCacheConfig, but got 'yes'"):
+        AttentiveCutMix(heatmap_cache="yes")
+    # the teacher's and the cache's settings are part of the state key
+    assert AttentiveCutMix(teacher="paper").state_key != AttentiveCutMix(teacher="resnet50").state_key
+    assert AttentiveCutMix(heatmap_cache=True).state_key != AttentiveCutMix(heatmap_cache=HeatmapCacheConfig(path="x")).state_key
+
+
+def test_a_teacher_module_is_left_untouched():
+    module = tiny_teacher().train()
+    callback = AttentiveCutMix(teacher=Teacher(module=module, layer="1", input_size=SIZE, input_mean=(0.0,),
+                                               input_std=(1.0,)), num_classes=NUM_CLASSES, seed=0)  # fmt: skip
+    fit(callback)
+    assert module.training and all(p.requires_grad for p in module.parameters())
+    assert callback.attention_model.backbone is not module and not callback.attention_model.training

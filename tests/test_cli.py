@@ -62,7 +62,7 @@ def test_method_configs_instantiate(method: Path):
         expected = {"mixup": MixUp, "cutmix": CutMix}.get(method.stem, AttentiveCutMix)
         assert type(mixing[0]) is expected
     if method.stem == "attentive_cutmix":
-        assert mixing[0].attention == "paper" and mixing[0].top_k == 6 and mixing[0].grid_size == (7, 7)
+        assert mixing[0].teacher.source == "paper" and mixing[0].top_k == 6 and mixing[0].grid_size == (7, 7)
 
 
 def test_every_packaged_config_is_checked_here_and_the_clone_links_to_them():
@@ -113,7 +113,7 @@ def test_demo_config_instantiates():
     run = cli(str(CONFIGS / "demo.yaml"))
     assert isinstance(run.datamodule, FashionMNISTDataModule)
     (mixing,) = [c for c in run.trainer.callbacks if isinstance(c, AttentiveCutMix)]
-    assert mixing.heatmap_cache and mixing.attention == "efficientnet_lite0"
+    assert mixing.heatmap_cache and mixing.teacher.source == "efficientnet_lite0"
     assert any(isinstance(c, ModelCheckpoint) for c in run.trainer.callbacks)
 
 
@@ -161,6 +161,6 @@ def test_fit_through_the_cli_prints_the_test_accuracy(method: str, tiny_fashion_
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("{mode: max-autotune, dynamic: false}", {"mode": "max-autotune", "dynamic": False})])
 def test_attention_compile_from_the_command_line(value: str, expected: object):
     run = cli(FMNIST, SMALL_MODEL, str(CONFIGS / "method" / "attentive_cutmix_offline.yaml"),
-              extra=("--mixing.init_args.attention_compile", value))
+              extra=("--mixing.init_args.teacher", f"{{source: efficientnet_lite0, compile: {value}}}"))
     (mixing,) = [c for c in run.trainer.callbacks if isinstance(c, AttentiveCutMix)]
-    assert mixing.attention_compile == expected
+    assert mixing.teacher.compile == expected

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import attention_model_from_module
+from lightning_acm.attention import Teacher, attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 from lightning_acm.functional import attentive_cutmix, cutmix, mixup
 from lightning_acm.loss import SoftTargetLossMixin
@@ -60,8 +60,8 @@ def tiny_attention() -> nn.Module:
 
 def make_callbacks() -> list[MixingCallback]:
     return [
-        AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0),
-        AttentiveCutMix(attention_model=tiny_attention(), num_classes=NUM_CLASSES, seed=0, attention_precision="bf16"),
+        AttentiveCutMix(teacher=Teacher(module=tiny_attention()), num_classes=NUM_CLASSES, seed=0),
+        AttentiveCutMix(teacher=Teacher(module=tiny_attention(), precision="bf16"), num_classes=NUM_CLASSES, seed=0),
         CutMix(seed=0),
         MixUp(seed=0),
     ]

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import attention_model_from_module
+from lightning_acm.attention import Teacher, attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 
 NUM_CLASSES, SIZE, BATCH = 4, 28, 8
@@ -67,7 +67,7 @@ def teacher(conv_dtypes: Optional[list[torch.dtype]] = None) -> nn.Module:
 
 
 MAKERS: dict[str, Callable[..., MixingCallback]] = {
-    "attentive_cutmix": lambda **kw: AttentiveCutMix(attention_model=teacher(), top_k=6, seed=0, **kw),
+    "attentive_cutmix": lambda **kw: AttentiveCutMix(teacher=Teacher(module=teacher()), top_k=6, seed=0, **kw),
     "cutmix": lambda **kw: CutMix(seed=0, **kw),
     "mixup": lambda **kw: MixUp(alpha=0.4, seed=0, **kw),
 }
@@ -222,9 +222,9 @@ def test_mixed_precision_on_cuda(method, precision, amp):
 
 
 def plain_teacher(conv_dtypes: list[torch.dtype]) -> dict[str, Any]:
-    """A plain module: the callback wraps it, passing ``attention_precision`` on."""
+    """A plain module: the Teacher wraps it, passing ``precision`` on."""
     model = teacher(conv_dtypes)
-    return {"attention_model": model.backbone, "attention_layer": "1", "attention_input_size": SIZE,
+    return {"module": model.backbone, "layer": "1", "input_size": SIZE,
             "input_mean": (0.0,), "input_std": (1.0,)}
 
 
@@ -233,8 +233,8 @@ def plain_teacher(conv_dtypes: list[torch.dtype]) -> dict[str, Any]:
 @pytest.mark.parametrize("attention_precision", ["bf16", "fp16"])
 def test_teacher_runs_under_its_own_autocast(attention_precision, trainer_precision, given):
     conv_dtypes: list[torch.dtype] = []
-    source = {"attention_model": teacher(conv_dtypes)} if given == "AttentionModel" else plain_teacher(conv_dtypes)
-    callback = AttentiveCutMix(attention_precision=attention_precision, top_k=6, seed=0, **source)
+    source = {"module": teacher(conv_dtypes)} if given == "AttentionModel" else plain_teacher(conv_dtypes)
+    callback = AttentiveCutMix(teacher=Teacher(precision=attention_precision, **source), top_k=6, seed=0)
     model, mixes = fit(callback, trainer_precision)
     expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[attention_precision]
     assert conv_dtypes == [expected] * 2  # the backbone really ran in half precision
@@ -253,12 +253,12 @@ def test_teacher_runs_under_its_own_autocast(attention_precision, trainer_precis
 @pytest.mark.parametrize("given", ["AttentionModel", "plain_module"])
 def test_teacher_runs_in_channels_last_and_gives_the_same_heatmaps(given):
     input_formats: list[bool] = []
-    source = {"attention_model": teacher()} if given == "AttentionModel" else plain_teacher([])
-    conv = source["attention_model"].backbone[0] if given == "AttentionModel" else source["attention_model"][0]
+    source = {"module": teacher()} if given == "AttentionModel" else plain_teacher([])
+    conv = source["module"].backbone[0] if given == "AttentionModel" else source["module"][0]
     conv.register_forward_pre_hook(
         lambda _m, args: input_formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
     )
-    callback = AttentiveCutMix(attention_channels_last=True, top_k=6, seed=0, **source)
+    callback = AttentiveCutMix(teacher=Teacher(channels_last=True, **source), top_k=6, seed=0)
     model, mixes = fit(callback)
     assert callback.attention_model.channels_last
     copied = callback.attention_model.backbone[0]  # the callback runs a frozen copy of the given module

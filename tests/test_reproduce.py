@@ -145,7 +145,7 @@ def test_dry_run_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         assert line.endswith("--trainer.precision bf16-mixed")  # passed through last, so it wins
     assert "heatmap_cache" not in baseline and "record_augmentation" not in baseline
     cache = out.resolve() / "heatmap_cache" / "attentive_cutmix_offline_112.pt"
-    assert f"--mixing.init_args.cache_path {cache}" in attentive
+    assert f"--mixing.init_args.heatmap_cache '{json.dumps({'path': str(cache)})}'" in attentive
     assert "--data.init_args.record_augmentation true" in attentive
     assert not out.exists()  # a dry run writes nothing
 
@@ -303,7 +303,7 @@ def test_grid_configs_parse(model: str, monkeypatch: pytest.MonkeyPatch) -> None
     assert cli.model.hparams.arch == model
     mixing = cli.config_init["mixing"]
     assert isinstance(mixing, AttentiveCutMix)
-    assert (mixing.attention_layer, mixing.attention_input_size, mixing.grid_size) == ("_blocks.10", 112, (7, 7))
+    assert (mixing.teacher.layer, mixing.teacher.input_size, mixing.grid_size) == ("_blocks.10", 112, (7, 7))
 
 
 def test_grid_command_drops_report_only_arguments() -> None:

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_acm.attention import attention_model_from_module
+from lightning_acm.attention import Teacher, attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 from lightning_acm.loss import SoftTargetLossMixin
 
@@ -74,7 +74,7 @@ def teacher() -> nn.Module:
 
 
 MAKERS: dict[str, Callable[[Optional[int]], MixingCallback]] = {
-    "attentive_cutmix": lambda seed: AttentiveCutMix(attention_model=teacher(), top_k=6, p=0.5, seed=seed),
+    "attentive_cutmix": lambda seed: AttentiveCutMix(teacher=Teacher(module=teacher()), top_k=6, p=0.5, seed=seed),
     "cutmix": lambda seed: CutMix(alpha=1.0, p=0.5, seed=seed),
     "mixup": lambda seed: MixUp(alpha=0.4, p=0.5, seed=seed),
 }

@@ -73,7 +73,7 @@ def fit(callbacks: list[Any], logger: Any = False, root: Optional[str] = None, *
 
 
 def acm(**kwargs: Any) -> AttentiveCutMix:
-    return AttentiveCutMix(attention_model=tiny_attention(), input_mean=(0.0,), input_std=(1.0,), seed=0, **kwargs)
+    return AttentiveCutMix(teacher=Teacher(module=tiny_attention(), input_mean=(0.0,), input_std=(1.0,)), seed=0, **kwargs)
 
 
 def one_cell_batch(cells: list[tuple[int, int]]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_acm.attention import attention_model_from_module
+from lightning_acm.attention import Teacher, attention_model_from_module
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 from lightning_acm.loss import SoftTargetLossMixin
 
@@ -95,7 +95,7 @@ def teacher() -> nn.Module:
 
 def make_callback(method: str, seed: int) -> MixingCallback:
     if method == "attentive_cutmix":
-        return CountingAttentiveCutMix(attention_model=teacher(), top_k=6, seed=seed)
+        return CountingAttentiveCutMix(teacher=Teacher(module=teacher()), top_k=6, seed=seed)
     if method == "cutmix":
         return CutMix(alpha=1.0, seed=seed)
     return MixUp(alpha=0.4, seed=seed)
