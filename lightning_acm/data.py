@@ -1,34 +1,14 @@
 """LightningDataModules: CIFAR-10/100, ImageNet folders and Fashion-MNIST (the offline default).
 
-Every datamodule derives from :class:`VisionDataModule`: ``prepare_data`` only downloads (with
-``download=True``); ``setup(stage)`` builds the datasets and raises naming the path and how to get
-the data. Validation is carved from the training set by a permutation seeded with ``seed`` (the
-first ``val_split`` permuted indices validate, the rest train) and uses the evaluation transforms;
-the official test split is the test and predict set. Images are normalised with ``mean``/``std``
-(exposed so the attention model can undo it); ``dims`` is ``(C, H, W)`` after the transforms.
+``prepare_data`` only downloads (with ``download=True``); ``setup(stage)`` builds the datasets.
+Validation is carved from the training set by a permutation seeded with ``seed``; the official
+test split is the test and predict set.
 
-With ``record_augmentation=True`` a training sample is ``(image, target, geometry)``, where
-``geometry`` is float32 ``[index, y0, x0, y1, x1, flipped]``: ``index`` into the full training
-set, the crop box in normalised coordinates of the *reference image* (below 0 or above 1 where the
-crop covers zero padding) and 1.0 when the crop was flipped horizontally. The reference image is
-sample ``index`` of :meth:`VisionDataModule.train_reference_dataset` (the whole training image
-without random crop or flip), so a heatmap computed once on it can follow any epoch's crop.
-
-Example::
-
-    >>> import tempfile, torch
-    >>> from lightning_acm.data import FashionMNISTDataModule, write_idx
-    >>> root = tempfile.mkdtemp()
-    >>> for split, n in (("train", 120), ("t10k", 30)):
-    ...     write_idx(f"{root}/{split}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8))
-    ...     write_idx(f"{root}/{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
-    >>> dm = FashionMNISTDataModule(root, val_split=20, batch_size=16, record_augmentation=True)
-    >>> dm.setup("fit")
-    >>> images, targets, geometry = next(iter(dm.train_dataloader()))
-    >>> images.shape, targets.shape, geometry.shape, dm.dims, dm.num_classes
-    (torch.Size([16, 3, 32, 32]), torch.Size([16]), torch.Size([16, 6]), (3, 32, 32), 10)
-    >>> len(dm.train_set), len(dm.val_set)
-    (100, 20)
+With ``record_augmentation=True`` a training sample is ``(image, target, geometry)``, ``geometry``
+being float32 ``[index, y0, x0, y1, x1, flipped]``: ``index`` into the full training set, the crop
+box in normalised coordinates of the reference image (sample ``index`` of
+:meth:`VisionDataModule.train_reference_dataset`, the image without random crop or flip; outside
+``[0, 1]`` where the crop covers padding) and 1.0 when the crop was flipped horizontally.
 """
 
 from __future__ import annotations
@@ -58,17 +38,9 @@ from typing_extensions import override
 from lightning_acm.validation import check_choice, check_int, check_real, check_size2
 
 __all__ = [
-    "CIFAR100DataModule",
-    "CIFAR10DataModule",
-    "FASHION_MNIST_SYSTEM_DIR",
-    "FashionMNISTDataModule",
-    "ImageNetDataModule",
-    "RandomCropFlip",
-    "RandomResizedCropFlip",
-    "ResizeCenterCrop",
-    "VisionDataModule",
-    "read_idx",
-    "write_idx",
+    "CIFAR100DataModule", "CIFAR10DataModule", "FASHION_MNIST_SYSTEM_DIR", "FashionMNISTDataModule",
+    "ImageNetDataModule", "RandomCropFlip", "RandomResizedCropFlip", "ResizeCenterCrop", "VisionDataModule",
+    "read_idx", "write_idx",
 ]
 
 #: Where ``apt-get install dataset-fashion-mnist`` puts the four IDX files.
@@ -183,9 +155,8 @@ class ResizeCenterCrop:
         self.resize_size = check_int(self.resize_size, "resize_size", minimum=1)
         self.crop_size = check_int(self.crop_size, "crop_size", minimum=1)
         if self.crop_size > self.resize_size:
-            raise ValueError(
-                f"Expected `crop_size` to be at most `resize_size`, but got {self.crop_size} > {self.resize_size}."
-            )
+            raise ValueError(f"Expected `crop_size` to be at most `resize_size`, but got {self.crop_size} >"
+                             f" {self.resize_size}.")
 
     def __call__(self, image: Any) -> tuple[Any, Tensor]:
         resized = TF.resize(image, [self.resize_size], antialias=True)
@@ -224,9 +195,8 @@ class _TransformedSet(Dataset):
         return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, item: int) -> tuple[Any, ...]:
-        if not -len(self) <= item < len(self):
-            raise IndexError(f"Index {item} is out of range for a dataset of {len(self)} samples.")
-        index = int(self.indices[item]) if self.indices is not None else item % len(self)
+        # range() raises IndexError out of range (which ends iteration) and resolves negative items.
+        index = int(self.indices[item]) if self.indices is not None else range(len(self.base))[item]
         image, target = self.base[index]
         image, box = self.transform(image)
         image = self.normalize(TF.to_tensor(image))
@@ -321,10 +291,9 @@ def _take(indices: Tensor, count: Optional[int], name: str, what: str) -> Tensor
 class VisionDataModule(LightningDataModule):
     """Base for the image-classification datamodules: split, subsets, transforms and loaders.
 
-    Subclasses set ``name``, ``num_classes``, ``dims``, ``mean`` and ``std`` and implement
-    ``_check_data`` (raise when the files are missing), ``_base_dataset(train)`` (un-transformed
-    ``(PIL image, int)`` samples), ``_download`` and the training transform; the evaluation and
-    reference transforms default to the whole image.
+    Subclasses set ``name``, ``num_classes``, ``dims``, ``mean``, ``std`` and implement ``_check_data``
+    (raise naming the path), ``_base_dataset(train)`` (``(PIL image, int)`` samples), ``_download`` and,
+    where the defaults do not fit, ``_transforms``.
 
     Args:
         data_dir: the folder holding (or receiving) the data.
@@ -333,8 +302,7 @@ class VisionDataModule(LightningDataModule):
         num_workers: ``DataLoader`` worker processes (0 loads in the main process).
         pin_memory: pin batches in page-locked memory; only takes effect where CUDA is available.
         persistent_workers: keep workers alive between epochs; only takes effect with ``num_workers > 0``.
-        val_split: validation samples carved from the training set: a count (``int``) or a fraction
-            in ``[0, 1)`` (``float``); ``0`` turns validation off (``val_dataloader`` returns ``[]``).
+        val_split: validation samples: a count (``int``) or a fraction (``float`` in ``[0, 1)``); 0: none.
         seed: seeds the split and the subsets (not the augmentation).
         train_subset: keep this many of the training samples left after the split (seeded).
         test_subset: keep this many test samples (seeded).
@@ -345,6 +313,21 @@ class VisionDataModule(LightningDataModule):
 
     Raises:
         ValueError: if an argument is out of range (the message names it).
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> root = tempfile.mkdtemp()
+        >>> for split, n in (("train", 120), ("t10k", 30)):
+        ...     write_idx(f"{root}/{split}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8))
+        ...     write_idx(f"{root}/{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
+        >>> dm = FashionMNISTDataModule(root, val_split=20, batch_size=16, record_augmentation=True)
+        >>> dm.setup("fit")
+        >>> images, targets, geometry = next(iter(dm.train_dataloader()))
+        >>> images.shape, targets.shape, geometry.shape, dm.dims, dm.num_classes
+        (torch.Size([16, 3, 32, 32]), torch.Size([16]), torch.Size([16, 6]), (3, 32, 32), 10)
+        >>> len(dm.train_set), len(dm.val_set)
+        (100, 20)
     """
 
     name: ClassVar[str] = "vision"
@@ -354,24 +337,11 @@ class VisionDataModule(LightningDataModule):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        *,
-        batch_size: int = 128,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = False,
-        val_split: Union[int, float] = 5000,
-        seed: int = 42,
-        train_subset: Optional[int] = None,
-        test_subset: Optional[int] = None,
-        augment: bool = True,
-        record_augmentation: bool = False,
-        download: bool = False,
-        drop_last: bool = True,
-    ) -> None:
+    def __init__(self, data_dir: str = "data", *, batch_size: int = 128, eval_batch_size: Optional[int] = None,
+                 num_workers: int = 0, pin_memory: bool = True, persistent_workers: bool = False,
+                 val_split: Union[int, float] = 5000, seed: int = 42, train_subset: Optional[int] = None,
+                 test_subset: Optional[int] = None, augment: bool = True, record_augmentation: bool = False,
+                 download: bool = False, drop_last: bool = True) -> None:
         super().__init__()
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"Expected `data_dir` to be a non-empty path, but got {data_dir!r}.")
@@ -402,21 +372,14 @@ class VisionDataModule(LightningDataModule):
         raise NotImplementedError(f"{type(self).__name__} cannot download its data.")
 
     def _check_data(self) -> Any:
-        """Raise ``FileNotFoundError``/``ValueError`` naming the path when the data is missing."""
         raise NotImplementedError
 
     def _base_dataset(self, train: bool) -> Dataset:
-        """The un-transformed training or test set, with ``(PIL image, int target)`` samples."""
         raise NotImplementedError
 
-    def _train_transform(self) -> GeometryTransform:
-        return RandomCropFlip(self.dims[1:], padding=4)
-
-    def _eval_transform(self) -> GeometryTransform:
-        return _WholeImage()
-
-    def _reference_transform(self) -> GeometryTransform:
-        return _WholeImage()
+    def _transforms(self) -> tuple[GeometryTransform, GeometryTransform, GeometryTransform]:
+        """The training, evaluation and reference transforms."""
+        return RandomCropFlip(self.dims[1:], padding=4), _WholeImage(), _WholeImage()
 
     def _dataset(self, base: Dataset, indices: Optional[Tensor], transform: GeometryTransform, output: str = "pair"):
         return _TransformedSet(base, indices, transform, T.Normalize(self.mean, self.std), output)
@@ -436,8 +399,6 @@ class VisionDataModule(LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         """Build the datasets for ``stage`` (``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or ``None`` for all).
 
-        Datasets already built are kept, so calling it again is cheap.
-
         Raises:
             FileNotFoundError: if the data is not where it should be (the message says how to get it).
             ValueError: if the split, the subsets or the batch size do not fit the dataset size.
@@ -446,18 +407,18 @@ class VisionDataModule(LightningDataModule):
         if stage in (None, "fit", "validate") and self.train_set is None:
             base = self._training_base()
             self._train_indices, self._val_indices = self._split(len(base))  # type: ignore[arg-type]
-            transform = self._train_transform() if self.augment else self._eval_transform()
+            augmented, plain, _ = self._transforms()
             output = "geometry" if self.record_augmentation else "pair"
-            self.train_set = self._dataset(base, self._train_indices, transform, output)
+            self.train_set = self._dataset(base, self._train_indices, augmented if self.augment else plain, output)
             if len(self._val_indices):
-                self.val_set = self._dataset(base, self._val_indices, self._eval_transform())
+                self.val_set = self._dataset(base, self._val_indices, plain)
         if stage in (None, "test", "predict") and self.test_set is None:
             base = self._load_base(train=False)
             indices = None
             if self.test_subset is not None:
                 permutation = self._permutation(len(base))  # type: ignore[arg-type]
                 indices = _take(permutation, self.test_subset, "test_subset", "test samples").sort().values
-            self.test_set = self._dataset(base, indices, self._eval_transform())
+            self.test_set = self._dataset(base, indices, self._transforms()[1])
 
     def _load_base(self, train: bool) -> Dataset:
         self._check_data()
@@ -504,15 +465,14 @@ class VisionDataModule(LightningDataModule):
         return self._val_indices  # type: ignore[return-value]
 
     def train_reference_dataset(self) -> Dataset:
-        """The full training set (all indices, split ignored) without random crop or flip, normalised.
+        """The full training set (split ignored) without random crop or flip: ``(image, target, index)`` samples.
 
-        Samples are ``(image, target, index)``: the image is the reference frame of the boxes that
-        ``geometry`` records for training-set index ``index``.
+        The image is the reference frame of the boxes that ``geometry`` records for training-set ``index``.
 
         Raises:
             FileNotFoundError: if the training data is missing.
         """
-        return self._dataset(self._training_base(), None, self._reference_transform(), output="index")
+        return self._dataset(self._training_base(), None, self._transforms()[2], output="index")
 
     def _data_loader(self, stage: str) -> Union[DataLoader, list]:
         """The loader of ``stage``'s dataset, built by ``setup(stage)`` where needed; ``[]`` without one."""
@@ -521,15 +481,10 @@ class VisionDataModule(LightningDataModule):
         dataset = {"fit": self.train_set, "validate": self.val_set}.get(stage, self.test_set)
         if dataset is None:
             return []
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train or self.eval_batch_size is None else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
+        batch_size = self.batch_size if train or self.eval_batch_size is None else self.eval_batch_size
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and self.drop_last,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.persistent_workers and self.num_workers > 0)
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -588,8 +543,8 @@ class CIFAR10DataModule(VisionDataModule):
         names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
-            found = Path(self.data_dir).is_dir()
-            problem = f"{missing} are missing from '{folder}'" if found else f"'{self.data_dir}' does not exist"
+            problem = f"{missing} are missing from '{folder}'"
+            problem = problem if Path(self.data_dir).is_dir() else f"'{self.data_dir}' does not exist"
             raise FileNotFoundError(f"Expected `data_dir` to be a directory holding `{cls.base_folder}`, but {problem}."
                                     f" Pass `download=True` (needs internet) or {self._offline_hint}")
 
@@ -642,21 +597,11 @@ class ImageNetDataModule(VisionDataModule):
     """
 
     name = "imagenet"
-    num_classes = 1000
-    dims = (3, 224, 224)
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
-    def __init__(
-        self,
-        data_dir: str = "data/imagenet",
-        *,
-        num_classes: int = 1000,
-        image_size: int = 224,
-        resize_size: Optional[int] = None,
-        scale: tuple[float, float] = (0.08, 1.0),
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, data_dir: str = "data/imagenet", *, num_classes: int = 1000, image_size: int = 224,
+                 resize_size: Optional[int] = None, scale: tuple[float, float] = (0.08, 1.0), **kwargs: Any) -> None:
         if kwargs.get("download"):
             raise ValueError("Expected `download` to be False: ImageNet cannot be downloaded (it needs an image-net.org"
                              " account). Place it as data_dir/train/<class>/*.JPEG and data_dir/val/<class>/*.")
@@ -702,24 +647,13 @@ class ImageNetDataModule(VisionDataModule):
             raise FileNotFoundError(f"Empty class folders in '{folder}': {err} {self._layout_hint}") from err
 
     @override
-    def _train_transform(self) -> GeometryTransform:
-        return RandomResizedCropFlip(self.image_size, scale=self.scale)
-
-    @override
-    def _eval_transform(self) -> GeometryTransform:
-        return ResizeCenterCrop(self.resize_size, self.image_size)
-
-    @override
-    def _reference_transform(self) -> GeometryTransform:
-        return _WholeImage((self.image_size, self.image_size))
+    def _transforms(self) -> tuple[GeometryTransform, GeometryTransform, GeometryTransform]:
+        size = self.image_size
+        return (RandomResizedCropFlip(size, scale=self.scale), ResizeCenterCrop(self.resize_size, size),
+                _WholeImage((size, size)))
 
 
 _FMNIST_FILES = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
-
-
-def _file_or_gz(path: Path) -> Optional[Path]:
-    """``path``, else ``path.gz``, if it is a file."""
-    return next((p for p in (path, path.with_name(path.name + ".gz")) if p.is_file()), None)
 
 
 class FashionMNISTDataModule(VisionDataModule):
@@ -749,21 +683,11 @@ class FashionMNISTDataModule(VisionDataModule):
 
     name = "fashion_mnist"
     num_classes = 10
-    dims = (3, 32, 32)
-    mean = (0.2860,) * 3
-    std = (0.3530,) * 3
     _offline_hint = (f"run `apt-get install dataset-fashion-mnist` (into {FASHION_MNIST_SYSTEM_DIR}) or put the four"
                      " IDX files in `data_dir`.")
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        *,
-        channels: Literal[1, 3] = 3,
-        pad_to: int = 32,
-        system_dir: Optional[str] = FASHION_MNIST_SYSTEM_DIR,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, data_dir: str = "data", *, channels: Literal[1, 3] = 3, pad_to: int = 32,
+                 system_dir: Optional[str] = FASHION_MNIST_SYSTEM_DIR, **kwargs: Any) -> None:
         super().__init__(data_dir, **kwargs)
         if channels not in (1, 3) or isinstance(channels, bool):
             raise ValueError(f"Expected `channels` to be 1 or 3, but got {channels!r}.")
@@ -787,7 +711,8 @@ class FashionMNISTDataModule(VisionDataModule):
         looked = []
         folders = [Path(self.data_dir), Path(self.data_dir) / "FashionMNIST" / "raw"]
         for folder in folders + ([Path(self.system_dir)] if self.system_dir is not None else []):
-            found = {stem: path for stem in _FMNIST_FILES if (path := _file_or_gz(folder / stem)) is not None}
+            found = {stem: path for stem in _FMNIST_FILES for path in (folder / f"{stem}.gz", folder / stem)
+                     if path.is_file()}  # the plain file comes last, so it wins over the .gz one
             if len(found) == len(_FMNIST_FILES):
                 return found
             if found:
