@@ -167,11 +167,11 @@ class HeatmapCacheConfig:
     """Settings of the heatmap cache of :class:`~lightning_acm.callbacks.AttentiveCutMix`.
 
     Args:
-        grid_size: cells per side of the cached maps, at least the teacher's grid (the teacher's when ``None``).
-        input_size: teacher input size while filling; ``None`` scales the teacher's by ``grid_size / teacher grid``.
+        grid_size: cells per side of the cached maps (the teacher's grid when ``None``).
+        input_size: teacher input size while filling; ``None`` scales the teacher's with ``grid_size``.
         path: a file to load the cache from when its fingerprint matches, and to save it to otherwise.
         batch_size: teacher batch size while filling.
-        geometry_key: where a batch holds the recorded geometry (position 2 of a list batch, or a dict key).
+        geometry_key: the dict key of the recorded geometry (list batches: position 2).
 
     Example: ``HeatmapCacheConfig(path="heatmaps.pt", grid_size=14)``.
     """
@@ -265,36 +265,24 @@ class HeatmapCache:
         return warp_heatmaps(self.lookup(geometry[:, 0]), geometry, grid_size)
 
     @torch.no_grad()
-    def fill(self, attention_model: nn.Module, data: Union[Dataset, Iterable[Any]], *,
-             indices: Optional[Sequence[int]] = None, batch_size: int = 64, num_workers: int = 0) -> HeatmapCache:
-        """Run ``attention_model`` over the un-augmented images and store each sample's heatmap.
+    def fill(self, attention_model: nn.Module, data: Dataset, *, indices: Optional[Sequence[int]] = None,
+             batch_size: int = 64, num_workers: int = 0) -> HeatmapCache:
+        """Store the heatmaps ``attention_model`` gives for ``indices`` (all when ``None``) of ``data``; return ``self``.
 
-        ``data`` is a ``Dataset`` of ``(image, target, index)`` samples (of ``(image, target)``: keyed by
-        position), of which ``indices`` (all when ``None``) are run in batches of ``batch_size``, or an
-        iterable of batches ``[images, targets, indices, ...]``. Returns ``self``.
+        ``data`` yields ``(image, target, index)`` samples, or ``(image, target)`` ones keyed by position.
 
         Raises:
-            ValueError: if the batches carry no index, or the heatmaps are not on the cache's grid.
+            ValueError: if the heatmaps are not on the cache's grid.
         """
-        if isinstance(data, Dataset):
-            positions = list(range(len(data))) if indices is None else [int(i) for i in indices]  # type: ignore[arg-type]
-            loader: Iterable[Any] = DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers)
-        elif indices is not None:
-            raise ValueError("Expected `indices` only with a map-style Dataset, but `data` is an iterable of batches.")
-        else:
-            positions, loader = [], data
+        positions = list(range(len(data))) if indices is None else [int(i) for i in indices]  # type: ignore[arg-type]
         first = next(attention_model.parameters(), None)
         device = first.device if first is not None else self.device
         seen = 0
-        for batch in loader:
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            if isinstance(batch, (list, tuple)) and len(batch) >= 3:
-                keys = torch.as_tensor(batch[2]).flatten()
-            elif positions:
-                keys = torch.tensor(positions[seen : seen + images.shape[0]])
-            else:
-                raise ValueError("Expected batches [images, targets, indices] to key the cache, but got batches without indices.")
-            self.update(keys, attention_model(images.to(device, non_blocking=True)))
+        for batch in DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers):
+            parts = batch if isinstance(batch, (list, tuple)) else [batch]
+            images = parts[0]
+            keys = parts[2] if len(parts) >= 3 else torch.tensor(positions[seen : seen + images.shape[0]])
+            self.update(torch.as_tensor(keys).flatten(), attention_model(images.to(device, non_blocking=True)))
             seen += images.shape[0]
         return self
 
@@ -475,11 +463,9 @@ def cache_for_trainer(trainer: Any, teacher: nn.Module, *, grid_size: Size2, pat
                       previous: Optional[HeatmapCache] = None, owner: str = "AttentiveCutMix") -> HeatmapCache:
     """Fill (or load) the heatmap cache of the trainer's training set, on every rank, on the training device.
 
-    Only the training indices (``datamodule.train_indices``, else all) are computed; under DDP each
-    rank fills its shard and the shards are all-gathered, so the teacher runs once per sample.
-    ``previous``, or the file at ``path``, is used when its ``meta`` (``meta`` and the
-    :func:`cache_fingerprint`) matches and it covers the training indices; otherwise the cache is
-    computed (with a warning saying why the file was not used) and rank 0 writes it to ``path``.
+    Only the training indices are computed, each rank its shard (all-gathered under DDP). ``previous``,
+    or the file at ``path``, is used when its ``meta`` (``meta`` plus :func:`cache_fingerprint`) matches
+    and it covers the training indices; otherwise the cache is computed and rank 0 writes it to ``path``.
 
     Raises:
         MisconfigurationException: see :func:`reference_datamodule`.

@@ -1,34 +1,14 @@
 """LightningDataModules: CIFAR-10/100, ImageNet folders and Fashion-MNIST (the offline default).
 
-Every datamodule derives from :class:`VisionDataModule`: ``prepare_data`` only downloads (with
-``download=True``); ``setup(stage)`` builds the datasets and raises naming the path and how to get
-the data. Validation is carved from the training set by a permutation seeded with ``seed`` (the
-first ``val_split`` permuted indices validate, the rest train) and uses the evaluation transforms;
-the official test split is the test and predict set. Images are normalised with ``mean``/``std``
-(exposed so the attention model can undo it); ``dims`` is ``(C, H, W)`` after the transforms.
+``prepare_data`` only downloads (with ``download=True``); ``setup(stage)`` builds the datasets.
+Validation is carved from the training set by a permutation seeded with ``seed``; the official
+test split is the test and predict set.
 
-With ``record_augmentation=True`` a training sample is ``(image, target, geometry)``, where
-``geometry`` is float32 ``[index, y0, x0, y1, x1, flipped]``: ``index`` into the full training
-set, the crop box in normalised coordinates of the *reference image* (below 0 or above 1 where the
-crop covers zero padding) and 1.0 when the crop was flipped horizontally. The reference image is
-sample ``index`` of :meth:`VisionDataModule.train_reference_dataset` (the whole training image
-without random crop or flip), so a heatmap computed once on it can follow any epoch's crop.
-
-Example::
-
-    >>> import tempfile, torch
-    >>> from lightning_acm.data import FashionMNISTDataModule, write_idx
-    >>> root = tempfile.mkdtemp()
-    >>> for split, n in (("train", 120), ("t10k", 30)):
-    ...     write_idx(f"{root}/{split}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8))
-    ...     write_idx(f"{root}/{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
-    >>> dm = FashionMNISTDataModule(root, val_split=20, batch_size=16, record_augmentation=True)
-    >>> dm.setup("fit")
-    >>> images, targets, geometry = next(iter(dm.train_dataloader()))
-    >>> images.shape, targets.shape, geometry.shape, dm.dims, dm.num_classes
-    (torch.Size([16, 3, 32, 32]), torch.Size([16]), torch.Size([16, 6]), (3, 32, 32), 10)
-    >>> len(dm.train_set), len(dm.val_set)
-    (100, 20)
+With ``record_augmentation=True`` a training sample is ``(image, target, geometry)``, ``geometry``
+being float32 ``[index, y0, x0, y1, x1, flipped]``: ``index`` into the full training set, the crop
+box in normalised coordinates of the reference image (sample ``index`` of
+:meth:`VisionDataModule.train_reference_dataset`, the image without random crop or flip; outside
+``[0, 1]`` where the crop covers padding) and 1.0 when the crop was flipped horizontally.
 """
 
 from __future__ import annotations
@@ -55,26 +35,17 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from typing_extensions import override
 
-from lightning_acm.validation import check_int, check_real, check_size2
+from lightning_acm.validation import check_choice, check_int, check_real, check_size2
 
 __all__ = [
-    "CIFAR100DataModule",
-    "CIFAR10DataModule",
-    "FASHION_MNIST_SYSTEM_DIR",
-    "FashionMNISTDataModule",
-    "ImageNetDataModule",
-    "RandomCropFlip",
-    "RandomResizedCropFlip",
-    "ResizeCenterCrop",
-    "VisionDataModule",
-    "read_idx",
-    "write_idx",
+    "CIFAR100DataModule", "CIFAR10DataModule", "FASHION_MNIST_SYSTEM_DIR", "FashionMNISTDataModule",
+    "ImageNetDataModule", "RandomCropFlip", "RandomResizedCropFlip", "ResizeCenterCrop", "VisionDataModule",
+    "read_idx", "write_idx",
 ]
 
 #: Where ``apt-get install dataset-fashion-mnist`` puts the four IDX files.
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
-_STAGES = (None, "fit", "validate", "test", "predict")
 # A geometry transform maps an image to (image, float32 [y0, x0, y1, x1, flipped]).
 GeometryTransform = Callable[[Any], tuple[Any, Tensor]]
 
@@ -101,12 +72,10 @@ def _check_range(value: Sequence[float], name: str, high: float = math.inf) -> t
 
 @dataclass
 class RandomCropFlip:
-    """Zero-pad by ``padding``, take a random ``size`` crop, then flip horizontally with probability ``flip_p``.
+    """``RandomCrop(size, padding)`` then a horizontal flip with probability ``flip_p``; returns ``(image, box)``.
 
-    The augmentation of ``Compose([RandomCrop(size, padding), RandomHorizontalFlip(flip_p)])``, but
-    the call returns ``(image, box)``, ``box`` being float32 ``[y0, x0, y1, x1, flipped]`` in normalised
-    coordinates of the input image. Works on PIL images and ``(..., H, W)`` tensors; randomness comes
-    from torch's global generator, which the ``DataLoader`` seeds per worker.
+    ``box`` is float32 ``[y0, x0, y1, x1, flipped]`` in normalised coordinates of the input image (PIL
+    or ``(..., H, W)`` tensor). Randomness: torch's global generator, seeded per worker by the ``DataLoader``.
 
     Example::
 
@@ -136,9 +105,7 @@ class RandomCropFlip:
 
 @dataclass
 class RandomResizedCropFlip:
-    """``RandomResizedCrop`` then a horizontal flip with probability ``flip_p``; returns ``(image, box)``.
-
-    ``box`` is as for :class:`RandomCropFlip` (here always within ``[0, 1]``).
+    """``RandomResizedCrop`` then a horizontal flip with probability ``flip_p``; ``box`` as for :class:`RandomCropFlip`.
 
     Example::
 
@@ -188,9 +155,8 @@ class ResizeCenterCrop:
         self.resize_size = check_int(self.resize_size, "resize_size", minimum=1)
         self.crop_size = check_int(self.crop_size, "crop_size", minimum=1)
         if self.crop_size > self.resize_size:
-            raise ValueError(
-                f"Expected `crop_size` to be at most `resize_size`, but got {self.crop_size} > {self.resize_size}."
-            )
+            raise ValueError(f"Expected `crop_size` to be at most `resize_size`, but got {self.crop_size} >"
+                             f" {self.resize_size}.")
 
     def __call__(self, image: Any) -> tuple[Any, Tensor]:
         resized = TF.resize(image, [self.resize_size], antialias=True)
@@ -229,9 +195,8 @@ class _TransformedSet(Dataset):
         return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, item: int) -> tuple[Any, ...]:
-        if not -len(self) <= item < len(self):
-            raise IndexError(f"Index {item} is out of range for a dataset of {len(self)} samples.")
-        index = int(self.indices[item]) if self.indices is not None else item % len(self)
+        # range() raises IndexError out of range (which ends iteration) and resolves negative items.
+        index = int(self.indices[item]) if self.indices is not None else range(len(self.base))[item]
         image, target = self.base[index]
         image, box = self.transform(image)
         image = self.normalize(TF.to_tensor(image))
@@ -261,24 +226,16 @@ def _load_image(path: str) -> Image.Image:
     try:
         return default_loader(path)
     except (OSError, ValueError, SyntaxError) as err:
-        raise OSError(
-            f"Could not read the image file '{path}' ({type(err).__name__}: {err}). Remove or replace the file."
-        ) from err
+        raise OSError(f"Could not read the image file '{path}' ({type(err).__name__}: {err}). Replace it.") from err
 
 
 def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) -> Tensor:
-    """Read an unsigned-byte IDX file (the MNIST/Fashion-MNIST format), gzipped when the name ends in ``.gz``.
-
-    The header is the big-endian magic number ``0x000008nd`` (2051 for 3-D images, 2049 for 1-D
-    labels) followed by ``nd`` big-endian uint32 sizes; then the uint8 data.
-
-    Returns:
-        a uint8 tensor with the stored shape.
+    """A uint8 tensor from an unsigned-byte IDX file (the MNIST format), gzipped when the name ends in ``.gz``.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: naming ``path`` if the file is not valid gzip, the magic number is wrong
-            (or differs from ``expected_magic``), or the data is truncated or has trailing bytes.
+        ValueError: naming ``path`` if it is not valid gzip, its magic number is wrong (2051 for images,
+            2049 for labels: ``expected_magic``) or its size does not match its header.
 
     Example::
 
@@ -294,15 +251,10 @@ def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) ->
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError) as err:
-        raise ValueError(
-            f"Could not read the IDX file '{path}' ({err}); it is corrupt or truncated. Replace it with a fresh copy."
-        ) from err
+        raise ValueError(f"Could not read the IDX file '{path}' ({err}): corrupt or truncated. Replace it.") from err
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if magic is None or raw[:3] != b"\x00\x00\x08" or raw[3] == 0:
-        raise ValueError(
-            f"Expected '{path}' to be an unsigned-byte IDX file (magic number 0x000008nd, e.g. 2051 for"
-            f" images, 2049 for labels), but got magic number {magic!r}."
-        )
+        raise ValueError(f"Expected '{path}' to be an unsigned-byte IDX file (magic 0x000008nd), but got {magic!r}.")
     if expected_magic is not None and magic != expected_magic:
         raise ValueError(f"Expected the IDX file '{path}' to have magic number {expected_magic}, but got {magic}.")
     header = 4 + 4 * raw[3]
@@ -311,10 +263,8 @@ def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) ->
     shape = tuple(int(size) for size in np.frombuffer(raw, dtype=">u4", count=raw[3], offset=4))
     if len(raw) - header != math.prod(shape):
         problem = "truncated" if len(raw) - header < math.prod(shape) else "longer than its header says"
-        raise ValueError(
-            f"The IDX file '{path}' is {problem}: shape {shape} needs {math.prod(shape)} data bytes, but it has"
-            f" {len(raw) - header}. Replace it with a fresh copy."
-        )
+        raise ValueError(f"The IDX file '{path}' is {problem}: shape {shape} needs {math.prod(shape)} data bytes, but"
+                         f" it has {len(raw) - header}. Replace it.")
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
@@ -341,10 +291,9 @@ def _take(indices: Tensor, count: Optional[int], name: str, what: str) -> Tensor
 class VisionDataModule(LightningDataModule):
     """Base for the image-classification datamodules: split, subsets, transforms and loaders.
 
-    Subclasses set ``name``, ``num_classes``, ``dims``, ``mean`` and ``std`` and implement
-    ``_check_data`` (raise when the files are missing), ``_base_dataset(train)`` (un-transformed
-    ``(PIL image, int)`` samples), ``_download`` and the training transform; the evaluation and
-    reference transforms default to the whole image.
+    Subclasses set ``name``, ``num_classes``, ``dims``, ``mean``, ``std`` and implement ``_check_data``
+    (raise naming the path), ``_base_dataset(train)`` (``(PIL image, int)`` samples), ``_download`` and,
+    where the defaults do not fit, ``_transforms``.
 
     Args:
         data_dir: the folder holding (or receiving) the data.
@@ -353,8 +302,7 @@ class VisionDataModule(LightningDataModule):
         num_workers: ``DataLoader`` worker processes (0 loads in the main process).
         pin_memory: pin batches in page-locked memory; only takes effect where CUDA is available.
         persistent_workers: keep workers alive between epochs; only takes effect with ``num_workers > 0``.
-        val_split: validation samples carved from the training set: a count (``int``) or a fraction
-            in ``[0, 1)`` (``float``); ``0`` turns validation off (``val_dataloader`` returns ``[]``).
+        val_split: validation samples: a count (``int``) or a fraction (``float`` in ``[0, 1)``); 0: none.
         seed: seeds the split and the subsets (not the augmentation).
         train_subset: keep this many of the training samples left after the split (seeded).
         test_subset: keep this many test samples (seeded).
@@ -365,6 +313,21 @@ class VisionDataModule(LightningDataModule):
 
     Raises:
         ValueError: if an argument is out of range (the message names it).
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> root = tempfile.mkdtemp()
+        >>> for split, n in (("train", 120), ("t10k", 30)):
+        ...     write_idx(f"{root}/{split}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8))
+        ...     write_idx(f"{root}/{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
+        >>> dm = FashionMNISTDataModule(root, val_split=20, batch_size=16, record_augmentation=True)
+        >>> dm.setup("fit")
+        >>> images, targets, geometry = next(iter(dm.train_dataloader()))
+        >>> images.shape, targets.shape, geometry.shape, dm.dims, dm.num_classes
+        (torch.Size([16, 3, 32, 32]), torch.Size([16]), torch.Size([16, 6]), (3, 32, 32), 10)
+        >>> len(dm.train_set), len(dm.val_set)
+        (100, 20)
     """
 
     name: ClassVar[str] = "vision"
@@ -374,35 +337,18 @@ class VisionDataModule(LightningDataModule):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        *,
-        batch_size: int = 128,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = False,
-        val_split: Union[int, float] = 5000,
-        seed: int = 42,
-        train_subset: Optional[int] = None,
-        test_subset: Optional[int] = None,
-        augment: bool = True,
-        record_augmentation: bool = False,
-        download: bool = False,
-        drop_last: bool = True,
-    ) -> None:
+    def __init__(self, data_dir: str = "data", *, batch_size: int = 128, eval_batch_size: Optional[int] = None,
+                 num_workers: int = 0, pin_memory: bool = True, persistent_workers: bool = False,
+                 val_split: Union[int, float] = 5000, seed: int = 42, train_subset: Optional[int] = None,
+                 test_subset: Optional[int] = None, augment: bool = True, record_augmentation: bool = False,
+                 download: bool = False, drop_last: bool = True) -> None:
         super().__init__()
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"Expected `data_dir` to be a non-empty path, but got {data_dir!r}.")
-        if isinstance(val_split, bool) or not isinstance(val_split, (int, float)):
-            raise ValueError(
-                f"Expected `val_split` to be an int (a count) or a float (a fraction), but got {val_split!r}."
-            )
-        if isinstance(val_split, int) and val_split < 0:
-            raise ValueError(f"Expected `val_split` to be a count >= 0, but got {val_split}.")
-        if isinstance(val_split, float) and not 0.0 <= val_split < 1.0:
-            raise ValueError(f"Expected `val_split` as a fraction to be in [0, 1), but got {val_split}.")
+        if isinstance(val_split, float):
+            check_real(val_split, "val_split", low=0.0, high=1.0, high_open=True, what="a fraction")
+        else:
+            check_int(val_split, "val_split", minimum=0, hint=" Pass a count (int) or a fraction (float in [0, 1)).")
         self.data_dir = str(data_dir)
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         hint = " Pass None to use `batch_size`."
@@ -425,22 +371,15 @@ class VisionDataModule(LightningDataModule):
     def _download(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot download its data.")
 
-    def _check_data(self) -> None:
-        """Raise ``FileNotFoundError``/``ValueError`` naming the path when the data is missing."""
+    def _check_data(self) -> Any:
         raise NotImplementedError
 
     def _base_dataset(self, train: bool) -> Dataset:
-        """The un-transformed training or test set, with ``(PIL image, int target)`` samples."""
         raise NotImplementedError
 
-    def _train_transform(self) -> GeometryTransform:
-        return RandomCropFlip(self.dims[1:], padding=4)
-
-    def _eval_transform(self) -> GeometryTransform:
-        return _WholeImage()
-
-    def _reference_transform(self) -> GeometryTransform:
-        return _WholeImage()
+    def _transforms(self) -> tuple[GeometryTransform, GeometryTransform, GeometryTransform]:
+        """The training, evaluation and reference transforms."""
+        return RandomCropFlip(self.dims[1:], padding=4), _WholeImage(), _WholeImage()
 
     def _dataset(self, base: Dataset, indices: Optional[Tensor], transform: GeometryTransform, output: str = "pair"):
         return _TransformedSet(base, indices, transform, T.Normalize(self.mean, self.std), output)
@@ -453,73 +392,64 @@ class VisionDataModule(LightningDataModule):
         try:
             self._download()
         except (OSError, RuntimeError) as err:
-            raise RuntimeError(
-                f"Could not download {self.name} into '{self.data_dir}' ({err}). Without internet, {self._offline_hint}"
-            ) from err
+            hint = f"Without internet, {self._offline_hint}"
+            raise RuntimeError(f"Could not download {self.name} into '{self.data_dir}' ({err}). {hint}") from err
 
     @override
     def setup(self, stage: Optional[str] = None) -> None:
         """Build the datasets for ``stage`` (``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or ``None`` for all).
 
-        Datasets already built are kept, so calling it again is cheap.
-
         Raises:
             FileNotFoundError: if the data is not where it should be (the message says how to get it).
             ValueError: if the split, the subsets or the batch size do not fit the dataset size.
         """
-        if stage not in _STAGES:
-            raise ValueError(
-                f"Expected `stage` to be one of 'fit', 'validate', 'test', 'predict' or None, but got {stage!r}."
-            )
+        check_choice(stage, "stage", (None, "fit", "validate", "test", "predict"))
         if stage in (None, "fit", "validate") and self.train_set is None:
             base = self._training_base()
             self._train_indices, self._val_indices = self._split(len(base))  # type: ignore[arg-type]
-            transform = self._train_transform() if self.augment else self._eval_transform()
+            augmented, plain, _ = self._transforms()
             output = "geometry" if self.record_augmentation else "pair"
-            self.train_set = self._dataset(base, self._train_indices, transform, output)
+            self.train_set = self._dataset(base, self._train_indices, augmented if self.augment else plain, output)
             if len(self._val_indices):
-                self.val_set = self._dataset(base, self._val_indices, self._eval_transform())
+                self.val_set = self._dataset(base, self._val_indices, plain)
         if stage in (None, "test", "predict") and self.test_set is None:
-            self._check_data()
-            base = self._base_dataset(train=False)
-            if len(base) == 0:  # type: ignore[arg-type]
-                raise ValueError(f"The {self.name} test set in '{self.data_dir}' is empty.")
+            base = self._load_base(train=False)
             indices = None
             if self.test_subset is not None:
-                permutation = torch.randperm(len(base), generator=torch.Generator().manual_seed(self.seed))  # type: ignore[arg-type]
+                permutation = self._permutation(len(base))  # type: ignore[arg-type]
                 indices = _take(permutation, self.test_subset, "test_subset", "test samples").sort().values
-            self.test_set = self._dataset(base, indices, self._eval_transform())
+            self.test_set = self._dataset(base, indices, self._transforms()[1])
+
+    def _load_base(self, train: bool) -> Dataset:
+        self._check_data()
+        base = self._base_dataset(train=train)
+        if len(base) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"The {self.name} {'training' if train else 'test'} set in '{self.data_dir}' is empty.")
+        return base
 
     def _training_base(self) -> Dataset:
         if self._train_base is None:
-            self._check_data()
-            base = self._base_dataset(train=True)
-            if len(base) == 0:  # type: ignore[arg-type]
-                raise ValueError(f"The {self.name} training set in '{self.data_dir}' is empty.")
-            self._train_base = base
+            self._train_base = self._load_base(train=True)
         return self._train_base
+
+    def _permutation(self, size: int) -> Tensor:
+        return torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
 
     def _split(self, size: int) -> tuple[Tensor, Tensor]:
         """Seeded, disjoint ``(train, val)`` indices into the full training set, each sorted."""
         num_val = int(round(size * self.val_split)) if isinstance(self.val_split, float) else self.val_split
         if self.val_split > 0 and num_val == 0:
-            raise ValueError(
-                f"Expected `val_split` to select at least one of the {size} training samples, but"
-                f" {self.val_split} selects none. Pass a larger fraction, a count, or 0 to turn validation off."
-            )
+            raise ValueError(f"Expected `val_split` to select at least one of the {size} training samples, but"
+                             f" {self.val_split} selects none. Pass a larger fraction, a count, or 0 (no validation).")
         if num_val >= size:
-            raise ValueError(
-                f"Expected `val_split` to leave training samples, but it takes {num_val} of the {size}"
-                " training samples. Pass a smaller count or a fraction such as 0.1."
-            )
-        permutation = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
+            raise ValueError(f"Expected `val_split` to leave training samples, but it takes {num_val} of the {size}"
+                             " training samples. Pass a smaller count or a fraction such as 0.1.")
+        permutation = self._permutation(size)
         what = "training samples left after the validation split"
         train_indices = _take(permutation[num_val:], self.train_subset, "train_subset", what)
         if self.drop_last and len(train_indices) < self.batch_size:
-            raise ValueError(
-                f"Expected `batch_size` to be at most the {len(train_indices)} training samples, but got"
-                f" {self.batch_size}; with `drop_last=True` no batch would be left. Pass a smaller `batch_size`."
-            )
+            raise ValueError(f"Expected `batch_size` to be at most the {len(train_indices)} training samples, but got"
+                             f" {self.batch_size}; with `drop_last=True` no batch would be left. Pass a smaller one.")
         return train_indices.sort().values, permutation[:num_val].sort().values
 
     @property
@@ -535,15 +465,14 @@ class VisionDataModule(LightningDataModule):
         return self._val_indices  # type: ignore[return-value]
 
     def train_reference_dataset(self) -> Dataset:
-        """The full training set (all indices, split ignored) without random crop or flip, normalised.
+        """The full training set (split ignored) without random crop or flip: ``(image, target, index)`` samples.
 
-        Samples are ``(image, target, index)``: the image is the reference frame of the boxes that
-        ``geometry`` records for training-set index ``index``.
+        The image is the reference frame of the boxes that ``geometry`` records for training-set ``index``.
 
         Raises:
             FileNotFoundError: if the training data is missing.
         """
-        return self._dataset(self._training_base(), None, self._reference_transform(), output="index")
+        return self._dataset(self._training_base(), None, self._transforms()[2], output="index")
 
     def _data_loader(self, stage: str) -> Union[DataLoader, list]:
         """The loader of ``stage``'s dataset, built by ``setup(stage)`` where needed; ``[]`` without one."""
@@ -552,15 +481,10 @@ class VisionDataModule(LightningDataModule):
         dataset = {"fit": self.train_set, "validate": self.val_set}.get(stage, self.test_set)
         if dataset is None:
             return []
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train or self.eval_batch_size is None else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
+        batch_size = self.batch_size if train or self.eval_batch_size is None else self.eval_batch_size
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and self.drop_last,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.persistent_workers and self.num_workers > 0)
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -605,7 +529,8 @@ class CIFAR10DataModule(VisionDataModule):
 
     @property
     def _offline_hint(self) -> str:
-        return f"place the extracted `{self.dataset_cls.base_folder}` folder in data_dir and pass `download=False`."
+        cls = self.dataset_cls
+        return f"place the extracted `{cls.base_folder}` folder (from {cls.filename}) in data_dir."
 
     @override
     def _download(self) -> None:
@@ -618,23 +543,19 @@ class CIFAR10DataModule(VisionDataModule):
         names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
-            found = Path(self.data_dir).is_dir()
-            problem = f"{missing} are missing from '{folder}'" if found else f"'{self.data_dir}' does not exist"
-            raise FileNotFoundError(
-                f"Expected `data_dir` to be a directory holding `{cls.base_folder}`, but {problem}. Pass"
-                f" `download=True` (needs internet) or place the extracted `{cls.base_folder}` folder (from"
-                f" {cls.filename}) in data_dir."
-            )
+            problem = f"{missing} are missing from '{folder}'"
+            problem = problem if Path(self.data_dir).is_dir() else f"'{self.data_dir}' does not exist"
+            raise FileNotFoundError(f"Expected `data_dir` to be a directory holding `{cls.base_folder}`, but {problem}."
+                                    f" Pass `download=True` (needs internet) or {self._offline_hint}")
 
     @override
     def _base_dataset(self, train: bool) -> Dataset:
         try:
             return self.dataset_cls(self.data_dir, train=train, download=False)
         except RuntimeError as err:
-            raise ValueError(
-                f"The {self.name} files in '{self.data_dir}/{self.dataset_cls.base_folder}' failed torchvision's"
-                f" integrity (md5) check ({err}). Delete the folder and pass `download=True`, or replace it."
-            ) from err
+            folder = f"{self.data_dir}/{self.dataset_cls.base_folder}"
+            raise ValueError(f"The {self.name} files in '{folder}' failed torchvision's integrity (md5) check ({err})."
+                             " Delete the folder and pass `download=True`, or replace it.") from err
 
 
 class CIFAR100DataModule(CIFAR10DataModule):
@@ -656,18 +577,15 @@ class CIFAR100DataModule(CIFAR10DataModule):
 class ImageNetDataModule(VisionDataModule):
     """ImageNet (or any ImageFolder tree) from ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``.
 
-    ``val/`` is the test set; validation is carved from ``train/``. Training:
-    ``RandomResizedCrop(image_size, scale)`` and a horizontal flip; evaluation: ``Resize(resize_size)``
-    and ``CenterCrop(image_size)``. The reference view is the whole image resized to ``image_size x
-    image_size`` (aspect ratio not kept, so that boxes map onto it directly). Unreadable image files
-    raise an ``OSError`` naming the file.
+    ``val/`` is the test set. Training: ``RandomResizedCrop(image_size, scale)`` and a flip; evaluation:
+    ``Resize(resize_size)`` and ``CenterCrop(image_size)``; reference: the whole image resized to
+    ``image_size x image_size``. Unreadable image files raise an ``OSError`` naming the file.
 
     Args:
         data_dir: the folder holding ``train/`` and ``val/``.
         num_classes: number of class folders expected (checked in ``setup``).
         image_size: side of the training and evaluation crops.
-        resize_size: shorter side before the evaluation center crop; ``None`` gives
-            ``round(image_size / 0.875)`` (256 for 224).
+        resize_size: shorter side before the evaluation crop; ``None`` gives ``round(image_size / 0.875)``.
         scale: area range of ``RandomResizedCrop``.
         **kwargs: the arguments of :class:`VisionDataModule` (``download=True`` is refused).
 
@@ -679,69 +597,46 @@ class ImageNetDataModule(VisionDataModule):
     """
 
     name = "imagenet"
-    num_classes = 1000
-    dims = (3, 224, 224)
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
-    def __init__(
-        self,
-        data_dir: str = "data/imagenet",
-        *,
-        num_classes: int = 1000,
-        image_size: int = 224,
-        resize_size: Optional[int] = None,
-        scale: tuple[float, float] = (0.08, 1.0),
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, data_dir: str = "data/imagenet", *, num_classes: int = 1000, image_size: int = 224,
+                 resize_size: Optional[int] = None, scale: tuple[float, float] = (0.08, 1.0), **kwargs: Any) -> None:
         if kwargs.get("download"):
-            raise ValueError(
-                "Expected `download` to be False: ImageNet cannot be downloaded automatically (it needs a registered"
-                " account at image-net.org). Place it as data_dir/train/<class>/*.JPEG and data_dir/val/<class>/*."
-            )
+            raise ValueError("Expected `download` to be False: ImageNet cannot be downloaded (it needs an image-net.org"
+                             " account). Place it as data_dir/train/<class>/*.JPEG and data_dir/val/<class>/*.")
         super().__init__(data_dir, **kwargs)
         self.num_classes = check_int(num_classes, "num_classes", minimum=1)
         self.image_size = check_int(image_size, "image_size", minimum=1)
         resize_size = int(round(image_size / 0.875)) if resize_size is None else resize_size
-        self.resize_size = check_int(resize_size, "resize_size", minimum=1)
-        if resize_size < image_size:
-            raise ValueError(
-                f"Expected `resize_size` to be at least `image_size` ({image_size}), but got {resize_size}."
-            )
+        hint = " Pass None or at least `image_size`."
+        self.resize_size = check_int(resize_size, "resize_size", minimum=self.image_size, hint=hint)
         self.scale = _check_range(scale, "scale", high=1.0)
         self.dims = (3, image_size, image_size)
 
+    @property
     def _layout_hint(self) -> str:
-        return (
-            f"Expected the layout {self.data_dir}/train/<class>/*.JPEG and {self.data_dir}/val/<class>/* (the"
-            " same class folder names in both; sort the official flat val/ into class folders first)."
-        )
-
-    def _class_folders(self, split: str) -> list[str]:
-        folder = Path(self.data_dir) / split
-        if not folder.is_dir():
-            raise FileNotFoundError(f"The {self.name} folder '{folder}' does not exist. {self._layout_hint()}")
-        classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-        if not classes:
-            raise FileNotFoundError(f"'{folder}' holds no class folders. {self._layout_hint()}")
-        return classes
+        return (f"Expected the layout {self.data_dir}/train/<class>/*.JPEG and {self.data_dir}/val/<class>/* (the same"
+                " class folder names in both; sort the official flat val/ into class folders first).")
 
     @override
     def _check_data(self) -> None:
-        if not Path(self.data_dir).is_dir():
-            raise FileNotFoundError(f"`data_dir` '{self.data_dir}' does not exist. {self._layout_hint()}")
-        train, val = self._class_folders("train"), self._class_folders("val")
+        classes = []
+        for folder in (Path(self.data_dir) / "train", Path(self.data_dir) / "val"):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"The {self.name} folder '{folder}' does not exist. {self._layout_hint}")
+            classes.append(sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()))
+            if not classes[-1]:
+                raise FileNotFoundError(f"'{folder}' holds no class folders. {self._layout_hint}")
+        train, val = classes
         if train != val:
             raise ValueError(
-                "Expected the same class folders in train/ and val/ (labels are assigned by sorted folder name),"
-                f" but {len(train)} != {len(val)} or names differ: only in train {sorted(set(train) - set(val))[:5]},"
-                f" only in val {sorted(set(val) - set(train))[:5]}. {self._layout_hint()}"
-            )
+                "Expected the same class folders in train/ and val/ (labels follow the sorted folder names), but"
+                f" only in train {sorted(set(train) - set(val))[:5]}, only in val {sorted(set(val) - set(train))[:5]}."
+                f" {self._layout_hint}")
         if len(train) != self.num_classes:
-            raise ValueError(
-                f"Expected {self.num_classes} class folders (`num_classes`), but '{self.data_dir}/train' holds"
-                f" {len(train)}. Pass `num_classes={len(train)}`."
-            )
+            raise ValueError(f"Expected {self.num_classes} class folders (`num_classes`), but '{self.data_dir}/train'"
+                             f" holds {len(train)}. Pass `num_classes={len(train)}`.")
 
     @override
     def _base_dataset(self, train: bool) -> Dataset:
@@ -749,38 +644,25 @@ class ImageNetDataModule(VisionDataModule):
         try:
             return tv_datasets.ImageFolder(str(folder), loader=_load_image)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"Empty class folders in '{folder}': {err} {self._layout_hint()}") from err
+            raise FileNotFoundError(f"Empty class folders in '{folder}': {err} {self._layout_hint}") from err
 
     @override
-    def _train_transform(self) -> GeometryTransform:
-        return RandomResizedCropFlip(self.image_size, scale=self.scale)
-
-    @override
-    def _eval_transform(self) -> GeometryTransform:
-        return ResizeCenterCrop(self.resize_size, self.image_size)
-
-    @override
-    def _reference_transform(self) -> GeometryTransform:
-        return _WholeImage((self.image_size, self.image_size))
+    def _transforms(self) -> tuple[GeometryTransform, GeometryTransform, GeometryTransform]:
+        size = self.image_size
+        return (RandomResizedCropFlip(size, scale=self.scale), ResizeCenterCrop(self.resize_size, size),
+                _WholeImage((size, size)))
 
 
 _FMNIST_FILES = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
 
 
-def _file_or_gz(path: Path) -> Optional[Path]:
-    """``path``, else ``path.gz``, if it is a file."""
-    return next((p for p in (path, path.with_name(path.name + ".gz")) if p.is_file()), None)
-
-
 class FashionMNISTDataModule(VisionDataModule):
     """Fashion-MNIST from its four IDX files: the default that works offline.
 
-    The files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (each gzipped or not) are looked
-    for in ``data_dir``, then ``data_dir/FashionMNIST/raw`` (where ``download=True`` puts them),
-    then ``system_dir`` (where ``apt-get install dataset-fashion-mnist`` puts them); the first folder
-    holding all four is used. The 28 px gray images are zero-padded to ``pad_to`` px, repeated to
-    ``channels`` channels and normalised with mean 0.2860 and std 0.3530. Training adds
-    ``RandomCrop(pad_to, padding=4)`` and a horizontal flip; the padded image is the reference frame.
+    The files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` are taken from the first of
+    ``data_dir``, ``data_dir/FashionMNIST/raw`` (where ``download=True`` puts them) and ``system_dir``
+    that holds all four. The 28 px images are zero-padded to ``pad_to`` px and repeated to ``channels``
+    channels. Training adds ``RandomCrop(pad_to, padding=4)`` and a flip; the padded image is the reference.
 
     Args:
         data_dir: first folder to look in; ``download=True`` downloads into it.
@@ -801,19 +683,11 @@ class FashionMNISTDataModule(VisionDataModule):
 
     name = "fashion_mnist"
     num_classes = 10
-    dims = (3, 32, 32)
-    mean = (0.2860,) * 3
-    std = (0.3530,) * 3
+    _offline_hint = (f"run `apt-get install dataset-fashion-mnist` (into {FASHION_MNIST_SYSTEM_DIR}) or put the four"
+                     " IDX files in `data_dir`.")
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        *,
-        channels: Literal[1, 3] = 3,
-        pad_to: int = 32,
-        system_dir: Optional[str] = FASHION_MNIST_SYSTEM_DIR,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, data_dir: str = "data", *, channels: Literal[1, 3] = 3, pad_to: int = 32,
+                 system_dir: Optional[str] = FASHION_MNIST_SYSTEM_DIR, **kwargs: Any) -> None:
         super().__init__(data_dir, **kwargs)
         if channels not in (1, 3) or isinstance(channels, bool):
             raise ValueError(f"Expected `channels` to be 1 or 3, but got {channels!r}.")
@@ -823,63 +697,44 @@ class FashionMNISTDataModule(VisionDataModule):
         self.dims = (self.channels, self.pad_to, self.pad_to)
         self.mean, self.std = (0.2860,) * self.channels, (0.3530,) * self.channels
 
-    def _find_files(self) -> tuple[Optional[dict[str, Path]], list[str]]:
-        """The four file paths from the first folder holding them all, and what each folder before lacked."""
-        report = []
-        folders = [Path(self.data_dir), Path(self.data_dir) / "FashionMNIST" / "raw"]
-        for folder in folders + ([Path(self.system_dir)] if self.system_dir is not None else []):
-            if not folder.is_dir():
-                report.append(f"'{folder}' (does not exist)")
-                continue
-            found = {stem: path for stem in _FMNIST_FILES if (path := _file_or_gz(folder / stem)) is not None}
-            if len(found) == len(_FMNIST_FILES):
-                return found, report
-            if found:
-                missing = [stem for stem in _FMNIST_FILES if stem not in found]
-                raise FileNotFoundError(
-                    f"'{folder}' holds only part of Fashion-MNIST: {missing} (or .gz) are missing. Add them, or"
-                    " remove the partial copy so that the next location is used."
-                )
-            report.append(f"'{folder}' (no IDX files)")
-        return None, report
-
-    _offline_hint = "run `apt-get install dataset-fashion-mnist` or put the four IDX files in data_dir."
-
     @override
     def _download(self) -> None:
-        if self._find_files()[0] is None:
+        try:
+            self._check_data()
+        except FileNotFoundError:
             for train in (True, False):
                 tv_datasets.FashionMNIST(self.data_dir, train=train, download=True)
 
     @override
-    def _check_data(self) -> None:
-        files, report = self._find_files()
-        if files is None:
-            names = ", ".join(f"{stem}[.gz]" for stem in _FMNIST_FILES)
-            raise FileNotFoundError(
-                f"Fashion-MNIST not found: looked for {names} in {', '.join(report)}. Run"
-                f" `apt-get install dataset-fashion-mnist` (installs them in {FASHION_MNIST_SYSTEM_DIR}), put the"
-                " four IDX files in `data_dir`, or pass `download=True` (needs internet)."
-            )
+    def _check_data(self) -> dict[str, Path]:
+        """The four file paths from the first folder that holds them all."""
+        looked = []
+        folders = [Path(self.data_dir), Path(self.data_dir) / "FashionMNIST" / "raw"]
+        for folder in folders + ([Path(self.system_dir)] if self.system_dir is not None else []):
+            found = {stem: path for stem in _FMNIST_FILES for path in (folder / f"{stem}.gz", folder / stem)
+                     if path.is_file()}  # the plain file comes last, so it wins over the .gz one
+            if len(found) == len(_FMNIST_FILES):
+                return found
+            if found:
+                missing = [stem for stem in _FMNIST_FILES if stem not in found]
+                raise FileNotFoundError(f"'{folder}' holds only part of Fashion-MNIST: {missing} (or .gz) are missing."
+                                        " Add them, or remove the partial copy so that the next location is used.")
+            looked.append(f"'{folder}' ({'no IDX files' if folder.is_dir() else 'does not exist'})")
+        raise FileNotFoundError(f"Fashion-MNIST not found: looked for {', '.join(_FMNIST_FILES)} (or .gz) in"
+                                f" {', '.join(looked)}. Pass `download=True` (needs internet), or {self._offline_hint}")
 
     @override
     def _base_dataset(self, train: bool) -> Dataset:
-        files = self._find_files()[0]
-        prefix = "train" if train else "t10k"
-        image_path, label_path = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]  # type: ignore[index]
+        prefix, files = ("train" if train else "t10k"), self._check_data()
+        image_path, label_path = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]
         images, labels = read_idx(image_path, expected_magic=2051), read_idx(label_path, expected_magic=2049)
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"Expected as many labels as images, but '{image_path}' holds {images.shape[0]} images and"
-                f" '{label_path}' {labels.shape[0]} labels."
-            )
+            raise ValueError(f"Expected as many labels as images, but '{image_path}' holds {images.shape[0]} images"
+                             f" and '{label_path}' {labels.shape[0]} labels.")
         if labels.numel() and int(labels.max()) >= self.num_classes:
-            raise ValueError(
-                f"Expected labels in [0, {self.num_classes - 1}] in '{label_path}', but found {int(labels.max())}."
-            )
+            raise ValueError(f"Expected labels in [0, {self.num_classes - 1}] in '{label_path}', but found"
+                             f" {int(labels.max())}.")
         if max(images.shape[1:]) > self.pad_to:
-            raise ValueError(
-                f"Expected `pad_to` to be at least the image size {tuple(images.shape[1:])} of '{image_path}',"
-                f" but got {self.pad_to}."
-            )
+            raise ValueError(f"Expected `pad_to` to be at least the image size {tuple(images.shape[1:])} of"
+                             f" '{image_path}', but got {self.pad_to}.")
         return _TensorImages(images, labels, self.pad_to, "RGB" if self.channels == 3 else "L")

@@ -1,16 +1,7 @@
 """The image classifier ``LightningModule`` used by the CLI: a torchvision classifier, SGD/AdamW, warmup + schedule.
 
-Images are ``(B, C, H, W)``; targets are class indices ``(B,)`` or, on batches mixed by a
-callback (Attentive CutMix, CutMix, Mixup), soft targets ``(B, K)`` whose rows sum to 1.
-The module holds only the classifier: the attention model of Attentive CutMix lives on its
-callback, so it never reaches the optimizer or the checkpoint.
-
-Example::
-
-    >>> import torch
-    >>> model = ImageClassifier(arch="resnet18", num_classes=10, small_input=True)
-    >>> model(torch.randn(2, 3, 32, 32)).shape
-    torch.Size([2, 10])
+Images are ``(B, C, H, W)``; targets are class indices ``(B,)`` or soft targets ``(B, K)`` from a mixing
+callback. The attention model of Attentive CutMix lives on its callback, never in this module.
 """
 
 from __future__ import annotations
@@ -44,7 +35,6 @@ DENSENET264_CONFIG: dict[str, Any] = {"growth_rate": 32, "block_config": (6, 12,
 # Auxiliary heads return a tuple in training mode and add a loss this module does not use.
 _BUILDER_KWARGS: dict[str, dict[str, Any]] = {"inception_v3": {"aux_logits": False}, "googlenet": {"aux_logits": False}}
 
-
 #: CIFAR ResNets (He et al., 2016, section 4.2): name -> blocks per stage (depth = 6n + 2).
 CIFAR_RESNET_BLOCKS: dict[str, int] = {"cifar_resnet8": 1, "cifar_resnet20": 3}
 
@@ -58,9 +48,8 @@ class _CifarBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
+            conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+            self.shortcut = nn.Sequential(conv, nn.BatchNorm2d(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -70,9 +59,8 @@ class _CifarBasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """The CIFAR ResNet of He et al. (2016, section 4.2): a 3x3 stem, three stages of ``blocks`` basic blocks.
 
-    Stages have ``width``, ``2 * width`` and ``4 * width`` channels at strides 1, 2, 2, then global
-    average pooling and a linear head; depth is ``6 * blocks + 2``. A 1x1-convolution shortcut
-    ("option B") is used where the shape changes. Built for 32 px inputs.
+    Stages of ``width``, ``2 * width``, ``4 * width`` channels at strides 1, 2, 2, 1x1-convolution shortcuts
+    where the shape changes, pooling and a linear head; depth ``6 * blocks + 2``, for 32 px inputs.
 
     Example::
 
@@ -89,8 +77,7 @@ class CifarResNet(nn.Module):
         channels = width
         for stage, out_channels in enumerate((width, 2 * width, 4 * width)):
             for block in range(blocks):
-                stride = 2 if stage > 0 and block == 0 else 1
-                layers.append(_CifarBasicBlock(channels, out_channels, stride))
+                layers.append(_CifarBasicBlock(channels, out_channels, 2 if stage > 0 and block == 0 else 1))
                 channels = out_channels
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(channels, num_classes)
@@ -126,21 +113,17 @@ def _load_pretrained(arch: str, weights: torchvision.models.WeightsEnum, **kwarg
         return torchvision.models.get_model(arch, weights=weights, **kwargs)
     except (OSError, RuntimeError) as err:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
-        raise RuntimeError(
-            f"Could not load the `weights={weights.name!r}` of `arch={arch!r}` ({type(err).__name__}: {err})."
-            f" Without internet access, download {weights.url} elsewhere and put the file at {path}"
-            " (that is, `torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it)."
-        ) from err
+        raise RuntimeError(f"Could not load the `weights={weights.name!r}` of `arch={arch!r}` ({type(err).__name__}:"
+                           f" {err}). Without internet, download {weights.url} elsewhere and put the file at {path}"
+                           " (`torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it).") from err
 
 
 def _replace_head(model: nn.Module, num_classes: int, arch: str) -> None:
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    name, head = linears[-1] if linears else ("", None)
-    if head is None:
-        raise ValueError(
-            f"Expected `arch={arch!r}` to end with an `nn.Linear` head so that pretrained `weights` can be used"
-            f" with `num_classes={num_classes}`, but found none."
-        )
+    if not linears:
+        raise ValueError(f"Expected `arch={arch!r}` to end with an `nn.Linear` head so that pretrained `weights` can be"
+                         f" used with `num_classes={num_classes}`, but found none.")
+    name, head = linears[-1]
     model.set_submodule(name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
 
 
@@ -157,10 +140,8 @@ def _make_small_input(model: nn.Module, arch: str) -> None:
         return
     stem = next((value for family, value in _SMALL_STEMS.items() if isinstance(model, family)), None)
     if stem is None:
-        raise ValueError(
-            "Expected `arch` to be a ResNet, DenseNet or EfficientNet when `small_input=True`,"
-            f" but got {arch!r} ({type(model).__name__})."
-        )
+        raise ValueError("Expected `arch` to be a ResNet, DenseNet or EfficientNet when `small_input=True`, but got"
+                         f" {arch!r} ({type(model).__name__}).")
     conv_name, pool_name, init = stem
     old = model.get_submodule(conv_name)
     conv = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
@@ -172,14 +153,12 @@ def _make_small_input(model: nn.Module, arch: str) -> None:
 def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     name, old = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     if old.groups != 1:
-        raise ValueError(
-            f"Expected the first convolution to have groups=1 to change `in_channels`, but got {old.groups}."
-        )
+        raise ValueError(f"Expected the first convolution to have groups=1 to change `in_channels`, but got"
+                         f" {old.groups}.")
     keep = ("out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode")
     new = nn.Conv2d(in_channels, bias=old.bias is not None, **{key: getattr(old, key) for key in keep})
     with torch.no_grad():
-        # Summing (1 channel) or tiling and rescaling (others) keeps the stem's response to
-        # a uniform image, so pretrained stems stay useful and random ones keep their scale.
+        # Summing (1 channel) or tiling and rescaling keeps the stem's response to a uniform image.
         weight = old.weight
         if in_channels == 1:
             weight = weight.sum(dim=1, keepdim=True)
@@ -192,33 +171,28 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     model.set_submodule(name, new)
 
 
-def build_classifier(
-    arch: str = "resnet18",
-    *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    small_input: bool = False,
-    weights: Optional[str] = None,
-) -> nn.Module:
+def build_classifier(arch: str = "resnet18", *, num_classes: int = 10, in_channels: int = 3,
+                     small_input: bool = False, weights: Optional[str] = None) -> nn.Module:
     """Build a torchvision classifier by name, optionally pretrained, for ``(B, in_channels, H, W)`` inputs.
 
     Args:
-        arch: a name from :func:`available_archs` (case-insensitive). ``"densenet264"`` builds a
-            DenseNet with :data:`DENSENET264_CONFIG`; ``"cifar_resnet8"``/``"cifar_resnet20"`` build a
-            :class:`CifarResNet`; neither has pretrained weights.
-        num_classes: outputs of the head. With ``weights``, a pretrained head of another size is
-            replaced by a new ``nn.Linear`` (the last ``nn.Linear`` of the model).
-        in_channels: input channels; the first convolution is rebuilt when not 3, its weights
-            summed over channels (1 channel) or tiled and rescaled (others).
-        small_input: CIFAR-style stem for 32 px inputs: ResNets and DenseNets get a fresh 3x3, stride-1
-            first convolution and no stem pooling; EfficientNets a stride-1 first convolution (the CIFAR
-            ResNets already have such a stem).
-        weights: a torchvision weights name for ``arch`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``, or
-            qualified, ``"ResNet18_Weights.IMAGENET1K_V1"``), or None for random initialisation.
+        arch: a name from :func:`available_archs` (case-insensitive); ``"densenet264"`` and the CIFAR
+            ResNets have no pretrained weights.
+        num_classes: outputs; with ``weights``, a pretrained head of another size is replaced.
+        in_channels: input channels; when not 3, the first convolution's weights are summed (1) or tiled.
+        small_input: CIFAR-style stem for 32 px inputs: a stride-1 first convolution and no stem pooling
+            (ResNet, DenseNet and EfficientNet families).
+        weights: a torchvision weights name for ``arch`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``,
+            ``"ResNet18_Weights.IMAGENET1K_V1"``), or None for random initialisation.
 
     Raises:
         ValueError: if ``arch`` or ``weights`` is unknown, or ``small_input`` is set for another family.
         RuntimeError: if the weights cannot be downloaded (offline); the message says where to put the file.
+
+    Example::
+
+        >>> build_classifier("resnet18", num_classes=10, small_input=True)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
     arch = arch.lower()
     names = available_archs()
@@ -247,9 +221,8 @@ def build_classifier(
     return model
 
 
-def _lr_factor(
-    step: int, *, schedule: str, warmup_steps: int, total_steps: float, milestone_steps: Sequence[int], gamma: float
-) -> float:
+def _lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: float, milestone_steps: Sequence[int],
+               gamma: float) -> float:
     """Multiplier of the base learning rate after ``step`` optimizer steps (for ``LambdaLR``)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -270,31 +243,24 @@ def _unpack(batch: Any, *, with_target: bool = True) -> tuple[Tensor, Optional[T
         return batch[0], batch[1] if len(batch) > 1 else None
     if isinstance(batch, Tensor) and not with_target:
         return batch, None
-    raise TypeError(
-        f"Expected a batch as a tuple/list (images, targets, ...) or a dict with 'image' and 'target' keys,"
-        f" but got {type(batch).__name__}."
-    )
+    raise TypeError("Expected a batch as a tuple/list (images, targets, ...) or a dict with 'image' and 'target' keys,"
+                    f" but got {type(batch).__name__}.")
 
 
 class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
     """A torchvision classifier trained with soft-target cross-entropy, for plain or mixed batches.
 
-    Batches are ``(images, targets, ...)`` tuples/lists (extra elements, such as the geometry
-    of a paste, are ignored) or dicts with ``"image"`` and ``"target"`` keys. Targets are
-    ``(B,)`` class indices or ``(B, K)`` soft targets from a mixing callback.
-
-    Metrics (micro-averaged): ``train/loss`` per step; ``train/acc`` per epoch, against the
-    dominant label of each mixed target (a training signal, lower than clean accuracy);
-    ``val/loss``, ``val/acc``, ``val/acc_top5`` and their ``test/`` twins per epoch (top-5 is
-    top-``min(5, num_classes)``; losses without ``label_smoothing``). ``predict_step`` returns
-    softmax probabilities ``(B, K)``.
+    Batches are ``(images, targets, ...)`` tuples/lists (extra elements ignored) or dicts with
+    ``"image"`` and ``"target"`` keys. Logged (micro-averaged): ``train/loss`` per step, ``train/acc``
+    (against each mixed target's dominant label), ``val/`` and ``test/`` ``loss``, ``acc`` and
+    ``acc_top5`` per epoch. ``predict_step`` returns softmax probabilities ``(B, K)``.
 
     Args:
-        arch: torchvision classification model name, or ``"densenet264"``; see :func:`build_classifier`.
+        arch: a torchvision classification model name (see :func:`build_classifier`).
         num_classes: number of classes ``K``.
-        in_channels: input channels; the stem is adapted when not 3.
-        small_input: CIFAR-style stem for 32 px inputs (ResNet, DenseNet and EfficientNet families).
-        weights: torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``) for fine-tuning, or None.
+        in_channels: input channels.
+        small_input: CIFAR-style stem for 32 px inputs.
+        weights: torchvision weights name for fine-tuning, or None.
         label_smoothing: ``eps`` in ``[0, 1)`` for the training loss.
         optimizer: ``"sgd"`` or ``"adamw"`` (``momentum`` and ``nesterov`` unused; ``lr`` near 1e-3).
         lr: base learning rate (the peak after warmup).
@@ -302,20 +268,17 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         nesterov: Nesterov momentum for SGD (needs ``momentum > 0``).
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay, ``>= 0``.
         no_weight_decay_on_bn_and_bias: no weight decay on parameters with at most one dimension.
-        lr_scheduler: ``"cosine"`` (``lr`` to 0 over all steps), ``"multistep"`` (times ``gamma`` at
-            each of ``milestones``) or ``"none"``; updated every step.
+        lr_scheduler: ``"cosine"`` (to 0), ``"multistep"`` (times ``gamma`` at ``milestones``) or ``"none"``.
         milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``.
         gamma: factor in ``(0, 1]`` for ``"multistep"``.
-        warmup_epochs: epochs of linear warmup from ``lr / warmup_steps`` to ``lr``, before any schedule.
+        warmup_epochs: epochs of linear warmup to ``lr``, before any schedule (updated every step).
 
     Raises:
-        ValueError: if an argument is out of range (see the messages), or from :func:`build_classifier`.
-        MisconfigurationException: from ``configure_optimizers`` if the schedule needs a length
-            the trainer cannot give (infinite or iterable training without ``max_steps``).
+        ValueError: if an argument is out of range, or from :func:`build_classifier`.
+        MisconfigurationException: from ``configure_optimizers`` if the schedule needs a length the trainer lacks.
 
     Example::
 
-        >>> import torch
         >>> model = ImageClassifier(arch="resnet18", num_classes=10, small_input=True)
         >>> images, targets = torch.randn(2, 3, 32, 32), torch.tensor([[0.7, 0.3] + [0.0] * 8, [0.0] * 9 + [1.0]])
         >>> loss = model.training_step((images, targets), 0)
@@ -323,25 +286,12 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         True
     """
 
-    def __init__(
-        self,
-        arch: str = "resnet18",
-        num_classes: int = 10,
-        in_channels: int = 3,
-        small_input: bool = False,
-        weights: Optional[str] = None,
-        label_smoothing: float = 0.0,
-        optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        no_weight_decay_on_bn_and_bias: bool = True,
-        lr_scheduler: Literal["cosine", "multistep", "none"] = "cosine",
-        milestones: Sequence[int] = (150, 225),
-        gamma: float = 0.1,
-        warmup_epochs: int = 0,
-    ) -> None:
+    def __init__(self, arch: str = "resnet18", num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
+                 weights: Optional[str] = None, label_smoothing: float = 0.0,
+                 optimizer: Literal["sgd", "adamw"] = "sgd", lr: float = 0.1, momentum: float = 0.9,
+                 nesterov: bool = True, weight_decay: float = 5e-4, no_weight_decay_on_bn_and_bias: bool = True,
+                 lr_scheduler: Literal["cosine", "multistep", "none"] = "cosine",
+                 milestones: Sequence[int] = (150, 225), gamma: float = 0.1, warmup_epochs: int = 0) -> None:
         super().__init__()
         check_int(num_classes, "num_classes", minimum=2)
         check_int(in_channels, "in_channels", minimum=1)
@@ -364,15 +314,11 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
             rank_zero_warn(f"`lr={lr}` is large for AdamW; values near 1e-3 are usual. Set `lr` explicitly.")
         self.save_hyperparameters()
         self.label_smoothing = label_smoothing
-        self.net = build_classifier(
-            arch, num_classes=num_classes, in_channels=in_channels, small_input=small_input, weights=weights
-        )
-        top_k = min(5, num_classes)
-        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.net = build_classifier(arch, num_classes=num_classes, in_channels=in_channels, small_input=small_input,
+                                    weights=weights)
+        top1, top5 = (MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in (1, min(5, num_classes)))
+        self.train_acc, self.val_acc, self.test_acc = top1, top1.clone(), top1.clone()
+        self.val_acc_top5, self.test_acc_top5 = top5, top5.clone()
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -417,23 +363,18 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups for the optimizer: with and (optionally) without weight decay."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        params, decay = [p for p in self.parameters() if p.requires_grad], self.hparams.weight_decay
         if not self.hparams.no_weight_decay_on_bn_and_bias:
-            return [{"params": params, "weight_decay": self.hparams.weight_decay}]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        return [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+            return [{"params": params, "weight_decay": decay}]
+        return [{"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
     def _steps_per_epoch(self) -> int:
         batches = self.trainer.num_training_batches
         if not math.isfinite(batches) or batches <= 0:
-            raise MisconfigurationException(
-                "`warmup_epochs` and `lr_scheduler='multistep'` need the number of training batches per epoch,"
-                f" but the trainer reports {batches}. Use a sized training dataloader and a finite `max_epochs`."
-            )
+            raise MisconfigurationException("`warmup_epochs` and `lr_scheduler='multistep'` need the number of training"
+                                            f" batches per epoch, but the trainer reports {batches}. Use a sized"
+                                            " training dataloader and a finite `max_epochs`.")
         return math.ceil(batches / self.trainer.accumulate_grad_batches)
 
     @override
@@ -441,19 +382,17 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         hp = self.hparams
         groups = self.parameter_groups()
         if hp.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
-            )
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum,
+                                                               nesterov=hp.nesterov, weight_decay=hp.weight_decay)
         else:
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.lr_scheduler == "none" and hp.warmup_epochs == 0:
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches
         if hp.lr_scheduler == "cosine" and (not math.isfinite(total_steps) or total_steps <= 0):
-            raise MisconfigurationException(
-                f"`lr_scheduler='cosine'` needs the total number of training steps, but the trainer estimates"
-                f" {total_steps}. Set `max_epochs` with a sized training dataloader, or `max_steps`."
-            )
+            raise MisconfigurationException(f"`lr_scheduler='cosine'` needs the total number of training steps, but the"
+                                            f" trainer estimates {total_steps}. Set `max_epochs` with a sized training"
+                                            " dataloader, or `max_steps`.")
         needs_epochs = hp.warmup_epochs > 0 or hp.lr_scheduler == "multistep"
         steps_per_epoch = self._steps_per_epoch() if needs_epochs else 0
         warmup, milestones = hp.warmup_epochs * steps_per_epoch, [m * steps_per_epoch for m in hp.milestones]

@@ -203,7 +203,7 @@ class Counting(nn.Module):
         return self.act(self.conv(x))
 
 
-def test_fill_from_datasets_and_batches(generator):
+def test_fill_from_datasets(generator):
     images = torch.rand(10, 3, 28, 28, generator=generator)
     teacher = attention_model_from_module(Counting(), "act", input_size=28, grid_size=7)
     expected = teacher(images)
@@ -213,10 +213,6 @@ def test_fill_from_datasets_and_batches(generator):
     torch.testing.assert_close(cache.maps[[3, 9]], expected[[3, 9]])
     pairs = HeatmapCache(10, 7, dtype=torch.float32).fill(teacher, TensorDataset(images, torch.zeros(10)), batch_size=3)
     torch.testing.assert_close(pairs.maps, expected)
-    batches = [[images[:5], None, torch.arange(5)], [images[5:], None, torch.arange(5, 10)]]
-    torch.testing.assert_close(HeatmapCache(10, 7, dtype=torch.float32).fill(teacher, batches).maps, expected)
-    with pytest.raises(ValueError, match="without indices"):
-        HeatmapCache(10, 7).fill(teacher, [[images, None]])
     with pytest.raises(ValueError, match="cache's 14x14 grid"):
         HeatmapCache(10, 14).fill(teacher, indexed)
     # the same teacher at twice the input size gives the finer grid

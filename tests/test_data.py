@@ -303,7 +303,7 @@ def test_fmnist_missing_files(tmp_path: Path) -> None:
     dm = fmnist(tmp_path / "nowhere", system_dir=str(tmp_path / "also_nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere' \(does not exist\).*apt-get install dataset-fashion-mnist"):
         dm.setup("fit")
-    with pytest.raises(FileNotFoundError, match=r"put the four IDX files in `data_dir`, or pass `download=True`"):
+    with pytest.raises(FileNotFoundError, match=r"Pass `download=True` \(needs internet\), or run `apt-get install .*put the four IDX files in `data_dir`"):
         dm.setup("test")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         dm.train_reference_dataset()
@@ -337,9 +337,9 @@ def test_fmnist_corrupt_files(tmp_path: Path) -> None:
         ({"batch_size": 0}, r"`batch_size` to be a positive int, but got 0"),
         ({"eval_batch_size": 0}, r"`eval_batch_size` to be None or a positive int, but got 0. Pass None"),
         ({"num_workers": -1}, r"`num_workers` to be an int >= 0, but got -1"),
-        ({"val_split": -1}, r"`val_split` to be a count >= 0, but got -1"),
-        ({"val_split": 1.0}, r"`val_split` as a fraction to be in \[0, 1\), but got 1.0"),
-        ({"val_split": True}, r"`val_split` to be an int \(a count\) or a float"),
+        ({"val_split": -1}, r"`val_split` to be an int >= 0, but got -1. Pass a count"),
+        ({"val_split": 1.0}, r"`val_split` \(a fraction\) to be in \[0, 1\), but got 1.0"),
+        ({"val_split": True}, r"`val_split` to be an int >= 0, but got True. Pass a count \(int\) or a fraction \(float"),
         ({"train_subset": 0}, r"`train_subset` to be None or a positive int, but got 0. Pass None"),
         ({"test_subset": -5}, r"`test_subset` to be None or a positive int, but got -5"),
         ({"seed": 1.5}, r"`seed` to be an int"),
@@ -365,7 +365,7 @@ def test_init_error_data_dir() -> None:
         ({"train_subset": 500}, "fit", r"`train_subset` to be at most the 160 training samples left"),
         ({"test_subset": 51}, "test", r"`test_subset` to be at most the 50 test samples, but got 51"),
         ({"batch_size": 170}, "fit", r"`batch_size` to be at most the 160 training samples, but got 170"),
-        ({}, "train", r"`stage` to be one of 'fit', 'validate', 'test', 'predict' or None, but got 'train'"),
+        ({}, "train", r"`stage` to be one of None, 'fit', 'validate', 'test', 'predict', but got 'train'"),
     ],
 )
 def test_setup_errors(fmnist_dir: Path, kwargs: dict, stage: str, error: str) -> None:
@@ -612,7 +612,7 @@ def _extra_class(root: Path) -> Path:
 @pytest.mark.parametrize(
     ("mutate", "exception", "error"),
     [
-        (_missing_root, FileNotFoundError, r"`data_dir` '.*missing' does not exist.*train/<class>"),
+        (_missing_root, FileNotFoundError, r"folder '.*missing/train' does not exist.*train/<class>"),
         (_rename_val, FileNotFoundError, r"folder '.*/val' does not exist"),
         (_rename_train, FileNotFoundError, r"folder '.*/train' does not exist"),
         (_empty_class, FileNotFoundError, r"Empty class folders in '.*val'.*ant"),
@@ -638,7 +638,7 @@ def test_imagenet_argument_errors(imagenet_dir: Path) -> None:
         imagenet(imagenet_dir, num_classes=1000).setup("fit")
     with pytest.raises(ValueError, match=r"`download` to be False: ImageNet cannot be downloaded"):
         imagenet(imagenet_dir, download=True)
-    with pytest.raises(ValueError, match=r"`resize_size` to be at least `image_size` \(32\), but got 16"):
+    with pytest.raises(ValueError, match=r"`resize_size` to be an int >= 32, but got 16. Pass None or at least `image_size`"):
         imagenet(imagenet_dir, resize_size=16)
     with pytest.raises(ValueError, match=r"`scale` to satisfy"):
         imagenet(imagenet_dir, scale=(0.0, 1.0))
