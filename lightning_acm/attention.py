@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_acm.functional import Size2, _check_images, _pair, attention_grid
+from lightning_acm.functional import attention_grid
+from lightning_acm.validation import Size2, check_images, check_size2
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -155,8 +156,8 @@ class AttentionModel(nn.Module):
         self.layer = layer
         self._is_method = _resolve_layer(backbone, layer)
         self.channels = channels
-        self.input_size: Optional[tuple[int, int]] = None if input_size is None else _pair(input_size, "input_size")
-        self.grid_size = _pair(grid_size, "grid_size")
+        self.input_size: Optional[tuple[int, int]] = None if input_size is None else check_size2(input_size, "input_size")
+        self.grid_size = check_size2(grid_size, "grid_size")
         self.reduction: Literal["mean", "max"] = reduction
         self.amp_dtype = _resolve_amp_dtype(amp_dtype)
         self.channels_last = False
@@ -296,7 +297,7 @@ class AttentionModel(nn.Module):
 
     def teacher_input(self, images: Tensor) -> Tensor:
         """The batch as the teacher sees it: scaled to [0, 1] if integer, renormalised, channel-matched, resized (float32)."""
-        _check_images(images)
+        check_images(images)
         in_channels = images.shape[1]
         if in_channels != self.channels and not (in_channels == 1 and self.channels > 1):
             raise ValueError(
@@ -715,7 +716,7 @@ def _efficientnet_lite0(input_size: Size2) -> nn.Module:
     except ImportError:
         _lite0_file()
         raise
-    height, width = _pair(input_size, "input_size")
+    height, width = check_size2(input_size, "input_size")
     # Its "same" padding is static, computed for `image_size`: build it for the size it will see.
     return EfficientNet.from_name("efficientnet-lite0", image_size=height if height == width else [height, width])
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_acm.functional import Size2, _check_heatmaps, _check_images, _pair
+from lightning_acm.validation import Size2, check_heatmaps, check_images, check_size2
 
 __all__ = [
     "HeatmapCache",
@@ -141,9 +141,9 @@ def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> 
         tensor([[[2., 1.],
                  [4., 3.]]])
     """
-    _check_heatmaps(fine_maps)
+    check_heatmaps(fine_maps)
     box = _check_geometry(geometry, fine_maps.shape[0]).to(fine_maps.device)
-    gh, gw = _pair(grid_size, "grid_size")
+    gh, gw = check_size2(grid_size, "grid_size")
     fh, fw = fine_maps.shape[-2:]
     y0, x0, y1, x1, flipped = box.unbind(1)
     if (gh, fh) == (gw, fw):
@@ -187,9 +187,9 @@ def apply_geometry(
         >>> apply_geometry(image, torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]))
         tensor([[[[3., 2., 1., 0.]]]])
     """
-    _check_images(images)
+    check_images(images)
     box = _check_geometry(geometry, images.shape[0]).to(images.device)
-    height, width = images.shape[-2:] if output_size is None else _pair(output_size, "output_size")
+    height, width = images.shape[-2:] if output_size is None else check_size2(output_size, "output_size")
     y0, x0, y1, x1, flipped = box.unbind(1)
     sign = 1.0 - 2.0 * (flipped > 0.5).float()
     zero = torch.zeros_like(y0)
@@ -220,8 +220,8 @@ def topk_overlap(heatmaps: Tensor, reference: Tensor, top_k: int) -> Tensor:
         >>> topk_overlap(a, b, 2)  # {0, 1} vs {0, 2}: 1 shared of 3
         tensor([0.3333])
     """
-    _check_heatmaps(heatmaps)
-    _check_heatmaps(reference, heatmaps.shape[0])
+    check_heatmaps(heatmaps)
+    check_heatmaps(reference, heatmaps.shape[0])
     if heatmaps.shape != reference.shape:
         raise ValueError(
             f"Expected `heatmaps` and `reference` to have the same shape, but got {tuple(heatmaps.shape)}"
@@ -281,7 +281,7 @@ class HeatmapCache:
             raise ValueError(f"Expected `num_samples` to be a positive int, but got {num_samples!r}.")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"Expected `dtype` to be torch.float16, torch.bfloat16 or torch.float32, but got {dtype}.")
-        self.grid_size = _pair(grid_size, "grid_size")
+        self.grid_size = check_size2(grid_size, "grid_size")
         self.maps = torch.zeros(num_samples, *self.grid_size, dtype=dtype, device=device)
         self.filled = torch.zeros(num_samples, dtype=torch.bool, device=device)
         self.meta: dict[str, Any] = {}
@@ -317,7 +317,7 @@ class HeatmapCache:
 
     def update(self, indices: Tensor, maps: Tensor) -> None:
         """Store ``maps`` ``(M, fh, fw)`` for the dataset ``indices`` ``(M,)`` and mark them filled."""
-        _check_heatmaps(maps)
+        check_heatmaps(maps)
         if tuple(maps.shape[-2:]) != self.grid_size:
             fh, fw = self.grid_size
             raise ValueError(
@@ -604,7 +604,7 @@ def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) ->
     fingerprint: dict[str, Any] = {
         "teacher": type(backbone).__name__,
         "teacher_weights": _digest(teacher.state_dict().items()),
-        "grid_size": list(_pair(grid_size, "grid_size")),
+        "grid_size": list(check_size2(grid_size, "grid_size")),
         "num_samples": size,
         "dataset_pixels": _digest(images),
     }
@@ -662,7 +662,7 @@ def cache_for_trainer(
         if train_indices is not None
         else torch.arange(num_samples)
     )
-    grid = _pair(grid_size, "grid_size")
+    grid = check_size2(grid_size, "grid_size")
     device = trainer.strategy.root_device
     meta = {**(meta or {}), **cache_fingerprint(teacher, reference, grid)}
 

@@ -43,6 +43,7 @@ from lightning_acm.cache import (
     regrid_attention_model,
 )
 from lightning_acm.loss import SoftTargetLossMixin
+from lightning_acm.validation import check_real, check_size2
 
 __all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp"]
 
@@ -134,7 +135,7 @@ class MixResult:
         """``(B,)`` share of each partner's attention mass that reaches the mixed image, or ``None``.
 
         For a pasted region it is :func:`~lightning_acm.functional.pasted_attention_share` (needs
-        ``partner_heatmaps``; computed on the grid when the region is made of cells). For Mixup
+        ``partner_heatmaps``). For Mixup
         (no region) every pixel of the partner enters with weight ``lam``, so the share is ``lam``
         whatever the heatmap, and no teacher is needed.
         """
@@ -142,8 +143,6 @@ class MixResult:
             return self.lam
         if self.partner_heatmaps is None:
             return None
-        if self.cell_indices is not None:
-            return AF._cell_attention_share(self.partner_heatmaps, self.cell_indices, tuple(self.mixed.shape[-2:]))  # type: ignore[arg-type]
         return AF.pasted_attention_share(self.partner_heatmaps, self.mask)  # type: ignore[arg-type]
 
 
@@ -711,8 +710,7 @@ class _BetaMixingCallback(MixingCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        AF._check_alpha(float(alpha) if _is_real(alpha) else alpha)
-        self.alpha = float(alpha)
+        self.alpha = check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
 
     @override
     def state_key_arguments(self) -> dict[str, Any]:
@@ -849,7 +847,7 @@ class AttentiveCutMix(MixingCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        grid = AF._pair(_plain_size(grid_size), "grid_size")
+        grid = check_size2(grid_size, "grid_size")
         cells = grid[0] * grid[1]
         if not _is_int(top_k) or not 1 <= top_k <= cells:
             raise ValueError(
@@ -888,7 +886,7 @@ class AttentiveCutMix(MixingCallback):
         self._given_model = attention_model
         self._attention: Optional[nn.Module] = None
         # --- heatmap cache (issue 4): all of it is off unless `heatmap_cache=True`.
-        cache_grid = grid if cache_grid_size is None else AF._pair(_plain_size(cache_grid_size), "cache_grid_size")
+        cache_grid = grid if cache_grid_size is None else check_size2(cache_grid_size, "cache_grid_size")
         if cache_grid[0] < grid[0] or cache_grid[1] < grid[1]:
             raise ValueError(
                 f"Expected `cache_grid_size` to be at least `grid_size` {grid[0]}x{grid[1]}, but got"

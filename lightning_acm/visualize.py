@@ -56,6 +56,7 @@ from lightning_acm.callbacks import (
     frozen_attention_model,
     run_attention,
 )
+from lightning_acm.validation import check_size2
 
 __all__ = ["MixVisualizer", "PastedAttentionMonitor", "render_mix", "render_mix_grid"]
 
@@ -406,7 +407,7 @@ class PastedAttentionMonitor(_EveryNSteps):
         every_n_steps: int = 1,
     ) -> None:
         super().__init__()
-        self.grid_size = AF._pair(grid_size, "grid_size")
+        self.grid_size = check_size2(grid_size, "grid_size")
         if reduction not in ("mean", "max"):
             raise ValueError(f"Expected `reduction` to be one of 'mean', 'max', but got {reduction!r}.")
         if attention_input_size is not None:
