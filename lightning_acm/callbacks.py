@@ -43,7 +43,7 @@ from lightning_acm.cache import (
     regrid_attention_model,
 )
 from lightning_acm.loss import SoftTargetLossMixin
-from lightning_acm.validation import check_real, check_size2
+from lightning_acm.validation import check_class_indices, check_label_range, check_real, check_size2, check_targets
 
 __all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp"]
 
@@ -350,7 +350,7 @@ class _LabelRangeCheck:
         if targets.ndim != 1 or targets.numel() == 0:
             return targets  # probabilities
         if targets.device.type != "cuda":
-            AF._check_class_index_range(targets, num_classes, where)
+            check_class_indices(targets, num_classes, where)
             return targets
         self.poll()
         # non_blocking to the CPU lands in pinned memory; the event says when it has.
@@ -369,7 +369,7 @@ class _LabelRangeCheck:
             landed.synchronize()
             self._pending.popleft()
             low, high = bounds.tolist()
-            AF._check_label_range(low, high, num_classes, where)
+            check_label_range(low, high, num_classes, where)
 
     def flush(self) -> None:
         """Check every queued batch now (end of the epoch)."""
@@ -642,7 +642,7 @@ class MixingCallback(Callback):
             mix_now = False
 
         where = f" (training batch {batch_idx} of epoch {trainer.current_epoch})"
-        checked = self._label_check(AF._targets(targets, num_classes, images.shape[0]), num_classes, where)
+        checked = self._label_check(check_targets(targets, num_classes, images.shape[0]), num_classes, where)
         if not mix_now:
             if self.label_smoothing > 0:
                 batch[target_slot] = AF._probabilities(checked, num_classes, self.label_smoothing)  # type: ignore[index]

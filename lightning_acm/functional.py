@@ -3,25 +3,25 @@
 Conventions used throughout this module:
 
 * images are ``(B, C, H, W)``, heatmaps ``(B, gh, gw)``, masks boolean ``(B, 1, H, W)``.
-* ``permutation`` ``p`` pairs sample ``i`` with its *partner* ``p[i]``: the partner is the
-  pasted image ``images[p[i]]`` and ``images[i]`` is the canvas.
+* ``permutation`` ``p`` pairs sample ``i`` with its *partner* ``p[i]``: the partner is the pasted image
+  ``images[p[i]]`` and ``images[i]`` is the canvas.
 * ``lam[i]`` is the fraction of ``mixed[i]`` that came from the partner: a pasted image is
-  ``mask * images[p] + (1 - mask) * images`` (gradients flow to both), a blend uses ``lam`` as
-  the mask, and ``soft_targets[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``.
-* targets are class indices ``(B,)`` or ``(B, 1)`` (these need ``num_classes``) or float
-  probabilities ``(B, K)``; soft targets come back at least float32, ``lam`` as float32.
-* randomness (pairing, boxes, Beta draws) comes from a ``numpy.random.Generator`` on the CPU and
-  is moved to the images' device, so a seed gives the same mixes on every device; without one,
-  a generator is seeded from torch's global RNG (``torch.manual_seed`` makes it reproducible).
-* the mixing ops take ``num_classes``, ``permutation`` (drawn with :func:`pairing_permutation`
-  when ``None``), ``generator`` and ``label_smoothing`` (``eps`` maps ``y`` to
-  ``(1 - eps) * y + eps / K``), and return ``(mixed (B, C, H, W), soft_targets (B, K), lam (B,))``.
+  ``mask * images[p] + (1 - mask) * images`` (gradients flow to both), a blend uses ``lam`` as the mask,
+  and ``soft_targets[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``.
+* targets are class indices ``(B,)`` or ``(B, 1)`` (these need ``num_classes``) or float probabilities
+  ``(B, K)``; soft targets come back at least float32, ``lam`` as float32.
+* randomness (pairing, boxes, Beta draws) comes from a ``numpy.random.Generator`` on the CPU and is moved
+  to the images' device, so a seed gives the same mixes on every device; without one, a generator is
+  seeded from torch's global RNG (``torch.manual_seed`` makes it reproducible).
+* the mixing ops take ``num_classes``, ``permutation`` (drawn with :func:`pairing_permutation` when
+  ``None``), ``generator`` and ``label_smoothing`` (``eps`` maps ``y`` to ``(1 - eps) * y + eps / K``),
+  and return ``(mixed (B, C, H, W), soft_targets (B, K), lam (B,))``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_acm.validation import (
-    Size2, check_choice, check_heatmaps, check_images, check_int, check_permutation, check_real, check_size2, check_top_k,
+    Size2, check_choice, check_class_indices, check_heatmaps, check_images, check_int, check_permutation, check_real,
+    check_size2, check_targets, check_top_k,
 )
 
 __all__ = [
@@ -54,60 +55,12 @@ def _rng(generator: Generator) -> np.random.Generator:
     return generator
 
 
-def _check_label_range(low: int, high: int, num_classes: int, where: str = "") -> None:
-    """Raise if class indices with minimum ``low`` and maximum ``high`` are outside ``[0, num_classes)``."""
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"Expected class-index `targets` in [0, {num_classes}), but got values in [{low}, {high}]"
-                         f"{where}. Check `num_classes` or the dataset's labels.")
-
-
-def _check_class_index_range(targets: Tensor, num_classes: int, where: str = "") -> None:
-    """Range check of ``(B,)`` class indices (reads them on the host: one sync on an accelerator)."""
-    if targets.numel() > 0:
-        _check_label_range(*torch.stack(torch.aminmax(targets)).tolist(), num_classes, where)
-
-
-def _targets(targets: Tensor, num_classes: Optional[int], batch_size: Optional[int] = None) -> Tensor:
-    """Check the form of ``targets``, not the range of class indices: class indices come back as
-    ``(B,)`` (from ``(B,)`` or ``(B, 1)``), probabilities as the float ``(B, K)`` tensor given."""
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"Expected `targets` to be a torch.Tensor, but got {type(targets).__name__}.")
-    check_int(num_classes, "num_classes", minimum=1, optional=True)
-    if batch_size is not None and (targets.ndim == 0 or targets.shape[0] != batch_size):
-        raise ValueError("Expected `targets` to have one entry per image, but the batch sizes do not match:"
-                         f" {targets.shape[0] if targets.ndim else 'a scalar'} != {batch_size}.")
-    indices = not targets.is_floating_point()
-    if indices and targets.ndim == 2 and targets.shape[1] == 1:
-        targets = targets.squeeze(1)
-    if targets.ndim != (1 if indices else 2):
-        raise ValueError("Expected `targets` to be class indices (B,) or float probabilities (B, K), but got"
-                         f" {'an integer' if indices else 'a floating-point'} tensor of shape {tuple(targets.shape)}."
-                         " Pass class indices (e.g. `targets.argmax(1)`) or float probabilities.")
-    if indices and num_classes is None:
-        raise ValueError("Expected `num_classes` for class-index targets of shape (B,), but got None."
-                         " Pass `num_classes=K` or give one-hot/probability targets of shape (B, K).")
-    if indices:
-        return targets
-    if num_classes is not None and targets.shape[1] != num_classes:
-        raise ValueError("Expected soft `targets` of width `num_classes`, but the widths do not match:"
-                         f" {targets.shape[1]} != {num_classes}.")
-    tolerance = max(1e-2, 4 * torch.finfo(targets.dtype).eps)  # rounding, also of targets made in a lower precision
-    sums = targets.double().sum(dim=1)
-    if targets.numel() > 0 and (bool((targets < 0).any()) or not bool(((sums - 1).abs() <= tolerance).all())):
-        raise ValueError(
-            "Expected soft `targets` to be probabilities (non-negative rows that sum to 1), but got values in"
-            f" [{float(targets.min()):.4g}, {float(targets.max()):.4g}] and row sums in [{float(sums.min()):.6g},"
-            f" {float(sums.max()):.6g}]. Normalise them (e.g. `targets.softmax(1)`) or pass class indices."
-        )
-    return targets
-
-
 def _checked_targets(targets: Tensor, num_classes: Optional[int], batch_size: Optional[int], smoothing: float) -> Tensor:
-    """:func:`_targets` plus the class-index range and ``label_smoothing``: the public functions' checks."""
+    """The public functions' target checks: ``check_targets``, the class-index range and ``label_smoothing``."""
     check_real(smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
-    targets = _targets(targets, num_classes, batch_size)
+    targets = check_targets(targets, num_classes, batch_size)
     if targets.ndim == 1:
-        _check_class_index_range(targets, int(num_classes))  # type: ignore[arg-type]
+        check_class_indices(targets, int(num_classes))  # type: ignore[arg-type]
     return targets
 
 
@@ -121,9 +74,8 @@ def pairing_permutation(batch_size: int, *, generator: Generator = None, device:
     """
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     order = _rng(generator).permutation(batch_size)
-    permutation = np.empty(batch_size, dtype=np.int64)
-    permutation[order] = np.roll(order, -1)  # p[order[i]] = order[i + 1]
-    return torch.from_numpy(permutation).to(device)
+    permutation = np.roll(order, -1)[np.argsort(order)]  # p[order[i]] = order[i + 1]
+    return torch.from_numpy(permutation.astype(np.int64)).to(device)
 
 
 def sample_beta(alpha: float, size: int, *, generator: Generator = None, device: Optional[torch.device] = None) -> Tensor:
@@ -239,7 +191,7 @@ def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
     """``cell_mask(topk_cell_indices(heatmaps, top_k), (gh, gw), image_size)``: the union of the hottest cells.
 
     Raises:
-        ValueError: if ``top_k`` is out of range or the image is smaller than the grid.
+        ValueError: as :func:`topk_cell_indices` and :func:`expand_grid` (``top_k``, an image smaller than the grid).
 
     Example::
 
@@ -271,9 +223,8 @@ def _cutmix_boxes(area: np.ndarray, image_size: tuple[int, int], generator: np.r
     return torch.from_numpy(np.stack([np.clip(np.round(v), 0, n) for v, n in zip(bounds, limits, strict=True)], axis=1).astype(np.int64))
 
 
-def cutmix_box_mask(
-    batch_size: int, image_size: Size2, area: Tensor, *, generator: Generator = None, device: Optional[torch.device] = None
-) -> Tensor:
+def cutmix_box_mask(batch_size: int, image_size: Size2, area: Tensor, *, generator: Generator = None,
+                    device: Optional[torch.device] = None) -> Tensor:
     """One box per sample, ``(B, 1, H, W)`` bool, of the image's aspect ratio and ``area[i]`` of its size,
     centred uniformly over the image and clipped at the border (``lam`` is the mask's mean).
 
@@ -306,7 +257,7 @@ def paste(images: Tensor, mask: Tensor, permutation: Tensor) -> Tensor:
 
 
 def _probabilities(targets: Tensor, num_classes: Optional[int], label_smoothing: float) -> Tensor:
-    """Targets checked by :func:`_targets` as float probabilities ``(B, K)``, smoothed."""
+    """Targets checked by ``check_targets`` as float probabilities ``(B, K)``, smoothed."""
     if targets.ndim == 1:
         probabilities = F.one_hot(targets.long(), int(num_classes)).float()  # type: ignore[arg-type]
     else:
@@ -322,28 +273,25 @@ def to_probabilities(targets: Tensor, num_classes: Optional[int] = None, *, labe
 
     Raises:
         TypeError: if ``targets`` is not a tensor.
-        ValueError: for a missing ``num_classes``, out-of-range labels, integer targets wider than 1,
-            or soft targets of the wrong width, negative, or whose rows do not sum to 1.
+        ValueError: for a missing ``num_classes``, out-of-range labels, or soft targets of the wrong shape or sums.
 
     Example::
 
-        >>> to_probabilities(torch.tensor([[1], [0]]), 3, label_smoothing=0.3)
-        tensor([[0.1000, 0.8000, 0.1000],
-                [0.8000, 0.1000, 0.1000]])
+        >>> to_probabilities(torch.tensor([[1]]), 3, label_smoothing=0.3)
+        tensor([[0.1000, 0.8000, 0.1000]])
     """
     return _probabilities(_checked_targets(targets, num_classes, None, label_smoothing), num_classes, label_smoothing)
 
 
 def _mix_targets(targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: Optional[int], label_smoothing: float) -> Tensor:
-    """:func:`mix_targets` for targets checked by :func:`_targets`."""
+    """:func:`mix_targets` for targets checked by ``check_targets``."""
     probabilities = _probabilities(targets, num_classes, label_smoothing)
     weight = lam.to(probabilities.device, probabilities.dtype).unsqueeze(1)
     return weight * probabilities.index_select(0, permutation) + (1.0 - weight) * probabilities
 
 
-def mix_targets(
-    targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: Optional[int] = None, *, label_smoothing: float = 0.0
-) -> Tensor:
+def mix_targets(targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: Optional[int] = None, *,
+                label_smoothing: float = 0.0) -> Tensor:
     """``soft[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``, ``y`` from :func:`to_probabilities` (same errors).
 
     Example::
@@ -356,10 +304,8 @@ def mix_targets(
     return _mix_targets(targets, lam, permutation.to(targets.device), num_classes, label_smoothing)
 
 
-def mix_with_mask(
-    images: Tensor, targets: Tensor, mask: Tensor, permutation: Tensor, num_classes: Optional[int] = None,
-    label_smoothing: float = 0.0,
-) -> Mixed:
+def mix_with_mask(images: Tensor, targets: Tensor, mask: Tensor, permutation: Tensor, num_classes: Optional[int] = None,
+                  label_smoothing: float = 0.0) -> Mixed:
     """:func:`paste` ``images[p]`` inside ``mask``, ``lam`` the mask's mean: ``(mixed, soft_targets, lam)``.
 
     Example::
@@ -373,16 +319,17 @@ def mix_with_mask(
     return mixed, mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing), lam
 
 
-def _prepare(
-    images: Tensor, targets: Tensor, num_classes: Optional[int], permutation: Optional[Tensor], generator: Generator,
-    smoothing: float,
-) -> tuple[Tensor, Tensor, np.random.Generator]:
-    """The mixing ops' checks: ``(targets, permutation on the images' device, generator)``."""
+def _mix(images: Tensor, targets: Tensor, num_classes: Optional[int], permutation: Optional[Tensor],
+         generator: Generator, smoothing: float, op: Callable[[Tensor, np.random.Generator], tuple]) -> Mixed:
+    """The mixing ops' path: checks, pairing, ``op(permutation, generator) -> (mixed, lam, ...)``, soft targets."""
     check_images(images)
     targets, generator = _checked_targets(targets, num_classes, images.shape[0], smoothing), _rng(generator)
     if permutation is None:
-        return targets, pairing_permutation(images.shape[0], generator=generator, device=images.device), generator
-    return targets, check_permutation(permutation, images.shape[0]).to(images.device), generator
+        permutation = pairing_permutation(images.shape[0], generator=generator, device=images.device)
+    else:
+        permutation = check_permutation(permutation, images.shape[0]).to(images.device)
+    mixed, lam = op(permutation, generator)[:2]
+    return mixed, _mix_targets(targets, lam, permutation, num_classes, smoothing), lam
 
 
 def _paste_topk_cells(images: Tensor, partner_heatmaps: Tensor, top_k: int, permutation: Tensor) -> Mixed:
@@ -396,10 +343,8 @@ def attentive_cutmix(
     images: Tensor, targets: Tensor, heatmaps: Tensor, *, top_k: int = 6, num_classes: Optional[int] = None,
     permutation: Optional[Tensor] = None, generator: Generator = None, label_smoothing: float = 0.0,
 ) -> Mixed:
-    """Attentive CutMix (Walawalkar et al., 2020): paste the ``top_k`` hottest cells of each partner.
-
-    ``mixed[i]`` is ``images[p[i]]`` inside ``topk_cell_mask(heatmaps[p[i]])`` and ``images[i]``
-    outside, ``heatmaps[i]`` being the attention of ``images[i]``; ``top_k`` is in ``[1, gh * gw]``.
+    """Attentive CutMix (Walawalkar et al., 2020): ``mixed[i]`` is ``images[p[i]]`` inside the ``top_k`` hottest
+    cells of ``heatmaps[p[i]]`` (the attention of the pasted image) and ``images[i]`` outside.
 
     Raises:
         ValueError: for bad shapes, ``top_k``, targets (see :func:`to_probabilities`) or ``permutation``.
@@ -414,26 +359,20 @@ def attentive_cutmix(
     """
     check_images(images)
     check_heatmaps(heatmaps, images.shape[0])
-    targets, permutation, _ = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
-    partner_heatmaps = heatmaps.to(images.device).index_select(0, permutation)
-    mixed, lam, _ = _paste_topk_cells(images, partner_heatmaps, top_k, permutation)
-    return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
+    return _mix(images, targets, num_classes, permutation, generator, label_smoothing,
+                lambda p, _: _paste_topk_cells(images, heatmaps.to(images.device).index_select(0, p), top_k, p))
 
 
 def _cutmix_paste(images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator) -> Mixed:
     """Draw CutMix's boxes (areas, then centres) and paste them: ``(mixed, lam, boxes (B, 4))``."""
     size = (images.shape[2], images.shape[3])
-    boxes = _cutmix_boxes(generator.beta(alpha, alpha, images.shape[0]), size, generator)
-    lam = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).double().div(size[0] * size[1]).float()
-    boxes = boxes.to(images.device)
-    mixed = torch.where(_box_mask(boxes, size), images.index_select(0, permutation), images)
-    return mixed, lam.to(images.device), boxes
+    boxes = _cutmix_boxes(generator.beta(alpha, alpha, images.shape[0]), size, generator).to(images.device)
+    mask = _box_mask(boxes, size)
+    return torch.where(mask, images.index_select(0, permutation), images), _mask_share(mask), boxes
 
 
-def cutmix(
-    images: Tensor, targets: Tensor, *, alpha: float = 1.0, num_classes: Optional[int] = None,
-    permutation: Optional[Tensor] = None, generator: Generator = None, label_smoothing: float = 0.0,
-) -> Mixed:
+def cutmix(images: Tensor, targets: Tensor, *, alpha: float = 1.0, num_classes: Optional[int] = None,
+           permutation: Optional[Tensor] = None, generator: Generator = None, label_smoothing: float = 0.0) -> Mixed:
     """CutMix (Yun et al., 2019): paste one box of each partner, of area ``~ Beta(alpha, alpha)`` and
     uniform centre; ``lam`` is the pasted fraction after clipping at the border.
 
@@ -444,9 +383,8 @@ def cutmix(
         True
     """
     alpha = check_real(alpha, "alpha", low=0.0, low_open=True, what=_BETA)
-    targets, permutation, generator = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
-    mixed, lam, _ = _cutmix_paste(images, permutation, alpha, generator)
-    return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
+    return _mix(images, targets, num_classes, permutation, generator, label_smoothing,
+                lambda p, g: _cutmix_paste(images, p, alpha, g))
 
 
 def _mixup_blend(images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator) -> tuple[Tensor, Tensor]:
@@ -458,10 +396,8 @@ def _mixup_blend(images: Tensor, permutation: Tensor, alpha: float, generator: n
     return images.lerp(images.index_select(0, permutation), lam.to(images.dtype).view(-1, 1, 1, 1)), lam
 
 
-def mixup(
-    images: Tensor, targets: Tensor, *, alpha: float = 1.0, num_classes: Optional[int] = None,
-    permutation: Optional[Tensor] = None, generator: Generator = None, label_smoothing: float = 0.0,
-) -> Mixed:
+def mixup(images: Tensor, targets: Tensor, *, alpha: float = 1.0, num_classes: Optional[int] = None,
+          permutation: Optional[Tensor] = None, generator: Generator = None, label_smoothing: float = 0.0) -> Mixed:
     """Mixup (Zhang et al., 2018): ``mixed[i] = lam[i] * images[p[i]] + (1 - lam[i]) * images[i]``,
     ``lam ~ Beta(alpha, alpha)`` per sample; the images must be floating-point.
 
@@ -471,15 +407,13 @@ def mixup(
         >>> mixed.shape, lam.shape
         (torch.Size([8, 3, 32, 32]), torch.Size([8]))
     """
-    targets, permutation, generator = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
-    mixed, lam = _mixup_blend(images, permutation, alpha, generator)
-    return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
+    return _mix(images, targets, num_classes, permutation, generator, label_smoothing,
+                lambda p, g: _mixup_blend(images, p, alpha, g))
 
 
 def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:
-    """Share ``(B,)`` of each partner's attention mass inside the pasted region ``mask`` ``(B, 1, H, W)``.
-
-    Heatmaps are shifted to a minimum of 0 and spread over their cells' pixels; a constant one gives the pasted area.
+    """Share ``(B,)`` of each partner's attention mass inside the pasted region ``mask`` ``(B, 1, H, W)``: heatmaps
+    are shifted to a minimum of 0 and spread over their cells' pixels; a constant one gives the pasted area.
 
     Example::
 
