@@ -44,7 +44,16 @@ from lightning_acm.cache import (
     regrid_attention_model,
 )
 from lightning_acm.loss import SoftTargetLossMixin
-from lightning_acm.validation import check_int, check_real, check_size2, check_top_k, is_int
+from lightning_acm.validation import (
+    check_class_indices,
+    check_int,
+    check_label_range,
+    check_real,
+    check_size2,
+    check_targets,
+    check_top_k,
+    is_int,
+)
 
 __all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp"]
 
@@ -127,8 +136,6 @@ class MixResult:
             return self.lam
         if self.partner_heatmaps is None:
             return None
-        if self.cell_indices is not None:
-            return AF._cell_attention_share(self.partner_heatmaps, self.cell_indices, tuple(self.mixed.shape[-2:]))  # type: ignore[arg-type]
         return AF.pasted_attention_share(self.partner_heatmaps, self.mask)  # type: ignore[arg-type]
 
 
@@ -209,7 +216,7 @@ class _LabelRangeCheck:
         if targets.ndim != 1 or targets.numel() == 0:
             return targets  # probabilities
         if targets.device.type != "cuda":
-            AF._check_class_index_range(targets, num_classes, where)
+            check_class_indices(targets, num_classes, where)
             return targets
         self.poll()
         # non_blocking to the CPU lands in pinned memory; the event says when it has.
@@ -228,7 +235,7 @@ class _LabelRangeCheck:
             landed.synchronize()
             self._pending.popleft()
             low, high = bounds.tolist()
-            AF._check_label_range(low, high, num_classes, where)
+            check_label_range(low, high, num_classes, where)
 
     def flush(self) -> None:
         """Check every queued batch now (end of the epoch)."""
@@ -459,7 +466,7 @@ class MixingCallback(Callback):
             mix_now = False
 
         where = f" (training batch {batch_idx} of epoch {trainer.current_epoch})"
-        checked = self._label_check(AF._targets(targets, num_classes, images.shape[0]), num_classes, where)
+        checked = self._label_check(check_targets(targets, num_classes, images.shape[0]), num_classes, where)
         if not mix_now:
             if self.label_smoothing > 0:
                 batch[target_slot] = AF._probabilities(checked, num_classes, self.label_smoothing)  # type: ignore[index]
@@ -519,7 +526,7 @@ class _BetaMixingCallback(MixingCallback):
 
     def __init__(self, *, alpha: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.alpha = check_real(alpha, "alpha", low=0.0, low_open=True)
+        self.alpha = check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
 
     @override
     def state_key_arguments(self) -> dict[str, Any]:

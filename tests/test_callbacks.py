@@ -395,8 +395,8 @@ def test_plain_module_with_layer_and_datamodule_normalisation():
     [
         (lambda: CutMix(p=1.5), r"`p` .* to be in \[0, 1\], but got 1.5"),
         (lambda: MixUp(p=-0.1), r"`p` .* to be in \[0, 1\]"),
-        (lambda: CutMix(alpha=0.0), r"`alpha` to be a finite number > 0"),
-        (lambda: MixUp(alpha=float("nan")), r"`alpha` to be a finite number > 0"),
+        (lambda: CutMix(alpha=0.0), r"`alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite number > 0, but got 0.0"),
+        (lambda: MixUp(alpha=float("nan")), r"`alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite number > 0"),
         (lambda: AttentiveCutMix(top_k=50), r"`top_k` to be in \[1, 49\] for a 7x7 grid, but got 50"),
         (lambda: AttentiveCutMix(top_k=0), r"`top_k` to be in \[1, 49\]"),
         (lambda: AttentiveCutMix(teacher=Teacher(grid_size=0)), r"`grid_size` to be positive"),

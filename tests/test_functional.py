@@ -35,7 +35,7 @@ from lightning_acm.functional import (
     topk_cell_indices,
     topk_cell_mask,
 )
-from lightning_acm.functional import _cell_attention_share, _paste_topk_cells
+from lightning_acm.functional import _paste_topk_cells
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 TOLERANCES = {
@@ -371,12 +371,21 @@ def test_paste_topk_cells_returns_the_cells_of_attentive_cutmix(generator):
 
 
 @pytest.mark.parametrize(("grid", "size"), [((7, 7), (32, 32)), ((7, 7), (28, 28)), ((3, 5), (11, 13))])
-def test_cell_attention_share_equals_the_pixel_share(grid, size, generator):
+def test_pasted_attention_share_of_cells_matches_a_per_cell_reference(grid, size, generator):
     heatmaps = torch.randn(6, *grid, generator=generator)
     heatmaps[0] = 2.0  # no mass: the share is the pasted area
     cells = topk_cell_indices(heatmaps, 4)
-    share = _cell_attention_share(heatmaps, cells, size)
-    torch.testing.assert_close(share, pasted_attention_share(heatmaps, cell_mask(cells, grid, size)))
+    rows, cols = cell_bounds(grid[0], size[0]), cell_bounds(grid[1], size[1])
+    expected = []
+    for heat, chosen in zip(heatmaps.double(), cells.tolist(), strict=True):
+        heat = heat - heat.min()
+        area = {r * grid[1] + c: (r1 - r0) * (c1 - c0) for r, (r0, r1) in enumerate(rows) for c, (c0, c1) in enumerate(cols)}
+        total = sum(float(heat.flatten()[i]) * a for i, a in area.items())
+        pasted = sum(area[i] for i in chosen)
+        inside = sum(float(heat.flatten()[i]) * area[i] for i in chosen)
+        expected.append(inside / total if total > 0 else pasted / (size[0] * size[1]))
+    share = pasted_attention_share(heatmaps, cell_mask(cells, grid, size))
+    torch.testing.assert_close(share, torch.tensor(expected, dtype=torch.float32))
 
 
 # --------------------------------------------------------------------------- Attentive CutMix
@@ -989,11 +998,11 @@ def test_error_targets(name):
         augment(images, torch.full((4, 4), 0.25), num_classes=3)
     with pytest.raises(ValueError, match=r"one entry per image, but the batch sizes do not match: 3 != 4\."):
         augment(images, torch.tensor([0, 1, 2]), num_classes=3)
-    with pytest.raises(ValueError, match=r"class indices of shape \(B,\) \(an integer tensor\) or probabilities"):
+    with pytest.raises(ValueError, match=r"class indices \(B,\) or float probabilities \(B, K\), but got a floating-point tensor of shape \(4,\)\. Pass"):
         augment(images, torch.rand(4), num_classes=3)
-    with pytest.raises(ValueError, match=r"`num_classes` to be a positive int, but got 0"):
+    with pytest.raises(ValueError, match=r"`num_classes` to be None or a positive int, but got 0\."):
         augment(images, torch.tensor([0, 0, 0, 0]), num_classes=0)
-    with pytest.raises(ValueError, match=r"`num_classes` to be a positive int, but got True"):
+    with pytest.raises(ValueError, match=r"`num_classes` to be None or a positive int, but got True\."):
         augment(images, torch.tensor([0, 0, 0, 0]), num_classes=True)
     with pytest.raises(TypeError, match=r"`targets` to be a torch.Tensor, but got list"):
         augment(images, [0, 1, 2, 0], num_classes=3)
@@ -1024,9 +1033,9 @@ def test_error_permutation(name):
 @pytest.mark.parametrize("fn", [cutmix, mixup])
 @pytest.mark.parametrize("alpha", [0.0, -1.0, NAN, INF, True, "1"])
 def test_error_alpha(fn, alpha):
-    with pytest.raises(ValueError, match=r"Expected `alpha` to be a finite number > 0 \(the Beta\(alpha, alpha\) parameter\)"):
+    with pytest.raises(ValueError, match=r"Expected `alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite number > 0, but got"):
         fn(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), alpha=alpha, num_classes=2)
-    with pytest.raises(ValueError, match=r"Expected `alpha` to be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"Expected `alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite"):
         sample_beta(alpha, 4)
 
 
@@ -1110,7 +1119,7 @@ def test_cutmix_and_mixup_match_per_sample_references(seed):
     area = drawn.beta(1.0, 1.0, 6)
     centre_y, centre_x = drawn.uniform(0, 20, 6), drawn.uniform(0, 24, 6)
     mixed, soft, lam = cutmix(images, labels, num_classes=5, generator=np.random.default_rng(seed))
-    partner = {int(a): int(b) for a, b in zip(order, np.roll(order, -1))}
+    partner = {int(a): int(b) for a, b in zip(order, np.roll(order, -1), strict=True)}
     for i in range(6):
         j, side = partner[i], math.sqrt(area[i]) / 2
         top, bottom = (min(max(round(float(centre_y[i] + s * side * 20)), 0), 20) for s in (-1, 1))
@@ -1125,7 +1134,7 @@ def test_cutmix_and_mixup_match_per_sample_references(seed):
     mixed, soft, lam = mixup(images, labels, alpha=0.4, num_classes=5, generator=np.random.default_rng(seed))
     drawn = np.random.default_rng(seed)
     order, weights = drawn.permutation(6), drawn.beta(0.4, 0.4, 6)
-    partner = {int(a): int(b) for a, b in zip(order, np.roll(order, -1))}
+    partner = {int(a): int(b) for a, b in zip(order, np.roll(order, -1), strict=True)}
     for i in range(6):
         j, w = partner[i], float(np.float32(weights[i]))
         assert lam[i].item() == w
