@@ -7,8 +7,8 @@ Example::
     >>> trainer = L.Trainer(callbacks=[AttentiveCutMix(top_k=6)], accelerator="cpu", logger=False)
 """
 
-from lightning_acm.attention import AttentionModel, build_attention_model
-from lightning_acm.cache import HeatmapCache
+from lightning_acm.attention import AttentionModel, Teacher, build_attention_model
+from lightning_acm.cache import HeatmapCache, HeatmapCacheConfig
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 from lightning_acm.data import (
     CIFAR10DataModule,
@@ -32,6 +32,7 @@ __all__ = [
     "CutMix",
     "FashionMNISTDataModule",
     "HeatmapCache",
+    "HeatmapCacheConfig",
     "ImageClassifier",
     "ImageNetDataModule",
     "MixUp",
@@ -39,6 +40,7 @@ __all__ = [
     "MixingCallback",
     "PastedAttentionMonitor",
     "SoftTargetLossMixin",
+    "Teacher",
     "VisionDataModule",
     "attention_grid",
     "attentive_cutmix",
