@@ -213,9 +213,8 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
 class MixingCallback(Callback):
     """Base of the mixing callbacks: when to mix, where the batch lives, seeding, logging.
 
-    Subclasses implement :meth:`mix`. The batch is a mutable ``list`` ``[images, targets, ...]``
-    or a ``dict``; several mixing callbacks run in order, each mixing what the previous made.
-    Class-index labels are checked to lie in ``[0, num_classes)`` (on CUDA a few batches late).
+    Subclasses implement :meth:`mix`. Several mixing callbacks run in order, each mixing what the previous
+    made. Class-index labels are checked to lie in ``[0, num_classes)`` (on CUDA a few batches late).
 
     Args:
         p: probability that a batch is mixed.
@@ -454,8 +453,6 @@ class MixUp(_BetaMixingCallback):
 class AttentiveCutMix(MixingCallback):
     """Attentive CutMix (Walawalkar et al., 2020): paste the partner's ``top_k`` most attended cells.
 
-    The frozen teacher is built in ``setup()`` on the training device and kept on this callback.
-
     Args:
         top_k: cells pasted (6 of a 7x7 grid in the paper).
         teacher: a :class:`~lightning_acm.attention.Teacher` or its ``source``; its grid is the
@@ -533,10 +530,13 @@ class AttentiveCutMix(MixingCallback):
         if self.heatmap_cache is not None:
             reference_datamodule(trainer, type(self).__name__)
         if self._attention is None:
-            datamodule = getattr(trainer, "datamodule", None)
-            mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-            device, owner = trainer.strategy.root_device, type(self).__name__
-            self._attention = self.teacher.build(device, input_mean=mean, input_std=std, owner=owner)
+            self._attention = self.build_attention(trainer)
+
+    def build_attention(self, trainer: pl.Trainer) -> nn.Module:
+        """The frozen teacher on the training device, normalised as the datamodule says (called by ``setup``)."""
+        datamodule = getattr(trainer, "datamodule", None)
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        return self.teacher.build(trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__)
 
     @torch.no_grad()
     def heatmaps(self, images: Tensor) -> Tensor:
