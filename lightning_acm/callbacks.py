@@ -1,20 +1,8 @@
-"""Lightning callbacks that mix training batches: Attentive CutMix, CutMix and Mixup.
+"""Lightning callbacks that mix training batches in place: Attentive CutMix, CutMix and Mixup.
 
-Each callback replaces, in ``on_train_batch_start``, the images and targets of the batch
-*in place* (Lightning passes the same list or dict to ``training_step``), so an existing
-``LightningModule`` needs only a loss that takes soft targets
-(:class:`~lightning_acm.loss.SoftTargetLossMixin`).
-
-Randomness: each batch is mixed with a ``numpy.random.Generator`` seeded by
-``SeedSequence([seed, global rank, epoch, batch index])``: ranks mix differently, a rerun with the
-same seed mixes identically, and a resumed run continues as the uninterrupted one (the seed is in
-the callback's ``state_dict``).
-
-Example::
-
-    >>> import lightning as L
-    >>> from lightning_acm import CutMix
-    >>> trainer = L.Trainer(callbacks=[CutMix(alpha=1.0, seed=0)], accelerator="cpu", logger=False)
+The module needs only a soft-target loss (:class:`~lightning_acm.loss.SoftTargetLossMixin`). Each
+batch is mixed with a numpy generator seeded by ``SeedSequence([seed, rank, epoch, batch index])``,
+so reruns and resumed runs mix identically (the seed is in the callback's ``state_dict``).
 """
 
 from __future__ import annotations
@@ -34,6 +22,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_acm import functional as AF
+from lightning_acm import validation as V
 from lightning_acm.attention import Teacher
 from lightning_acm.cache import (
     HeatmapCache,
@@ -44,16 +33,6 @@ from lightning_acm.cache import (
     regrid_attention_model,
 )
 from lightning_acm.loss import SoftTargetLossMixin
-from lightning_acm.validation import (
-    check_class_indices,
-    check_int,
-    check_label_range,
-    check_real,
-    check_size2,
-    check_targets,
-    check_top_k,
-    is_int,
-)
 
 __all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp"]
 
@@ -67,30 +46,20 @@ class MixResult:
     """What one mixed batch is made of.
 
     Attributes:
-        mixed: ``(B, C, H, W)`` mixed images.
-        soft_targets: ``(B, K)`` mixed label distributions.
-        lam: ``(B,)`` fraction of each mixed image taken from its partner.
-        permutation: ``(B,)`` partner index of each sample.
-        partner_heatmaps: ``(B, gh, gw)`` attention of each partner, when a teacher ran.
-        cell_indices: ``(B, k)`` row-major grid cells pasted into each sample (Attentive CutMix).
-        boxes: ``(B, 4)`` int64 ``(top, bottom, left, right)`` pixel bounds of the box pasted into
-            each sample, bottom and right exclusive (CutMix).
-        source: ``(B, C, H, W)`` images before mixing (the batch's own tensor, not a copy).
-        source_targets: the targets before mixing (the batch's own tensor).
-
-    ``mask`` is the ``(B, 1, H, W)`` pasted region (``None`` for Mixup), built from
-    ``cell_indices`` or ``boxes`` the first time it is read.
+        mixed, soft_targets, lam, permutation: ``(B, C, H, W)`` mixed images, ``(B, K)`` targets,
+            ``(B,)`` fraction taken from the partner, ``(B,)`` partner index of each sample.
+        partner_heatmaps, cell_indices: ``(B, gh, gw)`` partner attention and ``(B, k)`` row-major cells pasted.
+        boxes: ``(B, 4)`` ``(top, bottom, left, right)`` pasted box, bottom/right exclusive (CutMix).
+        source, source_targets: the batch's own images and targets before mixing.
+        mask: ``(B, 1, H, W)`` pasted region (``None`` for Mixup), built on first read.
 
     Example::
 
         >>> images = torch.rand(2, 3, 4, 4)
         >>> result = MixResult(images, torch.eye(2), torch.full((2,), 0.25), torch.tensor([1, 0]),
         ...                    partner_heatmaps=torch.rand(2, 2, 2), cell_indices=torch.tensor([[0], [3]]))
-        >>> result.mask[1, 0].int()
-        tensor([[0, 0, 0, 0],
-                [0, 0, 0, 0],
-                [0, 0, 1, 1],
-                [0, 0, 1, 1]], dtype=torch.int32)
+        >>> result.mask[1, 0, 2:, 2:].all().item(), result.mask[1].sum().item()
+        (True, 4)
     """
 
     def __init__(
@@ -126,46 +95,12 @@ class MixResult:
         return f"{type(self).__name__}(batch={self.mixed.shape[0]}, region={kind}, mean_lam={float(self.lam.mean()):.3f})"
 
     def pasted_attention(self) -> Optional[Tensor]:
-        """``(B,)`` share of each partner's attention mass that reaches the mixed image, or ``None``.
-
-        For a pasted region it is :func:`~lightning_acm.functional.pasted_attention_share` (needs
-        ``partner_heatmaps``). For Mixup every pixel of the partner enters with weight ``lam``, so
-        the share is ``lam`` and no teacher is needed.
-        """
+        """``(B,)`` share of each partner's attention that reaches the mixed image (``lam`` for Mixup), or ``None``."""
         if not self.has_region:
             return self.lam
         if self.partner_heatmaps is None:
             return None
         return AF.pasted_attention_share(self.partner_heatmaps, self.mask)  # type: ignore[arg-type]
-
-
-def _check_key(key: Optional[Union[int, str]], name: str) -> None:
-    if key is not None and not is_int(key) and not isinstance(key, str):
-        raise TypeError(
-            f"Expected `{name}` to be None, an int (a position in a list batch) or a str (a key of a dict batch),"
-            f" but got {key!r}."
-        )
-
-
-@torch.no_grad()
-def run_attention(model: nn.Module, images: Tensor) -> Tensor:
-    """Run a frozen attention model on ``images`` under ``no_grad``, moving it to their device first.
-
-    Raises:
-        ValueError: if the model does not return one ``(gh, gw)`` heatmap per image.
-    """
-    first = next(model.parameters(), None)
-    if first is not None and first.device != images.device:
-        model.to(images.device)
-    heatmaps = model(images)
-    if not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or heatmaps.shape[0] != images.shape[0]:
-        got = f"shape {tuple(heatmaps.shape)}" if isinstance(heatmaps, Tensor) else type(heatmaps).__name__
-        raise ValueError(
-            f"Expected the attention model {type(model).__name__} to return heatmaps of shape"
-            f" ({images.shape[0]}, gh, gw), one per image of the batch, but got {got}."
-            " Check its forward: it must map (B, C, H, W) images to (B, gh, gw) heatmaps."
-        )
-    return heatmaps
 
 
 class _EpochMeans:
@@ -200,12 +135,9 @@ class _EpochMeans:
 
 
 class _LabelRangeCheck:
-    """Checks that class-index labels lie in ``[0, num_classes)``, without a host-device sync on CUDA.
-
-    Off CUDA a batch is checked at once. On CUDA its min and max are copied to pinned memory
-    without waiting and checked once landed (at a later batch, or in :meth:`flush` at the end of
-    the epoch); until then the labels are clamped so the scatters building soft targets stay in
-    bounds (an out-of-range index there would be an unrecoverable device-side assert).
+    """Checks that class-index labels lie in ``[0, num_classes)``, without a host-device sync on CUDA: there
+    the min and max go to pinned memory and are checked once landed (at a later batch or in :meth:`flush`),
+    the labels clamped meanwhile so that the soft-target scatters stay in bounds.
     """
 
     def __init__(self) -> None:
@@ -216,9 +148,9 @@ class _LabelRangeCheck:
         if targets.ndim != 1 or targets.numel() == 0:
             return targets  # probabilities
         if targets.device.type != "cuda":
-            check_class_indices(targets, num_classes, where)
+            V.check_class_indices(targets, num_classes, where)
             return targets
-        self.poll()
+        self.flush(wait=False)
         # non_blocking to the CPU lands in pinned memory; the event says when it has.
         bounds = torch.stack(torch.aminmax(targets)).to("cpu", non_blocking=True)
         landed = torch.cuda.Event()
@@ -226,20 +158,15 @@ class _LabelRangeCheck:
         self._pending.append((bounds, landed, num_classes, where))
         return targets.clamp(0, num_classes - 1)
 
-    def poll(self, wait: bool = False) -> None:
-        """Check the queued batches whose bounds have landed (all of them, waiting, with ``wait``)."""
+    def flush(self, wait: bool = True) -> None:
+        """Check every queued batch (only those whose bounds have landed, without ``wait``)."""
         while self._pending:
             bounds, landed, num_classes, where = self._pending[0]
             if not wait and not landed.query():
                 return
             landed.synchronize()
             self._pending.popleft()
-            low, high = bounds.tolist()
-            check_label_range(low, high, num_classes, where)
-
-    def flush(self) -> None:
-        """Check every queued batch now (end of the epoch)."""
-        self.poll(wait=True)
+            V.check_label_range(*bounds.tolist(), num_classes, where)
 
     def clear(self) -> None:
         self._pending.clear()
@@ -252,35 +179,29 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
         target_key = "target" if target_key is None else target_key
         for key, name in ((image_key, "image_key"), (target_key, "target_key")):
             if key not in batch:
-                raise KeyError(
-                    f"{owner}: the dict batch has no key {key!r} (`{name}`); its keys are"
-                    f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key."
-                )
+                raise KeyError(f"{owner}: the dict batch has no key {key!r} (`{name}`); its keys are"
+                               f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key.")
         return image_key, target_key
     if isinstance(batch, tuple):
-        named = hasattr(batch, "_fields")
+        fields = getattr(batch, "_fields", None)
         fix = (
-            "Collate it into a dict that keeps the field names (e.g. `collate_fn=lambda s: default_collate(s)._asdict()`)"
-            f" and pass `image_key=` and `target_key=` with the fields of the images and targets (of"
-            f" {', '.join(map(repr, getattr(batch, '_fields', ())))})." if named else "Return a list from your"
-            " collate_fn (e.g. `collate_fn=lambda s: list(default_collate(s))`) or make the dataset return"
-            " (image, target) samples, which the default collate turns into a list."
+            "Collate it into a dict that keeps the field names (`collate_fn=lambda s: default_collate(s)._asdict()`)"
+            f" and pass `image_key=` and `target_key=` (of {', '.join(map(repr, fields))})." if fields else
+            "Return a list from your collate_fn (`collate_fn=lambda s: list(default_collate(s))`)."
         )  # fmt: skip
-        kind = f"a namedtuple {type(batch).__name__}" if named else "a tuple"
+        kind = f"a namedtuple {type(batch).__name__}" if fields else "a tuple"
         raise TypeError(f"{owner} mixes the batch in place, but the batch is {kind}, which cannot be changed. {fix}")
     if isinstance(batch, MutableSequence) and len(batch) >= 2:
         image_key = 0 if image_key is None else image_key
         target_key = 1 if target_key is None else target_key
         for key, name in ((image_key, "image_key"), (target_key, "target_key")):
             if isinstance(key, str):
-                raise ValueError(
-                    f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a key of"
-                    f" a dict batch. Pass `{name}=` with the position in the list, or None for the default."
-                )
+                raise ValueError(f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a"
+                                 f" key of a dict batch. Pass `{name}=` with the position in the list, or None for"
+                                 " the default.")
             if not -len(batch) <= key < len(batch):
-                raise ValueError(
-                    f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but got {key}."
-                )
+                raise ValueError(f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but"
+                                 f" got {key}.")
         return image_key, target_key
     raise TypeError(
         f"{owner} expects a batch list [images, targets, ...] or a dict with `image_key` and `target_key`, but got"
@@ -292,71 +213,55 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
 class MixingCallback(Callback):
     """Base of the mixing callbacks: when to mix, where the batch lives, seeding, logging.
 
-    Subclasses implement :meth:`mix`. The batch must be a mutable ``list`` (``[images, targets,
-    ...]``, what ``DataLoader``'s default collate gives for ``(image, target)`` samples; other
-    positions with integer ``image_key``/``target_key``) or a ``dict`` with ``image_key`` and
-    ``target_key``.
-
-    Several mixing callbacks run in their order on each batch, each mixing what the previous made.
+    Subclasses implement :meth:`mix`. Several mixing callbacks run in order, each mixing what the previous
+    made. Class-index labels are checked to lie in ``[0, num_classes)`` (on CUDA a few batches late).
 
     Args:
-        p: probability that a batch is mixed (per batch, drawn from the callback's generator).
-        num_classes: number of classes; taken from ``trainer.datamodule.num_classes`` or the
-            LightningModule's ``num_classes`` (attribute or hyperparameter) when ``None``.
-        seed: base seed of the mixing; ``None`` takes ``torch.initial_seed()`` at the setup of
-            each fit (so ``lightning.seed_everything`` makes it reproducible).
-        label_smoothing: smoothing folded into the targets of every batch, mixed or not (a
-            :class:`~lightning_acm.loss.SoftTargetLossMixin` that smooths too gets a warning).
-        stop_after_step: stop mixing once ``trainer.global_step`` reaches this value (targets are
-            still checked and smoothed).
-        stop_after_epoch: stop mixing from this epoch on (0-based).
-        image_key: where the images are: a position in a list batch (int) or a key of a dict
-            batch (str); ``None`` means ``0`` in a list batch and ``"image"`` in a dict batch.
-        target_key: where the targets are, as ``image_key``; ``None`` means ``1`` or ``"target"``.
-        log_prefix: prefix of the logged epoch means ``{prefix}/lam``, ``{prefix}/mixed`` and
-            ``{prefix}/pasted_attention`` (see :meth:`MixResult.pasted_attention`) over all ranks.
-
-    Class-index labels are checked to lie in ``[0, num_classes)`` on every batch (on CUDA without
-    a sync: a bad label raises a few batches late, naming its batch).
+        p: probability that a batch is mixed.
+        num_classes: number of classes; from ``trainer.datamodule`` or the LightningModule when ``None``.
+        seed: base seed; ``None`` takes ``torch.initial_seed()`` at the setup of each fit.
+        label_smoothing: smoothing folded into the targets of every batch, mixed or not.
+        stop_after_step, stop_after_epoch: stop mixing at this global step / (0-based) epoch;
+            targets are still checked and smoothed.
+        image_key, target_key: position in a list batch or key of a dict batch; ``None`` means
+            ``0``/``"image"`` and ``1``/``"target"``.
+        log_prefix: prefix of the logged epoch means ``{prefix}/mixed``, ``/lam`` and ``/pasted_attention``.
 
     Raises:
         ValueError: for an argument out of range.
         TypeError: for an ``image_key``/``target_key`` that is neither an int nor a str.
+
+    Example::
+
+        >>> callback = CutMix(p=0.5, num_classes=10, stop_after_epoch=5, image_key="image", target_key="label")
+        >>> isinstance(callback, MixingCallback), callback.label_smoothing
+        (True, 0.0)
     """
 
     def __init__(
-        self,
-        *,
-        p: float = 1.0,
-        num_classes: Optional[int] = None,
-        seed: Optional[int] = None,
-        label_smoothing: float = 0.0,
-        stop_after_step: Optional[int] = None,
-        stop_after_epoch: Optional[int] = None,
-        image_key: Optional[Union[int, str]] = None,
-        target_key: Optional[Union[int, str]] = None,
-        log_prefix: str = "mix",
-    ) -> None:
+        self, *, p: float = 1.0, num_classes: Optional[int] = None, seed: Optional[int] = None,
+        label_smoothing: float = 0.0, stop_after_step: Optional[int] = None, stop_after_epoch: Optional[int] = None,
+        image_key: Optional[Union[int, str]] = None, target_key: Optional[Union[int, str]] = None, log_prefix: str = "mix",
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.p = check_real(p, "p", low=0.0, high=1.0, what="the probability that a batch is mixed")
-        self.num_classes = check_int(num_classes, "num_classes", minimum=2, optional=True)
-        self.seed = check_int(seed, "seed", optional=True)
-        self.label_smoothing = check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
-        self.stop_after_step = check_int(stop_after_step, "stop_after_step", minimum=0, optional=True)
-        self.stop_after_epoch = check_int(stop_after_epoch, "stop_after_epoch", minimum=0, optional=True)
-        _check_key(image_key, "image_key")
-        _check_key(target_key, "target_key")
+        self.p = V.check_real(p, "p", low=0.0, high=1.0, what="the probability that a batch is mixed")
+        self.num_classes = V.check_int(num_classes, "num_classes", minimum=2, optional=True)
+        self.seed = V.check_int(seed, "seed", optional=True)
+        self.label_smoothing = V.check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
+        self.stop_after_step = V.check_int(stop_after_step, "stop_after_step", minimum=0, optional=True)
+        self.stop_after_epoch = V.check_int(stop_after_epoch, "stop_after_epoch", minimum=0, optional=True)
+        for key, name in ((image_key, "image_key"), (target_key, "target_key")):
+            if key is not None and not V.is_int(key) and not isinstance(key, str):
+                raise TypeError(f"Expected `{name}` to be None, an int (a position in a list batch) or a str (a key"
+                                f" of a dict batch), but got {key!r}.")
         if image_key is not None and image_key == target_key:
             raise ValueError(f"Expected `image_key` and `target_key` to differ, but both are {image_key!r}.")
-        self.image_key = int(image_key) if is_int(image_key) else image_key
-        self.target_key = int(target_key) if is_int(target_key) else target_key
+        self.image_key = int(image_key) if V.is_int(image_key) else image_key
+        self.target_key = int(target_key) if V.is_int(target_key) else target_key
         self.log_prefix = log_prefix
 
-        self.batches_seen = 0  # training batches seen on this rank
-        self.batches_mixed = 0  # training batches mixed on this rank
-        self._num_classes: Optional[int] = self.num_classes
-        self._seed: Optional[int] = self.seed
-        self._rank: int = 0
+        self.batches_seen, self.batches_mixed = 0, 0  # training batches seen and mixed on this rank
+        self._num_classes, self._seed, self._rank = self.num_classes, self.seed, 0  # resolved in `setup`
         self._generator = batch_generator(self.seed or 0)  # rebuilt for every batch in on_train_batch_start
         self._warned_single = False
         self._epoch_means = _EpochMeans(("mixed", "lam", "pasted_attention"))
@@ -377,13 +282,8 @@ class MixingCallback(Callback):
 
     @property
     def last_mix(self) -> Optional[MixResult]:
-        """The :class:`MixResult` of the current training batch (``None`` when it was not mixed), read-only.
-
-        Its ``source`` is the unmixed batch (the batch's own tensors, kept until the next batch).
-        """
+        """The read-only :class:`MixResult` of the current training batch, ``None`` when it was not mixed."""
         return self._last_mix
-
-    # ------------------------------------------------------------------ lifecycle
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -403,19 +303,15 @@ class MixingCallback(Callback):
     def _resolve_num_classes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         if self.num_classes is not None:
             return self.num_classes
-        candidates = [
-            getattr(getattr(trainer, "datamodule", None), "num_classes", None),
-            getattr(pl_module, "num_classes", None),
-            getattr(getattr(pl_module, "hparams", {}), "get", lambda _k: None)("num_classes"),
-        ]
-        for found in candidates:
-            if is_int(found) and found >= 2:
+        hparams = getattr(pl_module, "hparams", {})
+        for found in (getattr(getattr(trainer, "datamodule", None), "num_classes", None),
+                      getattr(pl_module, "num_classes", None), getattr(hparams, "get", lambda _k: None)("num_classes")):
+            if V.is_int(found) and found >= 2:
                 return int(found)
         raise MisconfigurationException(
             f"{type(self).__name__} needs the number of classes to build soft targets, but `num_classes` is None and"
-            " neither the datamodule nor the LightningModule has a `num_classes` attribute."
-            f" Pass `{type(self).__name__}(num_classes=K)`."
-        )
+            f" neither the datamodule nor the LightningModule has a `num_classes` attribute. Pass `{type(self).__name__}"
+            "(num_classes=K)`.")
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -425,16 +321,6 @@ class MixingCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._seed, self.batches_seen, self.batches_mixed = (state_dict[key] for key in self.state_dict())
 
-    # ------------------------------------------------------------------ the batch
-
-    def is_active(self, trainer: pl.Trainer) -> bool:
-        """Whether mixing is still on (``stop_after_step`` / ``stop_after_epoch`` not reached)."""
-        if self.stop_after_step is not None and trainer.global_step >= self.stop_after_step:
-            return False
-        if self.stop_after_epoch is not None and trainer.current_epoch >= self.stop_after_epoch:
-            return False
-        return True
-
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._last_mix = None  # frees the previous batch before this one is mixed
@@ -442,22 +328,23 @@ class MixingCallback(Callback):
         images, targets = batch[image_slot], batch[target_slot]  # type: ignore[index]
         if not isinstance(images, Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(
-                f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}. Make the dataset"
-                " return (C, H, W) image tensors (not flattened), or point `image_key` at the images of a dict batch."
-            )
+            raise ValueError(f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}. Make the"
+                             " dataset return (C, H, W) image tensors (not flattened), or point `image_key` at the images"
+                             " of a dict batch.")
         num_classes = self._num_classes
         if num_classes is None:
             raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
 
         self._generator = batch_generator(self._seed or 0, self._rank, trainer.current_epoch, batch_idx)
         self.batches_seen += 1
-        mix_now = self.p > 0 and self._generator.random() < self.p
         # Only the mixing stops: the targets are still checked and smoothed below.
-        mix_now = mix_now and self.is_active(trainer)
-        if mix_now and images.shape[0] < 2:
+        step, epoch = self.stop_after_step, self.stop_after_epoch
+        active = (step is None or trainer.global_step < step) and (epoch is None or trainer.current_epoch < epoch)
+        mix_now = self.p > 0 and self._generator.random() < self.p and active
+        size = images.shape[0]
+        if mix_now and size < 2:
             if not self._warned_single:
-                what = "a batch of one sample has no partner" if images.shape[0] else "an empty batch has no sample"
+                what = "a batch of one sample has no partner" if size else "an empty batch has no sample"
                 rank_zero_warn(
                     f"{type(self).__name__}: {what} to mix with; it is left unmixed."
                     " Use `drop_last=True` in the training DataLoader to avoid a short last batch."
@@ -466,29 +353,22 @@ class MixingCallback(Callback):
             mix_now = False
 
         where = f" (training batch {batch_idx} of epoch {trainer.current_epoch})"
-        checked = self._label_check(check_targets(targets, num_classes, images.shape[0]), num_classes, where)
+        checked = self._label_check(V.check_targets(targets, num_classes, size), num_classes, where)
         if not mix_now:
             if self.label_smoothing > 0:
                 batch[target_slot] = AF._probabilities(checked, num_classes, self.label_smoothing)  # type: ignore[index]
-            self._epoch_means.add("mixed", 0.0, images.shape[0], images.device)
+            self._epoch_means.add("mixed", 0.0, size, images.device)
             return
-
         result = self.mix(images, checked, num_classes, batch)
-        batch[image_slot] = result.mixed  # type: ignore[index]
-        batch[target_slot] = result.soft_targets  # type: ignore[index]
+        batch[image_slot], batch[target_slot] = result.mixed, result.soft_targets  # type: ignore[index]
         result.source, result.source_targets = images, targets
         self._last_mix = result
         self.batches_mixed += 1
-        size = images.shape[0]
         self._epoch_means.add("mixed", float(size), size, images.device)
         self._epoch_means.add("lam", result.lam.sum(), size, images.device)
         share = result.pasted_attention()
         if share is not None:
-            self.record_pasted_attention(share)
-
-    def record_pasted_attention(self, share: Tensor) -> None:
-        """Count ``(B,)`` pasted-attention shares of this epoch's batches into ``{log_prefix}/pasted_attention``."""
-        self._epoch_means.add("pasted_attention", share.sum(), share.shape[0], share.device)
+            self._epoch_means.add("pasted_attention", share.sum(), size, images.device)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -509,15 +389,11 @@ class MixingCallback(Callback):
         return AF.pairing_permutation(batch_size, generator=self._generator, device=device)
 
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
-        """Mix one batch: ``(B, C, H, W)`` images, ``(B,)`` or ``(B, K)`` range-checked targets.
-
-        ``batch`` is the whole batch as it arrived (for extra fields such as the augmentation
-        geometry); implementations must not modify it.
-        """
+        """Mix ``(B, C, H, W)`` images and ``(B,)`` or ``(B, K)`` checked targets; ``batch`` is read-only."""
         raise NotImplementedError
 
     def soft_targets(self, targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: int) -> Tensor:
-        """:func:`~lightning_acm.functional.mix_targets` with the callback's label smoothing (no range check)."""
+        """:func:`~lightning_acm.functional.mix_targets` with the callback's label smoothing."""
         return AF._mix_targets(targets, lam, permutation, num_classes, self.label_smoothing)
 
 
@@ -526,7 +402,7 @@ class _BetaMixingCallback(MixingCallback):
 
     def __init__(self, *, alpha: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.alpha = check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
+        self.alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
 
     @override
     def state_key_arguments(self) -> dict[str, Any]:
@@ -538,7 +414,7 @@ class CutMix(_BetaMixingCallback):
 
     Args:
         alpha: Beta parameter of the box area; ``1.0`` draws it uniformly.
-        **kwargs: see :class:`MixingCallback` (``p``, ``num_classes``, ``seed``, ...).
+        **kwargs: see :class:`MixingCallback`.
 
     Example::
 
@@ -577,76 +453,54 @@ class MixUp(_BetaMixingCallback):
 class AttentiveCutMix(MixingCallback):
     """Attentive CutMix (Walawalkar et al., 2020): paste the partner's ``top_k`` most attended cells.
 
-    The frozen teacher (:class:`~lightning_acm.attention.Teacher`) is built in ``setup()`` on the
-    training device, kept on this callback (out of the LightningModule, its optimizer and its
-    checkpoint) and run under ``torch.no_grad()`` on each mixed batch. With a heatmap cache it runs
-    once per training image instead, and each batch's maps follow the crop and flip its datamodule
-    recorded (:mod:`lightning_acm.cache`).
-
     Args:
         top_k: cells pasted (6 of a 7x7 grid in the paper).
-        teacher: a :class:`~lightning_acm.attention.Teacher`, or its ``source`` alone (``"paper"``,
-            ``"efficientnet_lite0"``, a torchvision name). Its grid is the mixing grid; its input
-            normalisation defaults to ``trainer.datamodule.mean``/``std``.
-        heatmap_cache: ``True`` (default settings) or a :class:`~lightning_acm.cache.HeatmapCacheConfig`
-            to compute each training image's heatmap once, on the un-augmented image; needs a
-            datamodule with ``record_augmentation=True`` and ``train_reference_dataset()``.
-        p, num_classes, seed, label_smoothing, stop_after_step, stop_after_epoch, image_key,
-            target_key, log_prefix: see :class:`MixingCallback`.
+        teacher: a :class:`~lightning_acm.attention.Teacher` or its ``source``; its grid is the
+            mixing grid, its normalisation defaults to ``trainer.datamodule.mean``/``std``.
+        heatmap_cache: ``True`` or a :class:`~lightning_acm.cache.HeatmapCacheConfig`: run the
+            teacher once per un-augmented training image and warp the maps by the recorded geometry.
+        p, num_classes, seed, label_smoothing, stop_after_step, stop_after_epoch, image_key, target_key,
+            log_prefix: see :class:`MixingCallback`.
 
     Raises:
-        ValueError: for a ``top_k`` outside the grid, or a cache grid coarser than the teacher's.
+        ValueError: for a ``top_k`` outside the grid or a cache grid coarser than the teacher's.
         TypeError: for a ``teacher`` or ``heatmap_cache`` of another type.
 
     Example::
 
-        >>> import lightning as L, torch
-        >>> from lightning_acm.attention import Teacher
+        >>> import lightning as L
         >>> tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU())
         >>> callback = AttentiveCutMix(teacher=Teacher(module=tiny, layer="1", input_size=28), seed=0)
         >>> trainer = L.Trainer(callbacks=[callback], accelerator="cpu", logger=False)
     """
 
     def __init__(
-        self,
-        *,
-        top_k: int = 6,
-        teacher: Union[str, Teacher] = "efficientnet_lite0",
-        heatmap_cache: Union[bool, HeatmapCacheConfig] = False,
-        p: float = 1.0,
-        num_classes: Optional[int] = None,
-        seed: Optional[int] = None,
-        label_smoothing: float = 0.0,
-        stop_after_step: Optional[int] = None,
-        stop_after_epoch: Optional[int] = None,
-        image_key: Optional[Union[int, str]] = None,
-        target_key: Optional[Union[int, str]] = None,
-        log_prefix: str = "mix",
-    ) -> None:
+        self, *, top_k: int = 6, teacher: Union[str, Teacher] = "efficientnet_lite0",
+        heatmap_cache: Union[bool, HeatmapCacheConfig] = False, p: float = 1.0, num_classes: Optional[int] = None,
+        seed: Optional[int] = None, label_smoothing: float = 0.0, stop_after_step: Optional[int] = None,
+        stop_after_epoch: Optional[int] = None, image_key: Optional[Union[int, str]] = None,
+        target_key: Optional[Union[int, str]] = None, log_prefix: str = "mix",
+    ) -> None:  # fmt: skip
         super().__init__(
             p=p, num_classes=num_classes, seed=seed, label_smoothing=label_smoothing, stop_after_step=stop_after_step,
             stop_after_epoch=stop_after_epoch, image_key=image_key, target_key=target_key, log_prefix=log_prefix,
         )  # fmt: skip
-        if isinstance(teacher, str):
-            teacher = Teacher(source=teacher)
+        teacher = Teacher(source=teacher) if isinstance(teacher, str) else teacher
         if not isinstance(teacher, Teacher):
             raise TypeError(f"Expected `teacher` to be a str or a Teacher, but got {type(teacher).__name__}.")
-        if heatmap_cache is True:
-            heatmap_cache = HeatmapCacheConfig()
+        heatmap_cache = HeatmapCacheConfig() if heatmap_cache is True else heatmap_cache
         if heatmap_cache is not False and not isinstance(heatmap_cache, HeatmapCacheConfig):
             raise TypeError(f"Expected `heatmap_cache` to be a bool or a HeatmapCacheConfig, but got {heatmap_cache!r}.")
         self.teacher = teacher
-        self.grid_size: tuple[int, int] = check_size2(teacher.grid_size, "grid_size")
-        self.top_k = check_top_k(top_k, self.grid_size)
+        self.grid_size: tuple[int, int] = V.check_size2(teacher.grid_size, "grid_size")
+        self.top_k = V.check_top_k(top_k, self.grid_size)
         self.heatmap_cache: Optional[HeatmapCacheConfig] = heatmap_cache or None
         self.cache_grid_size = self.grid_size
         if self.heatmap_cache is not None and self.heatmap_cache.grid_size is not None:
-            self.cache_grid_size = check_size2(self.heatmap_cache.grid_size, "grid_size")
+            self.cache_grid_size = V.check_size2(self.heatmap_cache.grid_size, "grid_size")
             if self.cache_grid_size[0] < self.grid_size[0] or self.cache_grid_size[1] < self.grid_size[1]:
-                raise ValueError(
-                    "Expected `heatmap_cache.grid_size` to be at least the teacher's `grid_size`"
-                    f" {self.grid_size[0]}x{self.grid_size[1]}, but got {self.heatmap_cache.grid_size!r}."
-                )
+                raise ValueError("Expected `heatmap_cache.grid_size` to be at least the teacher's `grid_size`"
+                                 f" {self.grid_size[0]}x{self.grid_size[1]}, but got {self.heatmap_cache.grid_size!r}.")
         self._attention: Optional[nn.Module] = None
         self._cache: Optional[HeatmapCache] = None
 
@@ -660,12 +514,12 @@ class AttentiveCutMix(MixingCallback):
 
     @property
     def attention_model(self) -> Optional[nn.Module]:
-        """The frozen attention model once built (after ``setup``), else ``None``."""
+        """The frozen attention model after ``setup``, else ``None``."""
         return self._attention
 
     @property
     def cache(self) -> Optional[HeatmapCache]:
-        """The :class:`~lightning_acm.cache.HeatmapCache` once filled (with ``heatmap_cache``), else ``None``."""
+        """The filled :class:`~lightning_acm.cache.HeatmapCache` (with ``heatmap_cache``), else ``None``."""
         return self._cache
 
     @override
@@ -684,21 +538,30 @@ class AttentiveCutMix(MixingCallback):
         mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
         return self.teacher.build(trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__)
 
+    @torch.no_grad()
     def heatmaps(self, images: Tensor) -> Tensor:
         """``(B, gh, gw)`` attention of each image, from the frozen model on the images' device."""
-        if self._attention is None:
+        model = self._attention
+        if model is None:
             raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
-        return run_attention(self._attention, images)
+        if (first := next(model.parameters(), None)) is not None and first.device != images.device:
+            model.to(images.device)
+        heatmaps = model(images)
+        if not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or heatmaps.shape[0] != images.shape[0]:
+            got = f"shape {tuple(heatmaps.shape)}" if isinstance(heatmaps, Tensor) else type(heatmaps).__name__
+            raise ValueError(f"Expected the attention model {type(model).__name__} to return heatmaps of shape"
+                             f" ({images.shape[0]}, gh, gw), one per image of the batch, but got {got}."
+                             " Check its forward: it must map (B, C, H, W) images to (B, gh, gw) heatmaps.")
+        return heatmaps
 
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
         heatmaps = self.heatmaps(images) if self.heatmap_cache is None else self.cached_heatmaps(batch, images.shape[0])
         gh, gw = heatmaps.shape[-2:]
         if (gh, gw) != self.grid_size:
-            raise ValueError(
-                f"The attention model returned a {gh}x{gw} grid but `grid_size` is {self.grid_size[0]}x{self.grid_size[1]}."
-                " Build the given `module` with the same `grid_size`, or give the Teacher its grid."
-            )
+            raise ValueError(f"The attention model returned a {gh}x{gw} grid but `grid_size` is"
+                             f" {self.grid_size[0]}x{self.grid_size[1]}. Build the given `module` with the same"
+                             " `grid_size`, or give the Teacher its grid.")
         permutation = self.draw_permutation(images.shape[0], images.device)
         partner_heatmaps = heatmaps.index_select(0, permutation)
         mixed, lam, cells = AF._paste_topk_cells(images, partner_heatmaps, self.top_k, permutation)
@@ -708,34 +571,24 @@ class AttentiveCutMix(MixingCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         config = self.heatmap_cache
-        if config is None:
+        if config is None or self._attention is None:
             return
-        if self._attention is None:
-            raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
-        input_size = config.input_size
-        size = getattr(self._attention, "input_size", None)
-        if input_size is None and size is None:
-            size = tuple(trainer.datamodule.train_reference_dataset()[0][0].shape[-2:])  # type: ignore[attr-defined]
-        scales = zip(self.cache_grid_size, self.grid_size, strict=True)
-        sizes = (input_size, input_size) if input_size is not None else tuple(
-            round(side * fine / coarse) for side, (fine, coarse) in zip(size, scales, strict=True)
-        )  # fmt: skip
-        self._cache = cache_for_trainer(
-            trainer,
-            regrid_attention_model(self._attention, self.cache_grid_size, sizes),
-            grid_size=self.cache_grid_size,
-            path=config.path,
-            batch_size=config.batch_size,
-            previous=self._cache,
-            owner=type(self).__name__,
-        )
+        sizes: Any = (config.input_size, config.input_size)
+        if config.input_size is None:
+            size = getattr(self._attention, "input_size", None)
+            if size is None:
+                size = tuple(trainer.datamodule.train_reference_dataset()[0][0].shape[-2:])  # type: ignore[attr-defined]
+            scales = zip(self.cache_grid_size, self.grid_size, strict=True)
+            sizes = tuple(round(side * fine / coarse) for side, (fine, coarse) in zip(size, scales, strict=True))
+        model = regrid_attention_model(self._attention, self.cache_grid_size, sizes)
+        self._cache = cache_for_trainer(trainer, model, grid_size=self.cache_grid_size, path=config.path,
+                                        batch_size=config.batch_size, previous=self._cache, owner=type(self).__name__)
 
     def cached_heatmaps(self, batch: Any, batch_size: int) -> Tensor:
         """``(B, gh, gw)`` heatmaps of an augmented batch, warped from the cache by the batch's geometry."""
         if self._cache is None or self.heatmap_cache is None:
-            raise MisconfigurationException(
-                f"{type(self).__name__}(heatmap_cache=...) has no cache yet: it is filled in `on_fit_start`."
-            )
+            raise MisconfigurationException(f"{type(self).__name__}(heatmap_cache=...) has no cache yet: it is filled"
+                                            " in `on_fit_start`.")
         key = self.heatmap_cache.geometry_key
         geometry = batch_geometry(batch, key if isinstance(key, str) else "geometry", batch_size, type(self).__name__)
         return self._cache.warp(geometry, self.grid_size)

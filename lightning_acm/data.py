@@ -1,14 +1,8 @@
 """LightningDataModules: CIFAR-10/100, ImageNet folders and Fashion-MNIST (the offline default).
 
-``prepare_data`` only downloads (with ``download=True``); ``setup(stage)`` builds the datasets.
-Validation is carved from the training set by a permutation seeded with ``seed``; the official
-test split is the test and predict set.
-
-With ``record_augmentation=True`` a training sample is ``(image, target, geometry)``, ``geometry``
-being float32 ``[index, y0, x0, y1, x1, flipped]``: ``index`` into the full training set, the crop
-box in normalised coordinates of the reference image (sample ``index`` of
-:meth:`VisionDataModule.train_reference_dataset`, the image without random crop or flip; outside
-``[0, 1]`` where the crop covers padding) and 1.0 when the crop was flipped horizontally.
+With ``record_augmentation=True`` a training sample is ``(image, target, geometry)``: float32 ``[index, y0, x0,
+y1, x1, flipped]``, the index into the full training set, the crop box in normalised coordinates of sample
+``index`` of :meth:`VisionDataModule.train_reference_dataset` (outside ``[0, 1]`` over padding) and the flip.
 """
 
 from __future__ import annotations
@@ -63,7 +57,6 @@ def _maybe_flip(image: Any, flip_p: float) -> tuple[Any, bool]:
 
 
 def _check_range(value: Sequence[float], name: str, high: float = math.inf) -> tuple[float, float]:
-    """A ``(min, max)`` pair with ``0 < min <= max <= high``."""
     if len(value) != 2 or not 0.0 < value[0] <= value[1] <= high:
         bound = f" <= {high:g}" if math.isfinite(high) else ""
         raise ValueError(f"Expected `{name}` to satisfy 0 < min <= max{bound}, but got {value!r}.")
@@ -74,12 +67,11 @@ def _check_range(value: Sequence[float], name: str, high: float = math.inf) -> t
 class RandomCropFlip:
     """``RandomCrop(size, padding)`` then a horizontal flip with probability ``flip_p``; returns ``(image, box)``.
 
-    ``box`` is float32 ``[y0, x0, y1, x1, flipped]`` in normalised coordinates of the input image (PIL
-    or ``(..., H, W)`` tensor). Randomness: torch's global generator, seeded per worker by the ``DataLoader``.
+    ``box`` is float32 ``[y0, x0, y1, x1, flipped]`` in normalised coordinates of the input (PIL or
+    ``(..., H, W)``), drawn from torch's global generator (seeded per worker by the ``DataLoader``).
 
     Example::
 
-        >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> image, box = RandomCropFlip(32, padding=4)(torch.rand(3, 32, 32))
         >>> image.shape, box.shape, bool((box[2:4] - box[0:2] == 1).all())
@@ -109,7 +101,6 @@ class RandomResizedCropFlip:
 
     Example::
 
-        >>> import torch
         >>> _ = torch.manual_seed(0)
         >>> image, box = RandomResizedCropFlip(16)(torch.rand(3, 40, 60))
         >>> image.shape, bool(((box[:4] >= 0) & (box[:4] <= 1)).all())
@@ -142,7 +133,6 @@ class ResizeCenterCrop:
 
     Example::
 
-        >>> import torch
         >>> image, box = ResizeCenterCrop(8, 4)(torch.rand(3, 16, 16))
         >>> image.shape, box.tolist()
         (torch.Size([3, 4, 4]), [0.25, 0.25, 0.75, 0.75, 0.0])
@@ -174,17 +164,12 @@ class _WholeImage:
     size: Optional[tuple[int, int]] = None
 
     def __call__(self, image: Any) -> tuple[Any, Tensor]:
-        if self.size is not None:
-            image = TF.resize(image, list(self.size), antialias=True)
+        image = image if self.size is None else TF.resize(image, list(self.size), antialias=True)
         return image, torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0])
 
 
 class _TransformedSet(Dataset):
-    """``base[indices[i]]`` through a geometry transform, ``to_tensor`` and ``normalize``.
-
-    ``output``: ``"pair"`` gives ``(image, target)``, ``"geometry"`` ``(image, target, [index, *box])``
-    and ``"index"`` ``(image, target, index)``.
-    """
+    """``base[indices[i]]`` through ``transform``, ``to_tensor``, ``normalize``; ``output``: pair, geometry or index."""
 
     def __init__(self, base: Dataset, indices: Optional[Tensor], transform: Any, normalize: Any, output: str) -> None:
         # A tensor, not a list: forked workers would otherwise copy a list of Python ints page by page.
@@ -222,7 +207,6 @@ class _TensorImages(Dataset):
 
 
 def _load_image(path: str) -> Image.Image:
-    """``default_loader`` that names the file when it cannot be decoded."""
     try:
         return default_loader(path)
     except (OSError, ValueError, SyntaxError) as err:
@@ -234,8 +218,8 @@ def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) ->
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: naming ``path`` if it is not valid gzip, its magic number is wrong (2051 for images,
-            2049 for labels: ``expected_magic``) or its size does not match its header.
+        ValueError: naming ``path`` if it is not valid gzip, its magic number is not ``expected_magic``
+            (2051 for images, 2049 for labels) or its size does not match its header.
 
     Example::
 
@@ -258,13 +242,12 @@ def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) ->
     if expected_magic is not None and magic != expected_magic:
         raise ValueError(f"Expected the IDX file '{path}' to have magic number {expected_magic}, but got {magic}.")
     header = 4 + 4 * raw[3]
-    if len(raw) < header:
-        raise ValueError(f"The IDX file '{path}' is truncated: its header needs {header} bytes, but it has {len(raw)}.")
-    shape = tuple(int(size) for size in np.frombuffer(raw, dtype=">u4", count=raw[3], offset=4))
-    if len(raw) - header != math.prod(shape):
-        problem = "truncated" if len(raw) - header < math.prod(shape) else "longer than its header says"
-        raise ValueError(f"The IDX file '{path}' is {problem}: shape {shape} needs {math.prod(shape)} data bytes, but"
-                         f" it has {len(raw) - header}. Replace it.")
+    shape = tuple(np.frombuffer(raw[4:header], dtype=">u4").tolist()) if len(raw) >= header else None
+    needed = header + (math.prod(shape) if shape else 0)
+    if shape is None or len(raw) != needed:
+        problem = "truncated" if len(raw) < needed else "longer than its header says"
+        raise ValueError(f"The IDX file '{path}' is {problem}: its header{f' (shape {shape})' if shape else ''} needs"
+                         f" {needed} bytes, but it has {len(raw)}. Replace it.")
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
@@ -282,7 +265,6 @@ def write_idx(path: Union[str, Path], data: Tensor) -> None:
 
 
 def _take(indices: Tensor, count: Optional[int], name: str, what: str) -> Tensor:
-    """The first ``count`` of ``indices`` (all when ``None``)."""
     if count is not None and count > len(indices):
         raise ValueError(f"Expected `{name}` to be at most the {len(indices)} {what}, but got {count}.")
     return indices[:count]
@@ -297,19 +279,15 @@ class VisionDataModule(LightningDataModule):
 
     Args:
         data_dir: the folder holding (or receiving) the data.
-        batch_size: training batch size.
-        eval_batch_size: validation/test/predict batch size; ``None`` uses ``batch_size``.
+        batch_size, eval_batch_size: training and validation/test/predict batch sizes (``None``: ``batch_size``).
         num_workers: ``DataLoader`` worker processes (0 loads in the main process).
-        pin_memory: pin batches in page-locked memory; only takes effect where CUDA is available.
-        persistent_workers: keep workers alive between epochs; only takes effect with ``num_workers > 0``.
+        pin_memory, persistent_workers: ``DataLoader`` options, applied where CUDA / workers exist.
         val_split: validation samples: a count (``int``) or a fraction (``float`` in ``[0, 1)``); 0: none.
         seed: seeds the split and the subsets (not the augmentation).
-        train_subset: keep this many of the training samples left after the split (seeded).
-        test_subset: keep this many test samples (seeded).
+        train_subset, test_subset: keep this many training (after the split) or test samples (seeded).
         augment: random crop and flip on the training set; ``False`` uses the evaluation view.
         record_augmentation: training samples become ``(image, target, geometry)`` (see the module docs).
-        download: let ``prepare_data`` download the data (needs internet).
-        drop_last: drop the last incomplete training batch.
+        download, drop_last: let ``prepare_data`` download (needs internet); drop the last short training batch.
 
     Raises:
         ValueError: if an argument is out of range (the message names it).
@@ -361,12 +339,9 @@ class VisionDataModule(LightningDataModule):
         self.val_split = val_split
         self.pin_memory, self.persistent_workers, self.drop_last = pin_memory, persistent_workers, drop_last
         self.augment, self.record_augmentation, self.download = augment, record_augmentation, download
-        self.train_set: Optional[Dataset] = None
-        self.val_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
-        self._train_base: Optional[Dataset] = None
-        self._train_indices: Optional[Tensor] = None
-        self._val_indices: Optional[Tensor] = None
+        # Built by `setup`: Optional[Dataset] datasets and Optional[Tensor] split indices into `_train_base`.
+        self.train_set = self.val_set = self.test_set = self._train_base = None
+        self._train_indices = self._val_indices = None
 
     def _download(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot download its data.")
@@ -386,21 +361,19 @@ class VisionDataModule(LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
-        """Download the data when ``download=True``; do nothing otherwise."""
-        if not self.download:
-            return
         try:
-            self._download()
+            if self.download:
+                self._download()
         except (OSError, RuntimeError) as err:
             hint = f"Without internet, {self._offline_hint}"
             raise RuntimeError(f"Could not download {self.name} into '{self.data_dir}' ({err}). {hint}") from err
 
     @override
     def setup(self, stage: Optional[str] = None) -> None:
-        """Build the datasets for ``stage`` (``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or ``None`` for all).
+        """Build the datasets for ``stage`` (``None`` for all).
 
         Raises:
-            FileNotFoundError: if the data is not where it should be (the message says how to get it).
+            FileNotFoundError: if the data is missing (the message says how to get it).
             ValueError: if the split, the subsets or the batch size do not fit the dataset size.
         """
         check_choice(stage, "stage", (None, "fit", "validate", "test", "predict"))
@@ -465,9 +438,7 @@ class VisionDataModule(LightningDataModule):
         return self._val_indices  # type: ignore[return-value]
 
     def train_reference_dataset(self) -> Dataset:
-        """The full training set (split ignored) without random crop or flip: ``(image, target, index)`` samples.
-
-        The image is the reference frame of the boxes that ``geometry`` records for training-set ``index``.
+        """The full training set without random crop or flip, the frame of ``geometry``: ``(image, target, index)``.
 
         Raises:
             FileNotFoundError: if the training data is missing.
@@ -488,30 +459,25 @@ class VisionDataModule(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (``(images, targets)`` or ``(images, targets, geometry)``)."""
         return self._data_loader("fit")  # type: ignore[return-value]
 
     @override
     def val_dataloader(self) -> Union[DataLoader, list]:
-        """Validation batches in a fixed order; ``[]`` when ``val_split=0`` (Lightning then skips validation)."""
-        return self._data_loader("validate")
+        return self._data_loader("validate")  # [] when val_split=0: Lightning then skips validation
 
     @override
     def test_dataloader(self) -> DataLoader:
-        """Test batches in a fixed order."""
         return self._data_loader("test")  # type: ignore[return-value]
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        """The test set again, for ``trainer.predict``."""
         return self._data_loader("predict")  # type: ignore[return-value]
 
 
 class CIFAR10DataModule(VisionDataModule):
     """CIFAR-10 from torchvision's ``cifar-10-batches-py`` folder in ``data_dir``.
 
-    Training: ``RandomCrop(32, padding=4)`` and a horizontal flip; evaluation: the image as is;
-    both then ``ToTensor`` and ``Normalize(mean, std)``. Arguments: see :class:`VisionDataModule`.
+    Training: ``RandomCrop(32, padding=4)`` and a flip. Arguments: see :class:`VisionDataModule`.
 
     Example::
 
@@ -529,8 +495,7 @@ class CIFAR10DataModule(VisionDataModule):
 
     @property
     def _offline_hint(self) -> str:
-        cls = self.dataset_cls
-        return f"place the extracted `{cls.base_folder}` folder (from {cls.filename}) in data_dir."
+        return f"place the extracted `{self.dataset_cls.base_folder}` (from {self.dataset_cls.filename}) in data_dir."
 
     @override
     def _download(self) -> None:
@@ -578,16 +543,14 @@ class ImageNetDataModule(VisionDataModule):
     """ImageNet (or any ImageFolder tree) from ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``.
 
     ``val/`` is the test set. Training: ``RandomResizedCrop(image_size, scale)`` and a flip; evaluation:
-    ``Resize(resize_size)`` and ``CenterCrop(image_size)``; reference: the whole image resized to
-    ``image_size x image_size``. Unreadable image files raise an ``OSError`` naming the file.
+    ``Resize(resize_size)`` and ``CenterCrop(image_size)``; reference: the whole image, resized.
 
     Args:
-        data_dir: the folder holding ``train/`` and ``val/``.
         num_classes: number of class folders expected (checked in ``setup``).
         image_size: side of the training and evaluation crops.
         resize_size: shorter side before the evaluation crop; ``None`` gives ``round(image_size / 0.875)``.
         scale: area range of ``RandomResizedCrop``.
-        **kwargs: the arguments of :class:`VisionDataModule` (``download=True`` is refused).
+        data_dir, **kwargs: as in :class:`VisionDataModule` (``download=True`` is refused).
 
     Example::
 
@@ -609,8 +572,8 @@ class ImageNetDataModule(VisionDataModule):
         self.num_classes = check_int(num_classes, "num_classes", minimum=1)
         self.image_size = check_int(image_size, "image_size", minimum=1)
         resize_size = int(round(image_size / 0.875)) if resize_size is None else resize_size
-        hint = " Pass None or at least `image_size`."
-        self.resize_size = check_int(resize_size, "resize_size", minimum=self.image_size, hint=hint)
+        self.resize_size = check_int(resize_size, "resize_size", minimum=self.image_size,
+                                     hint=" Pass None or at least `image_size`.")
         self.scale = _check_range(scale, "scale", high=1.0)
         self.dims = (3, image_size, image_size)
 
@@ -661,15 +624,13 @@ class FashionMNISTDataModule(VisionDataModule):
 
     The files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` are taken from the first of
     ``data_dir``, ``data_dir/FashionMNIST/raw`` (where ``download=True`` puts them) and ``system_dir``
-    that holds all four. The 28 px images are zero-padded to ``pad_to`` px and repeated to ``channels``
-    channels. Training adds ``RandomCrop(pad_to, padding=4)`` and a flip; the padded image is the reference.
+    that holds all four. Training adds ``RandomCrop(pad_to, padding=4)`` and a flip.
 
     Args:
-        data_dir: first folder to look in; ``download=True`` downloads into it.
         channels: 1 (gray) or 3 (gray repeated, for RGB networks and attention models).
-        pad_to: output side in pixels, at least 28.
+        pad_to: output side in pixels (zero padding), at least 28.
         system_dir: last folder to look in; ``None`` skips it.
-        **kwargs: the arguments of :class:`VisionDataModule`.
+        data_dir, **kwargs: as in :class:`VisionDataModule`.
 
     Raises:
         ValueError: if ``channels`` or ``pad_to`` is out of range.
@@ -707,7 +668,6 @@ class FashionMNISTDataModule(VisionDataModule):
 
     @override
     def _check_data(self) -> dict[str, Path]:
-        """The four file paths from the first folder that holds them all."""
         looked = []
         folders = [Path(self.data_dir), Path(self.data_dir) / "FashionMNIST" / "raw"]
         for folder in folders + ([Path(self.system_dir)] if self.system_dir is not None else []):

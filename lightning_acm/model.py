@@ -1,7 +1,6 @@
 """The image classifier ``LightningModule`` used by the CLI: a torchvision classifier, SGD/AdamW, warmup + schedule.
 
-Images are ``(B, C, H, W)``; targets are class indices ``(B,)`` or soft targets ``(B, K)`` from a mixing
-callback. The attention model of Attentive CutMix lives on its callback, never in this module.
+Images are ``(B, C, H, W)``; targets are class indices ``(B,)`` or soft targets ``(B, K)``.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ from lightning_acm.validation import check_choice, check_int, check_real, is_int
 
 __all__ = ["CifarResNet", "ImageClassifier", "available_archs", "build_classifier"]
 
-#: DenseNet-264 (Huang et al., 2017), used by the Attentive CutMix paper; torchvision ships
-#: the DenseNet class but not this configuration, and no pretrained weights for it.
+#: DenseNet-264 (Huang et al., 2017) of the Attentive CutMix paper; torchvision has no such configuration.
 DENSENET264_CONFIG: dict[str, Any] = {"growth_rate": 32, "block_config": (6, 12, 64, 48), "num_init_features": 64}
 
 # Auxiliary heads return a tuple in training mode and add a loss this module does not use.
@@ -57,10 +55,9 @@ class _CifarBasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """The CIFAR ResNet of He et al. (2016, section 4.2): a 3x3 stem, three stages of ``blocks`` basic blocks.
+    """The CIFAR ResNet of He et al. (2016, section 4.2) for 32 px inputs, depth ``6 * blocks + 2``.
 
-    Stages of ``width``, ``2 * width``, ``4 * width`` channels at strides 1, 2, 2, 1x1-convolution shortcuts
-    where the shape changes, pooling and a linear head; depth ``6 * blocks + 2``, for 32 px inputs.
+    A 3x3 stem, three stages of ``blocks`` basic blocks (``width``, ``2 * width``, ``4 * width`` channels).
 
     Example::
 
@@ -108,7 +105,6 @@ def _resolve_weights(arch: str, weights: str) -> torchvision.models.WeightsEnum:
 
 
 def _load_pretrained(arch: str, weights: torchvision.models.WeightsEnum, **kwargs: Any) -> nn.Module:
-    """``arch`` with ``weights``; offline, the error says where to put the file."""
     try:
         return torchvision.models.get_model(arch, weights=weights, **kwargs)
     except (OSError, RuntimeError) as err:
@@ -159,13 +155,9 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     new = nn.Conv2d(in_channels, bias=old.bias is not None, **{key: getattr(old, key) for key in keep})
     with torch.no_grad():
         # Summing (1 channel) or tiling and rescaling keeps the stem's response to a uniform image.
-        weight = old.weight
-        if in_channels == 1:
-            weight = weight.sum(dim=1, keepdim=True)
-        else:
-            repeats = math.ceil(in_channels / weight.shape[1])
-            weight = weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
-        new.weight.copy_(weight)
+        weight, old_in = old.weight, old.weight.shape[1]
+        tiled = weight.repeat(1, math.ceil(in_channels / old_in), 1, 1)[:, :in_channels] * (old_in / in_channels)
+        new.weight.copy_(weight.sum(dim=1, keepdim=True) if in_channels == 1 else tiled)
         if old.bias is not None:
             new.bias.copy_(old.bias)
     model.set_submodule(name, new)
@@ -180,10 +172,8 @@ def build_classifier(arch: str = "resnet18", *, num_classes: int = 10, in_channe
             ResNets have no pretrained weights.
         num_classes: outputs; with ``weights``, a pretrained head of another size is replaced.
         in_channels: input channels; when not 3, the first convolution's weights are summed (1) or tiled.
-        small_input: CIFAR-style stem for 32 px inputs: a stride-1 first convolution and no stem pooling
-            (ResNet, DenseNet and EfficientNet families).
-        weights: a torchvision weights name for ``arch`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``,
-            ``"ResNet18_Weights.IMAGENET1K_V1"``), or None for random initialisation.
+        small_input: stride-1 stem without pooling for 32 px inputs (ResNet, DenseNet, EfficientNet).
+        weights: a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), or None for random init.
 
     Raises:
         ValueError: if ``arch`` or ``weights`` is unknown, or ``small_input`` is set for another family.
@@ -237,10 +227,10 @@ def _lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: floa
 def _unpack(batch: Any, *, with_target: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     if isinstance(batch, dict):
         return batch["image"], batch["target"] if with_target else batch.get("target")
-    if isinstance(batch, (list, tuple)):
-        if with_target and len(batch) < 2:
-            raise ValueError(f"Expected a batch of at least (images, targets), but got {len(batch)} element(s).")
+    if isinstance(batch, (list, tuple)) and (len(batch) >= 2 or not with_target):
         return batch[0], batch[1] if len(batch) > 1 else None
+    if isinstance(batch, (list, tuple)):
+        raise ValueError(f"Expected a batch of at least (images, targets), but got {len(batch)} element(s).")
     if isinstance(batch, Tensor) and not with_target:
         return batch, None
     raise TypeError("Expected a batch as a tuple/list (images, targets, ...) or a dict with 'image' and 'target' keys,"
@@ -250,27 +240,19 @@ def _unpack(batch: Any, *, with_target: bool = True) -> tuple[Tensor, Optional[T
 class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
     """A torchvision classifier trained with soft-target cross-entropy, for plain or mixed batches.
 
-    Batches are ``(images, targets, ...)`` tuples/lists (extra elements ignored) or dicts with
-    ``"image"`` and ``"target"`` keys. Logged (micro-averaged): ``train/loss`` per step, ``train/acc``
-    (against each mixed target's dominant label), ``val/`` and ``test/`` ``loss``, ``acc`` and
-    ``acc_top5`` per epoch. ``predict_step`` returns softmax probabilities ``(B, K)``.
+    Batches are ``(images, targets, ...)`` tuples/lists or dicts with ``"image"`` and ``"target"``. Logs
+    ``train/loss`` per step; ``train/acc`` (dominant label), ``{val,test}/{loss,acc,acc_top5}`` per epoch.
 
     Args:
-        arch: a torchvision classification model name (see :func:`build_classifier`).
-        num_classes: number of classes ``K``.
-        in_channels: input channels.
-        small_input: CIFAR-style stem for 32 px inputs.
-        weights: torchvision weights name for fine-tuning, or None.
+        arch, num_classes, in_channels, small_input, weights: see :func:`build_classifier`.
         label_smoothing: ``eps`` in ``[0, 1)`` for the training loss.
         optimizer: ``"sgd"`` or ``"adamw"`` (``momentum`` and ``nesterov`` unused; ``lr`` near 1e-3).
         lr: base learning rate (the peak after warmup).
-        momentum: SGD momentum in ``[0, 1)``.
-        nesterov: Nesterov momentum for SGD (needs ``momentum > 0``).
+        momentum, nesterov: SGD momentum in ``[0, 1)`` and Nesterov momentum (needs ``momentum > 0``).
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay, ``>= 0``.
         no_weight_decay_on_bn_and_bias: no weight decay on parameters with at most one dimension.
         lr_scheduler: ``"cosine"`` (to 0), ``"multistep"`` (times ``gamma`` at ``milestones``) or ``"none"``.
-        milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``.
-        gamma: factor in ``(0, 1]`` for ``"multistep"``.
+        milestones, gamma: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma`` in ``(0, 1]``.
         warmup_epochs: epochs of linear warmup to ``lr``, before any schedule (updated every step).
 
     Raises:
@@ -339,9 +321,8 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         images, targets = _unpack(batch)
         logits = self(images)
         loss = soft_target_cross_entropy(logits, targets)
-        hard = self.hard_targets(targets)
-        top1.update(logits, hard)
-        top5.update(logits, hard)
+        for metric in (top1, top5):
+            metric.update(logits, self.hard_targets(targets))
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True)
         self.log(f"{stage}/acc", top1, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc_top5", top5, on_step=False, on_epoch=True)
@@ -369,14 +350,6 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         return [{"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
-    def _steps_per_epoch(self) -> int:
-        batches = self.trainer.num_training_batches
-        if not math.isfinite(batches) or batches <= 0:
-            raise MisconfigurationException("`warmup_epochs` and `lr_scheduler='multistep'` need the number of training"
-                                            f" batches per epoch, but the trainer reports {batches}. Use a sized"
-                                            " training dataloader and a finite `max_epochs`.")
-        return math.ceil(batches / self.trainer.accumulate_grad_batches)
-
     @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -393,10 +366,15 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
             raise MisconfigurationException(f"`lr_scheduler='cosine'` needs the total number of training steps, but the"
                                             f" trainer estimates {total_steps}. Set `max_epochs` with a sized training"
                                             " dataloader, or `max_steps`.")
-        needs_epochs = hp.warmup_epochs > 0 or hp.lr_scheduler == "multistep"
-        steps_per_epoch = self._steps_per_epoch() if needs_epochs else 0
+        steps_per_epoch, batches = 0, self.trainer.num_training_batches
+        if hp.warmup_epochs > 0 or hp.lr_scheduler == "multistep":
+            if not math.isfinite(batches) or batches <= 0:
+                raise MisconfigurationException("`warmup_epochs` and `lr_scheduler='multistep'` need the number of"
+                                                f" training batches per epoch, but the trainer reports {batches}. Use"
+                                                " a sized training dataloader and a finite `max_epochs`.")
+            steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
         warmup, milestones = hp.warmup_epochs * steps_per_epoch, [m * steps_per_epoch for m in hp.milestones]
-        schedule = dict(schedule=hp.lr_scheduler, warmup_steps=warmup, milestone_steps=milestones, gamma=hp.gamma)
-        factor = partial(_lr_factor, total_steps=total_steps, **schedule)
+        factor = partial(_lr_factor, schedule=hp.lr_scheduler, warmup_steps=warmup, total_steps=total_steps,
+                         milestone_steps=milestones, gamma=hp.gamma)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
