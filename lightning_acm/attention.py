@@ -533,11 +533,8 @@ class Teacher:
         self, device: Optional[Union[str, torch.device]] = None, *, input_mean: Optional[Sequence[float]] = None,
         input_std: Optional[Sequence[float]] = None, owner: str = "Teacher",
     ) -> AttentionModel:  # fmt: skip
-        """The frozen teacher (eval mode, no gradients) on ``device``; ``self.module`` is left untouched.
-
-        ``input_mean``/``input_std`` (e.g. the datamodule's) apply when the teacher has none of its
-        own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them.
-        """
+        """The frozen teacher on ``device``, normalised by ``input_mean``/``input_std`` (e.g. the datamodule's) when it
+        has none of its own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them."""
         mean = self.input_mean if self.input_mean is not None else input_mean
         std = self.input_std if self.input_std is not None else input_std
         if isinstance(self.module, AttentionModel):
