@@ -516,7 +516,9 @@ class Teacher:
         check_choice(self.reduction, "reduction", ("mean", "max"))
         check_choice(self.precision, "precision", (None, "bf16", "fp16"))
         check_bool(self.channels_last, "channels_last")
-        if not isinstance(self.compile, (bool, dict)) or any(not isinstance(key, str) for key in self.compile or ()):
+        if not isinstance(self.compile, bool) and not (
+            isinstance(self.compile, dict) and all(isinstance(key, str) for key in self.compile)
+        ):
             raise TypeError("Expected `compile` to be a bool or a dict of torch.compile arguments (e.g."
                             f" {{'mode': 'max-autotune'}}), but got {self.compile!r}.")
         if (self.input_mean is None) != (self.input_std is None):
