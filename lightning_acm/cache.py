@@ -1,8 +1,5 @@
-"""A heatmap cache: the frozen teacher runs once per training image instead of once per batch.
-
-:class:`HeatmapCache` stores one heatmap per training sample, computed on the un-augmented image;
-:func:`warp_heatmaps` moves it through the crop box and flip that the augmentation recorded, onto
-the mixing grid, with batched matrix products (no per-sample loop, no host-device sync).
+"""A heatmap cache: the frozen teacher runs once per un-augmented training image instead of once per batch,
+and :func:`warp_heatmaps` moves each map through the crop and flip that the augmentation recorded.
 
 ``geometry`` is ``(B, 6)`` float ``[index, y0, x0, y1, x1, flipped]`` (or ``(B, 5)`` without the
 index): the augmented image is the box ``[y0, y1] x [x0, x1]`` of the un-augmented one, in
@@ -46,17 +43,15 @@ def _check_geometry(geometry: Any, batch_size: Optional[int] = None, *, with_ind
         raise TypeError(f"Expected `geometry` to be a torch.Tensor, but got {type(geometry).__name__}.")
     if geometry.ndim != 2 or geometry.shape[1] not in ((6,) if with_index else (5, 6)):
         kind = "with the dataset index first" if with_index else "or (B, 5) without the index"
-        raise ValueError(f"Expected `geometry` to have shape (B, 6) [index, y0, x0, y1, x1, flipped] {kind},"
-                         f" but got shape {tuple(geometry.shape)}.")
+        raise ValueError(f"Expected `geometry` of shape (B, 6) [index, y0, x0, y1, x1, flipped] {kind}, but got {tuple(geometry.shape)}.")
     if batch_size is not None and geometry.shape[0] != batch_size:
-        raise ValueError("Expected `geometry` to have one row per sample, but the batch sizes do not match:"
-                         f" {geometry.shape[0]} != {batch_size}.")
+        raise ValueError(f"Expected `geometry` to have one row per sample, but got {geometry.shape[0]} != {batch_size}.")
     return geometry[:, -5:].float()
 
 
 def _cell_weights(start: Tensor, end: Tensor, flipped: Tensor, cells_out: int, cells_in: int) -> Tensor:
-    """``(B, cells_out, cells_in)``: share of output cell ``i``'s source interval, ``start + [i, i + 1] / n *
-    (end - start)`` (mirrored where ``flipped``), lying in each input cell; a row sums to its share inside."""
+    """``(B, cells_out, cells_in)``: the share of output cell ``i``'s source interval (mirrored where ``flipped``)
+    lying in each input cell; a row sums to its share inside the image."""
     steps = torch.arange(cells_out + 1, device=start.device, dtype=torch.float32) / cells_out
     flip = (flipped > 0.5).unsqueeze(1)
     low = torch.where(flip, 1.0 - steps[1:], steps[:-1])
@@ -72,26 +67,18 @@ def _cell_weights(start: Tensor, end: Tensor, flipped: Tensor, cells_out: int, c
 def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> Tensor:
     """Move heatmaps of un-augmented images through each sample's crop and flip, onto ``grid_size`` cells.
 
-    Cell ``(i, j)`` is the area-weighted mean of the (piecewise constant) fine map over the part of
-    the un-augmented image that lands in it; padding counts with the map's minimum. The identity box
-    gives ``F.adaptive_avg_pool2d``. Boxes are taken as given (``y1 > y0``, ``x1 > x0``; no sync).
+    A cell is the area-weighted mean of the fine map over what lands in it, padding counting as the
+    map's minimum (the identity box gives ``F.adaptive_avg_pool2d``).
 
     Args:
         fine_maps: ``(B, fh, fw)`` heatmaps; geometry: ``(B, 6)`` or ``(B, 5)``; grid_size: int or ``(gh, gw)``.
 
-    Returns:
-        ``(B, gh, gw)`` float32 heatmaps on the device of ``fine_maps``.
-
-    Raises:
-        ValueError: if the shapes do not match.
+    Returns ``(B, gh, gw)`` float32 heatmaps. Raises ValueError if the shapes do not match.
 
     Example::
 
-        >>> fine = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
-        >>> flipped = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])
-        >>> warp_heatmaps(fine, flipped, 2)
-        tensor([[[2., 1.],
-                 [4., 3.]]])
+        >>> warp_heatmaps(torch.tensor([[[1.0, 2.0]]]), torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]), (1, 2))  # flipped
+        tensor([[[2., 1.]]])
     """
     check_heatmaps(fine_maps)
     y0, x0, y1, x1, flipped = _check_geometry(geometry, fine_maps.shape[0]).to(fine_maps.device).unbind(1)
@@ -105,14 +92,11 @@ def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> 
 
 
 def apply_geometry(images: Tensor, geometry: Tensor, output_size: Optional[Size2] = None, *, padding_value: float = 0.0) -> Tensor:
-    """The augmented views of ``(B, C, H, W)`` ``images`` that ``geometry`` describes: box, bilinear resize, flip.
+    """The augmented views ``(B, C, h, w)`` of ``(B, C, H, W)`` ``images`` that ``geometry`` describes.
 
     Args:
         output_size: ``(h, w)`` or ``h``; the images' size when ``None``.
         padding_value: the value outside the image (``-mean / std`` for images normalised after zero padding).
-
-    Returns:
-        ``(B, C, h, w)`` in the dtype and device of ``images``.
 
     Raises:
         ValueError: if the shapes do not match.
@@ -126,29 +110,22 @@ def apply_geometry(images: Tensor, geometry: Tensor, output_size: Optional[Size2
     check_images(images)
     y0, x0, y1, x1, flipped = _check_geometry(geometry, images.shape[0]).to(images.device).unbind(1)
     height, width = images.shape[-2:] if output_size is None else check_size2(output_size, "output_size")
-    sign = 1.0 - 2.0 * (flipped > 0.5).float()
-    zero = torch.zeros_like(y0)
-    h, w = y1 - y0, x1 - x0
+    sign, zero, h, w = 1.0 - 2.0 * (flipped > 0.5).float(), torch.zeros_like(y0), y1 - y0, x1 - x0
     theta = torch.stack([torch.stack([sign * w, zero, 2 * x0 + w - 1], 1), torch.stack([zero, h, 2 * y0 + h - 1], 1)], 1)
     grid = F.affine_grid(theta, [images.shape[0], images.shape[1], height, width], align_corners=False)
-    shifted = images.float() - padding_value
-    out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + padding_value
-    return out.to(images.dtype)
+    out = F.grid_sample(images.float() - padding_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (out + padding_value).to(images.dtype)
 
 
 def topk_overlap(heatmaps: Tensor, reference: Tensor, top_k: int) -> Tensor:
-    """Intersection over union ``(B,)`` of the ``top_k`` cells chosen from two heatmaps of each sample.
-
-    Cells are chosen as :func:`~lightning_acm.functional.topk_cell_indices` chooses them.
+    """Intersection over union ``(B,)`` of the ``top_k`` cells (as ``topk_cell_indices`` picks them) of two heatmaps.
 
     Raises:
         ValueError: if the shapes differ or ``top_k`` is out of range.
 
     Example::
 
-        >>> a = torch.tensor([[[3.0, 2.0], [1.0, 0.0]]])
-        >>> b = torch.tensor([[[3.0, 0.0], [2.0, 1.0]]])
-        >>> topk_overlap(a, b, 2)  # {0, 1} vs {0, 2}: 1 shared of 3
+        >>> topk_overlap(torch.tensor([[[3.0, 2.0], [1.0, 0.0]]]), torch.tensor([[[3.0, 0.0], [2.0, 1.0]]]), 2)  # 1 of 3
         tensor([0.3333])
     """
     check_heatmaps(heatmaps)
@@ -171,7 +148,8 @@ class HeatmapCacheConfig:
         input_size: teacher input size while filling; ``None`` scales the teacher's with ``grid_size``.
         path: a file to load the cache from when its fingerprint matches, and to save it to otherwise.
         batch_size: teacher batch size while filling.
-        geometry_key: the dict key of the recorded geometry (list batches: position 2).
+        geometry_key: where a batch holds the recorded geometry: an int indexes a list batch, a str keys a
+            dict batch (a batch of the other kind uses its default, position 2 or ``"geometry"``).
 
     Example: ``HeatmapCacheConfig(path="heatmaps.pt", grid_size=14)``.
     """
@@ -193,14 +171,12 @@ class HeatmapCacheConfig:
 
 
 class HeatmapCache:
-    """One fine heatmap per training sample, keyed by dataset index, filled once by a teacher.
+    """``maps`` ``(N, fh, fw)`` and ``filled`` ``(N,)`` flags: one fine heatmap per training sample, by dataset index.
 
-    Holds ``maps`` ``(N, fh, fw)`` and ``filled`` ``(N,)`` flags on the training device (lookups need no
-    sync). It is derived data: :meth:`save` and :meth:`load` it, but keep it out of checkpoints.
+    Derived data: :meth:`save` and :meth:`load` it, but keep it out of checkpoints.
 
     Args:
-        num_samples: ``N``, the size of the training set; grid_size: fine cells per side (int or ``(fh, fw)``);
-        dtype: storage dtype (float16, bfloat16 or float32; lookups return float32); device: where the maps live.
+        num_samples: ``N``; grid_size: fine cells per side; dtype: float16, bfloat16 or float32; device: where it lives.
 
     Raises:
         ValueError: for a non-positive ``num_samples`` or a non-float ``dtype``.
@@ -209,11 +185,8 @@ class HeatmapCache:
 
         >>> cache = HeatmapCache(3, grid_size=2)
         >>> cache.update(torch.tensor([0, 1, 2]), torch.arange(12.0).view(3, 2, 2))
-        >>> cache.is_complete()
-        True
-        >>> geometry = torch.tensor([[2.0, 0.0, 0.0, 1.0, 1.0, 0.0]])  # sample 2, identity box
-        >>> cache.warp(geometry, 1)
-        tensor([[[9.5000]]])
+        >>> cache.is_complete(), cache.warp(torch.tensor([[2.0, 0.0, 0.0, 1.0, 1.0, 0.0]]), 1)  # sample 2, identity box
+        (True, tensor([[[9.5000]]]))
     """
 
     def __init__(self, num_samples: int, grid_size: Size2 = 14, *, dtype: torch.dtype = torch.float16,
@@ -244,19 +217,17 @@ class HeatmapCache:
     def update(self, indices: Tensor, maps: Tensor) -> None:
         """Store ``maps`` ``(M, fh, fw)`` for the dataset ``indices`` ``(M,)`` and mark them filled."""
         check_heatmaps(maps)
-        if tuple(maps.shape[-2:]) != self.grid_size:
-            raise ValueError(f"Expected heatmaps on the cache's {self.grid_size[0]}x{self.grid_size[1]} grid, but got"
-                             f" {maps.shape[-2]}x{maps.shape[-1]}. Build the teacher with the cache's `grid_size`.")
         indices = torch.as_tensor(indices).to(self.device, torch.long).flatten()
-        if indices.shape[0] != maps.shape[0]:
-            raise ValueError(f"Expected one index per heatmap, but the sizes do not match: {indices.shape[0]} != {maps.shape[0]}.")
+        if tuple(maps.shape[-2:]) != self.grid_size or indices.shape[0] != maps.shape[0]:
+            raise ValueError(f"Expected one index per heatmap and heatmaps on the cache's {self.grid_size[0]}x"
+                             f"{self.grid_size[1]} grid, but got {indices.shape[0]} indices and {maps.shape[0]} heatmaps"
+                             f" of {maps.shape[-2]}x{maps.shape[-1]}. Build the teacher with the cache's `grid_size`.")
         self.maps[indices] = maps.to(self.device, self.maps.dtype)
         self.filled[indices] = True
 
     def lookup(self, indices: Tensor) -> Tensor:
         """``(B, fh, fw)`` float32 maps of the dataset ``indices`` (rounded), unchecked (no sync)."""
-        if indices.is_floating_point():
-            indices = indices.round()
+        indices = indices.round() if indices.is_floating_point() else indices
         return self.maps.index_select(0, indices.to(self.device, torch.long)).float()
 
     def warp(self, geometry: Tensor, grid_size: Size2 = 7) -> Tensor:
@@ -270,18 +241,13 @@ class HeatmapCache:
         """Store the heatmaps ``attention_model`` gives for ``indices`` (all when ``None``) of ``data``; return ``self``.
 
         ``data`` yields ``(image, target, index)`` samples, or ``(image, target)`` ones keyed by position.
-
-        Raises:
-            ValueError: if the heatmaps are not on the cache's grid.
+        Raises ValueError if the heatmaps are not on the cache's grid.
         """
         positions = list(range(len(data))) if indices is None else [int(i) for i in indices]  # type: ignore[arg-type]
-        first = next(attention_model.parameters(), None)
-        device = first.device if first is not None else self.device
+        device = next(attention_model.parameters(), self.maps).device
         seen = 0
         for batch in DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers):
-            parts = batch if isinstance(batch, (list, tuple)) else [batch]
-            images = parts[0]
-            keys = parts[2] if len(parts) >= 3 else torch.tensor(positions[seen : seen + images.shape[0]])
+            images, keys = batch[0], batch[2] if len(batch) >= 3 else torch.tensor(positions[seen : seen + len(batch[0])])
             self.update(torch.as_tensor(keys).flatten(), attention_model(images.to(device, non_blocking=True)))
             seen += images.shape[0]
         return self
@@ -305,30 +271,25 @@ class HeatmapCache:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Expected a heatmap cache file at {path!r}, but it does not exist.")
+        state, found = None, "it holds something else"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # a damaged file fails in many ways: EOFError, OSError, RuntimeError, KeyError
             found = f"it cannot be read ({type(error).__name__}: {error})"
-        else:
-            found = "it holds something else"
-            if isinstance(state, dict) and state.get("version") == _FORMAT_VERSION:
-                maps, filled = state.get("maps"), state.get("filled")
-                if isinstance(maps, Tensor) and isinstance(filled, Tensor) and filled.shape == maps.shape[:1]:
-                    cache = cls(maps.shape[0], tuple(maps.shape[-2:]), dtype=maps.dtype, device=device)
-                    cache.maps.copy_(maps)
-                    cache.filled.copy_(filled)
-                    cache.meta = dict(state.get("meta", {}))
-                    return cache
+        if isinstance(state, dict) and state.get("version") == _FORMAT_VERSION:
+            maps, filled = state.get("maps"), state.get("filled")
+            if isinstance(maps, Tensor) and isinstance(filled, Tensor) and filled.shape == maps.shape[:1]:
+                cache = cls(maps.shape[0], tuple(maps.shape[-2:]), dtype=maps.dtype, device=device)
+                cache.maps, cache.filled, cache.meta = maps.to(cache.device), filled.to(cache.device), dict(state.get("meta", {}))
+                return cache
         raise ValueError(f"Expected {path!r} to be a heatmap cache written by HeatmapCache.save, but {found}. Delete the"
                          " file: a cache is derived data, and a fit with `cache_path` writes it again.")
 
 
 def regrid_attention_model(model: nn.Module, grid_size: Size2, input_size: Optional[Size2]) -> nn.Module:
-    """The same frozen teacher (its backbone shared, not copied) on another grid and input size.
+    """The same frozen teacher (its backbone shared) on another grid and input size, e.g. to fill a finer cache.
 
-    Tapping the same layer at twice the input size gives twice the cells per side, which fills a
-    cache finer than the mixing grid. A model that is not an
-    :class:`~lightning_acm.attention.AttentionModel` is returned unchanged.
+    A model that is not an :class:`~lightning_acm.attention.AttentionModel` is returned unchanged.
     """
     if not isinstance(model, AttentionModel):
         return model
@@ -345,45 +306,40 @@ def reference_datamodule(trainer: Any, owner: str) -> Any:
         MisconfigurationException: if there is no such datamodule or ``record_augmentation`` is off.
     """
     datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is None or not callable(getattr(datamodule, "train_reference_dataset", None)):
-        found = "no datamodule" if datamodule is None else f"{type(datamodule).__name__}, which has none"
-        raise MisconfigurationException(
-            f"{owner}(heatmap_cache=True) computes each heatmap once on the un-augmented training images, so it needs a"
-            f" datamodule with `train_reference_dataset()` and `record_augmentation`, but the trainer has {found}. Use"
-            " a lightning_acm datamodule with `data.record_augmentation: true`, or set `heatmap_cache: false`.")
-    if not getattr(datamodule, "record_augmentation", False):
-        raise MisconfigurationException(
-            f"{owner}(heatmap_cache=True) moves cached heatmaps through each sample's crop and flip, but"
-            f" {type(datamodule).__name__}.record_augmentation is False, so the batches carry no geometry."
-            " Set `data.record_augmentation: true` (or `record_augmentation=True` on the datamodule).")
-    return datamodule
+    if not callable(getattr(datamodule, "train_reference_dataset", None)):
+        found = "no datamodule" if datamodule is None else f"{type(datamodule).__name__} without it"
+    elif not getattr(datamodule, "record_augmentation", False):
+        found = f"{type(datamodule).__name__} with `record_augmentation=False`"
+    else:
+        return datamodule
+    raise MisconfigurationException(
+        f"Expected {owner}(heatmap_cache=True) to get a datamodule with `train_reference_dataset()` and"
+        f" `record_augmentation=True`, but got {found}. Use a lightning_acm datamodule with"
+        " `data.record_augmentation: true`, or set `heatmap_cache: false`.")
 
 
 def batch_geometry(batch: Any, key: Union[int, str], batch_size: int, owner: str) -> Tensor:
-    """The ``(B, 6)`` geometry of a training batch: ``batch[key]`` of a dict, else ``batch[2]`` of a list.
+    """The ``(B, 6)`` geometry of a training batch: ``batch[key]``, an int key indexing a list batch and a str
+    key a dict batch (a batch of the other kind uses position 2 or ``"geometry"``).
 
     Raises:
-        KeyError: if a dict batch has no ``key``.
-        ValueError: if a list batch has no third element or the geometry's shape is wrong.
+        KeyError: if a dict batch has no such key. ValueError: if a list batch is too short or the shape is wrong.
     """
     if isinstance(batch, dict):
+        key = key if isinstance(key, str) else "geometry"
         if key not in batch:
-            raise KeyError(
-                f"{owner}(heatmap_cache=True): the dict batch has no key {key!r} (`geometry_key`); its keys are"
-                f" {sorted(map(str, batch))}. Set `data.record_augmentation: true` or pass `geometry_key=...`.")
-        geometry = batch[key]
-    elif isinstance(batch, (list, tuple)) and len(batch) >= 3:
-        geometry = batch[2]
+            raise KeyError(f"Expected the dict batch of {owner}(heatmap_cache=True) to hold the geometry at"
+                           f" `geometry_key` {key!r}, but its keys are {sorted(map(str, batch))}.")
     else:
-        raise ValueError(
-            f"{owner}(heatmap_cache=True) needs the augmentation geometry as the third element of the batch"
-            " [images, targets, geometry], but the batch has none. Set `data.record_augmentation: true`.")
-    _check_geometry(geometry, batch_size, with_index=True)
-    return geometry
+        key = key if isinstance(key, int) else 2
+        if not isinstance(batch, (list, tuple)) or len(batch) <= key:
+            raise ValueError(f"Expected the batch of {owner}(heatmap_cache=True) to hold the geometry at position {key}"
+                             " (`geometry_key`), but it has none. Set `data.record_augmentation: true`.")
+    _check_geometry(batch[key], batch_size, with_index=True)
+    return batch[key]
 
 
 def _digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
-    """SHA-256 of named tensors: each name, dtype, shape and the bytes of its values."""
     digest = hashlib.sha256()
     for name, tensor in tensors:
         values = tensor.detach().cpu().contiguous().reshape(-1)
@@ -393,19 +349,16 @@ def _digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
 
 
 def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
-    """What the heatmaps of a cache filled by ``teacher`` from ``dataset`` depend on: plain values for its ``meta``.
+    """What a cache filled by ``teacher`` from ``dataset`` depends on, as plain values for its ``meta``.
 
-    ``teacher`` (the backbone's type), ``teacher_weights`` (SHA-256 of the ``state_dict``), for an
-    :class:`~lightning_acm.attention.AttentionModel` its ``layer``, ``input_size``, ``reduction``,
-    ``relu``, ``precision`` and ``normalization``; ``grid_size``, ``num_samples`` and ``dataset_pixels``
-    (SHA-256 of the first, middle and last images). It hashes every weight: call it once per fit.
+    The teacher's type, a SHA-256 of its weights and its settings, ``grid_size``, ``num_samples`` and a
+    SHA-256 of the first, middle and last images. It hashes every weight: call it once per fit.
 
     Example::
 
         >>> from torch.utils.data import TensorDataset
-        >>> fingerprint = cache_fingerprint(nn.Conv2d(3, 1, 4, stride=4), TensorDataset(torch.zeros(5, 3, 8, 8)), 2)
-        >>> fingerprint["num_samples"], fingerprint["grid_size"], fingerprint["teacher"]
-        (5, [2, 2], 'Conv2d')
+        >>> print(cache_fingerprint(nn.Conv2d(3, 1, 4, stride=4), TensorDataset(torch.zeros(5, 3, 8, 8)), 2)["teacher"])
+        Conv2d
     """
     size = len(dataset)  # type: ignore[arg-type]
     images = []
@@ -416,20 +369,13 @@ def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) ->
     is_attention = isinstance(teacher, AttentionModel)
     fingerprint: dict[str, Any] = {
         "teacher": type(teacher.backbone if is_attention else teacher).__name__,
-        "teacher_weights": _digest(teacher.state_dict().items()),
-        "grid_size": list(check_size2(grid_size, "grid_size")),
-        "num_samples": size,
-        "dataset_pixels": _digest(images),
-    }
+        "teacher_weights": _digest(teacher.state_dict().items()), "grid_size": list(check_size2(grid_size, "grid_size")),
+        "num_samples": size, "dataset_pixels": _digest(images),
+    }  # fmt: skip
     if is_attention:
-        fingerprint.update(
-            layer=teacher.layer,
-            input_size=None if teacher.input_size is None else list(teacher.input_size),
-            reduction=teacher.reduction,
-            relu=teacher.relu,
-            precision=str(teacher.amp_dtype),
-            normalization=[getattr(teacher, name).flatten().tolist() for name in _STATS],
-        )
+        fingerprint.update(layer=teacher.layer, input_size=teacher.input_size and list(teacher.input_size),
+                           reduction=teacher.reduction, relu=teacher.relu, precision=str(teacher.amp_dtype),
+                           normalization=[getattr(teacher, name).flatten().tolist() for name in _STATS])
     return fingerprint
 
 
@@ -458,14 +404,14 @@ def _load_matching(trainer: Any, path: str, meta: dict[str, Any], required: Tens
     return None
 
 
-def cache_for_trainer(trainer: Any, teacher: nn.Module, *, grid_size: Size2, path: Optional[str] = None,
-                      batch_size: int = 64, meta: Optional[dict[str, Any]] = None,
-                      previous: Optional[HeatmapCache] = None, owner: str = "AttentiveCutMix") -> HeatmapCache:
-    """Fill (or load) the heatmap cache of the trainer's training set, on every rank, on the training device.
+def cache_for_trainer(
+    trainer: Any, teacher: nn.Module, *, grid_size: Size2, path: Optional[str] = None, batch_size: int = 64,
+    meta: Optional[dict[str, Any]] = None, previous: Optional[HeatmapCache] = None, owner: str = "AttentiveCutMix",
+) -> HeatmapCache:  # fmt: skip
+    """Fill (or load) the heatmap cache of the trainer's training indices, on every rank, on the training device.
 
-    Only the training indices are computed, each rank its shard (all-gathered under DDP). ``previous``,
-    or the file at ``path``, is used when its ``meta`` (``meta`` plus :func:`cache_fingerprint`) matches
-    and it covers the training indices; otherwise the cache is computed and rank 0 writes it to ``path``.
+    ``previous``, or the file at ``path``, is used when its ``meta`` (``meta`` plus :func:`cache_fingerprint`)
+    matches; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
 
     Raises:
         MisconfigurationException: see :func:`reference_datamodule`.
@@ -479,10 +425,9 @@ def cache_for_trainer(trainer: Any, teacher: nn.Module, *, grid_size: Size2, pat
     meta = {**(meta or {}), **cache_fingerprint(teacher, reference, grid)}
     if previous is not None and _mismatch(previous, meta, required) is None:
         return previous
-    if path is not None and os.path.isfile(path):
-        loaded = _load_matching(trainer, path, meta, required, owner)
-        if loaded is not None:
-            return loaded
+    loaded = _load_matching(trainer, path, meta, required, owner) if path is not None and os.path.isfile(path) else None
+    if loaded is not None:
+        return loaded
     cache = HeatmapCache(len(reference), grid, device=trainer.strategy.root_device)
     cache.meta, world, start = meta, trainer.world_size, time.perf_counter()
     shard = required[trainer.global_rank :: world]
@@ -494,8 +439,7 @@ def cache_for_trainer(trainer: Any, teacher: nn.Module, *, grid_size: Size2, pat
         gathered = trainer.strategy.all_gather(local)
         for other in range(world):
             cache.update(required[other::world], gathered[other, : required[other::world].numel()])
-    problem = _mismatch(cache, meta, required)
-    if problem:
+    if problem := _mismatch(cache, meta, required):
         raise RuntimeError(f"{owner}: the filled heatmap cache is incomplete ({problem}); the reference dataset must"
                            " return (image, target, index) for every training index.")
     rank_zero_info(f"{owner}: computed {required.numel()} heatmaps ({grid[0]}x{grid[1]}) in"

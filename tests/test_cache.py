@@ -173,7 +173,7 @@ def test_cache_update_lookup_warp_and_save_load_round_trip(tmp_path, generator):
     assert half.maps.dtype == torch.float16
     torch.testing.assert_close(half.lookup(torch.arange(6)), maps, atol=1e-2, rtol=1e-3)
 
-    with pytest.raises(ValueError, match="14x14 grid, but got 7x7"):
+    with pytest.raises(ValueError, match=r"cache's 14x14 grid, but got 1 indices and 1 heatmaps of 7x7\. Build the teacher"):
         cache.update(torch.tensor([0]), torch.rand(1, 7, 7))
     with pytest.raises(ValueError, match="with the dataset index first"):
         cache.warp(geometry(IDENTITY, index=False))
@@ -416,13 +416,17 @@ def test_bad_cache_arguments_fail_early(kwargs, match):
 
 def test_batch_geometry_from_lists_and_dicts():
     box = geometry(IDENTITY, IDENTITY)
-    assert batch_geometry([None, None, box], "geometry", 2, "ACM") is box
-    assert batch_geometry({"image": None, "geo": box}, "geo", 2, "ACM") is box
-    with pytest.raises(KeyError, match="`geometry_key`"):
+    assert batch_geometry([None, None, box], 2, 2, "ACM") is box
+    assert batch_geometry([None, None, None, box], 3, 2, "ACM") is box  # an int key indexes a list batch
+    assert batch_geometry({"image": None, "geo": box}, "geo", 2, "ACM") is box  # a str key keys a dict batch
+    # A key of the other kind falls back to that batch kind's default: position 2, "geometry".
+    assert batch_geometry([None, None, box], "geo", 2, "ACM") is box
+    assert batch_geometry({"image": None, "geometry": box}, 2, 2, "ACM") is box
+    with pytest.raises(KeyError, match=r"`geometry_key` 'geometry', but its keys are \['image'\]"):
         batch_geometry({"image": None}, "geometry", 2, "ACM")
-    with pytest.raises(ValueError, match=r"data\.record_augmentation: true"):
-        batch_geometry([None, None], "geometry", 2, "ACM")
-    with pytest.raises(ValueError, match="2 != 3"):
+    with pytest.raises(ValueError, match=r"at position 2 \(`geometry_key`\), but it has none\. .*data\.record_augmentation: true"):
+        batch_geometry([None, None], 2, 2, "ACM")
+    with pytest.raises(ValueError, match=r"one row per sample, but got 2 != 3\."):
         batch_geometry([None, None, box], "geometry", 3, "ACM")
 
 
