@@ -15,8 +15,8 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -45,23 +45,36 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def add_teacher_arguments(parser: argparse.ArgumentParser, *, size: int = 224, layer: Optional[str] = None) -> None:
     group = parser.add_argument_group("teacher")
-    group.add_argument("--teacher", default="efficientnet_lite0",
-                       help='preset or torchvision name: "efficientnet_lite0" (bundled weights), "resnet50", "resnet152"')
-    group.add_argument("--teacher-weights", default="default",
-                       help='"default" (pretrained: bundled for efficientnet_lite0, torchvision cache otherwise) or "none"'
-                            " (random init, for timing only: heatmaps are meaningless)")
-    group.add_argument("--teacher-layer", default=layer,
-                       help='tapped layer; default: the preset\'s stride-32 layer, or "stride16" for the stride-16'
-                            " layer (_blocks.10 / layer3)")
+    group.add_argument(
+        "--teacher",
+        default="efficientnet_lite0",
+        help='preset or torchvision name: "efficientnet_lite0" (bundled weights), "resnet50", "resnet152"',
+    )
+    group.add_argument(
+        "--teacher-weights",
+        default="default",
+        help='"default" (pretrained: bundled for efficientnet_lite0, torchvision cache otherwise) or "none"'
+        " (random init, for timing only: heatmaps are meaningless)",
+    )
+    group.add_argument(
+        "--teacher-layer",
+        default=layer,
+        help='tapped layer; default: the preset\'s stride-32 layer, or "stride16" for the stride-16'
+        " layer (_blocks.10 / layer3)",
+    )
     group.add_argument("--teacher-size", type=int, default=size, help="teacher input size in px")
-    group.add_argument("--teacher-amp", default=None, choices=[None, "bf16", "fp16"], help="autocast dtype of the teacher")
+    group.add_argument(
+        "--teacher-amp", default=None, choices=[None, "bf16", "fp16"], help="autocast dtype of the teacher"
+    )
     group.add_argument("--channels-last", action="store_true", help="run the teacher in channels_last")
 
 
 def setup_run(args: argparse.Namespace) -> torch.device:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|val_dataloader|treespec|returned `None`).*")
+    warnings.filterwarnings(
+        "ignore", message=".*(does not have many workers|LeafSpec|val_dataloader|treespec|returned `None`).*"
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -159,7 +172,9 @@ class ThroughputTimer(L.Callback):
         self.images = 0
         self.batches = 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # No sync per batch: the CPU may run ahead of the GPU, as in real training.
         self.batches += 1
         if self.batches == self.warmup:
@@ -223,8 +238,12 @@ def build_teacher(
     """An attention model and a label for the tables (``random init`` when ``weights == "none"``)."""
     layer = resolve_layer(name, layer)
     common: dict[str, Any] = dict(
-        input_mean=input_mean, input_std=input_std, input_size=input_size, grid_size=grid_size,
-        amp_dtype=amp, channels_last=channels_last,
+        input_mean=input_mean,
+        input_std=input_std,
+        input_size=input_size,
+        grid_size=grid_size,
+        amp_dtype=amp,
+        channels_last=channels_last,
     )
     if weights == "none":
         preset = PRESETS.get(name)
@@ -242,8 +261,14 @@ def build_teacher(
             backbone = torchvision.models.get_model(arch, weights=None)
         mean = preset.teacher_mean if preset is not None else (0.485, 0.456, 0.406)
         std = preset.teacher_std if preset is not None else (0.229, 0.224, 0.225)
-        model = attention_model_from_module(backbone, layer, teacher_mean=mean, teacher_std=std,
-                                            relu=bool(preset and preset.relu and layer == preset.layer), **common)
+        model = attention_model_from_module(
+            backbone,
+            layer,
+            teacher_mean=mean,
+            teacher_std=std,
+            relu=bool(preset and preset.relu and layer == preset.layer),
+            **common,
+        )
         kind = "random init"
     else:
         model = build_attention_model(name, weights=None if weights == "default" else weights, layer=layer, **common)
@@ -302,8 +327,17 @@ class RandomDataModule(L.LightningDataModule):
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
 
-    def __init__(self, num_samples: int = 1024, size: int = 32, num_classes: int = 10, *, batch_size: int = 64,
-                 num_workers: int = 0, record_augmentation: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int = 1024,
+        size: int = 32,
+        num_classes: int = 10,
+        *,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        record_augmentation: bool = True,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         # Smooth blobs rather than white noise, so that heatmaps have some structure.
@@ -319,17 +353,30 @@ class RandomDataModule(L.LightningDataModule):
         self.train_set = _CropFlipSet(padded, self.targets, 4, record_augmentation)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_reference_dataset(self) -> Dataset:
         return _ReferenceSet(self.images, self.targets)
 
 
-def make_datamodule(kind: str, *, num_samples: int, batch_size: int, num_workers: int, seed: int,
-                    record_augmentation: bool = True, data_dir: str = FASHION_MNIST_DIR,
-                    ) -> tuple[L.LightningDataModule, str]:
+def make_datamodule(
+    kind: str,
+    *,
+    num_samples: int,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    record_augmentation: bool = True,
+    data_dir: str = FASHION_MNIST_DIR,
+) -> tuple[L.LightningDataModule, str]:
     """``("fashion-mnist" | "random" | "auto")`` -> a datamodule recording the crop/flip geometry, and a label."""
     if kind == "auto":
         kind = "fashion-mnist" if os.path.isdir(data_dir) else "random"
@@ -337,10 +384,23 @@ def make_datamodule(kind: str, *, num_samples: int, batch_size: int, num_workers
         from lightning_acm.data import FashionMNISTDataModule
 
         datamodule = FashionMNISTDataModule(
-            data_dir, batch_size=batch_size, num_workers=num_workers, val_split=0, train_subset=num_samples,
-            record_augmentation=record_augmentation, persistent_workers=num_workers > 0, seed=seed,
+            data_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_split=0,
+            train_subset=num_samples,
+            record_augmentation=record_augmentation,
+            persistent_workers=num_workers > 0,
+            seed=seed,
         )
         return datamodule, f"Fashion-MNIST ({num_samples} training images, padded to 32 px, 3 channels)"
-    datamodule = RandomDataModule(num_samples, 32, 10, batch_size=batch_size, num_workers=num_workers,
-                                  record_augmentation=record_augmentation, seed=seed)
+    datamodule = RandomDataModule(
+        num_samples,
+        32,
+        10,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        record_augmentation=record_augmentation,
+        seed=seed,
+    )
     return datamodule, f"random tensors ({num_samples} images, 3x32x32)"

@@ -58,16 +58,25 @@ def main() -> None:
     device = setup_run(args)
     n = args.num_samples
 
-    datamodule, data_label = make_datamodule(args.data, data_dir=args.data_dir, num_samples=n, batch_size=args.batch_size, num_workers=0,
-                                             seed=args.seed)
+    datamodule, data_label = make_datamodule(
+        args.data, data_dir=args.data_dir, num_samples=n, batch_size=args.batch_size, num_workers=0, seed=args.seed
+    )
     reference = datamodule.train_reference_dataset()  # type: ignore[attr-defined]
     order = getattr(datamodule, "train_indices", torch.arange(n))[:n]
     images = torch.stack([reference[int(i)][0] for i in order])
     mean, std = datamodule.mean, datamodule.std  # type: ignore[attr-defined]
     black = -mean[0] / std[0]  # the datamodules pad with black before normalising
-    teacher, label = build_teacher(args.teacher, weights=args.teacher_weights, layer=args.teacher_layer,
-                                   input_size=args.teacher_size, amp=args.teacher_amp,
-                                   channels_last=args.channels_last, input_mean=mean, input_std=std, device=device)
+    teacher, label = build_teacher(
+        args.teacher,
+        weights=args.teacher_weights,
+        layer=args.teacher_layer,
+        input_size=args.teacher_size,
+        amp=args.teacher_amp,
+        channels_last=args.channels_last,
+        input_mean=mean,
+        input_std=std,
+        device=device,
+    )
     scale = args.cache_grid / 7
     fine_size = round(args.teacher_size * scale)
 
@@ -84,15 +93,27 @@ def main() -> None:
 
     caches = {
         f"cache 7x7 @ {args.teacher_size} px (same teacher), warped": fill(teacher, 7),
-        f"cache {args.cache_grid}x{args.cache_grid} @ {fine_size} px (same layer), warped":
-            fill(regrid_attention_model(teacher, args.cache_grid, fine_size), args.cache_grid),
+        f"cache {args.cache_grid}x{args.cache_grid} @ {fine_size} px (same layer), warped": fill(
+            regrid_attention_model(teacher, args.cache_grid, fine_size), args.cache_grid
+        ),
     }
     try:
-        stride16, _ = build_teacher(args.teacher, weights=args.teacher_weights, layer="stride16",
-                                    input_size=args.teacher_size, grid_size=14, amp=args.teacher_amp,
-                                    channels_last=args.channels_last, input_mean=mean, input_std=std, device=device)
+        stride16, _ = build_teacher(
+            args.teacher,
+            weights=args.teacher_weights,
+            layer="stride16",
+            input_size=args.teacher_size,
+            grid_size=14,
+            amp=args.teacher_amp,
+            channels_last=args.channels_last,
+            input_mean=mean,
+            input_std=std,
+            device=device,
+        )
         if stride16.layer != teacher.layer:
-            caches[f"cache 14x14 @ {args.teacher_size} px (stride-16 layer {stride16.layer}), warped"] = fill(stride16, 14)
+            caches[f"cache 14x14 @ {args.teacher_size} px (stride-16 layer {stride16.layer}), warped"] = fill(
+                stride16, 14
+            )
     except (SystemExit, ValueError):
         pass
     fine_cache = caches[f"cache {args.cache_grid}x{args.cache_grid} @ {fine_size} px (same layer), warped"][0]
@@ -107,19 +128,29 @@ def main() -> None:
         direct = run(teacher, augmented)
         candidates = {name: (cache.warp(geometry, 7), seconds) for name, (cache, seconds) in caches.items()}
         candidates[f"cache {args.cache_grid}x{args.cache_grid}, NOT warped (geometry ignored)"] = (
-            F.adaptive_avg_pool2d(fine_cache.lookup(geometry[:, 0]), 7), None)
+            F.adaptive_avg_pool2d(fine_cache.lookup(geometry[:, 0]), 7),
+            None,
+        )
         candidates["chance (random heatmaps)"] = (torch.rand(n, 7, 7, generator=generator).to(device), None)
         for name, (heat, seconds) in candidates.items():
             iou = topk_overlap(heat, direct, args.top_k)
             shared = iou * 2 * args.top_k / (1 + iou) / args.top_k  # |A & B| / k from IoU with |A| = |B| = k
-            rows.append({"augmentation": kind, "heatmaps vs direct": name, "mean IoU": float(iou.mean()),
-                         "mean shared fraction": float(shared.mean()),
-                         "fill images/s": n / seconds if seconds else None})
+            rows.append(
+                {
+                    "augmentation": kind,
+                    "heatmaps vs direct": name,
+                    "mean IoU": float(iou.mean()),
+                    "mean shared fraction": float(shared.mean()),
+                    "fill images/s": n / seconds if seconds else None,
+                }
+            )
 
     print(f"# Heatmap cache fidelity\n\n{describe_machine(device)}")
-    print(f"data: {data_label}, {n} images; teacher: {label}; cache teacher at"
-          f" {round(args.teacher_size * scale)} px for {args.cache_grid}x{args.cache_grid};"
-          f" top-{args.top_k} of 7x7\n")
+    print(
+        f"data: {data_label}, {n} images; teacher: {label}; cache teacher at"
+        f" {round(args.teacher_size * scale)} px for {args.cache_grid}x{args.cache_grid};"
+        f" top-{args.top_k} of 7x7\n"
+    )
     print(markdown_table(rows))
     print("\nfill images/s: teacher throughput while filling that cache (once per dataset).")
     if args.teacher_weights == "none":

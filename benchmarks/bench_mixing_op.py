@@ -27,7 +27,8 @@ import os
 import statistics
 import sys
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,11 +77,16 @@ def mixing_ops(
 
     return [
         ("torchvision v2.CutMix", lambda: tv_cutmix(images, labels)),
-        ("ours: Attentive CutMix (heatmaps given)",
-         lambda: AF.attentive_cutmix(images, labels, heatmaps, top_k=args.top_k, num_classes=k, generator=generator)),
-        ("ours: Attentive CutMix (from cache: lookup + warp + mix)",
-         lambda: AF.attentive_cutmix(images, labels, cache.warp(geometry, args.grid), top_k=args.top_k,
-                                     num_classes=k, generator=generator)),
+        (
+            "ours: Attentive CutMix (heatmaps given)",
+            lambda: AF.attentive_cutmix(images, labels, heatmaps, top_k=args.top_k, num_classes=k, generator=generator),
+        ),
+        (
+            "ours: Attentive CutMix (from cache: lookup + warp + mix)",
+            lambda: AF.attentive_cutmix(
+                images, labels, cache.warp(geometry, args.grid), top_k=args.top_k, num_classes=k, generator=generator
+            ),
+        ),
         ("ours: cache lookup + warp only", lambda: cache.warp(geometry, args.grid)),
         ("ours: cutmix", lambda: AF.cutmix(images, labels, num_classes=k, generator=generator)),
         ("torchvision v2.MixUp", lambda: tv_mixup(images, labels)),
@@ -96,9 +102,15 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--cache-grid", type=int, default=14)
     parser.add_argument("--repeats", type=int, default=40, help="rounds at least; each times --block calls of every op")
-    parser.add_argument("--min-seconds", type=float, default=20.0,
-                        help="more rounds for a fast batch, until the rounds take about this long")
-    parser.add_argument("--block", type=int, default=10, help="consecutive calls of one op per round (its steady state)")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=20.0,
+        help="more rounds for a fast batch, until the rounds take about this long",
+    )
+    parser.add_argument(
+        "--block", type=int, default=10, help="consecutive calls of one op per round (its steady state)"
+    )
     args = parser.parse_args()
     device = setup_run(args)
 
@@ -113,10 +125,17 @@ def main() -> None:
         rounds = time_rounds(fns, device, repeats=repeats, block=args.block)
         for (name, fn), times in zip(ops, rounds, strict=True):
             seconds = statistics.median(times)
-            rows.append({
-                "batch": shape, "op": name, "ms / batch": seconds * 1e3, "images/s": b / seconds,
-                "vs tv CutMix": median_ratio(times, rounds[0]), "rounds": repeats, "syncs": count_syncs(fn, device),
-            })
+            rows.append(
+                {
+                    "batch": shape,
+                    "op": name,
+                    "ms / batch": seconds * 1e3,
+                    "images/s": b / seconds,
+                    "vs tv CutMix": median_ratio(times, rounds[0]),
+                    "rounds": repeats,
+                    "syncs": count_syncs(fn, device),
+                }
+            )
     print(markdown_table(rows))
     print("\nvs tv CutMix: time relative to torchvision's v2.CutMix on the same batch (< 1 is faster).")
 

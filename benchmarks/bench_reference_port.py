@@ -51,8 +51,9 @@ from lightning_acm.callbacks import AttentiveCutMix  # noqa: E402
 class PerSampleAttentiveCutMix(Dataset):
     """The reference port's shape: the teacher on ONE partner image per ``__getitem__``, cells pasted in a loop."""
 
-    def __init__(self, base: Dataset, teacher: nn.Module, *, top_k: int, grid: int, num_classes: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, base: Dataset, teacher: nn.Module, *, top_k: int, grid: int, num_classes: int, device: torch.device
+    ) -> None:
         self.base, self.teacher, self.top_k, self.grid = base, teacher, top_k, grid
         self.num_classes, self.device = num_classes, device
 
@@ -95,8 +96,9 @@ class NoStudent(L.LightningModule):
 
 
 def reference_port(datamodule: RandomDataModule, teacher: nn.Module, args: Any, device: torch.device) -> float:
-    dataset = PerSampleAttentiveCutMix(datamodule.train_set, teacher, top_k=args.top_k, grid=7, num_classes=10,
-                                       device=device)
+    dataset = PerSampleAttentiveCutMix(
+        datamodule.train_set, teacher, top_k=args.top_k, grid=7, num_classes=10, device=device
+    )
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0)
     images, start = 0, None
     for step, (mixed, soft) in enumerate(loader):
@@ -109,14 +111,21 @@ def reference_port(datamodule: RandomDataModule, teacher: nn.Module, args: Any, 
     return images / (time.perf_counter() - start) if start is not None and images else float("nan")
 
 
-def ours(datamodule: RandomDataModule, teacher: nn.Module, cached: bool, args: Any,
-         device: torch.device) -> tuple[float, float]:
-    callback = AttentiveCutMix(teacher=Teacher(module=teacher), heatmap_cache=cached, top_k=args.top_k, num_classes=10,
-                               seed=args.seed)
+def ours(
+    datamodule: RandomDataModule, teacher: nn.Module, cached: bool, args: Any, device: torch.device
+) -> tuple[float, float]:
+    callback = AttentiveCutMix(
+        teacher=Teacher(module=teacher), heatmap_cache=cached, top_k=args.top_k, num_classes=10, seed=args.seed
+    )
     timer, fill = ThroughputTimer(args.warmup, device), FillTimer()
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1,
-        callbacks=[fill, timer, callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_epochs=1,
+        callbacks=[fill, timer, callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(NoStudent(), datamodule=datamodule)
@@ -137,27 +146,47 @@ def main() -> None:
 
     datamodule = RandomDataModule(args.num_samples, args.image_size, 10, batch_size=args.batch_size, seed=args.seed)
     teacher, label = build_teacher(
-        args.teacher, weights=args.teacher_weights, layer=args.teacher_layer, input_size=args.teacher_size,
-        amp=args.teacher_amp, channels_last=args.channels_last, input_mean=datamodule.mean,
-        input_std=datamodule.std, device=device,
+        args.teacher,
+        weights=args.teacher_weights,
+        layer=args.teacher_layer,
+        input_size=args.teacher_size,
+        amp=args.teacher_amp,
+        channels_last=args.channels_last,
+        input_mean=datamodule.mean,
+        input_std=datamodule.std,
+        device=device,
     )
     reference = reference_port(datamodule, teacher, args, device)
     batched, _ = ours(datamodule, teacher, False, args, device)
     cached, fill = ours(datamodule, teacher, True, args, device)
     rows = [
-        {"implementation": "reference-port style: teacher per sample in Dataset.__getitem__", "images/s": reference,
-         "speed-up": 1.0},
-        {"implementation": "ours: AttentiveCutMix callback, teacher on the batch", "images/s": batched,
-         "speed-up": batched / reference},
-        {"implementation": "ours: AttentiveCutMix callback, heatmap cache (warp only)", "images/s": cached,
-         "speed-up": cached / reference, "one-off fill (s)": fill},
+        {
+            "implementation": "reference-port style: teacher per sample in Dataset.__getitem__",
+            "images/s": reference,
+            "speed-up": 1.0,
+        },
+        {
+            "implementation": "ours: AttentiveCutMix callback, teacher on the batch",
+            "images/s": batched,
+            "speed-up": batched / reference,
+        },
+        {
+            "implementation": "ours: AttentiveCutMix callback, heatmap cache (warp only)",
+            "images/s": cached,
+            "speed-up": cached / reference,
+            "one-off fill (s)": fill,
+        },
     ]
     print(f"# Reference-port style vs batched callback\n\n{describe_machine(device)}")
-    print(f"data: random {args.image_size} px images, {args.num_samples} per run, batch {args.batch_size},"
-          f" {args.warmup} warm-up batch(es); teacher: {label}; no student\n")
+    print(
+        f"data: random {args.image_size} px images, {args.num_samples} per run, batch {args.batch_size},"
+        f" {args.warmup} warm-up batch(es); teacher: {label}; no student\n"
+    )
     print(markdown_table(rows, ["implementation", "images/s", "speed-up", "one-off fill (s)"]))
-    print("\nspeed-up: images/s relative to the reference-port style. The cache fill runs the teacher once per"
-          " training image, before the first step.")
+    print(
+        "\nspeed-up: images/s relative to the reference-port style. The cache fill runs the teacher once per"
+        " training image, before the first step."
+    )
     if args.teacher_weights == "none":
         print("The teacher has random weights (--teacher-weights none): timing only.")
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -52,16 +53,21 @@ def main() -> None:
     batch_size = args.batch_size or (256 if cuda else 32)
     repeats = args.repeats or (20 if cuda else 3)
 
-    datamodule, data_label = make_datamodule(args.data, data_dir=args.data_dir, num_samples=batch_size, batch_size=batch_size,
-                                             num_workers=0, seed=args.seed)
+    datamodule, data_label = make_datamodule(
+        args.data, data_dir=args.data_dir, num_samples=batch_size, batch_size=batch_size, num_workers=0, seed=args.seed
+    )
     reference = datamodule.train_reference_dataset()  # type: ignore[attr-defined]
     images = torch.stack([reference[i][0] for i in range(batch_size)]).to(device)
     mean, std = datamodule.mean, datamodule.std  # type: ignore[attr-defined]
 
     def teacher(**overrides: Any) -> tuple[torch.nn.Module, str]:
-        options: dict[str, Any] = dict(weights=args.teacher_weights, layer=args.teacher_layer,
-                                       input_size=args.teacher_size, amp=args.teacher_amp,
-                                       channels_last=args.channels_last)
+        options: dict[str, Any] = dict(
+            weights=args.teacher_weights,
+            layer=args.teacher_layer,
+            input_size=args.teacher_size,
+            amp=args.teacher_amp,
+            channels_last=args.channels_last,
+        )
         options.update(overrides)
         torch.manual_seed(args.seed)  # random-init teachers: the same weights in every row
         return build_teacher(args.teacher, input_mean=mean, input_std=std, device=device, **options)
@@ -84,24 +90,36 @@ def main() -> None:
         (f"{amp} autocast", {"amp": amp}),
         (f"{amp} autocast + channels_last", {"amp": amp, "channels_last": True}),
         ("stride-16 layer @ half size", {"layer": "stride16", "input_size": args.teacher_size // 2}),
-        (f"stride-16 @ half size + {amp} + channels_last",
-         {"layer": "stride16", "input_size": args.teacher_size // 2, "amp": amp, "channels_last": True}),
+        (
+            f"stride-16 @ half size + {amp} + channels_last",
+            {"layer": "stride16", "input_size": args.teacher_size // 2, "amp": amp, "channels_last": True},
+        ),
     ]:
         model, full_label = teacher(**kwargs)
         variants.append((f"{label}: {full_label}", lambda model=model: model(images)))
     if args.compile:
-        for label, kwargs in [("torch.compile", {}), (f"torch.compile + {amp} + channels_last",
-                                                      {"amp": amp, "channels_last": True})]:
+        for label, kwargs in [
+            ("torch.compile", {}),
+            (f"torch.compile + {amp} + channels_last", {"amp": amp, "channels_last": True}),
+        ]:
             model, _ = teacher(**kwargs)
             model.compile_features()  # the backbone truncated at the tapped layer, as attention_compile=True does
             variants.append((label, lambda model=model: model(images)))
 
     cache = HeatmapCache(batch_size, 14, device=device)
     cache.update(torch.arange(batch_size), torch.rand(batch_size, 14, 14))
-    geometry = torch.cat([torch.arange(batch_size)[:, None].float(), torch.zeros(batch_size, 2),
-                          torch.ones(batch_size, 2), (torch.rand(batch_size, 1) < 0.5).float()], 1).to(device)
-    variants.append(("heatmap cache: lookup + warp per batch (teacher ran once per dataset)",
-                     lambda: cache.warp(geometry, 7)))
+    geometry = torch.cat(
+        [
+            torch.arange(batch_size)[:, None].float(),
+            torch.zeros(batch_size, 2),
+            torch.ones(batch_size, 2),
+            (torch.rand(batch_size, 1) < 0.5).float(),
+        ],
+        1,
+    ).to(device)
+    variants.append(
+        ("heatmap cache: lookup + warp per batch (teacher ran once per dataset)", lambda: cache.warp(geometry, 7))
+    )
 
     expected = base(images)
     rows, first = [], None
@@ -110,14 +128,22 @@ def main() -> None:
         first = first or seconds
         heat = fn() if not label.startswith("heatmap cache") else None
         agreement = float(topk_overlap(heat.float(), expected, args.top_k).mean()) if heat is not None else None
-        rows.append({"teacher setting": label, "images/s": batch_size / seconds, "speed-up": first / seconds,
-                     f"top-{args.top_k} IoU vs baseline": agreement})
+        rows.append(
+            {
+                "teacher setting": label,
+                "images/s": batch_size / seconds,
+                "speed-up": first / seconds,
+                f"top-{args.top_k} IoU vs baseline": agreement,
+            }
+        )
 
     print(f"# Teacher speed levers\n\n{describe_machine(device)}\ndata: {data_label}, batch {batch_size}\n")
     print(markdown_table(rows))
     if args.teacher_weights == "none":
-        print("\nThe teacher has random weights (--teacher-weights none): timing only; the IoU column means little"
-              " (fp16 can overflow in a random deep ResNet, giving IoU 0).")
+        print(
+            "\nThe teacher has random weights (--teacher-weights none): timing only; the IoU column means little"
+            " (fp16 can overflow in a random deep ResNet, giving IoU 0)."
+        )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ class ProfileWindow(L.Callback):
         self.seconds = float("nan")  # set when the window closes
         self._began = 0.0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == self.start:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
@@ -90,14 +92,23 @@ class ProfileWindow(L.Callback):
         table = events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
         waits = [
             f"{e.key} x{e.count}: {e.self_cpu_time_total / 1000:.2f} ms"
-            for e in events if "Synchronize" in e.key or e.key in ("aten::item", "cudaMemcpyAsync")
+            for e in events
+            if "Synchronize" in e.key or e.key in ("aten::item", "cudaMemcpyAsync")
         ]
-        return (f"## Profile: {name}, {self.length} steps, {1000 * self.seconds / self.length:.2f} ms per step"
-                f" (under the profiler)\n\n```\n{table}```\nhost waits: {'; '.join(waits) or 'none'}\n")
+        return (
+            f"## Profile: {name}, {self.length} steps, {1000 * self.seconds / self.length:.2f} ms per step"
+            f" (under the profiler)\n\n```\n{table}```\nhost waits: {'; '.join(waits) or 'none'}\n"
+        )
 
 
-def run(name: str, mixing: Optional[L.Callback], datamodule: L.LightningDataModule, args: Any,
-        device: torch.device, profile: Optional[ProfileWindow] = None) -> dict[str, Any]:
+def run(
+    name: str,
+    mixing: Optional[L.Callback],
+    datamodule: L.LightningDataModule,
+    args: Any,
+    device: torch.device,
+    profile: Optional[ProfileWindow] = None,
+) -> dict[str, Any]:
     L.seed_everything(args.seed, verbose=False)
     student = ImageClassifier(arch="resnet18", num_classes=10, small_input=True, lr=0.05, lr_scheduler="none")
     if args.channels_last_student:
@@ -109,8 +120,12 @@ def run(name: str, mixing: Optional[L.Callback], datamodule: L.LightningDataModu
         precision=args.precision,
         max_steps=args.warmup + args.steps,
         callbacks=[fill, timer] + ([mixing] if mixing is not None else []) + ([profile] if profile else []),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     trainer.fit(student, datamodule=datamodule)
     cached = isinstance(mixing, AttentiveCutMix) and mixing.heatmap_cache
@@ -119,24 +134,39 @@ def run(name: str, mixing: Optional[L.Callback], datamodule: L.LightningDataModu
 
 def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "random"],
-                        help="auto: Fashion-MNIST from /usr/share/datasets/fashion-mnist when present, else random tensors")
-    parser.add_argument("--num-samples", type=int, default=None,
-                        help="training images (default: one pass of warmup + steps batches)")
+    parser.add_argument(
+        "--data",
+        default="auto",
+        choices=["auto", "fashion-mnist", "random"],
+        help="auto: Fashion-MNIST from /usr/share/datasets/fashion-mnist when present, else random tensors",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="training images (default: one pass of warmup + steps batches)"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 256 on CUDA")
     parser.add_argument("--steps", type=int, default=None, help="timed batches (default 4 on CPU, 30 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (>= 1)")
-    parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 8 on CUDA)")
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="DataLoader workers (default 0 on CPU, 8 on CUDA)"
+    )
     parser.add_argument("--precision", default="32-true", help='Trainer precision, e.g. "bf16-mixed" on CUDA')
     parser.add_argument("--channels-last-student", action="store_true")
-    parser.add_argument("--cache-grid", type=int, default=7,
-                        help="cells per side of the cached heatmaps (7: the teacher's grid at its input size)")
+    parser.add_argument(
+        "--cache-grid",
+        type=int,
+        default=7,
+        help="cells per side of the cached heatmaps (7: the teacher's grid at its input size)",
+    )
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=1, help="run every method this many times, round-robin")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated subset of: baseline,cutmix,mixup,acm,cached (default: all but mixup)")
-    parser.add_argument("--profile", default=None,
-                        help="comma-separated methods (as in --only) to profile for 5 steps after the table")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated subset of: baseline,cutmix,mixup,acm,cached (default: all but mixup)",
+    )
+    parser.add_argument(
+        "--profile", default=None, help="comma-separated methods (as in --only) to profile for 5 steps after the table"
+    )
     add_teacher_arguments(parser, size=112, layer="stride16")
     args = parser.parse_args()
     device = setup_run(args)
@@ -149,18 +179,31 @@ def main() -> None:
     if num_samples < args.batch_size * (args.warmup + args.steps):
         print(f"note: {num_samples} samples give fewer batches than warmup + steps: the runs span epochs.\n")
 
-    datamodule, data_label = make_datamodule(args.data, data_dir=args.data_dir, num_samples=num_samples, batch_size=args.batch_size,
-                                             num_workers=args.num_workers, seed=args.seed)
+    datamodule, data_label = make_datamodule(
+        args.data,
+        data_dir=args.data_dir,
+        num_samples=num_samples,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
     mean, std = datamodule.mean, datamodule.std  # type: ignore[attr-defined]
     teacher, teacher_label = build_teacher(
-        args.teacher, weights=args.teacher_weights, layer=args.teacher_layer, input_size=args.teacher_size,
-        amp=args.teacher_amp, channels_last=args.channels_last, input_mean=mean, input_std=std,
+        args.teacher,
+        weights=args.teacher_weights,
+        layer=args.teacher_layer,
+        input_size=args.teacher_size,
+        amp=args.teacher_amp,
+        channels_last=args.channels_last,
+        input_mean=mean,
+        input_std=std,
     )
 
     def acm(cached: bool) -> AttentiveCutMix:
         cache = HeatmapCacheConfig(grid_size=args.cache_grid) if cached else False
-        return AttentiveCutMix(teacher=Teacher(module=teacher), heatmap_cache=cache, top_k=args.top_k, num_classes=10,
-                               seed=args.seed)
+        return AttentiveCutMix(
+            teacher=Teacher(module=teacher), heatmap_cache=cache, top_k=args.top_k, num_classes=10, seed=args.seed
+        )
 
     variants = {
         "baseline": ("no mixing", lambda: None),
@@ -173,7 +216,9 @@ def main() -> None:
     profiled = args.profile.split(",") if args.profile else []
     for key in chosen + profiled:
         if key not in variants:
-            sys.exit(f"bench_training.py: unknown method {key!r} in --only/--profile; expected some of {', '.join(variants)}.")
+            sys.exit(
+                f"bench_training.py: unknown method {key!r} in --only/--profile; expected some of {', '.join(variants)}."
+            )
     if profiled and args.steps < 6:
         sys.exit(f"bench_training.py: --profile needs --steps >= 6 (5 profiled steps after one), but got {args.steps}.")
     # An untimed run first, so that the first measured method does not pay for lazy initialisation.
@@ -187,11 +232,14 @@ def main() -> None:
     for key in chosen:
         speeds = [r["images/s"] for r in runs[key]]
         fills = [r["cache fill (s)"] for r in runs[key] if r["cache fill (s)"] is not None]
-        rows.append({
-            "method": variants[key][0], "images/s": statistics.median(speeds),
-            "range over rounds": f"{min(speeds):.1f}–{max(speeds):.1f}" if args.rounds > 1 else None,
-            "cache fill (s)": statistics.median(fills) if fills else None,
-        })
+        rows.append(
+            {
+                "method": variants[key][0],
+                "images/s": statistics.median(speeds),
+                "range over rounds": f"{min(speeds):.1f}–{max(speeds):.1f}" if args.rounds > 1 else None,
+                "cache fill (s)": statistics.median(fills) if fills else None,
+            }
+        )
     cutmix_speed = next((r["images/s"] for r in rows if r["method"] == "CutMix"), None)
     base_speed = next((r["images/s"] for r in rows if r["method"] == "no mixing"), None)
     for row in rows:
@@ -199,14 +247,24 @@ def main() -> None:
         row["time vs no mixing"] = base_speed / row["images/s"] if base_speed else None
 
     print(f"# Training throughput: ResNet-18 (CIFAR stem) student\n\n{describe_machine(device)}")
-    print(f"data: {data_label}; batch {args.batch_size}; {args.steps} timed batches after {args.warmup};"
-          f" precision {args.precision}")
+    print(
+        f"data: {data_label}; batch {args.batch_size}; {args.steps} timed batches after {args.warmup};"
+        f" precision {args.precision}"
+    )
     scaled = "the teacher's own grid and input size" if args.cache_grid == 7 else f"teacher input x {args.cache_grid}/7"
-    print(f"teacher: {teacher_label}; top_k {args.top_k} of 7x7; cache at {args.cache_grid}x{args.cache_grid} ({scaled})\n")
+    print(
+        f"teacher: {teacher_label}; top_k {args.top_k} of 7x7; cache at {args.cache_grid}x{args.cache_grid} ({scaled})\n"
+    )
     print(f"rounds: {args.rounds} (images/s is the median over rounds)\n")
-    print(markdown_table(rows, ["method", "images/s", "range over rounds", "time vs CutMix", "time vs no mixing", "cache fill (s)"]))
-    print("\ntime vs X: seconds per image relative to X (1.05 = 5% slower). The cache fill runs once per dataset,"
-          " before the first step, and is not in images/s.")
+    print(
+        markdown_table(
+            rows, ["method", "images/s", "range over rounds", "time vs CutMix", "time vs no mixing", "cache fill (s)"]
+        )
+    )
+    print(
+        "\ntime vs X: seconds per image relative to X (1.05 = 5% slower). The cache fill runs once per dataset,"
+        " before the first step, and is not in images/s."
+    )
     if args.teacher_weights == "none":
         print("The teacher has random weights (--teacher-weights none): timing only, its heatmaps are meaningless.")
     for key in profiled:

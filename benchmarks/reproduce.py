@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--report-only", action="store_true", help="only rebuild table/plot/runs from finished runs")
     parser.add_argument("--title", default=None, help="title of the table and the plot")
-    parser.add_argument("--note", default=None, help="a paragraph added to table.md (e.g. what changed during the grid)")
+    parser.add_argument(
+        "--note", default=None, help="a paragraph added to table.md (e.g. what changed during the grid)"
+    )
     return parser
 
 
@@ -316,9 +318,7 @@ def _launch(run: Run) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] start {run.key}", flush=True)
 
 
-def execute(
-    runs: list[Run], jobs: int, keep_checkpoints: bool, cache_dir: Optional[Path], load_file: Path
-) -> None:
+def execute(runs: list[Run], jobs: int, keep_checkpoints: bool, cache_dir: Optional[Path], load_file: Path) -> None:
     """Run the unfinished runs, ``jobs`` at a time.
 
     With a heatmap cache (``cache_dir``: the grid's folder), the first unfinished seed of an

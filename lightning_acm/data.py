@@ -10,10 +10,10 @@ from __future__ import annotations
 import gzip
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -32,9 +32,17 @@ from typing_extensions import override
 from lightning_acm.validation import check_choice, check_int, check_real, check_size2
 
 __all__ = [
-    "CIFAR100DataModule", "CIFAR10DataModule", "FASHION_MNIST_SYSTEM_DIR", "FashionMNISTDataModule",
-    "ImageNetDataModule", "RandomCropFlip", "RandomResizedCropFlip", "ResizeCenterCrop", "VisionDataModule",
-    "read_idx", "write_idx",
+    "CIFAR100DataModule",
+    "CIFAR10DataModule",
+    "FASHION_MNIST_SYSTEM_DIR",
+    "FashionMNISTDataModule",
+    "ImageNetDataModule",
+    "RandomCropFlip",
+    "RandomResizedCropFlip",
+    "ResizeCenterCrop",
+    "VisionDataModule",
+    "read_idx",
+    "write_idx",
 ]
 
 #: Where ``apt-get install dataset-fashion-mnist`` puts the four IDX files.
@@ -145,8 +153,9 @@ class ResizeCenterCrop:
         self.resize_size = check_int(self.resize_size, "resize_size", minimum=1)
         self.crop_size = check_int(self.crop_size, "crop_size", minimum=1)
         if self.crop_size > self.resize_size:
-            raise ValueError(f"Expected `crop_size` to be at most `resize_size`, but got {self.crop_size} >"
-                             f" {self.resize_size}.")
+            raise ValueError(
+                f"Expected `crop_size` to be at most `resize_size`, but got {self.crop_size} > {self.resize_size}."
+            )
 
     def __call__(self, image: Any) -> tuple[Any, Tensor]:
         resized = TF.resize(image, [self.resize_size], antialias=True)
@@ -246,8 +255,10 @@ def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) ->
     needed = header + (math.prod(shape) if shape else 0)
     if shape is None or len(raw) != needed:
         problem = "truncated" if len(raw) < needed else "longer than its header says"
-        raise ValueError(f"The IDX file '{path}' is {problem}: its header{f' (shape {shape})' if shape else ''} needs"
-                         f" {needed} bytes, but it has {len(raw)}. Replace it.")
+        raise ValueError(
+            f"The IDX file '{path}' is {problem}: its header{f' (shape {shape})' if shape else ''} needs"
+            f" {needed} bytes, but it has {len(raw)}. Replace it."
+        )
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
@@ -315,11 +326,24 @@ class VisionDataModule(LightningDataModule):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __init__(self, data_dir: str = "data", *, batch_size: int = 128, eval_batch_size: Optional[int] = None,
-                 num_workers: int = 0, pin_memory: bool = True, persistent_workers: bool = False,
-                 val_split: Union[int, float] = 5000, seed: int = 42, train_subset: Optional[int] = None,
-                 test_subset: Optional[int] = None, augment: bool = True, record_augmentation: bool = False,
-                 download: bool = False, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: str = "data",
+        *,
+        batch_size: int = 128,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        val_split: Union[int, float] = 5000,
+        seed: int = 42,
+        train_subset: Optional[int] = None,
+        test_subset: Optional[int] = None,
+        augment: bool = True,
+        record_augmentation: bool = False,
+        download: bool = False,
+        drop_last: bool = True,
+    ) -> None:
         super().__init__()
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"Expected `data_dir` to be a non-empty path, but got {data_dir!r}.")
@@ -412,17 +436,23 @@ class VisionDataModule(LightningDataModule):
         """Seeded, disjoint ``(train, val)`` indices into the full training set, each sorted."""
         num_val = int(round(size * self.val_split)) if isinstance(self.val_split, float) else self.val_split
         if self.val_split > 0 and num_val == 0:
-            raise ValueError(f"Expected `val_split` to select at least one of the {size} training samples, but"
-                             f" {self.val_split} selects none. Pass a larger fraction, a count, or 0 (no validation).")
+            raise ValueError(
+                f"Expected `val_split` to select at least one of the {size} training samples, but"
+                f" {self.val_split} selects none. Pass a larger fraction, a count, or 0 (no validation)."
+            )
         if num_val >= size:
-            raise ValueError(f"Expected `val_split` to leave training samples, but it takes {num_val} of the {size}"
-                             " training samples. Pass a smaller count or a fraction such as 0.1.")
+            raise ValueError(
+                f"Expected `val_split` to leave training samples, but it takes {num_val} of the {size}"
+                " training samples. Pass a smaller count or a fraction such as 0.1."
+            )
         permutation = self._permutation(size)
         what = "training samples left after the validation split"
         train_indices = _take(permutation[num_val:], self.train_subset, "train_subset", what)
         if self.drop_last and len(train_indices) < self.batch_size:
-            raise ValueError(f"Expected `batch_size` to be at most the {len(train_indices)} training samples, but got"
-                             f" {self.batch_size}; with `drop_last=True` no batch would be left. Pass a smaller one.")
+            raise ValueError(
+                f"Expected `batch_size` to be at most the {len(train_indices)} training samples, but got"
+                f" {self.batch_size}; with `drop_last=True` no batch would be left. Pass a smaller one."
+            )
         return train_indices.sort().values, permutation[:num_val].sort().values
 
     @property
@@ -453,9 +483,15 @@ class VisionDataModule(LightningDataModule):
         if dataset is None:
             return []
         batch_size = self.batch_size if train or self.eval_batch_size is None else self.eval_batch_size
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and self.drop_last,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -510,8 +546,10 @@ class CIFAR10DataModule(VisionDataModule):
         if missing:
             problem = f"{missing} are missing from '{folder}'"
             problem = problem if Path(self.data_dir).is_dir() else f"'{self.data_dir}' does not exist"
-            raise FileNotFoundError(f"Expected `data_dir` to be a directory holding `{cls.base_folder}`, but {problem}."
-                                    f" Pass `download=True` (needs internet) or {self._offline_hint}")
+            raise FileNotFoundError(
+                f"Expected `data_dir` to be a directory holding `{cls.base_folder}`, but {problem}."
+                f" Pass `download=True` (needs internet) or {self._offline_hint}"
+            )
 
     @override
     def _base_dataset(self, train: bool) -> Dataset:
@@ -519,8 +557,10 @@ class CIFAR10DataModule(VisionDataModule):
             return self.dataset_cls(self.data_dir, train=train, download=False)
         except RuntimeError as err:
             folder = f"{self.data_dir}/{self.dataset_cls.base_folder}"
-            raise ValueError(f"The {self.name} files in '{folder}' failed torchvision's integrity (md5) check ({err})."
-                             " Delete the folder and pass `download=True`, or replace it.") from err
+            raise ValueError(
+                f"The {self.name} files in '{folder}' failed torchvision's integrity (md5) check ({err})."
+                " Delete the folder and pass `download=True`, or replace it."
+            ) from err
 
 
 class CIFAR100DataModule(CIFAR10DataModule):
@@ -563,24 +603,37 @@ class ImageNetDataModule(VisionDataModule):
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
-    def __init__(self, data_dir: str = "data/imagenet", *, num_classes: int = 1000, image_size: int = 224,
-                 resize_size: Optional[int] = None, scale: tuple[float, float] = (0.08, 1.0), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        data_dir: str = "data/imagenet",
+        *,
+        num_classes: int = 1000,
+        image_size: int = 224,
+        resize_size: Optional[int] = None,
+        scale: tuple[float, float] = (0.08, 1.0),
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("download"):
-            raise ValueError("Expected `download` to be False: ImageNet cannot be downloaded (it needs an image-net.org"
-                             " account). Place it as data_dir/train/<class>/*.JPEG and data_dir/val/<class>/*.")
+            raise ValueError(
+                "Expected `download` to be False: ImageNet cannot be downloaded (it needs an image-net.org"
+                " account). Place it as data_dir/train/<class>/*.JPEG and data_dir/val/<class>/*."
+            )
         super().__init__(data_dir, **kwargs)
         self.num_classes = check_int(num_classes, "num_classes", minimum=1)
         self.image_size = check_int(image_size, "image_size", minimum=1)
         resize_size = int(round(image_size / 0.875)) if resize_size is None else resize_size
-        self.resize_size = check_int(resize_size, "resize_size", minimum=self.image_size,
-                                     hint=" Pass None or at least `image_size`.")
+        self.resize_size = check_int(
+            resize_size, "resize_size", minimum=self.image_size, hint=" Pass None or at least `image_size`."
+        )
         self.scale = _check_range(scale, "scale", high=1.0)
         self.dims = (3, image_size, image_size)
 
     @property
     def _layout_hint(self) -> str:
-        return (f"Expected the layout {self.data_dir}/train/<class>/*.JPEG and {self.data_dir}/val/<class>/* (the same"
-                " class folder names in both; sort the official flat val/ into class folders first).")
+        return (
+            f"Expected the layout {self.data_dir}/train/<class>/*.JPEG and {self.data_dir}/val/<class>/* (the same"
+            " class folder names in both; sort the official flat val/ into class folders first)."
+        )
 
     @override
     def _check_data(self) -> None:
@@ -596,10 +649,13 @@ class ImageNetDataModule(VisionDataModule):
             raise ValueError(
                 "Expected the same class folders in train/ and val/ (labels follow the sorted folder names), but"
                 f" only in train {sorted(set(train) - set(val))[:5]}, only in val {sorted(set(val) - set(train))[:5]}."
-                f" {self._layout_hint}")
+                f" {self._layout_hint}"
+            )
         if len(train) != self.num_classes:
-            raise ValueError(f"Expected {self.num_classes} class folders (`num_classes`), but '{self.data_dir}/train'"
-                             f" holds {len(train)}. Pass `num_classes={len(train)}`.")
+            raise ValueError(
+                f"Expected {self.num_classes} class folders (`num_classes`), but '{self.data_dir}/train'"
+                f" holds {len(train)}. Pass `num_classes={len(train)}`."
+            )
 
     @override
     def _base_dataset(self, train: bool) -> Dataset:
@@ -612,8 +668,11 @@ class ImageNetDataModule(VisionDataModule):
     @override
     def _transforms(self) -> tuple[GeometryTransform, GeometryTransform, GeometryTransform]:
         size = self.image_size
-        return (RandomResizedCropFlip(size, scale=self.scale), ResizeCenterCrop(self.resize_size, size),
-                _WholeImage((size, size)))
+        return (
+            RandomResizedCropFlip(size, scale=self.scale),
+            ResizeCenterCrop(self.resize_size, size),
+            _WholeImage((size, size)),
+        )
 
 
 _FMNIST_FILES = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
@@ -644,11 +703,20 @@ class FashionMNISTDataModule(VisionDataModule):
 
     name = "fashion_mnist"
     num_classes = 10
-    _offline_hint = (f"run `apt-get install dataset-fashion-mnist` (into {FASHION_MNIST_SYSTEM_DIR}) or put the four"
-                     " IDX files in `data_dir`.")
+    _offline_hint = (
+        f"run `apt-get install dataset-fashion-mnist` (into {FASHION_MNIST_SYSTEM_DIR}) or put the four"
+        " IDX files in `data_dir`."
+    )
 
-    def __init__(self, data_dir: str = "data", *, channels: Literal[1, 3] = 3, pad_to: int = 32,
-                 system_dir: Optional[str] = FASHION_MNIST_SYSTEM_DIR, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        data_dir: str = "data",
+        *,
+        channels: Literal[1, 3] = 3,
+        pad_to: int = 32,
+        system_dir: Optional[str] = FASHION_MNIST_SYSTEM_DIR,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(data_dir, **kwargs)
         if channels not in (1, 3) or isinstance(channels, bool):
             raise ValueError(f"Expected `channels` to be 1 or 3, but got {channels!r}.")
@@ -671,17 +739,25 @@ class FashionMNISTDataModule(VisionDataModule):
         looked = []
         folders = [Path(self.data_dir), Path(self.data_dir) / "FashionMNIST" / "raw"]
         for folder in folders + ([Path(self.system_dir)] if self.system_dir is not None else []):
-            found = {stem: path for stem in _FMNIST_FILES for path in (folder / f"{stem}.gz", folder / stem)
-                     if path.is_file()}  # the plain file comes last, so it wins over the .gz one
+            found = {
+                stem: path
+                for stem in _FMNIST_FILES
+                for path in (folder / f"{stem}.gz", folder / stem)
+                if path.is_file()
+            }  # the plain file comes last, so it wins over the .gz one
             if len(found) == len(_FMNIST_FILES):
                 return found
             if found:
                 missing = [stem for stem in _FMNIST_FILES if stem not in found]
-                raise FileNotFoundError(f"'{folder}' holds only part of Fashion-MNIST: {missing} (or .gz) are missing."
-                                        " Add them, or remove the partial copy so that the next location is used.")
+                raise FileNotFoundError(
+                    f"'{folder}' holds only part of Fashion-MNIST: {missing} (or .gz) are missing."
+                    " Add them, or remove the partial copy so that the next location is used."
+                )
             looked.append(f"'{folder}' ({'no IDX files' if folder.is_dir() else 'does not exist'})")
-        raise FileNotFoundError(f"Fashion-MNIST not found: looked for {', '.join(_FMNIST_FILES)} (or .gz) in"
-                                f" {', '.join(looked)}. Pass `download=True` (needs internet), or {self._offline_hint}")
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found: looked for {', '.join(_FMNIST_FILES)} (or .gz) in"
+            f" {', '.join(looked)}. Pass `download=True` (needs internet), or {self._offline_hint}"
+        )
 
     @override
     def _base_dataset(self, train: bool) -> Dataset:
@@ -689,12 +765,17 @@ class FashionMNISTDataModule(VisionDataModule):
         image_path, label_path = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]
         images, labels = read_idx(image_path, expected_magic=2051), read_idx(label_path, expected_magic=2049)
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"Expected as many labels as images, but '{image_path}' holds {images.shape[0]} images"
-                             f" and '{label_path}' {labels.shape[0]} labels.")
+            raise ValueError(
+                f"Expected as many labels as images, but '{image_path}' holds {images.shape[0]} images"
+                f" and '{label_path}' {labels.shape[0]} labels."
+            )
         if labels.numel() and int(labels.max()) >= self.num_classes:
-            raise ValueError(f"Expected labels in [0, {self.num_classes - 1}] in '{label_path}', but found"
-                             f" {int(labels.max())}.")
+            raise ValueError(
+                f"Expected labels in [0, {self.num_classes - 1}] in '{label_path}', but found {int(labels.max())}."
+            )
         if max(images.shape[1:]) > self.pad_to:
-            raise ValueError(f"Expected `pad_to` to be at least the image size {tuple(images.shape[1:])} of"
-                             f" '{image_path}', but got {self.pad_to}.")
+            raise ValueError(
+                f"Expected `pad_to` to be at least the image size {tuple(images.shape[1:])} of"
+                f" '{image_path}', but got {self.pad_to}."
+            )
         return _TensorImages(images, labels, self.pad_to, "RGB" if self.channels == 3 else "L")

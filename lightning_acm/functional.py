@@ -21,7 +21,8 @@ Conventions used throughout this module:
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -29,14 +30,37 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_acm.validation import (
-    Size2, check_choice, check_class_indices, check_heatmaps, check_images, check_int, check_permutation, check_real,
-    check_size2, check_targets, check_top_k,
+    Size2,
+    check_choice,
+    check_class_indices,
+    check_heatmaps,
+    check_images,
+    check_int,
+    check_permutation,
+    check_real,
+    check_size2,
+    check_targets,
+    check_top_k,
 )
 
 __all__ = [
-    "attention_grid", "attentive_cutmix", "cell_index_maps", "cell_mask", "cutmix", "cutmix_box_mask",
-    "expand_grid", "mix_targets", "mix_with_mask", "mixup", "pairing_permutation", "paste",
-    "pasted_attention_share", "sample_beta", "to_probabilities", "topk_cell_indices", "topk_cell_mask",
+    "attention_grid",
+    "attentive_cutmix",
+    "cell_index_maps",
+    "cell_mask",
+    "cutmix",
+    "cutmix_box_mask",
+    "expand_grid",
+    "mix_targets",
+    "mix_with_mask",
+    "mixup",
+    "pairing_permutation",
+    "paste",
+    "pasted_attention_share",
+    "sample_beta",
+    "to_probabilities",
+    "topk_cell_indices",
+    "topk_cell_mask",
 ]
 
 Reduction = Literal["mean", "max"]
@@ -50,12 +74,16 @@ def _rng(generator: Generator) -> np.random.Generator:
     if generator is None:
         return np.random.default_rng(int(torch.randint(0, 2**62, ())))
     if not isinstance(generator, np.random.Generator):
-        raise TypeError("Expected `generator` to be a numpy.random.Generator (e.g. `numpy.random.default_rng(0)`)"
-                        f" or None, but got {type(generator).__name__}.")
+        raise TypeError(
+            "Expected `generator` to be a numpy.random.Generator (e.g. `numpy.random.default_rng(0)`)"
+            f" or None, but got {type(generator).__name__}."
+        )
     return generator
 
 
-def _checked_targets(targets: Tensor, num_classes: Optional[int], batch_size: Optional[int], smoothing: float) -> Tensor:
+def _checked_targets(
+    targets: Tensor, num_classes: Optional[int], batch_size: Optional[int], smoothing: float
+) -> Tensor:
     """The public functions' target checks: ``check_targets``, the class-index range and ``label_smoothing``."""
     check_real(smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
     targets = check_targets(targets, num_classes, batch_size)
@@ -64,7 +92,9 @@ def _checked_targets(targets: Tensor, num_classes: Optional[int], batch_size: Op
     return targets
 
 
-def pairing_permutation(batch_size: int, *, generator: Generator = None, device: Optional[torch.device] = None) -> Tensor:
+def pairing_permutation(
+    batch_size: int, *, generator: Generator = None, device: Optional[torch.device] = None
+) -> Tensor:
     """Draw a pairing ``p`` of ``range(batch_size)``: a uniform single cycle, so ``p[i] != i`` when ``batch_size > 1``.
 
     Example::
@@ -78,7 +108,9 @@ def pairing_permutation(batch_size: int, *, generator: Generator = None, device:
     return torch.from_numpy(permutation.astype(np.int64)).to(device)
 
 
-def sample_beta(alpha: float, size: int, *, generator: Generator = None, device: Optional[torch.device] = None) -> Tensor:
+def sample_beta(
+    alpha: float, size: int, *, generator: Generator = None, device: Optional[torch.device] = None
+) -> Tensor:
     """Draw ``size`` samples of ``Beta(alpha, alpha)`` as float32.
 
     Example::
@@ -107,8 +139,10 @@ def attention_grid(features: Tensor, grid_size: Size2 = 7, reduction: Reduction 
         raise ValueError(f"Expected `features` to be a 4-D feature map (B, C, h, w), but got {shape}.")
     (gh, gw), (h, w) = check_size2(grid_size, "grid_size"), features.shape[-2:]
     if gh > h or gw > w:
-        raise ValueError(f"Expected `grid_size` to be at most the feature map size {h}x{w}, but got {gh}x{gw}. Use"
-                         " a coarser grid, a larger attention input size, or an earlier layer with a finer map.")
+        raise ValueError(
+            f"Expected `grid_size` to be at most the feature map size {h}x{w}, but got {gh}x{gw}. Use"
+            " a coarser grid, a larger attention input size, or an earlier layer with a finer map."
+        )
     check_choice(reduction, "reduction", ("mean", "max"))
     reduced = features.mean(dim=1, keepdim=True) if reduction == "mean" else features.amax(dim=1, keepdim=True)
     return (reduced if (gh, gw) == (h, w) else F.adaptive_avg_pool2d(reduced, (gh, gw))).squeeze(1)
@@ -138,8 +172,10 @@ def expand_grid(heatmaps: Tensor, image_size: Size2) -> Tensor:
     check_heatmaps(heatmaps)
     (gh, gw), (height, width) = heatmaps.shape[1:], check_size2(image_size, "image_size")
     if gh > height or gw > width:
-        raise ValueError(f"Expected `image_size` to be at least the grid size {gh}x{gw}, but got {height}x{width}."
-                         " Use a coarser `grid_size` for such small images.")
+        raise ValueError(
+            f"Expected `image_size` to be at least the grid size {gh}x{gw}, but got {height}x{width}."
+            " Use a coarser `grid_size` for such small images."
+        )
     rows, cols = cell_index_maps((gh, gw), (height, width), heatmaps.device)
     return heatmaps.index_select(1, rows).index_select(2, cols).unsqueeze(1)
 
@@ -180,8 +216,14 @@ def cell_mask(cell_indices: Tensor, grid_size: Size2, image_size: Size2) -> Tens
         [[0, 0, 0, 0], [1, 1, 0, 0]]
     """
     grid, size = check_size2(grid_size, "grid_size"), check_size2(image_size, "image_size")
-    if not isinstance(cell_indices, Tensor) or cell_indices.dtype not in (torch.int64, torch.int32) or cell_indices.ndim != 2:
-        raise TypeError("Expected `cell_indices` to be an integer tensor of shape (B, k), e.g. from `topk_cell_indices`.")
+    if (
+        not isinstance(cell_indices, Tensor)
+        or cell_indices.dtype not in (torch.int64, torch.int32)
+        or cell_indices.ndim != 2
+    ):
+        raise TypeError(
+            "Expected `cell_indices` to be an integer tensor of shape (B, k), e.g. from `topk_cell_indices`."
+        )
     if cell_indices.numel() > 0 and not 0 <= int(cell_indices.min()) <= int(cell_indices.max()) < grid[0] * grid[1]:
         raise ValueError(f"Expected `cell_indices` in [0, {grid[0] * grid[1]}) for a {grid[0]}x{grid[1]} grid.")
     return _cell_mask(cell_indices, grid, size)
@@ -211,7 +253,9 @@ def _box_mask(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     """``(B, 1, H, W)`` bool mask inside ``(B, 4)`` boxes ``(top, bottom, left, right)``, bottom/right exclusive."""
     top, bottom, left, right = boxes.unsqueeze(2).unbind(1)
     rows, cols = (torch.arange(n, device=boxes.device) for n in image_size)
-    return (((rows >= top) & (rows < bottom)).unsqueeze(2) & ((cols >= left) & (cols < right)).unsqueeze(1)).unsqueeze(1)
+    return (((rows >= top) & (rows < bottom)).unsqueeze(2) & ((cols >= left) & (cols < right)).unsqueeze(1)).unsqueeze(
+        1
+    )
 
 
 def _cutmix_boxes(area: np.ndarray, image_size: tuple[int, int], generator: np.random.Generator) -> Tensor:
@@ -220,11 +264,19 @@ def _cutmix_boxes(area: np.ndarray, image_size: tuple[int, int], generator: np.r
     centre_y, centre_x = generator.uniform(0, height, area.shape[0]), generator.uniform(0, width, area.shape[0])
     bounds = [centre_y - side * height, centre_y + side * height, centre_x - side * width, centre_x + side * width]
     limits = [height, height, width, width]
-    return torch.from_numpy(np.stack([np.clip(np.round(v), 0, n) for v, n in zip(bounds, limits, strict=True)], axis=1).astype(np.int64))
+    return torch.from_numpy(
+        np.stack([np.clip(np.round(v), 0, n) for v, n in zip(bounds, limits, strict=True)], axis=1).astype(np.int64)
+    )
 
 
-def cutmix_box_mask(batch_size: int, image_size: Size2, area: Tensor, *, generator: Generator = None,
-                    device: Optional[torch.device] = None) -> Tensor:
+def cutmix_box_mask(
+    batch_size: int,
+    image_size: Size2,
+    area: Tensor,
+    *,
+    generator: Generator = None,
+    device: Optional[torch.device] = None,
+) -> Tensor:
     """One box per sample, ``(B, 1, H, W)`` bool, of the image's aspect ratio and ``area[i]`` of its size,
     centred uniformly over the image and clipped at the border (``lam`` is the mask's mean).
 
@@ -283,15 +335,23 @@ def to_probabilities(targets: Tensor, num_classes: Optional[int] = None, *, labe
     return _probabilities(_checked_targets(targets, num_classes, None, label_smoothing), num_classes, label_smoothing)
 
 
-def _mix_targets(targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: Optional[int], label_smoothing: float) -> Tensor:
+def _mix_targets(
+    targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: Optional[int], label_smoothing: float
+) -> Tensor:
     """:func:`mix_targets` for targets checked by ``check_targets``."""
     probabilities = _probabilities(targets, num_classes, label_smoothing)
     weight = lam.to(probabilities.device, probabilities.dtype).unsqueeze(1)
     return weight * probabilities.index_select(0, permutation) + (1.0 - weight) * probabilities
 
 
-def mix_targets(targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: Optional[int] = None, *,
-                label_smoothing: float = 0.0) -> Tensor:
+def mix_targets(
+    targets: Tensor,
+    lam: Tensor,
+    permutation: Tensor,
+    num_classes: Optional[int] = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """``soft[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``, ``y`` from :func:`to_probabilities` (same errors).
 
     Example::
@@ -304,8 +364,14 @@ def mix_targets(targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: 
     return _mix_targets(targets, lam, permutation.to(targets.device), num_classes, label_smoothing)
 
 
-def mix_with_mask(images: Tensor, targets: Tensor, mask: Tensor, permutation: Tensor, num_classes: Optional[int] = None,
-                  label_smoothing: float = 0.0) -> Mixed:
+def mix_with_mask(
+    images: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    permutation: Tensor,
+    num_classes: Optional[int] = None,
+    label_smoothing: float = 0.0,
+) -> Mixed:
     """:func:`paste` ``images[p]`` inside ``mask``, ``lam`` the mask's mean: ``(mixed, soft_targets, lam)``.
 
     Example::
@@ -319,8 +385,15 @@ def mix_with_mask(images: Tensor, targets: Tensor, mask: Tensor, permutation: Te
     return mixed, mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing), lam
 
 
-def _mix(images: Tensor, targets: Tensor, num_classes: Optional[int], permutation: Optional[Tensor],
-         generator: Generator, smoothing: float, op: Callable[[Tensor, np.random.Generator], tuple]) -> Mixed:
+def _mix(
+    images: Tensor,
+    targets: Tensor,
+    num_classes: Optional[int],
+    permutation: Optional[Tensor],
+    generator: Generator,
+    smoothing: float,
+    op: Callable[[Tensor, np.random.Generator], tuple],
+) -> Mixed:
     """The mixing ops' path: checks, pairing, ``op(permutation, generator) -> (mixed, lam, ...)``, soft targets."""
     check_images(images)
     targets, generator = _checked_targets(targets, num_classes, images.shape[0], smoothing), _rng(generator)
@@ -340,8 +413,15 @@ def _paste_topk_cells(images: Tensor, partner_heatmaps: Tensor, top_k: int, perm
 
 
 def attentive_cutmix(
-    images: Tensor, targets: Tensor, heatmaps: Tensor, *, top_k: int = 6, num_classes: Optional[int] = None,
-    permutation: Optional[Tensor] = None, generator: Generator = None, label_smoothing: float = 0.0,
+    images: Tensor,
+    targets: Tensor,
+    heatmaps: Tensor,
+    *,
+    top_k: int = 6,
+    num_classes: Optional[int] = None,
+    permutation: Optional[Tensor] = None,
+    generator: Generator = None,
+    label_smoothing: float = 0.0,
 ) -> Mixed:
     """Attentive CutMix (Walawalkar et al., 2020): ``mixed[i]`` is ``images[p[i]]`` inside the ``top_k`` hottest
     cells of ``heatmaps[p[i]]`` (the attention of the pasted image) and ``images[i]`` outside.
@@ -359,8 +439,15 @@ def attentive_cutmix(
     """
     check_images(images)
     check_heatmaps(heatmaps, images.shape[0])
-    return _mix(images, targets, num_classes, permutation, generator, label_smoothing,
-                lambda p, _: _paste_topk_cells(images, heatmaps.to(images.device).index_select(0, p), top_k, p))
+    return _mix(
+        images,
+        targets,
+        num_classes,
+        permutation,
+        generator,
+        label_smoothing,
+        lambda p, _: _paste_topk_cells(images, heatmaps.to(images.device).index_select(0, p), top_k, p),
+    )
 
 
 def _cutmix_paste(images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator) -> Mixed:
@@ -371,8 +458,16 @@ def _cutmix_paste(images: Tensor, permutation: Tensor, alpha: float, generator: 
     return torch.where(mask, images.index_select(0, permutation), images), _mask_share(mask), boxes
 
 
-def cutmix(images: Tensor, targets: Tensor, *, alpha: float = 1.0, num_classes: Optional[int] = None,
-           permutation: Optional[Tensor] = None, generator: Generator = None, label_smoothing: float = 0.0) -> Mixed:
+def cutmix(
+    images: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float = 1.0,
+    num_classes: Optional[int] = None,
+    permutation: Optional[Tensor] = None,
+    generator: Generator = None,
+    label_smoothing: float = 0.0,
+) -> Mixed:
     """CutMix (Yun et al., 2019): paste one box of each partner, of area ``~ Beta(alpha, alpha)`` and
     uniform centre; ``lam`` is the pasted fraction after clipping at the border.
 
@@ -383,21 +478,40 @@ def cutmix(images: Tensor, targets: Tensor, *, alpha: float = 1.0, num_classes: 
         True
     """
     alpha = check_real(alpha, "alpha", low=0.0, low_open=True, what=_BETA)
-    return _mix(images, targets, num_classes, permutation, generator, label_smoothing,
-                lambda p, g: _cutmix_paste(images, p, alpha, g))
+    return _mix(
+        images,
+        targets,
+        num_classes,
+        permutation,
+        generator,
+        label_smoothing,
+        lambda p, g: _cutmix_paste(images, p, alpha, g),
+    )
 
 
-def _mixup_blend(images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator) -> tuple[Tensor, Tensor]:
+def _mixup_blend(
+    images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator
+) -> tuple[Tensor, Tensor]:
     """Draw Mixup's ``lam`` and blend: ``(lam * images[p] + (1 - lam) * images, lam)``."""
     if not images.is_floating_point():
-        raise TypeError(f"Expected floating-point `images` for mixup, but got dtype {images.dtype}."
-                        " Convert the batch first, e.g. `images.float() / 255`.")
+        raise TypeError(
+            f"Expected floating-point `images` for mixup, but got dtype {images.dtype}."
+            " Convert the batch first, e.g. `images.float() / 255`."
+        )
     lam = sample_beta(alpha, images.shape[0], generator=generator, device=images.device)
     return images.lerp(images.index_select(0, permutation), lam.to(images.dtype).view(-1, 1, 1, 1)), lam
 
 
-def mixup(images: Tensor, targets: Tensor, *, alpha: float = 1.0, num_classes: Optional[int] = None,
-          permutation: Optional[Tensor] = None, generator: Generator = None, label_smoothing: float = 0.0) -> Mixed:
+def mixup(
+    images: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float = 1.0,
+    num_classes: Optional[int] = None,
+    permutation: Optional[Tensor] = None,
+    generator: Generator = None,
+    label_smoothing: float = 0.0,
+) -> Mixed:
     """Mixup (Zhang et al., 2018): ``mixed[i] = lam[i] * images[p[i]] + (1 - lam[i]) * images[i]``,
     ``lam ~ Beta(alpha, alpha)`` per sample; the images must be floating-point.
 
@@ -407,8 +521,15 @@ def mixup(images: Tensor, targets: Tensor, *, alpha: float = 1.0, num_classes: O
         >>> mixed.shape, lam.shape
         (torch.Size([8, 3, 32, 32]), torch.Size([8]))
     """
-    return _mix(images, targets, num_classes, permutation, generator, label_smoothing,
-                lambda p, g: _mixup_blend(images, p, alpha, g))
+    return _mix(
+        images,
+        targets,
+        num_classes,
+        permutation,
+        generator,
+        label_smoothing,
+        lambda p, g: _mixup_blend(images, p, alpha, g),
+    )
 
 
 def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal, Optional
 from urllib.parse import urlparse
 
@@ -109,16 +109,20 @@ def _load_pretrained(arch: str, weights: torchvision.models.WeightsEnum, **kwarg
         return torchvision.models.get_model(arch, weights=weights, **kwargs)
     except (OSError, RuntimeError) as err:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
-        raise RuntimeError(f"Could not load the `weights={weights.name!r}` of `arch={arch!r}` ({type(err).__name__}:"
-                           f" {err}). Without internet, download {weights.url} elsewhere and put the file at {path}"
-                           " (`torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it).") from err
+        raise RuntimeError(
+            f"Could not load the `weights={weights.name!r}` of `arch={arch!r}` ({type(err).__name__}:"
+            f" {err}). Without internet, download {weights.url} elsewhere and put the file at {path}"
+            " (`torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it)."
+        ) from err
 
 
 def _replace_head(model: nn.Module, num_classes: int, arch: str) -> None:
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"Expected `arch={arch!r}` to end with an `nn.Linear` head so that pretrained `weights` can be"
-                         f" used with `num_classes={num_classes}`, but found none.")
+        raise ValueError(
+            f"Expected `arch={arch!r}` to end with an `nn.Linear` head so that pretrained `weights` can be"
+            f" used with `num_classes={num_classes}`, but found none."
+        )
     name, head = linears[-1]
     model.set_submodule(name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
 
@@ -136,8 +140,10 @@ def _make_small_input(model: nn.Module, arch: str) -> None:
         return
     stem = next((value for family, value in _SMALL_STEMS.items() if isinstance(model, family)), None)
     if stem is None:
-        raise ValueError("Expected `arch` to be a ResNet, DenseNet or EfficientNet when `small_input=True`, but got"
-                         f" {arch!r} ({type(model).__name__}).")
+        raise ValueError(
+            "Expected `arch` to be a ResNet, DenseNet or EfficientNet when `small_input=True`, but got"
+            f" {arch!r} ({type(model).__name__})."
+        )
     conv_name, pool_name, init = stem
     old = model.get_submodule(conv_name)
     conv = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
@@ -149,8 +155,9 @@ def _make_small_input(model: nn.Module, arch: str) -> None:
 def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     name, old = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     if old.groups != 1:
-        raise ValueError(f"Expected the first convolution to have groups=1 to change `in_channels`, but got"
-                         f" {old.groups}.")
+        raise ValueError(
+            f"Expected the first convolution to have groups=1 to change `in_channels`, but got {old.groups}."
+        )
     keep = ("out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode")
     new = nn.Conv2d(in_channels, bias=old.bias is not None, **{key: getattr(old, key) for key in keep})
     with torch.no_grad():
@@ -163,8 +170,14 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     model.set_submodule(name, new)
 
 
-def build_classifier(arch: str = "resnet18", *, num_classes: int = 10, in_channels: int = 3,
-                     small_input: bool = False, weights: Optional[str] = None) -> nn.Module:
+def build_classifier(
+    arch: str = "resnet18",
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    small_input: bool = False,
+    weights: Optional[str] = None,
+) -> nn.Module:
     """Build a torchvision classifier by name, optionally pretrained, for ``(B, in_channels, H, W)`` inputs.
 
     Args:
@@ -211,8 +224,9 @@ def build_classifier(arch: str = "resnet18", *, num_classes: int = 10, in_channe
     return model
 
 
-def _lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: float, milestone_steps: Sequence[int],
-               gamma: float) -> float:
+def _lr_factor(
+    step: int, *, schedule: str, warmup_steps: int, total_steps: float, milestone_steps: Sequence[int], gamma: float
+) -> float:
     """Multiplier of the base learning rate after ``step`` optimizer steps (for ``LambdaLR``)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -233,8 +247,10 @@ def _unpack(batch: Any, *, with_target: bool = True) -> tuple[Tensor, Optional[T
         raise ValueError(f"Expected a batch of at least (images, targets), but got {len(batch)} element(s).")
     if isinstance(batch, Tensor) and not with_target:
         return batch, None
-    raise TypeError("Expected a batch as a tuple/list (images, targets, ...) or a dict with 'image' and 'target' keys,"
-                    f" but got {type(batch).__name__}.")
+    raise TypeError(
+        "Expected a batch as a tuple/list (images, targets, ...) or a dict with 'image' and 'target' keys,"
+        f" but got {type(batch).__name__}."
+    )
 
 
 class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
@@ -268,12 +284,25 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         True
     """
 
-    def __init__(self, arch: str = "resnet18", num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
-                 weights: Optional[str] = None, label_smoothing: float = 0.0,
-                 optimizer: Literal["sgd", "adamw"] = "sgd", lr: float = 0.1, momentum: float = 0.9,
-                 nesterov: bool = True, weight_decay: float = 5e-4, no_weight_decay_on_bn_and_bias: bool = True,
-                 lr_scheduler: Literal["cosine", "multistep", "none"] = "cosine",
-                 milestones: Sequence[int] = (150, 225), gamma: float = 0.1, warmup_epochs: int = 0) -> None:
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        small_input: bool = False,
+        weights: Optional[str] = None,
+        label_smoothing: float = 0.0,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        no_weight_decay_on_bn_and_bias: bool = True,
+        lr_scheduler: Literal["cosine", "multistep", "none"] = "cosine",
+        milestones: Sequence[int] = (150, 225),
+        gamma: float = 0.1,
+        warmup_epochs: int = 0,
+    ) -> None:
         super().__init__()
         check_int(num_classes, "num_classes", minimum=2)
         check_int(in_channels, "in_channels", minimum=1)
@@ -296,8 +325,9 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
             rank_zero_warn(f"`lr={lr}` is large for AdamW; values near 1e-3 are usual. Set `lr` explicitly.")
         self.save_hyperparameters()
         self.label_smoothing = label_smoothing
-        self.net = build_classifier(arch, num_classes=num_classes, in_channels=in_channels, small_input=small_input,
-                                    weights=weights)
+        self.net = build_classifier(
+            arch, num_classes=num_classes, in_channels=in_channels, small_input=small_input, weights=weights
+        )
         top1, top5 = (MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in (1, min(5, num_classes)))
         self.train_acc, self.val_acc, self.test_acc = top1, top1.clone(), top1.clone()
         self.val_acc_top5, self.test_acc_top5 = top5, top5.clone()
@@ -347,34 +377,47 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         params, decay = [p for p in self.parameters() if p.requires_grad], self.hparams.weight_decay
         if not self.hparams.no_weight_decay_on_bn_and_bias:
             return [{"params": params, "weight_decay": decay}]
-        return [{"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
-                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
 
     @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         groups = self.parameter_groups()
         if hp.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum,
-                                                               nesterov=hp.nesterov, weight_decay=hp.weight_decay)
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+            )
         else:
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.lr_scheduler == "none" and hp.warmup_epochs == 0:
             return optimizer
         total_steps = self.trainer.estimated_stepping_batches
         if hp.lr_scheduler == "cosine" and (not math.isfinite(total_steps) or total_steps <= 0):
-            raise MisconfigurationException(f"`lr_scheduler='cosine'` needs the total number of training steps, but the"
-                                            f" trainer estimates {total_steps}. Set `max_epochs` with a sized training"
-                                            " dataloader, or `max_steps`.")
+            raise MisconfigurationException(
+                f"`lr_scheduler='cosine'` needs the total number of training steps, but the"
+                f" trainer estimates {total_steps}. Set `max_epochs` with a sized training"
+                " dataloader, or `max_steps`."
+            )
         steps_per_epoch, batches = 0, self.trainer.num_training_batches
         if hp.warmup_epochs > 0 or hp.lr_scheduler == "multistep":
             if not math.isfinite(batches) or batches <= 0:
-                raise MisconfigurationException("`warmup_epochs` and `lr_scheduler='multistep'` need the number of"
-                                                f" training batches per epoch, but the trainer reports {batches}. Use"
-                                                " a sized training dataloader and a finite `max_epochs`.")
+                raise MisconfigurationException(
+                    "`warmup_epochs` and `lr_scheduler='multistep'` need the number of"
+                    f" training batches per epoch, but the trainer reports {batches}. Use"
+                    " a sized training dataloader and a finite `max_epochs`."
+                )
             steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
         warmup, milestones = hp.warmup_epochs * steps_per_epoch, [m * steps_per_epoch for m in hp.milestones]
-        factor = partial(_lr_factor, schedule=hp.lr_scheduler, warmup_steps=warmup, total_steps=total_steps,
-                         milestone_steps=milestones, gamma=hp.gamma)
+        factor = partial(
+            _lr_factor,
+            schedule=hp.lr_scheduler,
+            warmup_steps=warmup,
+            total_steps=total_steps,
+            milestone_steps=milestones,
+            gamma=hp.gamma,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -167,8 +167,10 @@ def check_permutation(permutation: Any, batch_size: int) -> Tensor:
 def check_label_range(low: int, high: int, num_classes: int, where: str = "") -> None:
     """Raise if class indices with minimum ``low`` and maximum ``high`` are outside ``[0, num_classes)``."""
     if low < 0 or high >= num_classes:
-        raise ValueError(f"Expected class-index `targets` in [0, {num_classes}), but got values in [{low}, {high}]"
-                         f"{where}. Check `num_classes` or the dataset's labels.")
+        raise ValueError(
+            f"Expected class-index `targets` in [0, {num_classes}), but got values in [{low}, {high}]"
+            f"{where}. Check `num_classes` or the dataset's labels."
+        )
 
 
 def check_class_indices(targets: Tensor, num_classes: int, where: str = "") -> None:
@@ -184,23 +186,31 @@ def check_targets(targets: Tensor, num_classes: Optional[int], batch_size: Optio
         raise TypeError(f"Expected `targets` to be a torch.Tensor, but got {type(targets).__name__}.")
     check_int(num_classes, "num_classes", minimum=1, optional=True)
     if batch_size is not None and (targets.ndim == 0 or targets.shape[0] != batch_size):
-        raise ValueError("Expected `targets` to have one entry per image, but the batch sizes do not match:"
-                         f" {targets.shape[0] if targets.ndim else 'a scalar'} != {batch_size}.")
+        raise ValueError(
+            "Expected `targets` to have one entry per image, but the batch sizes do not match:"
+            f" {targets.shape[0] if targets.ndim else 'a scalar'} != {batch_size}."
+        )
     indices = not targets.is_floating_point()
     if indices and targets.ndim == 2 and targets.shape[1] == 1:
         targets = targets.squeeze(1)
     if targets.ndim != (1 if indices else 2):
-        raise ValueError("Expected `targets` to be class indices (B,) or float probabilities (B, K), but got"
-                         f" {'an integer' if indices else 'a floating-point'} tensor of shape {tuple(targets.shape)}."
-                         " Pass class indices (e.g. `targets.argmax(1)`) or float probabilities.")
+        raise ValueError(
+            "Expected `targets` to be class indices (B,) or float probabilities (B, K), but got"
+            f" {'an integer' if indices else 'a floating-point'} tensor of shape {tuple(targets.shape)}."
+            " Pass class indices (e.g. `targets.argmax(1)`) or float probabilities."
+        )
     if indices and num_classes is None:
-        raise ValueError("Expected `num_classes` for class-index targets of shape (B,), but got None."
-                         " Pass `num_classes=K` or give one-hot/probability targets of shape (B, K).")
+        raise ValueError(
+            "Expected `num_classes` for class-index targets of shape (B,), but got None."
+            " Pass `num_classes=K` or give one-hot/probability targets of shape (B, K)."
+        )
     if indices:
         return targets
     if num_classes is not None and targets.shape[1] != num_classes:
-        raise ValueError("Expected soft `targets` of width `num_classes`, but the widths do not match:"
-                         f" {targets.shape[1]} != {num_classes}.")
+        raise ValueError(
+            "Expected soft `targets` of width `num_classes`, but the widths do not match:"
+            f" {targets.shape[1]} != {num_classes}."
+        )
     tolerance = max(1e-2, 4 * torch.finfo(targets.dtype).eps)  # rounding, also of targets made in a lower precision
     sums = targets.double().sum(dim=1)
     if targets.numel() > 0 and (bool((targets < 0).any()) or not bool(((sums - 1).abs() <= tolerance).all())):

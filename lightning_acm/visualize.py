@@ -51,7 +51,9 @@ def _unit_images(images: Tensor, name: str, mean: Optional[Sequence[float]], std
     for stats, label in ((std, "std"), (mean, "mean")):
         if stats is not None:
             if len(stats) not in (1, channels):
-                raise ValueError(f"Expected `{label}` to have 1 or {channels} values (one per channel), but got {len(stats)}.")
+                raise ValueError(
+                    f"Expected `{label}` to have 1 or {channels} values (one per channel), but got {len(stats)}."
+                )
             value = torch.tensor([float(v) for v in stats]).view(1, -1, 1, 1)
             x = x * value if label == "std" else x + value
     return x.clamp(0.0, 1.0).expand(-1, 3, -1, -1)
@@ -62,8 +64,9 @@ def _captions(side: str, labels: Any, name: str, batch: int, n: int, class_names
     if labels is None:
         return [side] * n
     if not isinstance(labels, Tensor) or labels.ndim not in (1, 2) or labels.shape[0] != batch:
-        raise ValueError(f"Expected `{name}` to be class indices ({batch},) or probabilities ({batch}, K), but got"
-                         f" {_shape(labels)}.")
+        raise ValueError(
+            f"Expected `{name}` to be class indices ({batch},) or probabilities ({batch}, K), but got {_shape(labels)}."
+        )
     labels = labels.detach().cpu()
     indices = (labels.argmax(dim=1) if labels.ndim == 2 else labels)[:n].long().tolist()
     names = class_names or []
@@ -80,24 +83,38 @@ def _check_shapes(x_a: Tensor, others: dict[str, Tensor], lam: Any, mask: Any, h
     batch, _, height, width = x_a.shape
     for name, other in others.items():
         if other.shape != x_a.shape:
-            raise ValueError(f"Expected `{name}` to have the shape of `partners`, but the shapes do not match:"
-                             f" {tuple(other.shape)} != {tuple(x_a.shape)}.")
+            raise ValueError(
+                f"Expected `{name}` to have the shape of `partners`, but the shapes do not match:"
+                f" {tuple(other.shape)} != {tuple(x_a.shape)}."
+            )
     if not isinstance(lam, Tensor) or tuple(lam.shape) != (batch,):
         raise ValueError(f"Expected `lam` to have shape ({batch},), but got {_shape(lam)}.")
     if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != (batch, 1, height, width)):
         raise ValueError(f"Expected `mask` to have shape ({batch}, 1, {height}, {width}), but got {_shape(mask)}.")
     if heatmaps is not None and (not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or len(heatmaps) != batch):
-        raise ValueError(f"Expected `partner_heatmaps` to have shape ({batch}, gh, gw), one map per image, but got"
-                         f" {_shape(heatmaps)}.")
+        raise ValueError(
+            f"Expected `partner_heatmaps` to have shape ({batch}, gh, gw), one map per image, but got"
+            f" {_shape(heatmaps)}."
+        )
 
 
 def render_mix_grid(
-    partners: Tensor, canvases: Tensor, mixed: Tensor, lam: Tensor, *,
-    partner_labels: Optional[Tensor] = None, canvas_labels: Optional[Tensor] = None,
-    partner_heatmaps: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-    class_names: Optional[Sequence[str]] = None, mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None, max_samples: int = 8, alpha: float = 0.5,
-    scale: Optional[int] = None, outline_color: tuple[int, int, int] = (255, 255, 255),
+    partners: Tensor,
+    canvases: Tensor,
+    mixed: Tensor,
+    lam: Tensor,
+    *,
+    partner_labels: Optional[Tensor] = None,
+    canvas_labels: Optional[Tensor] = None,
+    partner_heatmaps: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    class_names: Optional[Sequence[str]] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    max_samples: int = 8,
+    alpha: float = 0.5,
+    scale: Optional[int] = None,
+    outline_color: tuple[int, int, int] = (255, 255, 255),
 ) -> Tensor:
     """Draw mixes as one image, a row per sample: ``x_A`` with its heatmap, ``x_B``, the mix.
 
@@ -137,9 +154,12 @@ def render_mix_grid(
     _check_shapes(x_a, {"canvases": x_b, "mixed": x_m}, lam, mask, partner_heatmaps)
     batch, _, height, width = x_a.shape
     n = min(max_samples, batch)
-    captions = zip(_captions("A", partner_labels, "partner_labels", batch, n, class_names),
-                   _captions("B", canvas_labels, "canvas_labels", batch, n, class_names),
-                   [f"lam = {value:.3f}" for value in lam[:n].detach().cpu().float().tolist()], strict=True)
+    captions = zip(
+        _captions("A", partner_labels, "partner_labels", batch, n, class_names),
+        _captions("B", canvas_labels, "canvas_labels", batch, n, class_names),
+        [f"lam = {value:.3f}" for value in lam[:n].detach().cpu().float().tolist()],
+        strict=True,
+    )
     x_a, x_b, x_m = x_a[:n], x_b[:n], x_m[:n]
     if partner_heatmaps is not None:
         heat = partner_heatmaps[:n, None].detach().cpu().float().nan_to_num(0.0)
@@ -178,20 +198,33 @@ def render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None, 
         ValueError: if ``result.source`` is ``None``, or as :func:`render_mix_grid`.
     """
     if result.source is None:
-        raise ValueError("Expected `result.source` (the batch before mixing) to render the partners, but got None."
-                         " Build the MixResult with `source=` (the mixing callbacks do).")
+        raise ValueError(
+            "Expected `result.source` (the batch before mixing) to render the partners, but got None."
+            " Build the MixResult with `source=` (the mixing callbacks do)."
+        )
     permutation, targets = result.permutation.to(result.source.device), result.source_targets
     heatmaps = result.partner_heatmaps if result.partner_heatmaps is not None else partner_heatmaps
     partner_labels = None if targets is None else targets[permutation.to(targets.device)]
-    return render_mix_grid(result.source[permutation], result.source, result.mixed, result.lam, mask=result.mask,
-                           partner_labels=partner_labels, canvas_labels=targets, partner_heatmaps=heatmaps, **options)
+    return render_mix_grid(
+        result.source[permutation],
+        result.source,
+        result.mixed,
+        result.lam,
+        mask=result.mask,
+        partner_labels=partner_labels,
+        canvas_labels=targets,
+        partner_heatmaps=heatmaps,
+        **options,
+    )
 
 
 def _mixing_callbacks(trainer: pl.Trainer, owner: str) -> list[MixingCallback]:
     mixers = [callback for callback in trainer.callbacks if isinstance(callback, MixingCallback)]  # type: ignore[attr-defined]
     if not mixers:
-        raise MisconfigurationException(f"{owner} reads the batches of a mixing callback, but the Trainer has none."
-                                        " Add AttentiveCutMix, CutMix or MixUp to `Trainer(callbacks=[...])`.")
+        raise MisconfigurationException(
+            f"{owner} reads the batches of a mixing callback, but the Trainer has none."
+            " Add AttentiveCutMix, CutMix or MixUp to `Trainer(callbacks=[...])`."
+        )
     return mixers
 
 
@@ -265,9 +298,11 @@ class PastedAttentionMonitor(_EveryNSteps):
         mixers = _mixing_callbacks(trainer, type(self).__name__)
         self._mixers = [mixer for mixer in mixers if not isinstance(mixer, (AttentiveCutMix, MixUp))]
         if not self._mixers:
-            rank_zero_warn(f"{type(self).__name__}: the mixing callbacks (Attentive CutMix, Mixup) log"
-                           " `pasted_attention` themselves, so this callback has nothing to measure. Remove it,"
-                           " or use it with CutMix.")
+            rank_zero_warn(
+                f"{type(self).__name__}: the mixing callbacks (Attentive CutMix, Mixup) log"
+                " `pasted_attention` themselves, so this callback has nothing to measure. Remove it,"
+                " or use it with CutMix."
+            )
         elif self._model is None:
             mean, std = _datamodule_normalization(trainer)
             self._model = self.teacher.build(
@@ -302,8 +337,14 @@ class PastedAttentionMonitor(_EveryNSteps):
             heatmaps = self.partner_heatmaps(result)
             if heatmaps is not None:
                 share = pasted_attention_share(heatmaps, result.mask)
-                pl_module.log(f"{mixer.log_prefix}/pasted_attention", share.mean(), on_step=False, on_epoch=True,
-                              batch_size=share.shape[0], sync_dist=True)
+                pl_module.log(
+                    f"{mixer.log_prefix}/pasted_attention",
+                    share.mean(),
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=share.shape[0],
+                    sync_dist=True,
+                )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -340,8 +381,16 @@ class MixVisualizer(_EveryNSteps):
         >>> trainer = L.Trainer(callbacks=[CutMix(seed=0), visualizer], accelerator="cpu", logger=False)
     """
 
-    def __init__(self, *, every_n_steps: int = 200, max_samples: int = 8, class_names: Optional[list[str]] = None,
-                 alpha: float = 0.5, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> None:
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = 200,
+        max_samples: int = 8,
+        class_names: Optional[list[str]] = None,
+        alpha: float = 0.5,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+    ) -> None:
         super().__init__(every_n_steps)
         self.max_samples = check_int(max_samples, "max_samples", minimum=1)
         self.alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
@@ -353,7 +402,11 @@ class MixVisualizer(_EveryNSteps):
         self._monitors: list[PastedAttentionMonitor] = []
         self._pending: list[bool] = []
         self._png_dir: Optional[str] = None
-        self._options: dict[str, Any] = {"class_names": self.class_names, "max_samples": self.max_samples, "alpha": self.alpha}
+        self._options: dict[str, Any] = {
+            "class_names": self.class_names,
+            "max_samples": self.max_samples,
+            "alpha": self.alpha,
+        }
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -388,7 +441,9 @@ class MixVisualizer(_EveryNSteps):
             if not self._pending[index] or result is None:
                 continue
             heatmaps = next((h for m in self._monitors if (h := m.partner_heatmaps(result)) is not None), None)
-            self._log_image(trainer, f"{mixer.log_prefix}/mixes", render_mix(result, partner_heatmaps=heatmaps, **self._options))
+            self._log_image(
+                trainer, f"{mixer.log_prefix}/mixes", render_mix(result, partner_heatmaps=heatmaps, **self._options)
+            )
             self._pending[index] = False
 
     def _log_image(self, trainer: pl.Trainer, tag: str, image: Tensor) -> None:
@@ -397,4 +452,6 @@ class MixVisualizer(_EveryNSteps):
             add_image(tag, image, global_step=trainer.global_step)
         if not any(map(callable, adders)) and self._png_dir is not None:
             os.makedirs(self._png_dir, exist_ok=True)
-            to_pil_image(image).save(os.path.join(self._png_dir, f"{tag.replace('/', '_')}_step{trainer.global_step:07d}.png"))
+            to_pil_image(image).save(
+                os.path.join(self._png_dir, f"{tag.replace('/', '_')}_step{trainer.global_step:07d}.png")
+            )

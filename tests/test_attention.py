@@ -105,17 +105,13 @@ def test_presets_are_described():
 # --------------------------------------------------------------------------- what the teacher sees
 
 
-@pytest.mark.parametrize(
-    ("input_mean", "input_std"), [((0.0,), (1.0,)), (CIFAR_MEAN, CIFAR_STD), ((0.5,), (0.25,))]
-)
+@pytest.mark.parametrize(("input_mean", "input_std"), [((0.0,), (1.0,)), (CIFAR_MEAN, CIFAR_STD), ((0.5,), (0.25,))])
 @pytest.mark.parametrize("size", [32, 48, 16])
 def test_teacher_sees_renormalised_resized_batch(input_mean, input_std, size):
     backbone = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
     seen: list[torch.Tensor] = []
     backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    model = AttentionModel(
-        backbone, "1", input_mean=input_mean, input_std=input_std, input_size=size, grid_size=4
-    )
+    model = AttentionModel(backbone, "1", input_mean=input_mean, input_std=input_std, input_size=size, grid_size=4)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model(x)
     view = lambda values: torch.tensor(values).view(1, -1, 1, 1)  # noqa: E731
@@ -171,7 +167,11 @@ class _MethodNet(nn.Module):
 
 
 def test_method_layer_is_called_instead_of_forward():
-    assert attention_model_from_module(_MethodNet(), "extract", input_size=28)(torch.rand(2, 3, 8, 8)).shape == (2, 7, 7)
+    assert attention_model_from_module(_MethodNet(), "extract", input_size=28)(torch.rand(2, 3, 8, 8)).shape == (
+        2,
+        7,
+        7,
+    )
 
 
 def test_heatmap_is_channel_reduction_of_tapped_features():
@@ -346,7 +346,9 @@ def test_offline_torchvision_weights_say_where_to_put_the_file(no_download):
 
 
 def test_compile_features_truncates_the_backbone_and_keeps_its_weights():
-    model = attention_model_from_module(torchvision.models.resnet18(num_classes=10), "layer3", input_size=64, grid_size=4)
+    model = attention_model_from_module(
+        torchvision.models.resnet18(num_classes=10), "layer3", input_size=64, grid_size=4
+    )
     images = torch.rand(3, 3, 32, 32)
     expected = model(images)
     keys, modules = list(model.state_dict()), len(list(model.modules()))
@@ -390,7 +392,10 @@ def test_compile_features_of_an_untraceable_backbone_says_what_to_do():
             return self.conv(x)
 
     model = attention_model_from_module(Branchy(), "conv", input_size=28)
-    with pytest.raises(ValueError, match=r"Cannot compile the attention model: torch.fx could not trace Branchy up to"
-                                         r" layer 'conv'.*Use it uncompiled, or tap a method"):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot compile the attention model: torch.fx could not trace Branchy up to"
+        r" layer 'conv'.*Use it uncompiled, or tap a method",
+    ):
         model.compile_features(backend="eager")
     assert not model.compiled and model(torch.rand(1, 3, 28, 28)).shape == (1, 7, 7)

@@ -137,11 +137,19 @@ def data(images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] =
     return DataLoader(TensorDataset(images, labels), batch_size=BATCH, shuffle=False, **kwargs)
 
 
-def fit(callback: MixingCallback, loader: DataLoader, model: Optional[Net] = None, **kwargs: Any) -> tuple[L.Trainer, Net]:
+def fit(
+    callback: MixingCallback, loader: DataLoader, model: Optional[Net] = None, **kwargs: Any
+) -> tuple[L.Trainer, Net]:
     model = model or Net()
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
     )
     trainer.fit(model, train_dataloaders=loader)
     return trainer, model
@@ -156,7 +164,9 @@ def test_top_k_for_a_non_square_grid():
 
 
 def test_cache_grid_coarser_than_the_grid():
-    with pytest.raises(ValueError, match=r"`heatmap_cache.grid_size` to be at least the teacher's `grid_size` 7x7, but got 4\."):
+    with pytest.raises(
+        ValueError, match=r"`heatmap_cache.grid_size` to be at least the teacher's `grid_size` 7x7, but got 4\."
+    ):
         AttentiveCutMix(heatmap_cache=HeatmapCacheConfig(grid_size=4))
 
 
@@ -165,7 +175,9 @@ def test_cache_grid_coarser_than_the_grid():
 
 def test_images_not_4d_in_a_trainer():
     flat = data(torch.rand(2 * BATCH, 3 * SIZE * SIZE))
-    with pytest.raises(ValueError, match=r"expects images of shape \(B, C, H, W\), but got \(8, 2352\)\..*not flattened"):
+    with pytest.raises(
+        ValueError, match=r"expects images of shape \(B, C, H, W\), but got \(8, 2352\)\..*not flattened"
+    ):
         fit(CutMix(seed=0), flat)
 
 
@@ -178,11 +190,15 @@ class ImagesOnly(Dataset):
 
 
 @pytest.mark.parametrize(
-    ("collate", "shape"), [(None, "Tensor"), (lambda s: [default_collate(s)], "list of length 1")], ids=["tensor", "list"]
+    ("collate", "shape"),
+    [(None, "Tensor"), (lambda s: [default_collate(s)], "list of length 1")],
+    ids=["tensor", "list"],
 )
 def test_batch_without_targets_is_refused_with_the_fix(collate, shape):
     loader = DataLoader(ImagesOnly(), batch_size=BATCH, collate_fn=collate)
-    with pytest.raises(TypeError, match=rf"batch list \[images, targets, ...\].*but got {shape}\..*\(image, target\) samples"):
+    with pytest.raises(
+        TypeError, match=rf"batch list \[images, targets, ...\].*but got {shape}\..*\(image, target\) samples"
+    ):
         fit(MixUp(seed=0), loader)
 
 
@@ -196,7 +212,9 @@ class DictDataset(Dataset):
 
 def test_dict_batch_missing_target_key():
     loader = DataLoader(DictDataset(), batch_size=BATCH)
-    with pytest.raises(KeyError, match=r"no key 'target' \(`target_key`\); its keys are \['label', 'pixels'\]\. Pass `target_key="):
+    with pytest.raises(
+        KeyError, match=r"no key 'target' \(`target_key`\); its keys are \['label', 'pixels'\]\. Pass `target_key="
+    ):
         fit(CutMix(seed=0, image_key="pixels"), loader, Net("pixels", "label"))
     _, model = fit(CutMix(seed=0, image_key="pixels", target_key="label"), loader, Net("pixels", "label"))
     assert model.seen[-1][1].shape == (BATCH, NUM_CLASSES)
@@ -204,13 +222,18 @@ def test_dict_batch_missing_target_key():
 
 def test_labels_out_of_range_are_refused_on_unmixed_batches_too():
     labels = torch.full((2 * BATCH,), -1)
-    with pytest.raises(ValueError, match=r"class-index `targets` in \[0, 4\), but got values in \[-1, -1\] \(training batch 0 of epoch 0\)\. Check `num_classes`"):
+    with pytest.raises(
+        ValueError,
+        match=r"class-index `targets` in \[0, 4\), but got values in \[-1, -1\] \(training batch 0 of epoch 0\)\. Check `num_classes`",
+    ):
         fit(CutMix(p=0.0, seed=0), data(labels=labels))
 
 
 def test_soft_labels_of_the_wrong_width():
     soft = torch.full((2 * BATCH, 3), 1 / 3)
-    with pytest.raises(ValueError, match=r"soft `targets` of width `num_classes`, but the widths do not match: 3 != 4\."):
+    with pytest.raises(
+        ValueError, match=r"soft `targets` of width `num_classes`, but the widths do not match: 3 != 4\."
+    ):
         fit(MixUp(seed=0), data(labels=soft))
     right = torch.full((2 * BATCH, NUM_CLASSES), 1 / NUM_CLASSES)
     callback = MixUp(seed=0)
@@ -231,20 +254,31 @@ def test_uint8_images_into_mixup():
 
 
 def test_grid_finer_than_the_teachers_map_through_the_callback():
-    callback = AttentiveCutMix(teacher=Teacher(module=conv(), layer="1", input_size=SIZE, grid_size=14, input_mean=(0.0,), input_std=(1.0,)), top_k=6, seed=0)
-    with pytest.raises(ValueError, match=r"`grid_size` to be at most the feature map size 7x7 .*but got 14x14\. Use a coarser `grid_size`"):
+    callback = AttentiveCutMix(
+        teacher=Teacher(module=conv(), layer="1", input_size=SIZE, grid_size=14, input_mean=(0.0,), input_std=(1.0,)),
+        top_k=6,
+        seed=0,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"`grid_size` to be at most the feature map size 7x7 .*but got 14x14\. Use a coarser `grid_size`",
+    ):
         fit(callback, data())
 
 
 def test_grid_finer_than_the_teachers_map_given_a_ready_attention_model():
     callback = AttentiveCutMix(teacher=Teacher(module=teacher(), grid_size=5), top_k=6, seed=0)
-    with pytest.raises(ValueError, match=r"returned a 7x7 grid but `grid_size` is 5x5\. Build the given `module` with the same"):
+    with pytest.raises(
+        ValueError, match=r"returned a 7x7 grid but `grid_size` is 5x5\. Build the given `module` with the same"
+    ):
         fit(callback, data())
 
 
 def test_two_channel_images_are_refused_by_an_rgb_teacher():
     callback = AttentiveCutMix(teacher=Teacher(module=teacher()), seed=0)
-    with pytest.raises(ValueError, match=r"3 channels \(the attention model's `channels`\), but got 2\. Convert the batch"):
+    with pytest.raises(
+        ValueError, match=r"3 channels \(the attention model's `channels`\), but got 2\. Convert the batch"
+    ):
         fit(callback, data(torch.rand(2 * BATCH, 2, SIZE, SIZE)))
 
 
@@ -267,12 +301,18 @@ def test_unknown_attention_name_through_the_callback():
 
 def test_missing_or_corrupt_attention_weights_through_the_callback(tmp_path: Path):
     missing = tmp_path / "teacher.pth"
-    callback = AttentiveCutMix(teacher=Teacher(source="resnet18", weights=str(missing), input_mean=(0.0,), input_std=(1.0,)))
-    with pytest.raises(FileNotFoundError, match=rf"`weights` to be an existing weights file, but '{missing}' does not exist"):
+    callback = AttentiveCutMix(
+        teacher=Teacher(source="resnet18", weights=str(missing), input_mean=(0.0,), input_std=(1.0,))
+    )
+    with pytest.raises(
+        FileNotFoundError, match=rf"`weights` to be an existing weights file, but '{missing}' does not exist"
+    ):
         fit(callback, data())
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
-    callback = AttentiveCutMix(teacher=Teacher(source="resnet18", weights=str(corrupt), input_mean=(0.0,), input_std=(1.0,)))
+    callback = AttentiveCutMix(
+        teacher=Teacher(source="resnet18", weights=str(corrupt), input_mean=(0.0,), input_std=(1.0,))
+    )
     with pytest.raises(ValueError, match=r"corrupt.pth' to be a file saved with torch.save"):
         fit(callback, data())
 
@@ -299,7 +339,9 @@ def test_constant_or_nan_teacher_pastes_the_first_cells_in_row_major_order(value
 @pytest.mark.parametrize("method", ["attentive_cutmix", "cutmix"])
 def test_non_square_and_non_divisible_images_are_tiled_as_evenly_as_possible(method, size):
     images = torch.rand(2 * BATCH, 3, *size, generator=torch.Generator().manual_seed(0))
-    callback = AttentiveCutMix(teacher=Teacher(module=teacher()), seed=0) if method == "attentive_cutmix" else CutMix(seed=0)
+    callback = (
+        AttentiveCutMix(teacher=Teacher(module=teacher()), seed=0) if method == "attentive_cutmix" else CutMix(seed=0)
+    )
     _, model = fit(callback, data(images))
     mix = callback.last_mix
     x = images[BATCH:]
@@ -315,7 +357,9 @@ def test_non_square_and_non_divisible_images_are_tiled_as_evenly_as_possible(met
 
 def test_images_smaller_than_the_grid():
     callback = AttentiveCutMix(teacher=Teacher(module=teacher()), seed=0)
-    with pytest.raises(ValueError, match=r"`image_size` to be at least the grid size 7x7, but got 6x6\. Use a coarser `grid_size`"):
+    with pytest.raises(
+        ValueError, match=r"`image_size` to be at least the grid size 7x7, but got 6x6\. Use a coarser `grid_size`"
+    ):
         fit(callback, data(torch.rand(2 * BATCH, 3, 6, 6)))
 
 
@@ -328,8 +372,11 @@ class WrongCount(AttentionModel):
 
 def test_a_teacher_returning_the_wrong_number_of_heatmaps_is_named():
     callback = AttentiveCutMix(teacher=Teacher(module=WrongCount(conv(), "1", input_size=SIZE)), seed=0)
-    with pytest.raises(ValueError, match=r"attention model WrongCount to return heatmaps of shape \(8, gh, gw\), one per"
-                                         r" image of the batch, but got shape \(7, 7, 7\)\. Check its forward"):
+    with pytest.raises(
+        ValueError,
+        match=r"attention model WrongCount to return heatmaps of shape \(8, gh, gw\), one per"
+        r" image of the batch, but got shape \(7, 7, 7\)\. Check its forward",
+    ):
         fit(callback, data())
 
 
@@ -343,8 +390,13 @@ def test_attention_input_size_is_not_a_bool():
 
 def test_numpy_scalars_are_accepted_as_arguments():
     callback = AttentiveCutMix(
-        teacher=Teacher(module=teacher(), grid_size=np.int64(7), input_size=np.int64(SIZE)), num_classes=np.int64(NUM_CLASSES),
-        p=np.float32(1.0), top_k=np.int64(6), label_smoothing=np.float32(0.1), seed=np.int64(0), stop_after_step=np.int64(5),
+        teacher=Teacher(module=teacher(), grid_size=np.int64(7), input_size=np.int64(SIZE)),
+        num_classes=np.int64(NUM_CLASSES),
+        p=np.float32(1.0),
+        top_k=np.int64(6),
+        label_smoothing=np.float32(0.1),
+        seed=np.int64(0),
+        stop_after_step=np.int64(5),
     )
     assert isinstance(callback.num_classes, int) and isinstance(callback.top_k, int) and callback.p == 1.0
     assert isinstance(CutMix(alpha=np.float32(0.5)).alpha, float)
@@ -361,8 +413,15 @@ class NumpyClasses(L.LightningDataModule):
 
 def test_numpy_num_classes_on_the_datamodule_is_found():
     callback = CutMix(seed=0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     model = Net()
     del model.num_classes
     trainer.fit(model, datamodule=NumpyClasses())
@@ -373,8 +432,11 @@ def test_numpy_num_classes_on_the_datamodule_is_found():
 
 
 def test_a_string_key_on_a_list_batch_is_refused():
-    with pytest.raises(ValueError, match=r"`image_key` to be an int \(a position\) for a list batch, but got 'image', a key"
-                                         r" of a dict batch\. Pass `image_key=` with the position"):
+    with pytest.raises(
+        ValueError,
+        match=r"`image_key` to be an int \(a position\) for a list batch, but got 'image', a key"
+        r" of a dict batch\. Pass `image_key=` with the position",
+    ):
         fit(CutMix(seed=0, image_key="image"), data())
     with pytest.raises(TypeError, match=r"`target_key` to be None, an int .* or a str .*, but got 1\.5\."):
         CutMix(target_key=1.5)
@@ -394,8 +456,11 @@ class NamedDataset(Dataset):
 
 
 def test_a_namedtuple_batch_is_refused_with_a_fix_that_keeps_the_names():
-    with pytest.raises(TypeError, match=r"namedtuple Sample, which cannot be changed\. Collate it into a dict that keeps the"
-                                        r" field names .*\._asdict\(\)`.* `image_key=` and `target_key=` .*'pixels', 'label'"):
+    with pytest.raises(
+        TypeError,
+        match=r"namedtuple Sample, which cannot be changed\. Collate it into a dict that keeps the"
+        r" field names .*\._asdict\(\)`.* `image_key=` and `target_key=` .*'pixels', 'label'",
+    ):
         fit(CutMix(seed=0), DataLoader(NamedDataset(), batch_size=BATCH))
     loader = DataLoader(NamedDataset(), batch_size=BATCH, collate_fn=lambda s: default_collate(s)._asdict())
     _, model = fit(CutMix(seed=0, image_key="pixels", target_key="label"), loader, Net("pixels", "label"))
@@ -403,8 +468,11 @@ def test_a_namedtuple_batch_is_refused_with_a_fix_that_keeps_the_names():
 
 
 def test_an_empty_batch_is_left_unmixed_with_the_right_message():
-    loader = DataLoader(TensorDataset(torch.rand(BATCH, 3, SIZE, SIZE), torch.zeros(BATCH, dtype=torch.long)),
-                        batch_size=BATCH, collate_fn=lambda s: [x[:0] for x in default_collate(s)])
+    loader = DataLoader(
+        TensorDataset(torch.rand(BATCH, 3, SIZE, SIZE), torch.zeros(BATCH, dtype=torch.long)),
+        batch_size=BATCH,
+        collate_fn=lambda s: [x[:0] for x in default_collate(s)],
+    )
     callback = CutMix(seed=0)
     with pytest.warns(UserWarning, match=r"CutMix: an empty batch has no sample to mix with; it is left unmixed\."):
         _, model = fit(callback, loader)
@@ -419,6 +487,9 @@ def test_smoothing_in_both_the_classifier_and_the_callback_warns():
 
     trainer = L.Trainer(accelerator="cpu", logger=False)
     classifier = ImageClassifier(arch="resnet18", num_classes=NUM_CLASSES, small_input=True, label_smoothing=0.1)
-    with pytest.warns(UserWarning, match=r"MixUp\(label_smoothing=0.2\) smooths the targets and ImageClassifier\(label_smoothing=0.1\)"
-                                         r" smooths them again in its loss\. Set one of the two to 0\."):
+    with pytest.warns(
+        UserWarning,
+        match=r"MixUp\(label_smoothing=0.2\) smooths the targets and ImageClassifier\(label_smoothing=0.1\)"
+        r" smooths them again in its loss\. Set one of the two to 0\.",
+    ):
         MixUp(label_smoothing=0.2).setup(trainer, classifier, "fit")

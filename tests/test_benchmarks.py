@@ -19,7 +19,10 @@ def run_benchmark(script: str, *arguments: str) -> list[str]:
     """The printed lines of ``benchmarks/<script> <arguments>``, which must exit with 0."""
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), *arguments],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.splitlines()
@@ -44,7 +47,7 @@ def test_time_rounds_shuffles_the_order_of_the_functions_between_rounds():
     order = []
     fns = [lambda i=i: order.append(i) for i in range(4)]
     time_rounds(fns, torch.device("cpu"), repeats=20, block=1, warmup=0)
-    rounds = [tuple(order[r * 4:(r + 1) * 4]) for r in range(20)]
+    rounds = [tuple(order[r * 4 : (r + 1) * 4]) for r in range(20)]
     assert all(sorted(r) == [0, 1, 2, 3] for r in rounds)  # every function once per round
     assert len(set(rounds)) > 1  # not always the same order
     assert len({r[0] for r in rounds}) > 1  # not always the same function first
@@ -65,8 +68,19 @@ def test_time_interleaved_is_the_median_of_the_rounds():
 
 
 def test_bench_mixing_op_runs_and_prints_every_op_with_torchvision_as_the_reference():
-    lines = run_benchmark("bench_mixing_op.py", "--shapes", "4x3x28x28,2x3x32x32", "--repeats", "2", "--block", "1",
-                          "--min-seconds", "0", "--cache-grid", "14")
+    lines = run_benchmark(
+        "bench_mixing_op.py",
+        "--shapes",
+        "4x3x28x28,2x3x32x32",
+        "--repeats",
+        "2",
+        "--block",
+        "1",
+        "--min-seconds",
+        "0",
+        "--cache-grid",
+        "14",
+    )
     rows = [line.split("|") for line in lines if line.startswith(("| 4x3x28x28", "| 2x3x32x32"))]
     assert len(rows) == 2 * 7
     reference_rows = [row for row in rows if row[2].strip() == "torchvision v2.CutMix"]
@@ -78,8 +92,22 @@ def test_bench_mixing_op_runs_and_prints_every_op_with_torchvision_as_the_refere
 # layer allows): each runs end to end and prints every row of its table.
 SMOKE_RUNS = {
     "bench_training.py": (
-        ["--data", "random", "--num-samples", "48", "--batch-size", "8", "--steps", "1", "--warmup", "1",
-         "--teacher-weights", "none", "--teacher-size", "112"],
+        [
+            "--data",
+            "random",
+            "--num-samples",
+            "48",
+            "--batch-size",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--teacher-weights",
+            "none",
+            "--teacher-size",
+            "112",
+        ],
         ["| no mixing |", "| CutMix |", "| Attentive CutMix (teacher every step) |", "| Attentive CutMix (cached"],
     ),
     "bench_teacher.py": (
@@ -91,10 +119,23 @@ SMOKE_RUNS = {
         ["| crop | cache 7x7", "| resized-crop | cache 7x7", "| crop | chance", "| resized-crop | chance"],
     ),
     "bench_reference_port.py": (
-        ["--num-samples", "8", "--batch-size", "4", "--teacher-weights", "none", "--teacher-size", "112",
-         "--teacher-layer", "stride16"],
-        ["| reference-port style:", "| ours: AttentiveCutMix callback, teacher on the batch |",
-         "| ours: AttentiveCutMix callback, heatmap cache"],
+        [
+            "--num-samples",
+            "8",
+            "--batch-size",
+            "4",
+            "--teacher-weights",
+            "none",
+            "--teacher-size",
+            "112",
+            "--teacher-layer",
+            "stride16",
+        ],
+        [
+            "| reference-port style:",
+            "| ours: AttentiveCutMix callback, teacher on the batch |",
+            "| ours: AttentiveCutMix callback, heatmap cache",
+        ],
     ),
 }
 
@@ -104,4 +145,6 @@ def test_benchmark_runs_at_toy_size_and_prints_every_row(script):
     arguments, row_starts = SMOKE_RUNS[script]
     lines = run_benchmark(script, *arguments)
     for start in row_starts:
-        assert any(line.startswith(start) for line in lines), f"{script}: no row starting with {start!r}\n" + "\n".join(lines)
+        assert any(line.startswith(start) for line in lines), f"{script}: no row starting with {start!r}\n" + "\n".join(
+            lines
+        )

@@ -173,7 +173,9 @@ def test_cache_update_lookup_warp_and_save_load_round_trip(tmp_path, generator):
     assert half.maps.dtype == torch.float16
     torch.testing.assert_close(half.lookup(torch.arange(6)), maps, atol=1e-2, rtol=1e-3)
 
-    with pytest.raises(ValueError, match=r"cache's 14x14 grid, but got 1 indices and 1 heatmaps of 7x7\. Build the teacher"):
+    with pytest.raises(
+        ValueError, match=r"cache's 14x14 grid, but got 1 indices and 1 heatmaps of 7x7\. Build the teacher"
+    ):
         cache.update(torch.tensor([0]), torch.rand(1, 7, 7))
     with pytest.raises(ValueError, match="with the dataset index first"):
         cache.warp(geometry(IDENTITY, index=False))
@@ -253,8 +255,14 @@ def fashion_datamodule(root: str, *, pixels_seed: int = 0, **kwargs: Any) -> Fas
 def fit(callback: AttentiveCutMix, datamodule: Any, epochs: int = 2, **kwargs: Any) -> tuple[L.Trainer, Recorder]:
     model = Recorder()
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=epochs, callbacks=[callback], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
     )
     trainer.fit(model, datamodule=datamodule)
     return trainer, model
@@ -395,8 +403,14 @@ def test_misconfiguration_names_the_fix(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"data\.record_augmentation: true"):
         fit(cached_callback(Counting()), fashion_datamodule(str(tmp_path)), epochs=1)
     loader = DataLoader(TensorDataset(torch.rand(8, 3, 28, 28), torch.arange(8) % 10), batch_size=4)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[cached_callback(Counting())], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[cached_callback(Counting())],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(MisconfigurationException, match="train_reference_dataset"):
         trainer.fit(Recorder(), train_dataloaders=loader)
 
@@ -424,7 +438,9 @@ def test_batch_geometry_from_lists_and_dicts():
     assert batch_geometry({"image": None, "geometry": box}, 2, 2, "ACM") is box
     with pytest.raises(KeyError, match=r"`geometry_key` 'geometry', but its keys are \['image'\]"):
         batch_geometry({"image": None}, "geometry", 2, "ACM")
-    with pytest.raises(ValueError, match=r"at position 2 \(`geometry_key`\), but it has none\. .*data\.record_augmentation: true"):
+    with pytest.raises(
+        ValueError, match=r"at position 2 \(`geometry_key`\), but it has none\. .*data\.record_augmentation: true"
+    ):
         batch_geometry([None, None], 2, 2, "ACM")
     with pytest.raises(ValueError, match=r"one row per sample, but got 2 != 3\."):
         batch_geometry([None, None, box], "geometry", 3, "ACM")
@@ -459,7 +475,11 @@ def test_ddp_ranks_fill_disjoint_shards_and_share_the_whole_cache(tmp_path):
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     done = subprocess.run(
         [sys.executable, str(script), str(root), str(logs), path],
-        env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

@@ -110,8 +110,13 @@ def test_attention_model_is_frozen_and_not_part_of_the_module(tmp_path):
     callback = AttentiveCutMix(teacher=Teacher(module=tiny_attention()), num_classes=NUM_CLASSES, seed=0)
     model = Recorder()
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     params_before = sum(p.numel() for p in model.parameters())
     trainer.fit(model, train_dataloaders=loader())
@@ -176,7 +181,9 @@ def test_probability_half_mixes_some_batches_and_skips_the_teacher_on_the_others
 
 
 def test_logs_mean_lam_and_mixed_fraction():
-    callback = AttentiveCutMix(teacher=Teacher(module=tiny_attention()), num_classes=NUM_CLASSES, seed=0, log_prefix="acm")
+    callback = AttentiveCutMix(
+        teacher=Teacher(module=tiny_attention()), num_classes=NUM_CLASSES, seed=0, log_prefix="acm"
+    )
     trainer, _ = fit(callback)
     metrics = trainer.callback_metrics
     assert float(metrics["acm/mixed"]) == 1.0
@@ -315,8 +322,11 @@ def test_dict_batch_missing_key_names_the_argument():
 
 
 def test_tuple_batch_is_refused_with_the_fix():
-    data = DataLoader(TensorDataset(torch.rand(8, 3, SIZE, SIZE), torch.zeros(8).long()), batch_size=4,
-                      collate_fn=lambda s: (torch.stack([a for a, _ in s]), torch.stack([b for _, b in s])))
+    data = DataLoader(
+        TensorDataset(torch.rand(8, 3, SIZE, SIZE), torch.zeros(8).long()),
+        batch_size=4,
+        collate_fn=lambda s: (torch.stack([a for a, _ in s]), torch.stack([b for _, b in s])),
+    )
     with pytest.raises(TypeError, match="tuple.*Return a list from your collate_fn"):
         fit(CutMix(seed=0), data=data)
 
@@ -349,8 +359,15 @@ def test_num_classes_from_module_or_datamodule_or_error():
             return loader()
 
     callback = CutMix(seed=0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(NoClasses(), datamodule=DataWithClasses())
     assert callback._num_classes == NUM_CLASSES
 
@@ -383,8 +400,15 @@ def test_plain_module_with_layer_and_datamodule_normalisation():
             return loader()
 
     callback = AttentiveCutMix(teacher=Teacher(module=tiny_teacher(), layer="1", input_size=SIZE), seed=0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[callback], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Recorder(), datamodule=Normalised())
     assert callback.last_mix is not None
     torch.testing.assert_close(callback.last_mix.lam, torch.full((8,), 6 / 49))
@@ -395,18 +419,33 @@ def test_plain_module_with_layer_and_datamodule_normalisation():
     [
         (lambda: CutMix(p=1.5), r"`p` .* to be in \[0, 1\], but got 1.5"),
         (lambda: MixUp(p=-0.1), r"`p` .* to be in \[0, 1\]"),
-        (lambda: CutMix(alpha=0.0), r"`alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite number > 0, but got 0.0"),
-        (lambda: MixUp(alpha=float("nan")), r"`alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite number > 0"),
+        (
+            lambda: CutMix(alpha=0.0),
+            r"`alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite number > 0, but got 0.0",
+        ),
+        (
+            lambda: MixUp(alpha=float("nan")),
+            r"`alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite number > 0",
+        ),
         (lambda: AttentiveCutMix(top_k=50), r"`top_k` to be in \[1, 49\] for a 7x7 grid, but got 50"),
         (lambda: AttentiveCutMix(top_k=0), r"`top_k` to be in \[1, 49\]"),
         (lambda: AttentiveCutMix(teacher=Teacher(grid_size=0)), r"`grid_size` to be positive"),
         (lambda: AttentiveCutMix(teacher=Teacher(grid_size=2), top_k=6), r"`top_k` to be in \[1, 4\] for a 2x2 grid"),
         (lambda: AttentiveCutMix(teacher=Teacher(reduction="sum")), r"`reduction` to be one of 'mean', 'max'"),
-        (lambda: AttentiveCutMix(teacher=Teacher(precision="fp8")), r"`precision` to be one of None, 'bf16', 'fp16', but got 'fp8'"),
+        (
+            lambda: AttentiveCutMix(teacher=Teacher(precision="fp8")),
+            r"`precision` to be one of None, 'bf16', 'fp16', but got 'fp8'",
+        ),
         (lambda: AttentiveCutMix(teacher=Teacher(channels_last="yes")), r"`channels_last` to be a bool, but got 'yes'"),
-        (lambda: AttentiveCutMix(teacher=Teacher(compile="max-autotune")), r"`compile` to be a bool or a dict of"
-                                                                    r" torch.compile arguments"),
-        (lambda: AttentiveCutMix(teacher=Teacher(input_mean=[0.5])), r"`input_mean` and `input_std` to be given together"),
+        (
+            lambda: AttentiveCutMix(teacher=Teacher(compile="max-autotune")),
+            r"`compile` to be a bool or a dict of"
+            r" torch.compile arguments",
+        ),
+        (
+            lambda: AttentiveCutMix(teacher=Teacher(input_mean=[0.5])),
+            r"`input_mean` and `input_std` to be given together",
+        ),
         (lambda: CutMix(num_classes=1), r"`num_classes` to be None or an int >= 2"),
         (lambda: CutMix(label_smoothing=1.0), r"`label_smoothing` to be in \[0, 1\)"),
         (lambda: CutMix(stop_after_step=-1), r"`stop_after_step` to be None or an int >= 0"),
@@ -436,7 +475,9 @@ def test_label_range_check_on_the_cpu_is_immediate_and_names_the_batch() -> None
 def test_compiled_teacher_mixes_like_the_eager_one():
     mixes = []
     for compile_arg in (False, {"backend": "eager"}):
-        callback = AttentiveCutMix(teacher=Teacher(module=tiny_attention(), compile=compile_arg), num_classes=NUM_CLASSES, seed=0)
+        callback = AttentiveCutMix(
+            teacher=Teacher(module=tiny_attention(), compile=compile_arg), num_classes=NUM_CLASSES, seed=0
+        )
         fit(callback)
         assert callback.attention_model.compiled is (compile_arg is not False)
         mixes.append((callback.last_mix.mixed, callback.last_mix.soft_targets, callback.last_mix.cell_indices))
@@ -461,12 +502,16 @@ def test_uint8_images_reach_the_teacher_scaled_like_floats():
         callback = AttentiveCutMix(teacher=Teacher(module=teacher), num_classes=NUM_CLASSES, seed=0)
         fit(callback, data=DataLoader(TensorDataset(images, labels), batch_size=8))
         cache = HeatmapCache(16, (7, 7)).fill(callback.attention_model, TensorDataset(images, labels), batch_size=8)
-        heatmaps.append((callback.last_mix.partner_heatmaps, callback.last_mix.cell_indices, cache.lookup(torch.arange(16))))
+        heatmaps.append(
+            (callback.last_mix.partner_heatmaps, callback.last_mix.cell_indices, cache.lookup(torch.arange(16)))
+        )
     for from_uint8, from_float in zip(*heatmaps, strict=True):
         torch.testing.assert_close(from_uint8, from_float)
     with pytest.warns(UserWarning, match=r"taken to be in \[0, 1\] \(integer images, e.g. uint8, are scaled by 1/255"):
-        fit(AttentiveCutMix(teacher=Teacher(module=tiny_teacher(), layer="1", input_size=SIZE), seed=0),
-            data=DataLoader(TensorDataset(as_uint8, labels), batch_size=8))
+        fit(
+            AttentiveCutMix(teacher=Teacher(module=tiny_teacher(), layer="1", input_size=SIZE), seed=0),
+            data=DataLoader(TensorDataset(as_uint8, labels), batch_size=8),
+        )
 
 
 class ThreeFields(Dataset):
@@ -504,7 +549,10 @@ def test_student_backbone_as_teacher_is_copied_not_frozen():
     backbone = nn.Sequential(nn.Conv2d(3, 3, kernel_size=1), nn.ReLU())
     model.net = nn.Sequential(backbone, nn.Flatten(), nn.Linear(3 * SIZE * SIZE, NUM_CLASSES))
     before = backbone[0].weight.detach().clone()
-    callback = AttentiveCutMix(teacher=Teacher(module=backbone, layer="1", input_size=SIZE, grid_size=7, input_mean=(0.0,), input_std=(1.0,)), seed=0)
+    callback = AttentiveCutMix(
+        teacher=Teacher(module=backbone, layer="1", input_size=SIZE, grid_size=7, input_mean=(0.0,), input_std=(1.0,)),
+        seed=0,
+    )
     fit(callback, model=model)
     assert all(p.requires_grad for p in backbone.parameters()) and backbone.training
     assert not torch.equal(backbone[0].weight, before)  # the student's backbone trained
@@ -515,7 +563,9 @@ def test_student_backbone_as_teacher_is_copied_not_frozen():
 
 def test_a_given_attention_model_is_not_changed():
     given = tiny_attention()
-    callback = AttentiveCutMix(teacher=Teacher(module=given, input_mean=(0.5,), input_std=(0.25,), channels_last=True), seed=0)
+    callback = AttentiveCutMix(
+        teacher=Teacher(module=given, input_mean=(0.5,), input_std=(0.25,), channels_last=True), seed=0
+    )
     fit(callback)
     assert callback.attention_model is not given and callback.attention_model.channels_last
     assert not given.channels_last and given.input_std.flatten().tolist() == [1.0]
@@ -558,8 +608,11 @@ def test_state_key_holds_every_defining_argument():
 def test_label_smoothing_in_both_the_callback_and_the_loss_warns_once():
     model = Recorder()
     model.label_smoothing = 0.1
-    with pytest.warns(UserWarning, match=r"CutMix\(label_smoothing=0.1\) smooths the targets and Recorder\(label_smoothing=0.1\)"
-                                         r" smooths them again in its loss\. Set one of the two to 0\.") as record:
+    with pytest.warns(
+        UserWarning,
+        match=r"CutMix\(label_smoothing=0.1\) smooths the targets and Recorder\(label_smoothing=0.1\)"
+        r" smooths them again in its loss\. Set one of the two to 0\.",
+    ) as record:
         fit(CutMix(seed=0, label_smoothing=0.1), model=model)
     assert sum("smooths them again" in str(w.message) for w in record) == 1
 
@@ -569,13 +622,18 @@ def test_class_indices_of_shape_b_1_are_mixed_as_indices_through_a_callback():
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(8, 3, SIZE, SIZE, generator=g), (torch.arange(8) % NUM_CLASSES).unsqueeze(1)
     _, model = fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, labels), batch_size=8))
-    (column_images, column_targets), = model.seen
+    ((column_images, column_targets),) = model.seen
     _, model = fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, labels.squeeze(1)), batch_size=8))
-    (flat_images, flat_targets), = model.seen
+    ((flat_images, flat_targets),) = model.seen
     assert column_targets.shape == (8, NUM_CLASSES)
     assert torch.equal(column_images, flat_images) and torch.equal(column_targets, flat_targets)
-    with pytest.raises(ValueError, match=r"`targets` to be class indices \(B,\) or float probabilities \(B, K\), but got an integer"):
-        fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, nn.functional.one_hot(labels.squeeze(1), NUM_CLASSES)), batch_size=8))
+    with pytest.raises(
+        ValueError, match=r"`targets` to be class indices \(B,\) or float probabilities \(B, K\), but got an integer"
+    ):
+        fit(
+            CutMix(seed=3),
+            data=DataLoader(TensorDataset(images, nn.functional.one_hot(labels.squeeze(1), NUM_CLASSES)), batch_size=8),
+        )
     with pytest.raises(ValueError, match=r"soft `targets` to be probabilities \(non-negative rows that sum to 1\)"):
         fit(CutMix(seed=3), data=DataLoader(TensorDataset(images, torch.full((8, NUM_CLASSES), 0.5)), batch_size=8))
 
@@ -602,7 +660,10 @@ def test_teacher_as_a_string_or_a_nested_teacher():
         AttentiveCutMix(heatmap_cache="yes")
     # the teacher's and the cache's settings are part of the state key
     assert AttentiveCutMix(teacher="paper").state_key != AttentiveCutMix(teacher="resnet50").state_key
-    assert AttentiveCutMix(heatmap_cache=True).state_key != AttentiveCutMix(heatmap_cache=HeatmapCacheConfig(path="x")).state_key
+    assert (
+        AttentiveCutMix(heatmap_cache=True).state_key
+        != AttentiveCutMix(heatmap_cache=HeatmapCacheConfig(path="x")).state_key
+    )
 
 
 def test_a_teacher_module_is_left_untouched():

@@ -88,7 +88,9 @@ def test_files_and_inline_configs_are_kept(tmp_path: Path, monkeypatch: pytest.M
 
 def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"packaged config \(data/cifar10, .*demo, .*model/resnet34\), but got 'demoo'"):
+    with pytest.raises(
+        ValueError, match=r"packaged config \(data/cifar10, .*demo, .*model/resnet34\), but got 'demoo'"
+    ):
         resolve_config("demoo")
 
 
@@ -145,22 +147,53 @@ def test_fit_through_the_cli_prints_the_test_accuracy(method: str, tiny_fashion_
     with caplog.at_level(logging.INFO):
         AttentiveCutMixCLI(
             args=[
-                "fit", "--config", FMNIST, "--config", SMALL_MODEL, "--config", str(CONFIGS / "method" / f"{method}.yaml"),
-                "--data.init_args.data_dir", str(tiny_fashion_mnist), "--data.init_args.system_dir", "null",
-                "--data.init_args.val_split", "50", "--data.init_args.batch_size", "32",
-                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", str(tmp_path / "run"), "--test_after_fit", "true",
-                "--seed_everything", "0",
+                "fit",
+                "--config",
+                FMNIST,
+                "--config",
+                SMALL_MODEL,
+                "--config",
+                str(CONFIGS / "method" / f"{method}.yaml"),
+                "--data.init_args.data_dir",
+                str(tiny_fashion_mnist),
+                "--data.init_args.system_dir",
+                "null",
+                "--data.init_args.val_split",
+                "50",
+                "--data.init_args.batch_size",
+                "32",
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.limit_train_batches",
+                "2",
+                "--trainer.limit_val_batches",
+                "1",
+                "--trainer.logger",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.default_root_dir",
+                str(tmp_path / "run"),
+                "--test_after_fit",
+                "true",
+                "--seed_everything",
+                "0",
             ]  # fmt: skip
         )
     assert "Test top-1 accuracy:" in caplog.text
     assert list((tmp_path / "run").rglob("*.ckpt"))
 
 
-@pytest.mark.parametrize(("value", "expected"), [("true", True), ("{mode: max-autotune, dynamic: false}", {"mode": "max-autotune", "dynamic": False})])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", True), ("{mode: max-autotune, dynamic: false}", {"mode": "max-autotune", "dynamic": False})],
+)
 def test_attention_compile_from_the_command_line(value: str, expected: object):
-    run = cli(FMNIST, SMALL_MODEL, str(CONFIGS / "method" / "attentive_cutmix_offline.yaml"),
-              extra=("--mixing.init_args.teacher", f"{{source: efficientnet_lite0, compile: {value}}}"))
+    run = cli(
+        FMNIST,
+        SMALL_MODEL,
+        str(CONFIGS / "method" / "attentive_cutmix_offline.yaml"),
+        extra=("--mixing.init_args.teacher", f"{{source: efficientnet_lite0, compile: {value}}}"),
+    )
     (mixing,) = [c for c in run.trainer.callbacks if isinstance(c, AttentiveCutMix)]
     assert mixing.teacher.compile == expected

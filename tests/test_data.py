@@ -303,7 +303,10 @@ def test_fmnist_missing_files(tmp_path: Path) -> None:
     dm = fmnist(tmp_path / "nowhere", system_dir=str(tmp_path / "also_nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere' \(does not exist\).*apt-get install dataset-fashion-mnist"):
         dm.setup("fit")
-    with pytest.raises(FileNotFoundError, match=r"Pass `download=True` \(needs internet\), or run `apt-get install .*put the four IDX files in `data_dir`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"Pass `download=True` \(needs internet\), or run `apt-get install .*put the four IDX files in `data_dir`",
+    ):
         dm.setup("test")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         dm.train_reference_dataset()
@@ -339,7 +342,10 @@ def test_fmnist_corrupt_files(tmp_path: Path) -> None:
         ({"num_workers": -1}, r"`num_workers` to be an int >= 0, but got -1"),
         ({"val_split": -1}, r"`val_split` to be an int >= 0, but got -1. Pass a count"),
         ({"val_split": 1.0}, r"`val_split` \(a fraction\) to be in \[0, 1\), but got 1.0"),
-        ({"val_split": True}, r"`val_split` to be an int >= 0, but got True. Pass a count \(int\) or a fraction \(float"),
+        (
+            {"val_split": True},
+            r"`val_split` to be an int >= 0, but got True. Pass a count \(int\) or a fraction \(float",
+        ),
         ({"train_subset": 0}, r"`train_subset` to be None or a positive int, but got 0. Pass None"),
         ({"test_subset": -5}, r"`test_subset` to be None or a positive int, but got -5"),
         ({"seed": 1.5}, r"`seed` to be an int"),
@@ -401,7 +407,9 @@ def test_prepare_data_downloads_only_when_asked(
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    with pytest.raises(RuntimeError, match=r"Could not download fashion_mnist into .*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(
+        RuntimeError, match=r"Could not download fashion_mnist into .*apt-get install dataset-fashion-mnist"
+    ):
         fmnist(tmp_path / "c", download=True).prepare_data()
 
 
@@ -638,7 +646,9 @@ def test_imagenet_argument_errors(imagenet_dir: Path) -> None:
         imagenet(imagenet_dir, num_classes=1000).setup("fit")
     with pytest.raises(ValueError, match=r"`download` to be False: ImageNet cannot be downloaded"):
         imagenet(imagenet_dir, download=True)
-    with pytest.raises(ValueError, match=r"`resize_size` to be an int >= 32, but got 16. Pass None or at least `image_size`"):
+    with pytest.raises(
+        ValueError, match=r"`resize_size` to be an int >= 32, but got 16. Pass None or at least `image_size`"
+    ):
         imagenet(imagenet_dir, resize_size=16)
     with pytest.raises(ValueError, match=r"`scale` to satisfy"):
         imagenet(imagenet_dir, scale=(0.0, 1.0))

@@ -35,11 +35,26 @@ pytestmark = [
 
 def _env() -> dict[str, str]:
     # A clean launch: no distributed variables inherited from the test runner, one thread per rank.
-    env = {k: v for k, v in os.environ.items() if k not in {"LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                           "MASTER_PORT", "GLOBAL_RANK", "RANK", "PL_GLOBAL_SEED"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in {
+            "LOCAL_RANK",
+            "NODE_RANK",
+            "WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "GLOBAL_RANK",
+            "RANK",
+            "PL_GLOBAL_SEED",
+        }
+    }
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])  # this checkout
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
+    )  # this checkout
     return env
 
 
@@ -50,7 +65,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[int, dict[str, A
     procs = [
         subprocess.Popen(
             [sys.executable, str(SCRIPT), str(d), "1234"],
-            env=_env(), cwd=str(d), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=_env(),
+            cwd=str(d),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for d in dirs
     ]
@@ -78,7 +97,9 @@ def _same(a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> bool:
     def eq(x: Any, y: Any) -> bool:
         return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
 
-    return len(a) == len(b) and all(eq(x, y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))
+    return len(a) == len(b) and all(
+        eq(x, y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True)
+    )
 
 
 def test_two_gloo_processes_ran(runs):
@@ -157,7 +178,7 @@ def test_checkpoint_holds_no_teacher_and_only_the_small_callback_state(runs, met
     assert state == {"seed": 1234, "batches_seen": STEPS, "batches_mixed": STEPS}
 
 
-SPAWN_SCRIPT = '''
+SPAWN_SCRIPT = """
 import sys
 import lightning as L
 import torch
@@ -198,7 +219,7 @@ if __name__ == "__main__":
             enable_model_summary=False,
         )
         trainer.fit(Net(), train_dataloaders=DataLoader(TensorDataset(images, labels), batch_size=4))
-'''
+"""
 
 
 def test_ddp_spawn_fit_with_the_mixing_callbacks(tmp_path):
@@ -207,8 +228,13 @@ def test_ddp_spawn_fit_with_the_mixing_callbacks(tmp_path):
     script = tmp_path / "spawn_fit.py"
     script.write_text(SPAWN_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=_env(), cwd=str(tmp_path),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        [sys.executable, str(script), str(tmp_path)],
+        env=_env(),
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     for rank in (0, 1):

@@ -8,7 +8,7 @@ that are a distinct constant per sample (``constant_images``) tell where every m
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lightning_acm.functional import (
+    _paste_topk_cells,
     attention_grid,
     attentive_cutmix,
     cell_index_maps,
@@ -35,7 +36,6 @@ from lightning_acm.functional import (
     topk_cell_indices,
     topk_cell_mask,
 )
-from lightning_acm.functional import _paste_topk_cells
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 TOLERANCES = {
@@ -258,8 +258,12 @@ def test_topk_mask_float64_scores_keep_their_precision():
 
 def test_topk_mask_infinite_scores_rank_at_the_ends():
     largest = torch.finfo(torch.float32).max
-    assert torch.equal(topk_cell_mask(torch.tensor([[[largest, INF]]]), 1, (1, 2)).flatten(), torch.tensor([False, True]))
-    assert torch.equal(topk_cell_mask(torch.tensor([[[-INF, -largest]]]), 1, (1, 2)).flatten(), torch.tensor([False, True]))
+    assert torch.equal(
+        topk_cell_mask(torch.tensor([[[largest, INF]]]), 1, (1, 2)).flatten(), torch.tensor([False, True])
+    )
+    assert torch.equal(
+        topk_cell_mask(torch.tensor([[[-INF, -largest]]]), 1, (1, 2)).flatten(), torch.tensor([False, True])
+    )
     assert torch.equal(topk_cell_mask(torch.tensor([[[NAN, -INF]]]), 1, (1, 2)).flatten(), torch.tensor([False, True]))
     big = torch.tensor([[[2**24, 2**24 + 1]]], dtype=torch.int64)
     assert torch.equal(topk_cell_mask(big, 1, (1, 2)).flatten(), torch.tensor([False, True]))
@@ -379,7 +383,9 @@ def test_pasted_attention_share_of_cells_matches_a_per_cell_reference(grid, size
     expected = []
     for heat, chosen in zip(heatmaps.double(), cells.tolist(), strict=True):
         heat = heat - heat.min()
-        area = {r * grid[1] + c: (r1 - r0) * (c1 - c0) for r, (r0, r1) in enumerate(rows) for c, (c0, c1) in enumerate(cols)}
+        area = {
+            r * grid[1] + c: (r1 - r0) * (c1 - c0) for r, (r0, r1) in enumerate(rows) for c, (c0, c1) in enumerate(cols)
+        }
         total = sum(float(heat.flatten()[i]) * a for i, a in area.items())
         pasted = sum(area[i] for i in chosen)
         inside = sum(float(heat.flatten()[i]) * area[i] for i in chosen)
@@ -400,7 +406,11 @@ def test_attentive_cutmix_pastes_the_hottest_cells_of_the_pasted_image():
     mixed, soft, lam = attentive_cutmix(
         images, torch.tensor([0, 1, 2]), heatmaps, top_k=1, num_classes=3, permutation=permutation
     )
-    blocks = {0: (slice(0, 32), slice(0, 32)), 1: (slice(192, 224), slice(192, 224)), 2: (slice(32, 64), slice(160, 192))}
+    blocks = {
+        0: (slice(0, 32), slice(0, 32)),
+        1: (slice(192, 224), slice(192, 224)),
+        2: (slice(32, 64), slice(160, 192)),
+    }
     for i, j in enumerate(permutation.tolist()):
         expected = images[i].clone()
         expected[(slice(None), *blocks[j])] = j + 1
@@ -502,9 +512,7 @@ def test_attentive_cutmix_matches_the_per_sample_reference(seed):
     heatmaps[0, 1, 2] = NAN
     labels = torch.randint(0, 5, (batch,), generator=generator)
     permutation = torch.randperm(batch, generator=generator)
-    mixed, soft, lam = attentive_cutmix(
-        images, labels, heatmaps, top_k=top_k, num_classes=5, permutation=permutation
-    )
+    mixed, soft, lam = attentive_cutmix(images, labels, heatmaps, top_k=top_k, num_classes=5, permutation=permutation)
     expected = reference_attentive_cutmix(images, F.one_hot(labels, 5).double(), heatmaps, top_k, permutation)
     assert torch.equal(mixed, expected[0])
     torch.testing.assert_close(soft, expected[1].float())
@@ -707,9 +715,7 @@ def test_common_same_seed_same_batch_other_seed_other_batch(augment):
 def test_common_drawn_pairing_never_pairs_a_sample_with_itself(augment):
     labels = torch.arange(8)
     for seed in range(5):
-        _, soft, lam = augment(
-            torch.rand(8, 3, 16, 16), labels, num_classes=8, generator=np.random.default_rng(seed)
-        )
+        _, soft, lam = augment(torch.rand(8, 3, 16, 16), labels, num_classes=8, generator=np.random.default_rng(seed))
         mixed_rows = (lam > 0) & (lam < 1)
         assert mixed_rows.sum() >= 4
         partners = soft.clone().fill_diagonal_(0)
@@ -808,7 +814,9 @@ def test_cutmix_box_mask_empty_and_full_areas(generator):
 def test_cutmix_lam_is_the_clipped_box_fraction(generator):
     images = constant_images(16, 32, 32)
     permutation = pairing_permutation(16, generator=rng(generator))
-    mixed, soft, lam = cutmix(images, torch.arange(16), num_classes=16, permutation=permutation, generator=rng(generator))
+    mixed, soft, lam = cutmix(
+        images, torch.arange(16), num_classes=16, permutation=permutation, generator=rng(generator)
+    )
     pasted = mixed[:, :1] == (permutation + 1).view(16, 1, 1, 1).float()
     assert torch.equal(lam, pasted.float().mean((1, 2, 3)))
     torch.testing.assert_close(soft[torch.arange(16), permutation], lam)
@@ -937,13 +945,16 @@ def test_error_bad_reduction():
         attention_grid(torch.rand(1, 4, 7, 7), reduction="sum")
 
 
-@pytest.mark.parametrize(("grid_size", "error", "match"), [
-    (True, TypeError, r"`grid_size` to be an int or a pair of ints \(h, w\), but got True"),
-    ((7, 7, 7), TypeError, r"`grid_size` to be an int or a pair of ints \(h, w\)"),
-    (7.0, TypeError, r"`grid_size` to be an int or a pair of ints \(h, w\)"),
-    (0, ValueError, r"`grid_size` to be positive, but got 0"),
-    ((3, -1), ValueError, r"`grid_size` to be positive"),
-])
+@pytest.mark.parametrize(
+    ("grid_size", "error", "match"),
+    [
+        (True, TypeError, r"`grid_size` to be an int or a pair of ints \(h, w\), but got True"),
+        ((7, 7, 7), TypeError, r"`grid_size` to be an int or a pair of ints \(h, w\)"),
+        (7.0, TypeError, r"`grid_size` to be an int or a pair of ints \(h, w\)"),
+        (0, ValueError, r"`grid_size` to be positive, but got 0"),
+        ((3, -1), ValueError, r"`grid_size` to be positive"),
+    ],
+)
 def test_error_bad_grid_size(grid_size, error, match):
     with pytest.raises(error, match=match):
         attention_grid(torch.rand(1, 4, 7, 7), grid_size)
@@ -988,7 +999,9 @@ def test_error_heatmaps():
 @pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
 def test_error_targets(name):
     augment, images = AUGMENTATIONS[name], torch.rand(4, 3, 16, 16)
-    with pytest.raises(ValueError, match=r"Expected `num_classes` for class-index targets of shape \(B,\), but got None"):
+    with pytest.raises(
+        ValueError, match=r"Expected `num_classes` for class-index targets of shape \(B,\), but got None"
+    ):
         augment(images, torch.tensor([0, 1, 2, 0]))
     with pytest.raises(ValueError, match=r"class-index `targets` in \[0, 3\), but got values in \[0, 3\]"):
         augment(images, torch.tensor([0, 1, 3, 0]), num_classes=3)
@@ -998,7 +1011,10 @@ def test_error_targets(name):
         augment(images, torch.full((4, 4), 0.25), num_classes=3)
     with pytest.raises(ValueError, match=r"one entry per image, but the batch sizes do not match: 3 != 4\."):
         augment(images, torch.tensor([0, 1, 2]), num_classes=3)
-    with pytest.raises(ValueError, match=r"class indices \(B,\) or float probabilities \(B, K\), but got a floating-point tensor of shape \(4,\)\. Pass"):
+    with pytest.raises(
+        ValueError,
+        match=r"class indices \(B,\) or float probabilities \(B, K\), but got a floating-point tensor of shape \(4,\)\. Pass",
+    ):
         augment(images, torch.rand(4), num_classes=3)
     with pytest.raises(ValueError, match=r"`num_classes` to be None or a positive int, but got 0\."):
         augment(images, torch.tensor([0, 0, 0, 0]), num_classes=0)
@@ -1012,7 +1028,9 @@ def test_error_targets(name):
 @pytest.mark.parametrize("label_smoothing", [-0.1, 1.0, 1.5, NAN, "0.1"])
 def test_error_label_smoothing(name, label_smoothing):
     with pytest.raises(ValueError, match=r"Expected `label_smoothing` to be in \[0, 1\), but got"):
-        AUGMENTATIONS[name](torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), num_classes=2, label_smoothing=label_smoothing)
+        AUGMENTATIONS[name](
+            torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), num_classes=2, label_smoothing=label_smoothing
+        )
 
 
 @pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
@@ -1020,7 +1038,9 @@ def test_error_permutation(name):
     augment, images, labels = AUGMENTATIONS[name], torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
     with pytest.raises(ValueError, match=r"`permutation` to have shape \(4,\), but got shape \(3,\)"):
         augment(images, labels, num_classes=3, permutation=torch.tensor([1, 2, 0]))
-    with pytest.raises(ValueError, match=r"permutation of range\(B\) \(each index exactly once\), but got \[1, 1, 2, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"permutation of range\(B\) \(each index exactly once\), but got \[1, 1, 2, 3\]"
+    ):
         augment(images, labels, num_classes=3, permutation=torch.tensor([1, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"permutation of range\(B\)"):
         augment(images, labels, num_classes=3, permutation=torch.tensor([1, 2, 3, 4]))
@@ -1033,7 +1053,9 @@ def test_error_permutation(name):
 @pytest.mark.parametrize("fn", [cutmix, mixup])
 @pytest.mark.parametrize("alpha", [0.0, -1.0, NAN, INF, True, "1"])
 def test_error_alpha(fn, alpha):
-    with pytest.raises(ValueError, match=r"Expected `alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite number > 0, but got"):
+    with pytest.raises(
+        ValueError, match=r"Expected `alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite number > 0, but got"
+    ):
         fn(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), alpha=alpha, num_classes=2)
     with pytest.raises(ValueError, match=r"Expected `alpha` \(the Beta\(alpha, alpha\) parameter\) to be a finite"):
         sample_beta(alpha, 4)
@@ -1129,7 +1151,9 @@ def test_cutmix_and_mixup_match_per_sample_references(seed):
         assert torch.equal(mixed[i], expected)
         fraction = (bottom - top) * (right - left) / (20 * 24)
         assert lam[i].item() == pytest.approx(fraction, abs=1e-7)
-        torch.testing.assert_close(soft[i], fraction * F.one_hot(labels[j], 5) + (1 - fraction) * F.one_hot(labels[i], 5))
+        torch.testing.assert_close(
+            soft[i], fraction * F.one_hot(labels[j], 5) + (1 - fraction) * F.one_hot(labels[i], 5)
+        )
     # Mixup: each sample blended with its partner.
     mixed, soft, lam = mixup(images, labels, alpha=0.4, num_classes=5, generator=np.random.default_rng(seed))
     drawn = np.random.default_rng(seed)
@@ -1170,20 +1194,26 @@ def test_class_indices_of_shape_b_1_are_squeezed(name):
 @pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
 def test_error_integer_targets_wider_than_one(name):
     one_hot = F.one_hot(torch.tensor([0, 2, 1, 2]), 3)
-    with pytest.raises(ValueError, match=r"`targets` to be class indices \(B,\) or float probabilities \(B, K\), but got an"
-                                         r" integer tensor of shape \(4, 3\)\. Pass class indices"):
+    with pytest.raises(
+        ValueError,
+        match=r"`targets` to be class indices \(B,\) or float probabilities \(B, K\), but got an"
+        r" integer tensor of shape \(4, 3\)\. Pass class indices",
+    ):
         AUGMENTATIONS[name](torch.rand(4, 3, 16, 16), one_hot, num_classes=3)
     with pytest.raises(ValueError, match=r"integer tensor of shape \(4, 3\)"):
         to_probabilities(one_hot)
 
 
 @pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
-@pytest.mark.parametrize("targets", [
-    torch.tensor([[0.5, 0.6], [0.5, 0.5]]),  # a row sums to 1.1
-    torch.tensor([[1.5, -0.5], [0.5, 0.5]]),  # sums to 1 but negative
-    torch.tensor([[0.5, NAN], [0.5, 0.5]]),
-    torch.tensor([[0.0, 0.0], [0.5, 0.5]], dtype=torch.float64),
-])
+@pytest.mark.parametrize(
+    "targets",
+    [
+        torch.tensor([[0.5, 0.6], [0.5, 0.5]]),  # a row sums to 1.1
+        torch.tensor([[1.5, -0.5], [0.5, 0.5]]),  # sums to 1 but negative
+        torch.tensor([[0.5, NAN], [0.5, 0.5]]),
+        torch.tensor([[0.0, 0.0], [0.5, 0.5]], dtype=torch.float64),
+    ],
+)
 def test_error_soft_targets_that_are_not_probabilities(name, targets):
     with pytest.raises(ValueError, match=r"soft `targets` to be probabilities \(non-negative rows that sum to 1\)"):
         AUGMENTATIONS[name](torch.rand(2, 3, 16, 16), targets, num_classes=2)

@@ -34,7 +34,9 @@ class DeviceRecorder(SoftTargetLossMixin, L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.num_classes = NUM_CLASSES
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, NUM_CLASSES))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, NUM_CLASSES)
+        )
         self.devices_seen: list[torch.device] = []
         self.dtypes_seen: list[torch.dtype] = []
 
@@ -74,8 +76,15 @@ def test_callbacks_mix_on_the_gpu(precision: str, index: int) -> None:
     data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), torch.arange(32) % NUM_CLASSES), batch_size=8)
     model = DeviceRecorder()
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision=precision, max_epochs=1, callbacks=[callback], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, train_dataloaders=data)
     mix = callback.last_mix
@@ -119,7 +128,10 @@ def test_same_seed_gives_the_same_mix_on_cpu_and_gpu(size: int) -> None:
     ):
         cpu = op(images, labels, *args, num_classes=8, generator=np.random.default_rng(3))
         gpu = op(
-            images.cuda(), labels.cuda(), *(a.cuda() for a in args), num_classes=8,
+            images.cuda(),
+            labels.cuda(),
+            *(a.cuda() for a in args),
+            num_classes=8,
             generator=np.random.default_rng(3),
         )
         for a, b in zip(cpu, gpu, strict=True):
@@ -144,7 +156,9 @@ class SyncProbe(L.Callback):
     def __init__(self, start: bool, record: list[list[str]]) -> None:
         self.start, self.record = start, record
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         torch.cuda.synchronize()
         if self.start:
             self.caught = warnings.catch_warnings(record=True)
@@ -164,8 +178,13 @@ def test_callbacks_make_no_host_device_sync_per_batch(index: int) -> None:
     syncs: list[list[str]] = []
     data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), torch.arange(32) % NUM_CLASSES), batch_size=8)
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="gpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[SyncProbe(True, syncs), callback, SyncProbe(False, syncs)],
     )
     trainer.fit(DeviceRecorder(), train_dataloaders=data)
@@ -176,7 +195,13 @@ def test_callbacks_make_no_host_device_sync_per_batch(index: int) -> None:
 @pytest.mark.parametrize(
     ("make_callback", "index", "value", "limit", "match"),
     [
-        (lambda: CutMix(seed=0), 21, NUM_CLASSES, {"max_epochs": 1}, r"got values in \[0, 4\] \(training batch 2 of epoch 0\)"),
+        (
+            lambda: CutMix(seed=0),
+            21,
+            NUM_CLASSES,
+            {"max_epochs": 1},
+            r"got values in \[0, 4\] \(training batch 2 of epoch 0\)",
+        ),
         # in the last batch of a fit that stops at max_steps inside the epoch
         (lambda: MixUp(seed=0), 20, -1, {"max_steps": 3}, r"got values in \[-1, 3\] \(training batch 2 of epoch 0\)"),
     ],
@@ -189,8 +214,14 @@ def test_bad_labels_on_the_gpu_raise_naming_their_batch(
     labels[index] = value
     data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), labels), batch_size=8)
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[make_callback()], **limit,
+        accelerator="gpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[make_callback()],
+        **limit,
     )
     with pytest.raises(ValueError, match=match):
         trainer.fit(DeviceRecorder(), train_dataloaders=data)

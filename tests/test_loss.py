@@ -128,7 +128,12 @@ def test_dominant_class():
 def test_dominant_class_of_a_mixed_batch_is_the_canvas_label_when_lam_is_small(generator):
     labels = torch.tensor([0, 1, 2, 3])
     _, soft, lam = attentive_cutmix(
-        torch.rand(4, 3, 14, 14), labels, torch.rand(4, 7, 7), top_k=6, num_classes=4, generator=np.random.default_rng(0)
+        torch.rand(4, 3, 14, 14),
+        labels,
+        torch.rand(4, 7, 7),
+        top_k=6,
+        num_classes=4,
+        generator=np.random.default_rng(0),
     )
     assert (lam < 0.5).all()
     assert torch.equal(dominant_class(soft), labels)
@@ -166,5 +171,6 @@ def test_mixin_default_label_smoothing_is_zero():
     assert SoftTargetLossMixin.label_smoothing == 0.0
     logits = torch.randn(2, 3)
     torch.testing.assert_close(
-        SoftTargetLossMixin().soft_target_loss(logits, torch.tensor([1, 2])), F.cross_entropy(logits, torch.tensor([1, 2]))
+        SoftTargetLossMixin().soft_target_loss(logits, torch.tensor([1, 2])),
+        F.cross_entropy(logits, torch.tensor([1, 2])),
     )

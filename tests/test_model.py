@@ -288,9 +288,7 @@ def test_lr_factor() -> None:
     assert [_lr_factor(s, schedule="none", **kwargs) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
     cosine = [_lr_factor(s, schedule="cosine", **kwargs) for s in (2, 6, 10, 12)]
     assert cosine == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
-    assert [_lr_factor(s, schedule="multistep", **kwargs) for s in (3, 4, 7, 8)] == pytest.approx(
-        [1.0, 0.1, 0.1, 0.01]
-    )
+    assert [_lr_factor(s, schedule="multistep", **kwargs) for s in (3, 4, 7, 8)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
 
 
 def test_fit_and_test_with_trainer() -> None:

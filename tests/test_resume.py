@@ -16,8 +16,9 @@ which depend on the images, compare too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning as L
 import pytest
@@ -61,7 +62,9 @@ class RecordMix(L.Callback):
         self.mixing = mixing
         self.rows: dict[Key, Optional[tuple[torch.Tensor, ...]]] = {}
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         mix = self.mixing.last_mix
         row = None if mix is None else (mix.permutation, mix.lam, mix.mask if mix.mask is not None else torch.empty(0))
         self.rows[(trainer.current_epoch, batch_idx)] = row
@@ -107,7 +110,9 @@ def fit(
     record = RecordMix(mixing)
     callbacks: list[L.Callback] = [mixing, record]
     if every_n_train_steps is not None:
-        callbacks.append(ModelCheckpoint(dirpath=root / "steps", every_n_train_steps=every_n_train_steps, save_top_k=-1))
+        callbacks.append(
+            ModelCheckpoint(dirpath=root / "steps", every_n_train_steps=every_n_train_steps, save_top_k=-1)
+        )
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=max_epochs,
@@ -166,7 +171,9 @@ def test_resume_after_an_epoch_is_exact(method, tmp_path):
     second_cb = resumed_callback(method)
     _, second_model, second_record = fit(second_cb, distinct_data(), tmp_path / "stopped", ckpt_path=checkpoint)
 
-    assert assert_identical((full_model, full_record), [(first_model, first_record), (second_model, second_record)]) == 12
+    assert (
+        assert_identical((full_model, full_record), [(first_model, first_record), (second_model, second_record)]) == 12
+    )
     assert second_cb.state_dict() == full_cb.state_dict()
     assert second_cb.state_dict()["seed"] == SEED
 
@@ -190,7 +197,9 @@ def test_resume_mid_epoch_is_exact(method, tmp_path):
     )
     assert sorted(second_model.seen)[0] == (0, 4)  # resumed inside epoch 0
 
-    assert assert_identical((full_model, full_record), [(first_model, first_record), (second_model, second_record)]) == 12
+    assert (
+        assert_identical((full_model, full_record), [(first_model, first_record), (second_model, second_record)]) == 12
+    )
     assert second_cb.state_dict() == full_cb.state_dict()
 
 
@@ -209,8 +218,14 @@ def fit_pair(root: Path, *, max_epochs: int, ckpt_path: Optional[str] = None) ->
     """Two CutMix callbacks of other ``alpha`` on one Trainer, seeded from the global seed."""
     callbacks: list[MixingCallback] = [CutMix(alpha=1.0, p=0.5), CutMix(alpha=0.2, p=0.5)]
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, callbacks=list(callbacks), default_root_dir=root, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     model = Net()
     trainer.fit(model, train_dataloaders=distinct_data(), ckpt_path=ckpt_path)

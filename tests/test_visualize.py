@@ -10,9 +10,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from PIL import Image
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import Teacher, attention_model_from_module
@@ -73,7 +73,9 @@ def fit(callbacks: list[Any], logger: Any = False, root: Optional[str] = None, *
 
 
 def acm(**kwargs: Any) -> AttentiveCutMix:
-    return AttentiveCutMix(teacher=Teacher(module=tiny_attention(), input_mean=(0.0,), input_std=(1.0,)), seed=0, **kwargs)
+    return AttentiveCutMix(
+        teacher=Teacher(module=tiny_attention(), input_mean=(0.0,), input_std=(1.0,)), seed=0, **kwargs
+    )
 
 
 def one_cell_batch(cells: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -289,7 +291,9 @@ class BatchRecorder(L.Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.seen.append((batch[0], batch[1]))
 
 
@@ -333,7 +337,10 @@ def test_visualizer_and_monitor_need_a_mixing_callback():
         (lambda: MixVisualizer(mean=(0.5,)), "`mean` and `std` to be given together"),
         (lambda: PastedAttentionMonitor(every_n_steps=0), "`every_n_steps` to be a positive int"),
         (lambda: PastedAttentionMonitor(teacher=Teacher(reduction="sum")), "`reduction` to be one of"),
-        (lambda: PastedAttentionMonitor(teacher=Teacher(input_std=(1.0,))), "`input_mean` and `input_std` to be given together"),
+        (
+            lambda: PastedAttentionMonitor(teacher=Teacher(input_std=(1.0,))),
+            "`input_mean` and `input_std` to be given together",
+        ),
     ],
 )
 def test_callbacks_reject_bad_arguments(make: Any, match: str):
@@ -358,8 +365,15 @@ def test_monitor_builds_its_teacher_with_the_datamodule_normalisation():
             self.stats = [monitor._model.input_mean.flatten().tolist(), monitor._model.input_std.flatten().tolist()]
 
     monitor, peek = PastedAttentionMonitor(teacher=Teacher(module=tiny_attention())), Peek()
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, callbacks=[CutMix(seed=0), monitor, peek], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        callbacks=[CutMix(seed=0), monitor, peek],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Classifier(), datamodule=Data())
     assert peek.stats == [[0.5], [0.25]]
 
@@ -389,7 +403,9 @@ def test_cutmix_logs_pasted_attention_only_with_the_monitor():
     calls: list[int] = []
     teacher = tiny_attention()
     teacher.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
-    monitor = PastedAttentionMonitor(teacher=Teacher(module=teacher, input_mean=(0.0,), input_std=(1.0,)), every_n_steps=2)
+    monitor = PastedAttentionMonitor(
+        teacher=Teacher(module=teacher, input_mean=(0.0,), input_std=(1.0,)), every_n_steps=2
+    )
     trainer = fit([mixer, monitor])
     share = float(trainer.callback_metrics["mix/pasted_attention"])
     assert 0.0 <= share <= 1.0
@@ -414,7 +430,7 @@ def test_monitor_lends_heatmaps_to_the_visualizer_in_any_order(tmp_path):
         mixer = CutMix(seed=0)
         calls: list[int] = []
         teacher = tiny_attention()
-        teacher.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+        teacher.register_forward_hook(lambda module, args, output, calls=calls: calls.append(args[0].shape[0]))
         monitor = PastedAttentionMonitor(teacher=Teacher(module=teacher, input_mean=(0.0,), input_std=(1.0,)))
         visualizer = MixVisualizer(every_n_steps=1, max_samples=2)
         extra = [visualizer, monitor] if order == 0 else [monitor, visualizer]

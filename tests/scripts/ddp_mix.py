@@ -72,7 +72,9 @@ class Record(L.Callback):
             self.wrapper["teacher_device"] = str(next(attention.parameters()).device)
             self.wrapper["root_device"] = str(trainer.strategy.root_device)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         mix = self.mixing.last_mix
         self.steps.append(
             {
