@@ -280,6 +280,26 @@ def build_teacher(
     return model, f"{name} {model.layer} @ {input_size} px ({kind}{amp_label}{cl_label})"
 
 
+def teacher_from_args(
+    args: argparse.Namespace,
+    input_mean: Sequence[float],
+    input_std: Sequence[float],
+    device: Optional[torch.device] = None,
+) -> tuple[AttentionModel, str]:
+    """:func:`build_teacher` from the options of :func:`add_teacher_arguments`."""
+    return build_teacher(
+        args.teacher,
+        weights=args.teacher_weights,
+        layer=args.teacher_layer,
+        input_size=args.teacher_size,
+        amp=args.teacher_amp,
+        channels_last=args.channels_last,
+        input_mean=input_mean,
+        input_std=input_std,
+        device=device,
+    )
+
+
 # --------------------------------------------------------------------------- data
 
 

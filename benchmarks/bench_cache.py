@@ -33,6 +33,7 @@ from _common import (  # noqa: E402
     markdown_table,
     setup_run,
     synchronize,
+    teacher_from_args,
 )
 
 from lightning_acm.cache import HeatmapCache, apply_geometry, regrid_attention_model, topk_overlap  # noqa: E402
@@ -66,17 +67,7 @@ def main() -> None:
     images = torch.stack([reference[int(i)][0] for i in order])
     mean, std = datamodule.mean, datamodule.std  # type: ignore[attr-defined]
     black = -mean[0] / std[0]  # the datamodules pad with black before normalising
-    teacher, label = build_teacher(
-        args.teacher,
-        weights=args.teacher_weights,
-        layer=args.teacher_layer,
-        input_size=args.teacher_size,
-        amp=args.teacher_amp,
-        channels_last=args.channels_last,
-        input_mean=mean,
-        input_std=std,
-        device=device,
-    )
+    teacher, label = teacher_from_args(args, mean, std, device)
     scale = args.cache_grid / 7
     fine_size = round(args.teacher_size * scale)
 

@@ -37,11 +37,11 @@ from _common import (  # noqa: E402
     ThroughputTimer,
     add_teacher_arguments,
     base_parser,
-    build_teacher,
     describe_machine,
     markdown_table,
     setup_run,
     synchronize,
+    teacher_from_args,
 )
 
 from lightning_acm.attention import Teacher  # noqa: E402
@@ -145,17 +145,7 @@ def main() -> None:
     args.warmup = max(1, args.warmup)
 
     datamodule = RandomDataModule(args.num_samples, args.image_size, 10, batch_size=args.batch_size, seed=args.seed)
-    teacher, label = build_teacher(
-        args.teacher,
-        weights=args.teacher_weights,
-        layer=args.teacher_layer,
-        input_size=args.teacher_size,
-        amp=args.teacher_amp,
-        channels_last=args.channels_last,
-        input_mean=datamodule.mean,
-        input_std=datamodule.std,
-        device=device,
-    )
+    teacher, label = teacher_from_args(args, datamodule.mean, datamodule.std, device)
     reference = reference_port(datamodule, teacher, args, device)
     batched, _ = ours(datamodule, teacher, False, args, device)
     cached, fill = ours(datamodule, teacher, True, args, device)

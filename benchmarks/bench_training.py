@@ -40,12 +40,12 @@ from _common import (  # noqa: E402
     ThroughputTimer,
     add_teacher_arguments,
     base_parser,
-    build_teacher,
     describe_machine,
     make_datamodule,
     markdown_table,
     setup_run,
     synchronize,
+    teacher_from_args,
 )
 
 from lightning_acm.attention import Teacher  # noqa: E402
@@ -188,16 +188,7 @@ def main() -> None:
         seed=args.seed,
     )
     mean, std = datamodule.mean, datamodule.std  # type: ignore[attr-defined]
-    teacher, teacher_label = build_teacher(
-        args.teacher,
-        weights=args.teacher_weights,
-        layer=args.teacher_layer,
-        input_size=args.teacher_size,
-        amp=args.teacher_amp,
-        channels_last=args.channels_last,
-        input_mean=mean,
-        input_std=std,
-    )
+    teacher, teacher_label = teacher_from_args(args, mean, std)
 
     def acm(cached: bool) -> AttentiveCutMix:
         cache = HeatmapCacheConfig(grid_size=args.cache_grid) if cached else False
