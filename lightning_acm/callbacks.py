@@ -626,8 +626,7 @@ class AttentiveCutMix(MixingCallback):
             raise MisconfigurationException(
                 f"{type(self).__name__}(heatmap_cache=...) has no cache yet: it is filled in `on_fit_start`."
             )
-        key = self.heatmap_cache.geometry_key
-        geometry = batch_geometry(batch, key if isinstance(key, str) else "geometry", batch_size, type(self).__name__)
+        geometry = batch_geometry(batch, self.heatmap_cache.geometry_key, batch_size, type(self).__name__)
         return self._cache.warp(geometry, self.grid_size)
 
     @override

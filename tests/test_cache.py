@@ -428,6 +428,17 @@ def test_bad_cache_arguments_fail_early(kwargs, match):
         AttentiveCutMix(heatmap_cache=HeatmapCacheConfig(**kwargs))
 
 
+def test_the_callback_reads_the_geometry_at_an_integer_geometry_key():
+    """An int `geometry_key` picks that position of a list batch through the callback too."""
+    cache = HeatmapCache(2, (7, 7))
+    cache.update(torch.arange(2), torch.rand(2, 7, 7))
+    callback = AttentiveCutMix(heatmap_cache=HeatmapCacheConfig(geometry_key=3))
+    callback._cache = cache
+    flipped = geometry([0.0, 0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0, 1.0])
+    batch = [torch.zeros(2, 3, 28, 28), torch.tensor([0, 1]), geometry(IDENTITY, IDENTITY), flipped]
+    assert torch.equal(callback.cached_heatmaps(batch, 2), cache.warp(flipped, (7, 7)))
+
+
 def test_batch_geometry_from_lists_and_dicts():
     box = geometry(IDENTITY, IDENTITY)
     assert batch_geometry([None, None, box], 2, 2, "ACM") is box
