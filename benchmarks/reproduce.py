@@ -141,12 +141,16 @@ def _short(path: Path) -> str:
 
 
 def _is_attentive(path: str) -> bool:
+    """Whether the config runs Attentive CutMix with a teacher (random cells have none to cache)."""
     import yaml
 
     with open(path) as handle:
         config = yaml.safe_load(handle) or {}
     mixing = config.get("mixing") if isinstance(config, dict) else None
-    return isinstance(mixing, dict) and str(mixing.get("class_path", "")).endswith("AttentiveCutMix")
+    if not (isinstance(mixing, dict) and str(mixing.get("class_path", "")).endswith("AttentiveCutMix")):
+        return False
+    teacher = (mixing.get("init_args") or {}).get("teacher")
+    return (teacher.get("source") if isinstance(teacher, dict) else teacher) != "random"
 
 
 # --------------------------------------------------------------------------- runs

@@ -14,7 +14,7 @@ import os
 import urllib.parse
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -44,6 +44,7 @@ AmpDtype = Union[torch.dtype, Literal["bf16", "fp16"], None]
 _AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16,
         torch.float16: torch.float16}  # fmt: skip
 _LITE0 = "efficientnet_lite0"
+RANDOM_CELLS = "random"  # the Teacher source that stands for uniformly random cells: no model
 
 
 class _StopForward(Exception):  # raised by the tap hook: the backbone does not run past the tapped layer
@@ -542,12 +543,15 @@ class Teacher:
 
     Args:
         source, weights, layer: as in :func:`build_attention_model` (``"efficientnet_lite0"``, the offline
-            default; ``"paper"`` = ResNet-152 ``layer4``).
+            default; ``"paper"`` = ResNet-152 ``layer4``). ``"random"`` builds no model: Attentive CutMix then
+            pastes ``top_k`` cells drawn uniformly at random, a control for whether the attention matters.
         input_size, grid_size, reduction: as in :class:`AttentionModel` (``input_size``: the preset's when ``None``).
         precision: run the teacher under autocast (``"bf16"``, ``"fp16"``) or in fp32 (``None``).
         channels_last: run the teacher in ``torch.channels_last`` memory format.
         compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
         input_mean, input_std: the normalisation the training images carry; the datamodule's when ``None``.
+        coldest: rank cells by lowest attention, so Attentive CutMix pastes the ``top_k`` least attended
+            cells (a control for whether the attended object matters).
         module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any other is
             tapped at ``layer``. :meth:`build` copies it.
 
@@ -572,6 +576,7 @@ class Teacher:
     compile: Union[bool, dict[str, Any]] = False
     input_mean: Optional[tuple[float, ...]] = None
     input_std: Optional[tuple[float, ...]] = None
+    coldest: bool = False
     module: Optional[nn.Module] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -583,6 +588,7 @@ class Teacher:
         check_choice(self.reduction, "reduction", ("mean", "max"))
         check_choice(self.precision, "precision", (None, "bf16", "fp16"))
         check_bool(self.channels_last, "channels_last")
+        check_bool(self.coldest, "coldest")
         if not isinstance(self.compile, bool) and not (
             isinstance(self.compile, dict) and all(isinstance(key, str) for key in self.compile)
         ):
@@ -601,6 +607,22 @@ class Teacher:
             raise ValueError(
                 "Expected `layer` with a plain `module`: name the layer whose output gives the heatmap (e.g. 'layer4')."
             )
+        if self.is_random:
+            ignored = [
+                f.name
+                for f in fields(self)
+                if f.name not in ("source", "grid_size") and getattr(self, f.name) != f.default
+            ]
+            if ignored:
+                raise ValueError(
+                    f"Teacher(source='random') runs no model, so {', '.join(f'`{name}`' for name in ignored)} would be"
+                    " ignored: remove it, or name a model in `source`."
+                )
+
+    @property
+    def is_random(self) -> bool:
+        """Whether this stands for uniformly random cells (``source="random"``), with no model to build."""
+        return self.source == RANDOM_CELLS
 
     def build(
         self, device: Optional[Union[str, torch.device]] = None, *, input_mean: Optional[Sequence[float]] = None,
@@ -608,6 +630,11 @@ class Teacher:
     ) -> AttentionModel:  # fmt: skip
         """The frozen teacher on ``device``, normalised by ``input_mean``/``input_std`` (e.g. the datamodule's) when it
         has none of its own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them."""
+        if self.is_random:
+            raise ValueError(
+                f"{owner}: Teacher(source='random') has no model to build; it stands for random cells in"
+                " AttentiveCutMix. Name a model in `source` (e.g. 'efficientnet_lite0') to measure attention."
+            )
         mean = self.input_mean if self.input_mean is not None else input_mean
         std = self.input_std if self.input_std is not None else input_std
         if isinstance(self.module, AttentionModel):

@@ -473,14 +473,17 @@ class AttentiveCutMix(MixingCallback):
     Args:
         top_k: cells pasted (6 of a 7x7 grid in the paper).
         teacher: a :class:`~lightning_acm.attention.Teacher` or its ``source``; its grid is the
-            mixing grid, its normalisation defaults to ``trainer.datamodule.mean``/``std``.
+            mixing grid, its normalisation defaults to ``trainer.datamodule.mean``/``std``. ``"random"``
+            runs no teacher and pastes ``top_k`` cells drawn uniformly per sample (the control method);
+            ``Teacher(coldest=True)`` pastes the least attended cells.
         heatmap_cache: ``True`` or a :class:`~lightning_acm.cache.HeatmapCacheConfig`: run the
             teacher once per un-augmented training image and warp the maps by the recorded geometry.
         p, num_classes, seed, label_smoothing, stop_after_step, stop_after_epoch, image_key, target_key,
             log_prefix: see :class:`MixingCallback`.
 
     Raises:
-        ValueError: for a ``top_k`` outside the grid or a cache grid coarser than the teacher's.
+        ValueError: for a ``top_k`` outside the grid, a cache grid coarser than the teacher's, or a
+            cache with random cells.
         TypeError: for a ``teacher`` or ``heatmap_cache`` of another type.
 
     Example::
@@ -514,6 +517,11 @@ class AttentiveCutMix(MixingCallback):
         self.grid_size: tuple[int, int] = V.check_size2(teacher.grid_size, "grid_size")
         self.top_k = V.check_top_k(top_k, self.grid_size)
         self.heatmap_cache: Optional[HeatmapCacheConfig] = heatmap_cache or None
+        if teacher.is_random and self.heatmap_cache is not None:
+            raise ValueError(
+                "Expected `heatmap_cache=False` with `teacher='random'`: random cells run no teacher, so there is"
+                " nothing to cache."
+            )
         self.cache_grid_size = self.grid_size
         if self.heatmap_cache is not None and self.heatmap_cache.grid_size is not None:
             self.cache_grid_size = V.check_size2(self.heatmap_cache.grid_size, "grid_size")
@@ -552,7 +560,7 @@ class AttentiveCutMix(MixingCallback):
             return
         if self.heatmap_cache is not None:
             reference_datamodule(trainer, type(self).__name__)
-        if self._attention is None:
+        if self._attention is None and not self.teacher.is_random:
             self._attention = self.build_attention(trainer)
 
     def build_attention(self, trainer: pl.Trainer) -> nn.Module:
@@ -581,8 +589,15 @@ class AttentiveCutMix(MixingCallback):
             )
         return heatmaps
 
+    def random_heatmaps(self, batch_size: int, device: torch.device) -> Tensor:
+        """``(B, gh, gw)`` i.i.d. uniform scores from the batch's generator: their top-k are uniform random cells."""
+        scores = self._generator.random((batch_size, *self.grid_size), dtype=np.float32)
+        return torch.from_numpy(scores).to(device)
+
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
+        if self.teacher.is_random:
+            return self._paste(images, targets, num_classes, self.random_heatmaps(images.shape[0], images.device))
         heatmaps = self.heatmaps(images) if self.heatmap_cache is None else self.cached_heatmaps(batch, images.shape[0])
         gh, gw = heatmaps.shape[-2:]
         if (gh, gw) != self.grid_size:
@@ -591,10 +606,17 @@ class AttentiveCutMix(MixingCallback):
                 f" {self.grid_size[0]}x{self.grid_size[1]}. Build the given `module` with the same"
                 " `grid_size`, or give the Teacher its grid."
             )
+        return self._paste(images, targets, num_classes, heatmaps)
+
+    def _paste(self, images: Tensor, targets: Tensor, num_classes: int, heatmaps: Tensor) -> MixResult:
         permutation = self.draw_permutation(images.shape[0], images.device)
         partner_heatmaps = heatmaps.index_select(0, permutation)
-        mixed, lam, cells = AF._paste_topk_cells(images, partner_heatmaps, self.top_k, permutation)
+        ranking = -partner_heatmaps if self.teacher.coldest else partner_heatmaps
+        mixed, lam, cells = AF._paste_topk_cells(images, ranking, self.top_k, permutation)
         soft = self.soft_targets(targets, lam, permutation, num_classes)
+        if self.teacher.is_random:  # random scores are no attention: the mask alone, measured by a monitor's teacher
+            mask = AF._cell_mask(cells, self.grid_size, (images.shape[-2], images.shape[-1]))
+            return MixResult(mixed, soft, lam, permutation, mask)
         return MixResult(mixed, soft, lam, permutation, partner_heatmaps=partner_heatmaps, cell_indices=cells)
 
     @override

@@ -260,7 +260,7 @@ class PastedAttentionMonitor(_EveryNSteps):
 
     The metric is the share of the partner's attention mass inside the pasted region
     (:func:`~lightning_acm.functional.pasted_attention_share`), averaged over the epoch. This callback
-    measures the mixers that paste without heatmaps (CutMix): one teacher forward on the unmixed
+    measures the mixers that paste without heatmaps (CutMix, random cells): one teacher forward on the unmixed
     batch of their ``last_mix`` per measured batch. :class:`MixVisualizer` borrows these heatmaps.
 
     Args:
@@ -270,7 +270,7 @@ class PastedAttentionMonitor(_EveryNSteps):
 
     Raises:
         TypeError: if ``teacher`` is neither a str nor a Teacher.
-        ValueError: for an argument out of range.
+        ValueError: for an argument out of range, or a teacher without a model (``"random"``, ``coldest``).
         MisconfigurationException: from ``setup`` when the Trainer has no mixing callback.
 
     Example::
@@ -287,6 +287,11 @@ class PastedAttentionMonitor(_EveryNSteps):
         if not isinstance(teacher, (str, Teacher)):
             raise TypeError(f"Expected `teacher` to be a str or a Teacher, but got {type(teacher).__name__}.")
         self.teacher = Teacher(teacher) if isinstance(teacher, str) else teacher
+        if self.teacher.is_random or self.teacher.coldest:
+            raise ValueError(
+                f"Expected `teacher` to name a model whose attention is measured, but got {self.teacher.source!r}"
+                f"{' with coldest=True' if self.teacher.coldest else ''}. Pass e.g. teacher='efficientnet_lite0'."
+            )
         self._model: Optional[nn.Module] = None
         self._mixers: list[MixingCallback] = []
         self._measured: Optional[tuple[MixResult, Tensor]] = None  # the last result measured and its heatmaps
@@ -296,12 +301,12 @@ class PastedAttentionMonitor(_EveryNSteps):
         if stage != "fit":
             return
         mixers = _mixing_callbacks(trainer, type(self).__name__)
-        self._mixers = [mixer for mixer in mixers if not isinstance(mixer, (AttentiveCutMix, MixUp))]
+        self._mixers = [mixer for mixer in mixers if not _measures_itself(mixer)]
         if not self._mixers:
             rank_zero_warn(
-                f"{type(self).__name__}: the mixing callbacks (Attentive CutMix, Mixup) log"
+                f"{type(self).__name__}: the mixing callbacks (Attentive CutMix with a teacher, Mixup) log"
                 " `pasted_attention` themselves, so this callback has nothing to measure. Remove it,"
-                " or use it with CutMix."
+                " or use it with CutMix or random cells."
             )
         elif self._model is None:
             mean, std = _datamodule_normalization(trainer)
@@ -352,6 +357,11 @@ class PastedAttentionMonitor(_EveryNSteps):
             self._measured = None
             if self.teacher.module is None:  # frees a built-in teacher; the next fit builds it again
                 self._model = None
+
+
+def _measures_itself(mixer: MixingCallback) -> bool:
+    """Whether ``mixer`` logs ``pasted_attention`` itself: Mixup, and Attentive CutMix with a teacher."""
+    return isinstance(mixer, MixUp) or (isinstance(mixer, AttentiveCutMix) and not mixer.teacher.is_random)
 
 
 class MixVisualizer(_EveryNSteps):

@@ -89,6 +89,7 @@ def test_parse_method(tmp_path: Path) -> None:
     expected = (REPO / "configs" / "method" / "attentive_cutmix_offline.yaml").resolve()
     assert method.attentive and [Path(c).resolve() for c in method.configs] == [expected]
     assert not reproduce.parse_method("baseline").attentive
+    assert not reproduce.parse_method("random_cells").attentive  # no teacher, so no heatmap cache
     custom = tmp_path / "m.yaml"
     custom.write_text("mixing:\n  class_path: lightning_acm.callbacks.MixUp\n")
     method = reproduce.parse_method(f"mine={custom}")

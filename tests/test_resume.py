@@ -80,6 +80,7 @@ MAKERS: dict[str, Callable[[Optional[int]], MixingCallback]] = {
     "attentive_cutmix": lambda seed: AttentiveCutMix(teacher=Teacher(module=teacher()), top_k=6, p=0.5, seed=seed),
     "cutmix": lambda seed: CutMix(alpha=1.0, p=0.5, seed=seed),
     "mixup": lambda seed: MixUp(alpha=0.4, p=0.5, seed=seed),
+    "random_cells": lambda seed: AttentiveCutMix(teacher="random", top_k=6, p=0.5, seed=seed),
 }
 
 
