@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Attentive CutMix methods compute the teacher's heatmaps once into <out>/heatmap_cache/<method>.pt"
         " (adds --data.init_args.record_augmentation true and --mixing.init_args.heatmap_cache true)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=["baseline"],
+        help="methods the table gives each mean's difference to, with its standard error (e.g. baseline random_cells)",
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's .ckpt files")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--report-only", action="store_true", help="only rebuild table/plot/runs from finished runs")
@@ -464,25 +470,39 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def _delta(row: dict[str, Any], reference: Optional[dict[str, Any]]) -> str:
+    """``row``'s mean minus ``reference``'s, ± sqrt(std² / n + std_ref² / n_ref) when both have two runs or more."""
+    if reference is None or row is reference or not row["n"]:
+        return ""
+    delta = f"{row['mean'] - reference['mean']:+.2f}"
+    if row["n"] > 1 and reference["n"] > 1:
+        delta += f" ± {math.sqrt(row['std'] ** 2 / row['n'] + reference['std'] ** 2 / reference['n']):.2f}"
+    return delta
+
+
 def markdown_table(
-    rows: list[dict[str, Any]], *, title: str, command: str, info: dict[str, Any], grid: dict[str, Any]
+    rows: list[dict[str, Any]],
+    *,
+    title: str,
+    command: str,
+    info: dict[str, Any],
+    grid: dict[str, Any],
+    compare: Sequence[str] = ("baseline",),
 ) -> str:
-    baseline = next((row for row in rows if row["method"] == "baseline" and row["n"]), None)
+    references = {name: next((row for row in rows if row["method"] == name and row["n"]), None) for name in compare}
     lines = [
         f"# {title}",
         "",
         "Test top-1 (%) of the final weights, mean ± sample std (n - 1) over seeds. Δ is the difference of the means",
-        "from the baseline ± its standard error sqrt(std² / n + std_baseline² / n_baseline).",
+        "from the named method ± its standard error sqrt(std² / n + std_ref² / n_ref).",
         "",
-        "| method | test top-1 (%) | Δ vs baseline | n | seeds | per seed | time / run |",
-        "|---|---|---|---|---|---|---|",
+        "| method | test top-1 (%) | "
+        + "".join(f"Δ vs {name} | " for name in compare)
+        + "n | seeds | per seed | time / run |",
+        "|---|---|" + "---|" * len(compare) + "---|---|---|---|",
     ]
     for row in rows:
-        delta = ""
-        if baseline is not None and row is not baseline and row["n"]:
-            delta = f"{row['mean'] - baseline['mean']:+.2f}"
-            if row["n"] > 1 and baseline["n"] > 1:
-                delta += f" ± {math.sqrt(row['std'] ** 2 / row['n'] + baseline['std'] ** 2 / baseline['n']):.2f}"
+        deltas = "".join(f" {_delta(row, reference)} |" for reference in references.values())
         per_seed = ", ".join(f"{v:.2f}" for v in row["values"])
         wall = "n/a" if math.isnan(row["wall_mean_s"]) else f"{row['wall_mean_s'] / 60:.1f} min"
         if row.get("cache_fill_s"):
@@ -490,7 +510,7 @@ def markdown_table(
         failed = f" ({row['failed']} failed)" if row["failed"] else ""
         seeds = ", ".join(map(str, row["seeds"]))
         lines.append(
-            f"| {row['method']} | {_pm(row['mean'], row['std'])} | {delta} | {row['n']}{failed} | {seeds} |"
+            f"| {row['method']} | {_pm(row['mean'], row['std'])} |{deltas} {row['n']}{failed} | {seeds} |"
             f" {per_seed} | {wall} |"
         )
     lines += [
@@ -602,7 +622,8 @@ def report(
         "code": sorted({str(r["code"]) for r in records if r.get("code")}),
         "note": args.note,
     }
-    (out / "table.md").write_text(markdown_table(rows, title=title, command=command, info=machine(), grid=grid))
+    table = markdown_table(rows, title=title, command=command, info=machine(), grid=grid, compare=args.compare)
+    (out / "table.md").write_text(table)
     plot(rows, out / "plot.png", title)
     return records, rows
 

@@ -172,22 +172,31 @@ def test_summarize_mean_and_sample_std() -> None:
         title="t",
         command="python benchmarks/reproduce.py ...",
         info={"cpu": "X", "gpu": None, "torch": "2"},
-        grid={
-            "runs_ok": 4,
-            "runs_total": 6,
-            "span": "2.0 min",
-            "jobs": 1,
-            "threads": None,
-            "example_run": "x",
-            "load": "mean 1.00",
-            "code": ["abc1234"],
-        },  # fmt: skip
+        grid=(
+            grid := {
+                "runs_ok": 4,
+                "runs_total": 6,
+                "span": "2.0 min",
+                "jobs": 1,
+                "threads": None,
+                "example_run": "x",
+                "load": "mean 1.00",
+                "code": ["abc1234"],
+            }
+        ),  # fmt: skip
     )
     assert "| baseline | 92.00 ± 2.00 |  | 3 | 0, 1, 2 | 90.00, 92.00, 94.00 | 1.0 min |" in table
     assert "| cutmix | 91.00 | -1.00 | 1 (1 failed) | 0 |" in table
     assert "| mixup | 94.00 ± 1.41 | +2.00 ± 1.53 | 2 |" in table  # sqrt(2 / 2 + 4 / 3)
     assert "| other | n/a |" in table
     assert "4 of 6 runs finished" in table and "cpu X" in table and "gpu" not in table.split("Machine:")[1]
+    two = reproduce.markdown_table(
+        [baseline, cutmix, mixup], title="t", command="c", info={}, grid={**grid, "note": None},
+        compare=["baseline", "mixup"],
+    )  # fmt: skip
+    assert "| method | test top-1 (%) | Δ vs baseline | Δ vs mixup | n |" in two
+    assert "| cutmix | 91.00 | -1.00 | -3.00 | 1 (1 failed) | 0 |" in two
+    assert "| mixup | 94.00 ± 1.41 | +2.00 ± 1.53 |  | 2 |" in two
 
 
 def test_failed_run_writes_no_result(tmp_path: Path) -> None:
