@@ -327,3 +327,18 @@ def test_grid_configs_parse(model: str, monkeypatch: pytest.MonkeyPatch) -> None
 def test_grid_command_drops_report_only_arguments() -> None:
     own = ["--out", "x", "--report-only", "--note", "a note", "--title=t", "--seeds", "0"]
     assert reproduce._grid_command(own) == ["--out", "x", "--seeds", "0"]
+
+
+def test_gpu_control_grid_script_plans_the_five_methods(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    env = {**os.environ, "DRY_RUN": "1", "SEEDS": "0 1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = REPO / "benchmarks" / "gpu_control_grid.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    methods = ["baseline", "mixup", "cutmix", "random_cells", "attentive_cutmix_offline"]
+    assert [line.split(":")[0] for line in lines] == [f"[todo] {m}/seed{s}" for s in (0, 1) for m in methods]
+    assert all("--trainer.accelerator gpu" in line and "--trainer.precision bf16-mixed" in line for line in lines)
+    assert "--mixing.init_args.heatmap_cache" in lines[4] and "heatmap_cache" not in lines[3]  # random cells: none
