@@ -41,8 +41,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 AmpDtype = Union[torch.dtype, Literal["bf16", "fp16"], None]
-_AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, torch.bfloat16: torch.bfloat16,
-        torch.float16: torch.float16}  # fmt: skip
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _LITE0 = "efficientnet_lite0"
 RANDOM_CELLS = "random"  # the Teacher source that stands for uniformly random cells: no model
 
@@ -85,12 +84,22 @@ class AttentionModel(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, layer: str, *, input_mean: Sequence[float] = (0.0,),
-        input_std: Sequence[float] = (1.0,), teacher_mean: Sequence[float] = IMAGENET_MEAN,
-        teacher_std: Sequence[float] = IMAGENET_STD, input_size: Optional[Size2] = 224, grid_size: Size2 = 7,
-        reduction: Literal["mean", "max"] = "mean", channels: int = 3, amp_dtype: AmpDtype = None,
-        channels_last: bool = False, relu: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        backbone: nn.Module,
+        layer: str,
+        *,
+        input_mean: Sequence[float] = (0.0,),
+        input_std: Sequence[float] = (1.0,),
+        teacher_mean: Sequence[float] = IMAGENET_MEAN,
+        teacher_std: Sequence[float] = IMAGENET_STD,
+        input_size: Optional[Size2] = 224,
+        grid_size: Size2 = 7,
+        reduction: Literal["mean", "max"] = "mean",
+        channels: int = 3,
+        amp_dtype: AmpDtype = None,
+        channels_last: bool = False,
+        relu: bool = False,
+    ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
@@ -99,11 +108,11 @@ class AttentionModel(nn.Module):
         self.layer, self._is_method = layer, _resolve_layer(backbone, layer)
         self.input_size: Optional[tuple[int, int]] = check_size2(input_size, "input_size", optional=True)
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
-        if amp_dtype not in _AMP:
+        if amp_dtype not in (None, *_AMP, *_AMP.values()):
             raise ValueError(
                 f"Expected `amp_dtype` to be None, 'bf16' or 'fp16' (or that torch.dtype), but got {amp_dtype!r}."
             )
-        self.amp_dtype = _AMP[amp_dtype]
+        self.amp_dtype = _AMP.get(amp_dtype, amp_dtype)
         self.channels_last, self.relu, self._warned_grayscale = False, bool(relu), False
         self.backbone = backbone
         # The statistics follow the backbone's device, so a module already on the GPU works as given.
@@ -181,16 +190,7 @@ class AttentionModel(nn.Module):
             x = self.teacher_input(images)
             with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 features = self._features(x).float()
-            if self.relu:
-                features = F.relu(features)
-            (gh, gw), (h, w) = self.grid_size, features.shape[-2:]
-            if gh > h or gw > w:
-                raise ValueError(
-                    f"Expected `grid_size` to be at most the feature map size {h}x{w} of layer {self.layer!r} at"
-                    f" input_size {self.input_size or tuple(x.shape[-2:])}, but got {gh}x{gw}. Use a coarser"
-                    " `grid_size`, a larger `input_size`, or an earlier layer with a finer map."
-                )
-            return attention_grid(features, (gh, gw), self.reduction)
+            return attention_grid(F.relu(features) if self.relu else features, self.grid_size, self.reduction)
 
     def teacher_input(self, images: Tensor) -> Tensor:
         """The batch as the teacher sees it: scaled to [0, 1] if integer, renormalised, channel-matched, resized."""
@@ -319,9 +319,14 @@ def attention_model_from_module(module: nn.Module, layer: str, **kwargs: Any) ->
 
 
 def build_attention_model(
-    source: str = _LITE0, *, weights: Optional[str] = None, weights_prefix: Optional[str] = None,
-    layer: Optional[str] = None, device: Optional[Union[str, torch.device]] = None, **kwargs: Any,
-) -> AttentionModel:  # fmt: skip
+    source: str = _LITE0,
+    *,
+    weights: Optional[str] = None,
+    weights_prefix: Optional[str] = None,
+    layer: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    **kwargs: Any,
+) -> AttentionModel:
     """Build a frozen, pretrained :class:`AttentionModel` from a name and optional weights.
 
     Args:
@@ -485,41 +490,31 @@ def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
             f" reads, but got {type(error).__name__}: {error}. If you trust a file holding Python objects, save only"
             " its weights: `torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)`."
         ) from error
-    obj = next((obj[k] for k in ("state_dict", "model", "model_state_dict") if isinstance(obj, Mapping)
-                and isinstance(obj.get(k), Mapping)), obj)  # fmt: skip
+    if isinstance(obj, Mapping):
+        obj = next(
+            (obj[k] for k in ("state_dict", "model", "model_state_dict") if isinstance(obj.get(k), Mapping)), obj
+        )
     if not isinstance(obj, Mapping) or not any(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(
             f"Expected {path!r} to hold a state_dict (or a checkpoint with a 'state_dict'), but got"
             f" {type(obj).__name__} without tensors."
         )
     state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
-    own = model.state_dict()
-    if prefix is None:
-        cuts = ((key, [0] + [i + 1 for i, char in enumerate(key) if char == "."]) for key in state)
-        counts = Counter(key[:cut] for key, at in cuts for cut in at if key[cut:] in own)
-        tied = sorted(prefix for prefix, count in counts.items() if count == max(counts.values()))
-        if not tied:
-            raise ValueError(
-                f"No key of the weights {path!r} matches the architecture (e.g. {sorted(own)[:3]}); the file"
-                f" starts with {list(state)[:3]}. Check the architecture name or pass `weights_prefix`."
-            )
-        if len(tied) > 1:
-            raise ValueError(
-                f"The weights {path!r} hold the model under several prefixes {tied}; pass `weights_prefix`."
-            )
-        prefix = tied[0]
+    prefix = _weights_prefix(state, model.state_dict(), path) if prefix is None else prefix
     picked = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
     weight = picked.get(f"{linears[-1]}.weight") if linears else None
-    if weight is not None and weight.ndim == 2 and weight.shape != own[f"{linears[-1]}.weight"].shape:
+    if weight is not None and weight.ndim == 2 and weight.shape != model.get_parameter(f"{linears[-1]}.weight").shape:
         # A teacher trained on another label set: its classifier is resized, never the backbone.
-        model.set_submodule(
-            linears[-1], nn.Linear(weight.shape[1], weight.shape[0], bias=f"{linears[-1]}.bias" in picked)
-        )
-        own = model.state_dict()
-    problems = {"missing": sorted(set(own) - set(picked) - head), "unexpected": sorted(set(picked) - set(own)),
-                "wrong shape": sorted(k for k in set(own) & set(picked) if own[k].shape != picked[k].shape)}  # fmt: skip
+        bias = f"{linears[-1]}.bias" in picked
+        model.set_submodule(linears[-1], nn.Linear(weight.shape[1], weight.shape[0], bias=bias))
+    own = model.state_dict()
+    problems = {
+        "missing": sorted(set(own) - set(picked) - head),
+        "unexpected": sorted(set(picked) - set(own)),
+        "wrong shape": sorted(k for k in set(own) & set(picked) if own[k].shape != picked[k].shape),
+    }
     if any(problems.values()):
         details = "; ".join(
             f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
@@ -528,10 +523,24 @@ def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
         )
         raise ValueError(
             f"The weights {path!r}{f' under the prefix {prefix!r}' if prefix else ''} do not fit the"
-            f" {type(model).__name__} backbone: {details}. Check the architecture name (`source`) or"
-            " `weights_prefix`."
+            f" {type(model).__name__} backbone: {details}. Check the architecture name (`source`) or `weights_prefix`."
         )
     model.load_state_dict(picked, strict=False)
+
+
+def _weights_prefix(state: Mapping[str, Tensor], own: Mapping[str, Tensor], path: str) -> str:
+    """The key prefix (``""``, ``"model."``, ...) under which most of ``own``'s keys stand in ``state``."""
+    cuts = ((key, [0] + [i + 1 for i, char in enumerate(key) if char == "."]) for key in state)
+    counts = Counter(key[:cut] for key, at in cuts for cut in at if key[cut:] in own)
+    tied = sorted(prefix for prefix, count in counts.items() if count == max(counts.values()))
+    if not tied:
+        raise ValueError(
+            f"No key of the weights {path!r} matches the architecture (e.g. {sorted(own)[:3]}); the file"
+            f" starts with {list(state)[:3]}. Check the architecture name or pass `weights_prefix`."
+        )
+    if len(tied) > 1:
+        raise ValueError(f"The weights {path!r} hold the model under several prefixes {tied}; pass `weights_prefix`.")
+    return tied[0]
 
 
 @dataclass(frozen=True)
@@ -625,9 +634,13 @@ class Teacher:
         return self.source == RANDOM_CELLS
 
     def build(
-        self, device: Optional[Union[str, torch.device]] = None, *, input_mean: Optional[Sequence[float]] = None,
-        input_std: Optional[Sequence[float]] = None, owner: str = "Teacher",
-    ) -> AttentionModel:  # fmt: skip
+        self,
+        device: Optional[Union[str, torch.device]] = None,
+        *,
+        input_mean: Optional[Sequence[float]] = None,
+        input_std: Optional[Sequence[float]] = None,
+        owner: str = "Teacher",
+    ) -> AttentionModel:
         """The frozen teacher on ``device``, normalised by ``input_mean``/``input_std`` (e.g. the datamodule's) when it
         has none of its own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them."""
         if self.is_random:
@@ -641,7 +654,7 @@ class Teacher:
             model = copy.deepcopy(self.module)
             if mean is not None and std is not None:
                 model.set_input_normalization(mean, std)
-            model.amp_dtype = _AMP[self.precision] if self.precision is not None else model.amp_dtype
+            model.amp_dtype = _AMP.get(self.precision, model.amp_dtype)
             if self.channels_last:
                 model.use_channels_last()
         else:
@@ -653,8 +666,14 @@ class Teacher:
                     " normalised, or the teacher sees wrongly scaled images."
                 )
                 mean, std = (0.0,), (1.0,)
-            settings = dict(grid_size=self.grid_size, reduction=self.reduction, amp_dtype=self.precision,
-                            channels_last=self.channels_last, input_mean=tuple(mean), input_std=tuple(std))  # fmt: skip
+            settings = dict(
+                grid_size=self.grid_size,
+                reduction=self.reduction,
+                amp_dtype=self.precision,
+                channels_last=self.channels_last,
+                input_mean=tuple(mean),
+                input_std=tuple(std),
+            )
             if self.module is not None:
                 model = AttentionModel(
                     copy.deepcopy(self.module), str(self.layer), input_size=self.input_size or 224, **settings

@@ -420,9 +420,11 @@ def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) ->
     is_attention = isinstance(teacher, AttentionModel)
     fingerprint: dict[str, Any] = {
         "teacher": type(teacher.backbone if is_attention else teacher).__name__,
-        "teacher_weights": _digest(teacher.state_dict().items()), "grid_size": list(check_size2(grid_size, "grid_size")),
-        "num_samples": size, "dataset_pixels": _digest(images),
-    }  # fmt: skip
+        "teacher_weights": _digest(teacher.state_dict().items()),
+        "grid_size": list(check_size2(grid_size, "grid_size")),
+        "num_samples": size,
+        "dataset_pixels": _digest(images),
+    }
     if is_attention:
         fingerprint.update(
             layer=teacher.layer,
@@ -465,9 +467,16 @@ def _load_matching(
 
 
 def cache_for_trainer(
-    trainer: Any, teacher: nn.Module, *, grid_size: Size2, path: Optional[str] = None, batch_size: int = 64,
-    meta: Optional[dict[str, Any]] = None, previous: Optional[HeatmapCache] = None, owner: str = "AttentiveCutMix",
-) -> HeatmapCache:  # fmt: skip
+    trainer: Any,
+    teacher: nn.Module,
+    *,
+    grid_size: Size2,
+    path: Optional[str] = None,
+    batch_size: int = 64,
+    meta: Optional[dict[str, Any]] = None,
+    previous: Optional[HeatmapCache] = None,
+    owner: str = "AttentiveCutMix",
+) -> HeatmapCache:
     """Fill (or load) the heatmap cache of the trainer's training indices, on every rank, on the training device.
 
     ``previous``, or the file at ``path``, is used when its ``meta`` (``meta`` plus :func:`cache_fingerprint`)

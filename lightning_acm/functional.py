@@ -10,18 +10,16 @@ Conventions used throughout this module:
   and ``soft_targets[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``.
 * targets are class indices ``(B,)`` or ``(B, 1)`` (these need ``num_classes``) or float probabilities
   ``(B, K)``; soft targets come back at least float32, ``lam`` as float32.
-* randomness (pairing, boxes, Beta draws) comes from a ``numpy.random.Generator`` on the CPU and is moved
-  to the images' device, so a seed gives the same mixes on every device; without one, a generator is
-  seeded from torch's global RNG (``torch.manual_seed`` makes it reproducible).
-* the mixing ops take ``num_classes``, ``permutation`` (drawn with :func:`pairing_permutation` when
-  ``None``), ``generator`` and ``label_smoothing`` (``eps`` maps ``y`` to ``(1 - eps) * y + eps / K``),
-  and return ``(mixed (B, C, H, W), soft_targets (B, K), lam (B,))``.
+* randomness comes from a ``numpy.random.Generator`` on the CPU (the same mixes on every device); without
+  one, a generator is seeded from torch's global RNG (``torch.manual_seed`` makes it reproducible).
+* the mixing ops take ``num_classes``, ``permutation`` (a :func:`pairing_permutation` when ``None``),
+  ``generator`` and ``label_smoothing`` (``eps``: ``y`` becomes ``(1 - eps) * y + eps / K``) and return
+  ``(mixed (B, C, H, W), soft_targets (B, K), lam (B,))``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Literal, Optional
 
 import numpy as np
@@ -29,19 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_acm.validation import (
-    Size2,
-    check_choice,
-    check_class_indices,
-    check_heatmaps,
-    check_images,
-    check_int,
-    check_permutation,
-    check_real,
-    check_size2,
-    check_targets,
-    check_top_k,
-)
+from lightning_acm import validation as V
+from lightning_acm.validation import Size2
 
 __all__ = [
     "attention_grid",
@@ -63,38 +50,19 @@ __all__ = [
     "topk_cell_mask",
 ]
 
-Reduction = Literal["mean", "max"]
 Generator = Optional[np.random.Generator]
+Device = Optional[torch.device]
 Mixed = tuple[Tensor, Tensor, Tensor]
-_BETA = "the Beta(alpha, alpha) parameter"
 
 
 def _rng(generator: Generator) -> np.random.Generator:
     """``generator``, or a new one seeded from torch's global RNG (so ``torch.manual_seed`` controls it)."""
     if generator is None:
         return np.random.default_rng(int(torch.randint(0, 2**62, ())))
-    if not isinstance(generator, np.random.Generator):
-        raise TypeError(
-            "Expected `generator` to be a numpy.random.Generator (e.g. `numpy.random.default_rng(0)`)"
-            f" or None, but got {type(generator).__name__}."
-        )
-    return generator
+    return V.check_generator(generator)
 
 
-def _checked_targets(
-    targets: Tensor, num_classes: Optional[int], batch_size: Optional[int], smoothing: float
-) -> Tensor:
-    """The public functions' target checks: ``check_targets``, the class-index range and ``label_smoothing``."""
-    check_real(smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
-    targets = check_targets(targets, num_classes, batch_size)
-    if targets.ndim == 1:
-        check_class_indices(targets, int(num_classes))  # type: ignore[arg-type]
-    return targets
-
-
-def pairing_permutation(
-    batch_size: int, *, generator: Generator = None, device: Optional[torch.device] = None
-) -> Tensor:
+def pairing_permutation(batch_size: int, *, generator: Generator = None, device: Device = None) -> Tensor:
     """Draw a pairing ``p`` of ``range(batch_size)``: a uniform single cycle, so ``p[i] != i`` when ``batch_size > 1``.
 
     Example::
@@ -102,15 +70,13 @@ def pairing_permutation(
         >>> sorted(pairing_permutation(5, generator=np.random.default_rng(0)).tolist())
         [0, 1, 2, 3, 4]
     """
-    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    batch_size = V.check_int(batch_size, "batch_size", minimum=1)
     order = _rng(generator).permutation(batch_size)
     permutation = np.roll(order, -1)[np.argsort(order)]  # p[order[i]] = order[i + 1]
     return torch.from_numpy(permutation.astype(np.int64)).to(device)
 
 
-def sample_beta(
-    alpha: float, size: int, *, generator: Generator = None, device: Optional[torch.device] = None
-) -> Tensor:
+def sample_beta(alpha: float, size: int, *, generator: Generator = None, device: Device = None) -> Tensor:
     """Draw ``size`` samples of ``Beta(alpha, alpha)`` as float32.
 
     Example::
@@ -118,11 +84,11 @@ def sample_beta(
         >>> sample_beta(1.0, 3, generator=np.random.default_rng(0)).shape
         torch.Size([3])
     """
-    alpha = check_real(alpha, "alpha", low=0.0, low_open=True, what=_BETA)
+    alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
     return torch.from_numpy(_rng(generator).beta(alpha, alpha, size)).float().to(device)
 
 
-def attention_grid(features: Tensor, grid_size: Size2 = 7, reduction: Reduction = "mean") -> Tensor:
+def attention_grid(features: Tensor, grid_size: Size2 = 7, reduction: Literal["mean", "max"] = "mean") -> Tensor:
     """Reduce ``(B, C, h, w)`` features over channels (``"mean"``, the paper, or ``"max"``) to ``(B, gh, gw)``,
     averaging the feature cells that each grid cell covers; the dtype is kept.
 
@@ -134,16 +100,8 @@ def attention_grid(features: Tensor, grid_size: Size2 = 7, reduction: Reduction 
         >>> attention_grid(torch.rand(2, 2048, 14, 14), grid_size=7).shape
         torch.Size([2, 7, 7])
     """
-    if not isinstance(features, Tensor) or features.ndim != 4:
-        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"Expected `features` to be a 4-D feature map (B, C, h, w), but got {shape}.")
-    (gh, gw), (h, w) = check_size2(grid_size, "grid_size"), features.shape[-2:]
-    if gh > h or gw > w:
-        raise ValueError(
-            f"Expected `grid_size` to be at most the feature map size {h}x{w}, but got {gh}x{gw}. Use"
-            " a coarser grid, a larger attention input size, or an earlier layer with a finer map."
-        )
-    check_choice(reduction, "reduction", ("mean", "max"))
+    (gh, gw), (h, w) = V.check_features(features, grid_size), features.shape[-2:]
+    V.check_choice(reduction, "reduction", ("mean", "max"))
     reduced = features.mean(dim=1, keepdim=True) if reduction == "mean" else features.amax(dim=1, keepdim=True)
     return (reduced if (gh, gw) == (h, w) else F.adaptive_avg_pool2d(reduced, (gh, gw))).squeeze(1)
 
@@ -169,14 +127,10 @@ def expand_grid(heatmaps: Tensor, image_size: Size2) -> Tensor:
         >>> expand_grid(torch.arange(4.0).view(1, 2, 2), (2, 4))[0, 0].tolist()
         [[0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]]
     """
-    check_heatmaps(heatmaps)
-    (gh, gw), (height, width) = heatmaps.shape[1:], check_size2(image_size, "image_size")
-    if gh > height or gw > width:
-        raise ValueError(
-            f"Expected `image_size` to be at least the grid size {gh}x{gw}, but got {height}x{width}."
-            " Use a coarser `grid_size` for such small images."
-        )
-    rows, cols = cell_index_maps((gh, gw), (height, width), heatmaps.device)
+    V.check_heatmaps(heatmaps)
+    rows, cols = cell_index_maps(
+        heatmaps.shape[1:], V.check_image_size(image_size, heatmaps.shape[1:]), heatmaps.device
+    )
     return heatmaps.index_select(1, rows).index_select(2, cols).unsqueeze(1)
 
 
@@ -193,8 +147,8 @@ def topk_cell_indices(heatmaps: Tensor, top_k: int) -> Tensor:
         >>> topk_cell_indices(torch.tensor([[[0.1, 0.9], [0.5, 0.5]]]), top_k=3)
         tensor([[1, 2, 3]])
     """
-    check_heatmaps(heatmaps)
-    top_k = check_top_k(top_k, heatmaps.shape[1:])
+    V.check_heatmaps(heatmaps)
+    top_k = V.check_top_k(top_k, heatmaps.shape[1:])
     scores = heatmaps.flatten(1).double()
     is_nan = scores.isnan()
     order = torch.sort(scores.masked_fill(is_nan, -math.inf), dim=1, descending=True, stable=True).indices
@@ -215,25 +169,12 @@ def cell_mask(cell_indices: Tensor, grid_size: Size2, image_size: Size2) -> Tens
         >>> cell_mask(torch.tensor([[2]]), grid_size=2, image_size=(2, 4))[0, 0].int().tolist()
         [[0, 0, 0, 0], [1, 1, 0, 0]]
     """
-    grid, size = check_size2(grid_size, "grid_size"), check_size2(image_size, "image_size")
-    if (
-        not isinstance(cell_indices, Tensor)
-        or cell_indices.dtype not in (torch.int64, torch.int32)
-        or cell_indices.ndim != 2
-    ):
-        raise TypeError(
-            "Expected `cell_indices` to be an integer tensor of shape (B, k), e.g. from `topk_cell_indices`."
-        )
-    if cell_indices.numel() > 0 and not 0 <= int(cell_indices.min()) <= int(cell_indices.max()) < grid[0] * grid[1]:
-        raise ValueError(f"Expected `cell_indices` in [0, {grid[0] * grid[1]}) for a {grid[0]}x{grid[1]} grid.")
-    return _cell_mask(cell_indices, grid, size)
+    grid = V.check_size2(grid_size, "grid_size")
+    return _cell_mask(V.check_cell_indices(cell_indices, grid), grid, V.check_size2(image_size, "image_size"))
 
 
 def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
     """``cell_mask(topk_cell_indices(heatmaps, top_k), (gh, gw), image_size)``: the union of the hottest cells.
-
-    Raises:
-        ValueError: as :func:`topk_cell_indices` and :func:`expand_grid` (``top_k``, an image smaller than the grid).
 
     Example::
 
@@ -253,9 +194,8 @@ def _box_mask(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     """``(B, 1, H, W)`` bool mask inside ``(B, 4)`` boxes ``(top, bottom, left, right)``, bottom/right exclusive."""
     top, bottom, left, right = boxes.unsqueeze(2).unbind(1)
     rows, cols = (torch.arange(n, device=boxes.device) for n in image_size)
-    return (((rows >= top) & (rows < bottom)).unsqueeze(2) & ((cols >= left) & (cols < right)).unsqueeze(1)).unsqueeze(
-        1
-    )
+    in_rows, in_cols = (rows >= top) & (rows < bottom), (cols >= left) & (cols < right)
+    return (in_rows.unsqueeze(2) & in_cols.unsqueeze(1)).unsqueeze(1)
 
 
 def _cutmix_boxes(area: np.ndarray, image_size: tuple[int, int], generator: np.random.Generator) -> Tensor:
@@ -263,19 +203,12 @@ def _cutmix_boxes(area: np.ndarray, image_size: tuple[int, int], generator: np.r
     (height, width), side = image_size, np.sqrt(np.clip(area, 0.0, 1.0)) / 2
     centre_y, centre_x = generator.uniform(0, height, area.shape[0]), generator.uniform(0, width, area.shape[0])
     bounds = [centre_y - side * height, centre_y + side * height, centre_x - side * width, centre_x + side * width]
-    limits = [height, height, width, width]
-    return torch.from_numpy(
-        np.stack([np.clip(np.round(v), 0, n) for v, n in zip(bounds, limits, strict=True)], axis=1).astype(np.int64)
-    )
+    boxes = np.clip(np.round(np.stack(bounds, axis=1)), 0, [height, height, width, width])
+    return torch.from_numpy(boxes.astype(np.int64))
 
 
 def cutmix_box_mask(
-    batch_size: int,
-    image_size: Size2,
-    area: Tensor,
-    *,
-    generator: Generator = None,
-    device: Optional[torch.device] = None,
+    batch_size: int, image_size: Size2, area: Tensor, *, generator: Generator = None, device: Device = None
 ) -> Tensor:
     """One box per sample, ``(B, 1, H, W)`` bool, of the image's aspect ratio and ``area[i]`` of its size,
     centred uniformly over the image and clipped at the border (``lam`` is the mask's mean).
@@ -285,10 +218,8 @@ def cutmix_box_mask(
         >>> cutmix_box_mask(2, 8, torch.tensor([0.0, 0.5]), generator=np.random.default_rng(0)).shape
         torch.Size([2, 1, 8, 8])
     """
-    size = check_size2(image_size, "image_size")
-    if not isinstance(area, Tensor) or tuple(area.shape) != (batch_size,):
-        shape = tuple(area.shape) if isinstance(area, Tensor) else type(area).__name__
-        raise ValueError(f"Expected `area` to have shape ({batch_size},), but got shape {shape}.")
+    size = V.check_size2(image_size, "image_size")
+    V.check_shape(area, "area", (batch_size,))
     return _box_mask(_cutmix_boxes(area.detach().cpu().double().numpy(), size, _rng(generator)).to(device), size)
 
 
@@ -301,11 +232,10 @@ def paste(images: Tensor, mask: Tensor, permutation: Tensor) -> Tensor:
         >>> paste(images, torch.tensor([True, False]).view(1, 1, 1, 2), torch.tensor([1, 0]))[:, 0, 0].tolist()
         [[1.0, 0.0], [0.0, 1.0]]
     """
-    check_images(images)
-    permutation = check_permutation(permutation, images.shape[0])
+    V.check_images(images)
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError("Expected `mask` to be a boolean tensor broadcastable to `images`, e.g. (B, 1, H, W).")
-    return torch.where(mask, images.index_select(0, permutation), images)
+    return torch.where(mask, images.index_select(0, V.check_permutation(permutation, images.shape[0])), images)
 
 
 def _probabilities(targets: Tensor, num_classes: Optional[int], label_smoothing: float) -> Tensor:
@@ -320,19 +250,18 @@ def _probabilities(targets: Tensor, num_classes: Optional[int], label_smoothing:
 
 
 def to_probabilities(targets: Tensor, num_classes: Optional[int] = None, *, label_smoothing: float = 0.0) -> Tensor:
-    """Class indices ``(B,)`` or ``(B, 1)`` in ``[0, num_classes)``, or probabilities ``(B, K)``, as float ``(B, K)``;
-    probabilities' rows must sum to 1 within the rounding of their dtype (``max(0.01, 4 * eps)``).
+    """Class indices ``(B,)`` or ``(B, 1)`` in ``[0, num_classes)``, or probabilities ``(B, K)`` (rows that sum to 1
+    within ``max(0.01, 4 * eps)`` of their dtype), as float ``(B, K)``.
 
     Raises:
-        TypeError: if ``targets`` is not a tensor.
-        ValueError: for a missing ``num_classes``, out-of-range labels, or soft targets of the wrong shape or sums.
+        TypeError, ValueError: for a non-tensor, a missing ``num_classes``, out-of-range labels, or bad soft targets.
 
     Example::
 
         >>> to_probabilities(torch.tensor([[1]]), 3, label_smoothing=0.3)
         tensor([[0.1000, 0.8000, 0.1000]])
     """
-    return _probabilities(_checked_targets(targets, num_classes, None, label_smoothing), num_classes, label_smoothing)
+    return _probabilities(V.check_labels(targets, num_classes, None, label_smoothing), num_classes, label_smoothing)
 
 
 def _mix_targets(
@@ -345,12 +274,7 @@ def _mix_targets(
 
 
 def mix_targets(
-    targets: Tensor,
-    lam: Tensor,
-    permutation: Tensor,
-    num_classes: Optional[int] = None,
-    *,
-    label_smoothing: float = 0.0,
+    targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: Optional[int] = None, label_smoothing: float = 0.0
 ) -> Tensor:
     """``soft[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``, ``y`` from :func:`to_probabilities` (same errors).
 
@@ -359,8 +283,8 @@ def mix_targets(
         >>> mix_targets(torch.tensor([0, 2]), torch.tensor([0.25, 0.5]), torch.tensor([1, 0]), 3).tolist()
         [[0.75, 0.0, 0.25], [0.5, 0.0, 0.5]]
     """
-    targets = _checked_targets(targets, num_classes, lam.shape[0], label_smoothing)
-    permutation = check_permutation(permutation, lam.shape[0])
+    targets = V.check_labels(targets, num_classes, lam.shape[0], label_smoothing)
+    permutation = V.check_permutation(permutation, lam.shape[0])
     return _mix_targets(targets, lam, permutation.to(targets.device), num_classes, label_smoothing)
 
 
@@ -380,29 +304,24 @@ def mix_with_mask(
         >>> mix_with_mask(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), mask, torch.tensor([1, 0]), 2)[2]
         tensor([0.2500, 0.2500])
     """
-    mixed = paste(images, mask, permutation)
-    lam = _mask_share(mask.expand(images.shape[0], 1, *images.shape[-2:]))
+    mixed, lam = paste(images, mask, permutation), _mask_share(mask.expand(images.shape[0], 1, *images.shape[-2:]))
     return mixed, mix_targets(targets, lam, permutation, num_classes, label_smoothing=label_smoothing), lam
 
 
-def _mix(
+def _prepare(
     images: Tensor,
     targets: Tensor,
     num_classes: Optional[int],
     permutation: Optional[Tensor],
     generator: Generator,
-    smoothing: float,
-    op: Callable[[Tensor, np.random.Generator], tuple],
-) -> Mixed:
-    """The mixing ops' path: checks, pairing, ``op(permutation, generator) -> (mixed, lam, ...)``, soft targets."""
-    check_images(images)
-    targets, generator = _checked_targets(targets, num_classes, images.shape[0], smoothing), _rng(generator)
+    eps: float,
+) -> tuple[Tensor, Tensor, np.random.Generator]:
+    """The mixing ops' checks and pairing: ``(targets, permutation, generator)``."""
+    V.check_images(images)
+    targets, generator = V.check_labels(targets, num_classes, images.shape[0], eps), _rng(generator)
     if permutation is None:
-        permutation = pairing_permutation(images.shape[0], generator=generator, device=images.device)
-    else:
-        permutation = check_permutation(permutation, images.shape[0]).to(images.device)
-    mixed, lam = op(permutation, generator)[:2]
-    return mixed, _mix_targets(targets, lam, permutation, num_classes, smoothing), lam
+        return targets, pairing_permutation(images.shape[0], generator=generator, device=images.device), generator
+    return targets, V.check_permutation(permutation, images.shape[0]).to(images.device), generator
 
 
 def _paste_topk_cells(images: Tensor, partner_heatmaps: Tensor, top_k: int, permutation: Tensor) -> Mixed:
@@ -437,17 +356,10 @@ def attentive_cutmix(
         >>> mixed[0, 0].tolist(), lam.tolist(), soft[0].tolist()  # image 1's top-left cell (first of a tie) on image 0
         ([[1.0, 0.0], [0.0, 0.0]], [0.25, 0.25], [0.75, 0.25])
     """
-    check_images(images)
-    check_heatmaps(heatmaps, images.shape[0])
-    return _mix(
-        images,
-        targets,
-        num_classes,
-        permutation,
-        generator,
-        label_smoothing,
-        lambda p, _: _paste_topk_cells(images, heatmaps.to(images.device).index_select(0, p), top_k, p),
-    )
+    targets, permutation, _ = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
+    V.check_heatmaps(heatmaps, images.shape[0])
+    mixed, lam, _ = _paste_topk_cells(images, heatmaps.to(images.device)[permutation], top_k, permutation)
+    return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 
 def _cutmix_paste(images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator) -> Mixed:
@@ -477,16 +389,10 @@ def cutmix(
         >>> torch.allclose(soft.sum(1), torch.ones(8))
         True
     """
-    alpha = check_real(alpha, "alpha", low=0.0, low_open=True, what=_BETA)
-    return _mix(
-        images,
-        targets,
-        num_classes,
-        permutation,
-        generator,
-        label_smoothing,
-        lambda p, g: _cutmix_paste(images, p, alpha, g),
-    )
+    alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
+    targets, permutation, rng = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
+    mixed, lam, _ = _cutmix_paste(images, permutation, alpha, rng)
+    return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 
 def _mixup_blend(
@@ -521,20 +427,14 @@ def mixup(
         >>> mixed.shape, lam.shape
         (torch.Size([8, 3, 32, 32]), torch.Size([8]))
     """
-    return _mix(
-        images,
-        targets,
-        num_classes,
-        permutation,
-        generator,
-        label_smoothing,
-        lambda p, g: _mixup_blend(images, p, alpha, g),
-    )
+    targets, permutation, rng = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
+    mixed, lam = _mixup_blend(images, permutation, alpha, rng)
+    return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 
 def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:
-    """Share ``(B,)`` of each partner's attention mass inside the pasted region ``mask`` ``(B, 1, H, W)``: heatmaps
-    are shifted to a minimum of 0 and spread over their cells' pixels; a constant one gives the pasted area.
+    """Share ``(B,)`` of each partner's attention inside the pasted ``mask`` ``(B, 1, H, W)``, the heatmaps shifted to a
+    minimum of 0 and spread over their cells' pixels (a constant heatmap gives the pasted area).
 
     Example::
 
@@ -542,9 +442,9 @@ def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:
         >>> pasted_attention_share(heat, topk_cell_mask(heat, 1, 2))
         tensor([1.])
     """
-    check_heatmaps(partner_heatmaps, mask.shape[0])
+    V.check_heatmaps(partner_heatmaps, mask.shape[0])
     dense = expand_grid(partner_heatmaps.float().nan_to_num(0.0), tuple(mask.shape[-2:])).flatten(1)
-    dense = dense - dense.amin(dim=1, keepdim=True)
-    inside, total = mask.flatten(1), dense.sum(dim=1)
+    dense, inside = dense - dense.amin(dim=1, keepdim=True), mask.flatten(1)
+    total = dense.sum(dim=1)
     share = (dense * inside).sum(dim=1) / total.clamp_min(torch.finfo(torch.float32).tiny)
     return torch.where(total > 0, share, _mask_share(inside))

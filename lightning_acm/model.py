@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.models.resnet import BasicBlock
 from typing_extensions import override
 
 from lightning_acm.loss import SoftTargetLossMixin, soft_target_cross_entropy
@@ -35,23 +36,6 @@ _BUILDER_KWARGS: dict[str, dict[str, Any]] = {"inception_v3": {"aux_logits": Fal
 
 #: CIFAR ResNets (He et al., 2016, section 4.2): name -> blocks per stage (depth = 6n + 2).
 CIFAR_RESNET_BLOCKS: dict[str, int] = {"cifar_resnet8": 1, "cifar_resnet20": 3}
-
-
-class _CifarBasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
-            self.shortcut = nn.Sequential(conv, nn.BatchNorm2d(out_channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -74,7 +58,12 @@ class CifarResNet(nn.Module):
         channels = width
         for stage, out_channels in enumerate((width, 2 * width, 4 * width)):
             for block in range(blocks):
-                layers.append(_CifarBasicBlock(channels, out_channels, 2 if stage > 0 and block == 0 else 1))
+                stride = 2 if stage > 0 and block == 0 else 1
+                shortcut = None  # a 1x1 projection where the shape changes (option B)
+                if stride != 1 or channels != out_channels:
+                    conv = nn.Conv2d(channels, out_channels, 1, stride=stride, bias=False)
+                    shortcut = nn.Sequential(conv, nn.BatchNorm2d(out_channels))
+                layers.append(BasicBlock(channels, out_channels, stride, downsample=shortcut))
                 channels = out_channels
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(channels, num_classes)

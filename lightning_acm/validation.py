@@ -21,12 +21,19 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, Optional, TypeVar, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "check_bool",
+    "check_cell_indices",
     "check_choice",
+    "check_features",
+    "check_generator",
+    "check_image_size",
+    "check_labels",
+    "check_shape",
     "check_heatmaps",
     "check_images",
     "check_int",
@@ -120,6 +127,63 @@ def check_top_k(top_k: Any, grid: tuple[int, int]) -> int:
     if not is_int(top_k) or not 1 <= top_k <= gh * gw:
         raise ValueError(f"Expected `top_k` to be in [1, {gh * gw}] for a {gh}x{gw} grid, but got {top_k!r}.")
     return int(top_k)
+
+
+def check_features(features: Any, grid_size: Any) -> tuple[int, int]:
+    """``grid_size`` as ``(gh, gw)``; raise unless ``features`` is a ``(B, C, h, w)`` map at least that fine."""
+    if not isinstance(features, Tensor) or features.ndim != 4:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"Expected `features` to be a 4-D feature map (B, C, h, w), but got {shape}.")
+    (gh, gw), (h, w) = check_size2(grid_size, "grid_size"), features.shape[-2:]
+    if gh > h or gw > w:
+        raise ValueError(
+            f"Expected `grid_size` to be at most the feature map size {h}x{w} at this input size, but got {gh}x{gw}."
+            " Use a coarser `grid_size`, a larger `input_size`, or an earlier layer with a finer map."
+        )
+    return gh, gw
+
+
+def check_image_size(image_size: Any, grid: tuple[int, int]) -> tuple[int, int]:
+    """``image_size`` as ``(H, W)``; raise unless it is at least the ``(gh, gw)`` grid."""
+    (gh, gw), (height, width) = grid, check_size2(image_size, "image_size")
+    if gh > height or gw > width:
+        raise ValueError(
+            f"Expected `image_size` to be at least the grid size {gh}x{gw}, but got {height}x{width}."
+            " Use a coarser `grid_size` for such small images."
+        )
+    return height, width
+
+
+def check_cell_indices(cell_indices: Any, grid: tuple[int, int]) -> Tensor:
+    """``cell_indices`` if it is an integer ``(B, k)`` tensor of cells of the ``(gh, gw)`` grid; raise otherwise."""
+    (gh, gw), ok = grid, isinstance(cell_indices, Tensor) and cell_indices.ndim == 2
+    if (
+        not ok
+        or cell_indices.is_floating_point()
+        or (cell_indices.numel() and not 0 <= cell_indices.min() <= cell_indices.max() < gh * gw)
+    ):
+        raise ValueError(
+            f"Expected `cell_indices` to be integers (B, k) in [0, {gh * gw}) for a {gh}x{gw} grid, e.g. from"
+            f" `topk_cell_indices`, but got {cell_indices!r:.80}."
+        )
+    return cell_indices
+
+
+def check_shape(value: Any, name: str, shape: tuple[int, ...]) -> None:
+    """Raise unless ``value`` is a tensor of ``shape``."""
+    if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+        found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"Expected `{name}` to have shape {shape}, but got shape {found}.")
+
+
+def check_generator(generator: Any) -> np.random.Generator:
+    """``generator`` if it is a ``numpy.random.Generator``; raise a ``TypeError`` otherwise."""
+    if not isinstance(generator, np.random.Generator):
+        raise TypeError(
+            "Expected `generator` to be a numpy.random.Generator (e.g. `numpy.random.default_rng(0)`) or None,"
+            f" but got {type(generator).__name__}."
+        )
+    return generator
 
 
 def check_images(images: Any) -> None:
@@ -219,4 +283,13 @@ def check_targets(targets: Tensor, num_classes: Optional[int], batch_size: Optio
             f" [{float(targets.min()):.4g}, {float(targets.max()):.4g}] and row sums in [{float(sums.min()):.6g},"
             f" {float(sums.max()):.6g}]. Normalise them (e.g. `targets.softmax(1)`) or pass class indices."
         )
+    return targets
+
+
+def check_labels(targets: Any, num_classes: Optional[int], batch_size: Optional[int], smoothing: float) -> Tensor:
+    """The public mixing functions' target checks: :func:`check_targets`, the class-index range, ``label_smoothing``."""
+    check_real(smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
+    targets = check_targets(targets, num_classes, batch_size)
+    if targets.ndim == 1:
+        check_class_indices(targets, int(num_classes))  # type: ignore[arg-type]
     return targets

@@ -21,6 +21,7 @@ from torchvision.transforms.v2.functional import to_dtype, to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 from typing_extensions import override
 
+from lightning_acm import validation as V
 from lightning_acm.attention import Teacher
 from lightning_acm.callbacks import AttentiveCutMix, MixingCallback, MixResult, MixUp
 from lightning_acm.functional import pasted_attention_share
@@ -87,10 +88,9 @@ def _check_shapes(x_a: Tensor, others: dict[str, Tensor], lam: Any, mask: Any, h
                 f"Expected `{name}` to have the shape of `partners`, but the shapes do not match:"
                 f" {tuple(other.shape)} != {tuple(x_a.shape)}."
             )
-    if not isinstance(lam, Tensor) or tuple(lam.shape) != (batch,):
-        raise ValueError(f"Expected `lam` to have shape ({batch},), but got {_shape(lam)}.")
-    if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != (batch, 1, height, width)):
-        raise ValueError(f"Expected `mask` to have shape ({batch}, 1, {height}, {width}), but got {_shape(mask)}.")
+    V.check_shape(lam, "lam", (batch,))
+    if mask is not None:
+        V.check_shape(mask, "mask", (batch, 1, height, width))
     if heatmaps is not None and (not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or len(heatmaps) != batch):
         raise ValueError(
             f"Expected `partner_heatmaps` to have shape ({batch}, gh, gw), one map per image, but got"
