@@ -149,7 +149,7 @@ def tiny_fashion_mnist(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method", ["baseline", "attentive_cutmix_offline_112"])
+@pytest.mark.parametrize("method", ["baseline", "attentive_cutmix_offline_112", "timm_recipe"])
 def test_fit_through_the_cli_prints_the_test_accuracy(method: str, tiny_fashion_mnist: Path, tmp_path: Path, caplog):
     with caplog.at_level(logging.INFO):
         AttentiveCutMixCLI(
