@@ -191,7 +191,7 @@ def test_names_state_keys_and_state_dict():
     assert mixing.probabilities == pytest.approx((0.125,) * 4 + (0.25,) * 2)
     one, other = RandomMixing([CutMix(), MixUp()]), RandomMixing([CutMix(), MixUp(alpha=0.8)])
     assert one.state_key != other.state_key != RandomMixing([CutMix(), MixUp(alpha=0.8)], weights=[1, 2]).state_key
-    assert one.state_key == RandomMixing([CutMix(), MixUp()], weights=[2, 2]).state_key.replace("2.0", "1.0")
+    assert "('MixUp', {" in other.state_key and "'alpha': 0.8" in other.state_key  # the methods' own arguments
     assert set(one.state_dict()) == {"seed", "batches_seen", "batches_mixed"}
 
 
