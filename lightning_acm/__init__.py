@@ -9,7 +9,7 @@ Example::
 
 from lightning_acm.attention import AttentionModel, Teacher, build_attention_model
 from lightning_acm.cache import HeatmapCache, HeatmapCacheConfig
-from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
 from lightning_acm.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -39,6 +39,7 @@ __all__ = [
     "MixVisualizer",
     "MixingCallback",
     "PastedAttentionMonitor",
+    "RandomMixing",
     "SoftTargetLossMixin",
     "Teacher",
     "VisionDataModule",

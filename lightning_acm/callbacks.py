@@ -8,6 +8,8 @@ so reruns and resumed runs mix identically (the seed is in the callback's ``stat
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections import deque
 from collections.abc import MutableMapping, MutableSequence, Sequence
 from typing import Any, Optional, Union
@@ -34,7 +36,7 @@ from lightning_acm.cache import (
 )
 from lightning_acm.loss import SoftTargetLossMixin
 
-__all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp"]
+__all__ = ["AttentiveCutMix", "CutMix", "MixResult", "MixingCallback", "MixUp", "RandomMixing"]
 
 
 def batch_generator(*keys: int) -> np.random.Generator:
@@ -656,3 +658,153 @@ class AttentiveCutMix(MixingCallback):
         # Free the teacher's memory after fit; the next fit's setup builds it again.
         if stage == "fit" and self.teacher.module is None:
             self._attention = None
+
+
+# The MixingCallback arguments that RandomMixing decides for all its methods, at their defaults.
+_GOVERNED = {"p": 1.0, "label_smoothing": 0.0, "seed": None, "stop_after_step": None, "stop_after_epoch": None,
+             "image_key": None, "target_key": None, "log_prefix": "mix"}  # fmt: skip
+
+
+def _check_methods(methods: Any, num_classes: Optional[int]) -> list[MixingCallback]:
+    """``methods`` as a list of plain, distinct mixing callbacks that leave the governed arguments alone."""
+    if not isinstance(methods, (list, tuple)) or not all(isinstance(m, MixingCallback) for m in methods):
+        got = [type(m).__name__ for m in methods] if isinstance(methods, (list, tuple)) else type(methods).__name__
+        raise TypeError(
+            f"Expected `methods` to be a list of mixing callbacks (e.g. [CutMix(), MixUp()]), but got {got}."
+        )
+    if not methods:
+        raise ValueError("Expected `methods` to hold at least one mixing callback, but got an empty list.")
+    for i, method in enumerate(methods):
+        name = f"methods[{i}] ({type(method).__name__})"
+        if isinstance(method, RandomMixing):
+            raise ValueError(
+                f"Expected `methods` to hold no RandomMixing, but got one at {name}: list all the methods in one"
+                " RandomMixing with their `weights`."
+            )
+        if any(method is other for other in methods[:i]):
+            raise ValueError(f"Expected `methods` to hold distinct callbacks, but {name} is listed twice.")
+        governed = {**_GOVERNED, "num_classes": num_classes if method.num_classes is not None else None}
+        for arg, default in governed.items():
+            if getattr(method, arg) != default:
+                raise ValueError(
+                    f"Expected {name} to leave `{arg}` at {default!r}, but got {getattr(method, arg)!r}:"
+                    f" RandomMixing decides it for all its methods. Set `{arg}` on RandomMixing instead."
+                )
+    return list(methods)
+
+
+def _check_weights(weights: Optional[Sequence[float]], count: int) -> list[float]:
+    """``weights`` (``None``: equal) as floats, one per method, finite, >= 0 and not all zero."""
+    if weights is None:
+        return [1.0] * count
+    if not isinstance(weights, (list, tuple)) or len(weights) != count:
+        raise ValueError(f"Expected `weights` to be a list of {count} numbers, one per method, but got {weights!r}.")
+    if not all(
+        isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights
+    ):
+        raise ValueError(f"Expected `weights` to be finite numbers >= 0, but got {weights!r}.")
+    if sum(weights) <= 0:
+        raise ValueError(f"Expected `weights` to have a positive sum, but got {weights!r}.")
+    return [float(w) for w in weights]
+
+
+def _method_names(methods: Sequence[MixingCallback]) -> tuple[str, ...]:
+    """A metric name per method: its class in lower case, ``attentive_cutmix`` or ``random_cells``; repeats get
+    ``_1``, ``_2``, ... (``cutmix``, ``cutmix_1``)."""
+    bases = [
+        ("random_cells" if m.teacher.is_random else "attentive_cutmix") if isinstance(m, AttentiveCutMix)
+        else type(m).__name__.lower() for m in methods
+    ]  # fmt: skip
+    return tuple(f"{base}_{bases[:i].count(base)}" if base in bases[:i] else base for i, base in enumerate(bases))
+
+
+class RandomMixing(MixingCallback):
+    """Mix each batch with one of several methods, picked at random per batch (timm's ``Mixup`` with
+    ``switch_prob``, torchvision's ``RandomChoice([CutMix(...), MixUp(...)])``).
+
+    The pick is drawn from the batch's generator, which the picked method then uses for its own draws, so
+    picks are seeded like any mixing (reruns and resumed runs repeat them, ranks differ). Only the picked
+    method runs: an Attentive CutMix teacher runs on the batches it mixes. The methods belong to this
+    callback: do not add them to the Trainer, and set the arguments that apply to every batch (``p``,
+    ``label_smoothing``, ``seed``, ``stop_after_*``, keys, ``num_classes``, ``log_prefix``) here, not on them.
+    Label smoothing is applied once, here. Besides ``{log_prefix}/mixed``, ``/lam`` and
+    ``/pasted_attention``, it logs ``{log_prefix}/picked/<name>``: the share of the epoch's mixed images
+    that each method mixed (the shares sum to 1), named as in :attr:`names`.
+
+    Args:
+        methods: the mixing callbacks to pick from, e.g. ``[CutMix(alpha=1.0), MixUp(alpha=0.8)]``.
+        weights: relative probability of each method (normalised); ``None`` picks them equally often.
+        **kwargs: see :class:`MixingCallback`.
+
+    Raises:
+        TypeError: if ``methods`` is not a list of mixing callbacks.
+        ValueError: for an empty list, a nested RandomMixing, a method listed twice, a method that sets
+            an argument decided here, or ``weights`` of the wrong length, negative, non-finite or all zero.
+        MisconfigurationException: from ``setup`` when a method is also among the Trainer's callbacks.
+
+    Example::
+
+        >>> mixing = RandomMixing([CutMix(alpha=1.0), MixUp(alpha=0.8)], weights=[0.5, 0.5], label_smoothing=0.1)
+        >>> mixing.names, mixing.probabilities
+        (('cutmix', 'mixup'), (0.5, 0.5))
+    """
+
+    def __init__(self, methods: list[MixingCallback], weights: Optional[list[float]] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.methods = _check_methods(methods, self.num_classes)
+        self.weights = _check_weights(weights, len(self.methods))
+        #: the probability of picking each method (the normalised weights)
+        self.probabilities = tuple(w / sum(self.weights) for w in self.weights)
+        #: the name of each method in the logged ``{log_prefix}/picked/<name>``
+        self.names = _method_names(self.methods)
+        self._picked = _EpochMeans(self.names)
+
+    @override
+    def state_key_arguments(self) -> dict[str, Any]:
+        methods = [(type(m).__name__, m.state_key_arguments()) for m in self.methods]
+        return {**super().state_key_arguments(), "methods": methods, "weights": self.weights}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        listed = [type(m).__name__ for m in self.methods if any(m is cb for cb in trainer.callbacks)]  # type: ignore[attr-defined]
+        if listed:
+            raise MisconfigurationException(
+                f"RandomMixing mixes with its methods itself, but {', '.join(listed)} is also in the Trainer's"
+                " callbacks, so it would mix the batches again. Remove it from `Trainer(callbacks=[...])`."
+            )
+        for method in self.methods:  # builds an Attentive CutMix teacher
+            method.setup(trainer, pl_module, stage)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for method in self.methods:  # fills an Attentive CutMix heatmap cache
+            method.on_fit_start(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for method in self.methods:
+            method.teardown(trainer, pl_module, stage)
+
+    @override
+    def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
+        picked = int(self._generator.choice(len(self.methods), p=self.probabilities))
+        method = self.methods[picked]
+        method._generator = self._generator
+        result = method.mix(images, targets, num_classes, batch)
+        if self.label_smoothing > 0:  # the methods have none: smoothing the mixed targets smooths both sides
+            result.soft_targets = AF._probabilities(result.soft_targets, num_classes, self.label_smoothing)
+        size = images.shape[0]
+        for index, name in enumerate(self.names):
+            self._picked.add(name, float(size if index == picked else 0), size, images.device)
+        return result
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._picked.reset()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._picked.log(trainer, pl_module, f"{self.log_prefix}/picked")

@@ -10,8 +10,9 @@ A ``--config`` (or ``-c``) value that is not a file names a config shipped insid
 ``pip install``; copy one out of ``CONFIG_DIR`` to edit it.
 
 The ``mixing`` key holds one of :class:`~lightning_acm.callbacks.AttentiveCutMix`,
-:class:`~lightning_acm.callbacks.CutMix` or :class:`~lightning_acm.callbacks.MixUp` (or ``null``:
-the baseline); it is added to the Trainer's callbacks. ``data.num_classes`` and the number of
+:class:`~lightning_acm.callbacks.CutMix`, :class:`~lightning_acm.callbacks.MixUp` or
+:class:`~lightning_acm.callbacks.RandomMixing` (its ``methods`` a list of ``class_path``/``init_args``),
+or ``null``: the baseline; it is added to the Trainer's callbacks. ``data.num_classes`` and the number of
 input channels are linked to the model, and the mixing callback takes ``num_classes`` and the
 normalisation that its attention model must undo from the datamodule (``datamodule.mean``/``std``).
 """

@@ -1,6 +1,7 @@
 """See what the mixing does: :func:`render_mix_grid` and :func:`render_mix` draw mixes (no Lightning),
 :class:`MixVisualizer` logs them while training, and :class:`PastedAttentionMonitor` gives CutMix the
-``pasted_attention`` metric. The callbacks read the mixing callbacks' ``last_mix`` and change nothing in them.
+``pasted_attention`` metric. The callbacks read the mixing callbacks' ``last_mix`` and change nothing in them
+but the monitor's measures, counted into the mixer's epoch mean.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing_extensions import override
 
 from lightning_acm import validation as V
 from lightning_acm.attention import Teacher
-from lightning_acm.callbacks import AttentiveCutMix, MixingCallback, MixResult, MixUp
+from lightning_acm.callbacks import AttentiveCutMix, MixingCallback, MixResult, MixUp, RandomMixing
 from lightning_acm.functional import pasted_attention_share
 from lightning_acm.validation import check_int, check_real
 
@@ -261,7 +262,9 @@ class PastedAttentionMonitor(_EveryNSteps):
     The metric is the share of the partner's attention mass inside the pasted region
     (:func:`~lightning_acm.functional.pasted_attention_share`), averaged over the epoch. This callback
     measures the mixers that paste without heatmaps (CutMix, random cells): one teacher forward on the unmixed
-    batch of their ``last_mix`` per measured batch. :class:`MixVisualizer` borrows these heatmaps.
+    batch of their ``last_mix`` per measured batch, counted into the mixer's own epoch mean (so a
+    :class:`~lightning_acm.callbacks.RandomMixing` logs one mean over the batches that each method mixed).
+    :class:`MixVisualizer` borrows these heatmaps.
 
     Args:
         teacher: a :class:`~lightning_acm.attention.Teacher`, or the name of its ``source``; its
@@ -341,15 +344,9 @@ class PastedAttentionMonitor(_EveryNSteps):
                 continue  # not mixed, blended (Mixup), or measured by the mixer itself
             heatmaps = self.partner_heatmaps(result)
             if heatmaps is not None:
+                # Into the mixer's own epoch mean: a RandomMixing logs the batches that measure themselves there too.
                 share = pasted_attention_share(heatmaps, result.mask)
-                pl_module.log(
-                    f"{mixer.log_prefix}/pasted_attention",
-                    share.mean(),
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=share.shape[0],
-                    sync_dist=True,
-                )
+                mixer._epoch_means.add("pasted_attention", share.sum(), share.shape[0], share.device)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -360,7 +357,10 @@ class PastedAttentionMonitor(_EveryNSteps):
 
 
 def _measures_itself(mixer: MixingCallback) -> bool:
-    """Whether ``mixer`` logs ``pasted_attention`` itself: Mixup, and Attentive CutMix with a teacher."""
+    """Whether ``mixer`` logs ``pasted_attention`` itself: Mixup, Attentive CutMix with a teacher, and a
+    RandomMixing of these."""
+    if isinstance(mixer, RandomMixing):
+        return all(map(_measures_itself, mixer.methods))
     return isinstance(mixer, MixUp) or (isinstance(mixer, AttentiveCutMix) and not mixer.teacher.is_random)
 
 
@@ -435,7 +435,8 @@ class MixVisualizer(_EveryNSteps):
 
     def _normalization(self, trainer: pl.Trainer) -> tuple[Any, Any]:
         """The given ``mean``/``std``, else the datamodule's, else an Attentive CutMix teacher's."""
-        settings = [getattr(mixer, "teacher", mixer) for mixer in self._mixers]  # a Teacher, or the mixer's own
+        methods = [method for mixer in self._mixers for method in getattr(mixer, "methods", [mixer])]
+        settings = [getattr(method, "teacher", method) for method in methods]  # a Teacher, or the mixer's own
         candidates = [(self.mean, self.std), _datamodule_normalization(trainer)]
         candidates += [(getattr(s, "input_mean", None), getattr(s, "input_std", None)) for s in settings]
         return next(((tuple(m), tuple(s)) for m, s in candidates if m is not None and s is not None), (None, None))

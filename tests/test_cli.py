@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixUp
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
 from lightning_acm.cli import CONFIG_DIR, AttentiveCutMixCLI, packaged_configs, resolve_config
 from lightning_acm.data import FASHION_MNIST_SYSTEM_DIR, FashionMNISTDataModule, read_idx, write_idx
 from lightning_acm.model import ImageClassifier
@@ -54,15 +54,22 @@ def test_model_configs_instantiate(model: Path):
 @pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)
 def test_method_configs_instantiate(method: Path):
     run = cli(FMNIST, SMALL_MODEL, str(method))
-    mixing = [c for c in run.trainer.callbacks if isinstance(c, (AttentiveCutMix, CutMix, MixUp))]
+    mixing = [c for c in run.trainer.callbacks if isinstance(c, MixingCallback)]
     if method.stem == "baseline":
         assert mixing == []
     else:
         assert len(mixing) == 1
-        expected = {"mixup": MixUp, "cutmix": CutMix}.get(method.stem, AttentiveCutMix)
+        choices = {"timm_recipe": RandomMixing, "cutmix_or_attentive": RandomMixing}
+        expected = {"mixup": MixUp, "cutmix": CutMix, **choices}.get(method.stem, AttentiveCutMix)
         assert type(mixing[0]) is expected
     if method.stem == "attentive_cutmix":
         assert mixing[0].teacher.source == "paper" and mixing[0].top_k == 6 and mixing[0].grid_size == (7, 7)
+    if method.stem == "timm_recipe":
+        assert [(type(m), m.alpha) for m in mixing[0].methods] == [(CutMix, 1.0), (MixUp, 0.8)]
+        assert (mixing[0].probabilities, mixing[0].p, mixing[0].label_smoothing) == ((0.5, 0.5), 1.0, 0.1)
+    if method.stem == "cutmix_or_attentive":
+        assert [type(m) for m in mixing[0].methods] == [CutMix, AttentiveCutMix]
+        assert mixing[0].methods[1].teacher.source == "efficientnet_lite0" and mixing[0].probabilities == (0.5, 0.5)
 
 
 def test_every_packaged_config_is_checked_here_and_the_clone_links_to_them():
@@ -142,7 +149,7 @@ def tiny_fashion_mnist(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method", ["baseline", "attentive_cutmix_offline_112"])
+@pytest.mark.parametrize("method", ["baseline", "attentive_cutmix_offline_112", "timm_recipe"])
 def test_fit_through_the_cli_prints_the_test_accuracy(method: str, tiny_fashion_mnist: Path, tmp_path: Path, caplog):
     with caplog.at_level(logging.INFO):
         AttentiveCutMixCLI(

@@ -22,7 +22,7 @@ from lightning_acm.callbacks import batch_generator
 from lightning_acm.functional import pairing_permutation
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_mix.py"
-METHODS = ("attentive_cutmix", "cutmix", "mixup")
+METHODS = ("attentive_cutmix", "cutmix", "mixup", "random_mixing")
 STEPS, BATCH = 4, 4
 
 pytestmark = [
@@ -135,6 +135,8 @@ def test_each_rank_is_seeded_from_seed_rank_epoch_and_batch(runs, method):
         for step in result[method]["steps"]:
             generator = batch_generator(1234, rank, step["epoch"], step["batch_idx"])
             generator.random()  # the draw that decides whether the batch is mixed
+            if method == "random_mixing":
+                generator.choice(2, p=(0.5, 0.5))  # the pick of CutMix or Mixup
             assert torch.equal(step["permutation"], pairing_permutation(BATCH, generator=generator))
 
 
@@ -154,6 +156,9 @@ def test_logged_metrics_are_means_over_both_ranks(runs, method):
         assert metrics["mix/mixed"] == 1.0
         assert metrics["mix/lam"] == pytest.approx(float(lam.mean()), rel=1e-6)
         assert ("mix/pasted_attention" in metrics) == (method != "cutmix")
+        if method == "random_mixing":
+            shares = metrics["mix/picked/cutmix"], metrics["mix/picked/mixup"]
+            assert 0 < shares[0] < 1 and sum(shares) == pytest.approx(1.0)
     assert results[0]["metrics"] == results[1]["metrics"]
 
 

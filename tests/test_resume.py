@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm.attention import Teacher, attention_model_from_module
-from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
 from lightning_acm.loss import SoftTargetLossMixin
 
 # The stopped and the resumed run share their checkpoint folder, as a real resume does.
@@ -81,6 +81,9 @@ MAKERS: dict[str, Callable[[Optional[int]], MixingCallback]] = {
     "cutmix": lambda seed: CutMix(alpha=1.0, p=0.5, seed=seed),
     "mixup": lambda seed: MixUp(alpha=0.4, p=0.5, seed=seed),
     "random_cells": lambda seed: AttentiveCutMix(teacher="random", top_k=6, p=0.5, seed=seed),
+    "random_mixing": lambda seed: RandomMixing(
+        [CutMix(alpha=1.0), AttentiveCutMix(teacher=Teacher(module=teacher()), top_k=6)], p=0.5, seed=seed
+    ),
 }
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm.attention import Teacher, attention_model_from_module
-from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
 from lightning_acm.loss import SoftTargetLossMixin
 
 NUM_CLASSES, SIZE, BATCH, STEPS, WORLD = 4, 28, 4, 4, 2
@@ -100,6 +100,8 @@ def make_callback(method: str, seed: int) -> MixingCallback:
         return CountingAttentiveCutMix(teacher=Teacher(module=teacher()), top_k=6, seed=seed)
     if method == "cutmix":
         return CutMix(alpha=1.0, seed=seed)
+    if method == "random_mixing":
+        return RandomMixing([CutMix(alpha=1.0), MixUp(alpha=0.4)], seed=seed)
     return MixUp(alpha=0.4, seed=seed)
 
 
@@ -138,7 +140,9 @@ def main() -> None:
     out_dir = sys.argv[1]
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else 1234
     os.makedirs(out_dir, exist_ok=True)
-    results = {method: run(method, seed, out_dir) for method in ("attentive_cutmix", "cutmix", "mixup")}
+    results = {
+        method: run(method, seed, out_dir) for method in ("attentive_cutmix", "cutmix", "mixup", "random_mixing")
+    }
     results["rank"] = dist.get_rank()
     results["world_size"] = dist.get_world_size()
     results["backend"] = dist.get_backend()
