@@ -65,10 +65,19 @@ class MixResult:
     """
 
     def __init__(
-        self, mixed: Tensor, soft_targets: Tensor, lam: Tensor, permutation: Tensor, mask: Optional[Tensor] = None,
-        partner_heatmaps: Optional[Tensor] = None, *, cell_indices: Optional[Tensor] = None,
-        boxes: Optional[Tensor] = None, source: Optional[Tensor] = None, source_targets: Optional[Tensor] = None,
-    ) -> None:  # fmt: skip
+        self,
+        mixed: Tensor,
+        soft_targets: Tensor,
+        lam: Tensor,
+        permutation: Tensor,
+        mask: Optional[Tensor] = None,
+        partner_heatmaps: Optional[Tensor] = None,
+        *,
+        cell_indices: Optional[Tensor] = None,
+        boxes: Optional[Tensor] = None,
+        source: Optional[Tensor] = None,
+        source_targets: Optional[Tensor] = None,
+    ) -> None:
         if cell_indices is not None and partner_heatmaps is None:
             raise ValueError("`cell_indices` need the `partner_heatmaps` whose grid they index.")
         self.mixed, self.soft_targets, self.lam, self.permutation = mixed, soft_targets, lam, permutation
@@ -192,9 +201,10 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
         fields = getattr(batch, "_fields", None)
         fix = (
             "Collate it into a dict that keeps the field names (`collate_fn=lambda s: default_collate(s)._asdict()`)"
-            f" and pass `image_key=` and `target_key=` (of {', '.join(map(repr, fields))})." if fields else
-            "Return a list from your collate_fn (`collate_fn=lambda s: list(default_collate(s))`)."
-        )  # fmt: skip
+            f" and pass `image_key=` and `target_key=` (of {', '.join(map(repr, fields))})."
+            if fields
+            else "Return a list from your collate_fn (`collate_fn=lambda s: list(default_collate(s))`)."
+        )
         kind = f"a namedtuple {type(batch).__name__}" if fields else "a tuple"
         raise TypeError(f"{owner} mixes the batch in place, but the batch is {kind}, which cannot be changed. {fix}")
     if isinstance(batch, MutableSequence) and len(batch) >= 2:
@@ -248,10 +258,18 @@ class MixingCallback(Callback):
     """
 
     def __init__(
-        self, *, p: float = 1.0, num_classes: Optional[int] = None, seed: Optional[int] = None,
-        label_smoothing: float = 0.0, stop_after_step: Optional[int] = None, stop_after_epoch: Optional[int] = None,
-        image_key: Optional[Union[int, str]] = None, target_key: Optional[Union[int, str]] = None, log_prefix: str = "mix",
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        p: float = 1.0,
+        num_classes: Optional[int] = None,
+        seed: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        stop_after_step: Optional[int] = None,
+        stop_after_epoch: Optional[int] = None,
+        image_key: Optional[Union[int, str]] = None,
+        target_key: Optional[Union[int, str]] = None,
+        log_prefix: str = "mix",
+    ) -> None:
         super().__init__()
         self.p = V.check_real(p, "p", low=0.0, high=1.0, what="the probability that a batch is mixed")
         self.num_classes = V.check_int(num_classes, "num_classes", minimum=2, optional=True)
@@ -287,8 +305,16 @@ class MixingCallback(Callback):
 
     def state_key_arguments(self) -> dict[str, Any]:
         """The arguments that make up :attr:`state_key` (subclasses add theirs)."""
-        names = ("p", "num_classes", "label_smoothing", "stop_after_step", "stop_after_epoch", "image_key",
-                 "target_key", "log_prefix")  # fmt: skip
+        names = (
+            "p",
+            "num_classes",
+            "label_smoothing",
+            "stop_after_step",
+            "stop_after_epoch",
+            "image_key",
+            "target_key",
+            "log_prefix",
+        )
         return {name: getattr(self, name) for name in names}
 
     @property
@@ -480,8 +506,8 @@ class AttentiveCutMix(MixingCallback):
             ``Teacher(coldest=True)`` pastes the least attended cells.
         heatmap_cache: ``True`` or a :class:`~lightning_acm.cache.HeatmapCacheConfig`: run the
             teacher once per un-augmented training image and warp the maps by the recorded geometry.
-        p, num_classes, seed, label_smoothing, stop_after_step, stop_after_epoch, image_key, target_key,
-            log_prefix: see :class:`MixingCallback`.
+        **kwargs: ``p``, ``num_classes``, ``seed``, ``label_smoothing``, ``stop_after_step``,
+            ``stop_after_epoch``, ``image_key``, ``target_key``, ``log_prefix``: see :class:`MixingCallback`.
 
     Raises:
         ValueError: for a ``top_k`` outside the grid, a cache grid coarser than the teacher's, or a
@@ -497,16 +523,14 @@ class AttentiveCutMix(MixingCallback):
     """
 
     def __init__(
-        self, *, top_k: int = 6, teacher: Union[str, Teacher] = "efficientnet_lite0",
-        heatmap_cache: Union[bool, HeatmapCacheConfig] = False, p: float = 1.0, num_classes: Optional[int] = None,
-        seed: Optional[int] = None, label_smoothing: float = 0.0, stop_after_step: Optional[int] = None,
-        stop_after_epoch: Optional[int] = None, image_key: Optional[Union[int, str]] = None,
-        target_key: Optional[Union[int, str]] = None, log_prefix: str = "mix",
-    ) -> None:  # fmt: skip
-        super().__init__(
-            p=p, num_classes=num_classes, seed=seed, label_smoothing=label_smoothing, stop_after_step=stop_after_step,
-            stop_after_epoch=stop_after_epoch, image_key=image_key, target_key=target_key, log_prefix=log_prefix,
-        )  # fmt: skip
+        self,
+        *,
+        top_k: int = 6,
+        teacher: Union[str, Teacher] = "efficientnet_lite0",
+        heatmap_cache: Union[bool, HeatmapCacheConfig] = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
         teacher = Teacher(source=teacher) if isinstance(teacher, str) else teacher
         if not isinstance(teacher, Teacher):
             raise TypeError(f"Expected `teacher` to be a str or a Teacher, but got {type(teacher).__name__}.")
@@ -542,8 +566,12 @@ class AttentiveCutMix(MixingCallback):
         }
         if self.teacher.module is not None:
             teacher["module"] = type(self.teacher.module).__name__
-        return {**super().state_key_arguments(), "top_k": self.top_k, "teacher": teacher,
-                "heatmap_cache": None if self.heatmap_cache is None else dataclasses.asdict(self.heatmap_cache)}  # fmt: skip
+        return {
+            **super().state_key_arguments(),
+            "top_k": self.top_k,
+            "teacher": teacher,
+            "heatmap_cache": None if self.heatmap_cache is None else dataclasses.asdict(self.heatmap_cache),
+        }
 
     @property
     def attention_model(self) -> Optional[nn.Module]:
@@ -661,8 +689,16 @@ class AttentiveCutMix(MixingCallback):
 
 
 # The MixingCallback arguments that RandomMixing decides for all its methods, at their defaults.
-_GOVERNED = {"p": 1.0, "label_smoothing": 0.0, "seed": None, "stop_after_step": None, "stop_after_epoch": None,
-             "image_key": None, "target_key": None, "log_prefix": "mix"}  # fmt: skip
+_GOVERNED = {
+    "p": 1.0,
+    "label_smoothing": 0.0,
+    "seed": None,
+    "stop_after_step": None,
+    "stop_after_epoch": None,
+    "image_key": None,
+    "target_key": None,
+    "log_prefix": "mix",
+}
 
 
 def _check_methods(methods: Any, num_classes: Optional[int]) -> list[MixingCallback]:
@@ -712,9 +748,11 @@ def _method_names(methods: Sequence[MixingCallback]) -> tuple[str, ...]:
     """A metric name per method: its class in lower case, ``attentive_cutmix`` or ``random_cells``; repeats get
     ``_1``, ``_2``, ... (``cutmix``, ``cutmix_1``)."""
     bases = [
-        ("random_cells" if m.teacher.is_random else "attentive_cutmix") if isinstance(m, AttentiveCutMix)
-        else type(m).__name__.lower() for m in methods
-    ]  # fmt: skip
+        ("random_cells" if m.teacher.is_random else "attentive_cutmix")
+        if isinstance(m, AttentiveCutMix)
+        else type(m).__name__.lower()
+        for m in methods
+    ]
     return tuple(f"{base}_{bases[:i].count(base)}" if base in bases[:i] else base for i, base in enumerate(bases))
 
 

@@ -641,9 +641,13 @@ def test_class_indices_of_shape_b_1_are_mixed_as_indices_through_a_callback():
 def test_attentive_cutmix_takes_twelve_arguments():
     import inspect
 
-    names = list(inspect.signature(AttentiveCutMix.__init__).parameters)[1:]
-    assert names == ["top_k", "teacher", "heatmap_cache", "p", "num_classes", "seed", "label_smoothing",
-                     "stop_after_step", "stop_after_epoch", "image_key", "target_key", "log_prefix"]  # fmt: skip
+    own = list(inspect.signature(AttentiveCutMix.__init__).parameters)[1:]
+    base = list(inspect.signature(MixingCallback.__init__).parameters)[1:]
+    assert own == ["top_k", "teacher", "heatmap_cache", "kwargs"]
+    assert own[:-1] + base == ["top_k", "teacher", "heatmap_cache", "p", "num_classes", "seed", "label_smoothing",
+                               "stop_after_step", "stop_after_epoch", "image_key", "target_key", "log_prefix"]  # fmt: skip
+    with pytest.raises(TypeError, match="unexpected keyword argument 'alpha'"):
+        AttentiveCutMix(alpha=1.0)
 
 
 def test_teacher_as_a_string_or_a_nested_teacher():
