@@ -17,7 +17,6 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch import Tensor
@@ -203,9 +202,7 @@ class _TensorImages(Dataset):
     """``(N, H, W)`` uint8 images and ``(N,)`` labels, zero-padded to ``pad_to``, served as (PIL ``mode``, int)."""
 
     def __init__(self, images: Tensor, targets: Tensor, pad_to: int, mode: str) -> None:
-        height, width = images.shape[-2:]
-        top, left = (pad_to - height) // 2, (pad_to - width) // 2
-        self.images = F.pad(images, (left, pad_to - width - left, top, pad_to - height - top))
+        self.images = TF.center_crop(images, [pad_to])  # a crop larger than the image pads it with zeros
         self.targets, self.mode = targets.long(), mode
 
     def __len__(self) -> int:
