@@ -4,17 +4,10 @@ Every experiment is ``fit`` with three composable configs (data, model, method):
 
     lightning-acm fit --config data/cifar10 --config model/resnet18 --config method/attentive_cutmix
 
-A ``--config`` (or ``-c``) value that is not a file names a config shipped inside the package
-(:data:`CONFIG_DIR`, the ``configs/`` folder of a clone): ``demo``, ``data/cifar10``,
-``method/cutmix.yaml`` and ``configs/model/resnet18.yaml`` all work from any directory after
-``pip install``; copy one out of ``CONFIG_DIR`` to edit it.
-
-The ``mixing`` key holds one of :class:`~lightning_acm.callbacks.AttentiveCutMix`,
-:class:`~lightning_acm.callbacks.CutMix`, :class:`~lightning_acm.callbacks.MixUp` or
-:class:`~lightning_acm.callbacks.RandomMixing` (its ``methods`` a list of ``class_path``/``init_args``),
-or ``null``: the baseline; it is added to the Trainer's callbacks. ``data.num_classes`` and the number of
-input channels are linked to the model, and the mixing callback takes ``num_classes`` and the
-normalisation that its attention model must undo from the datamodule (``datamodule.mean``/``std``).
+A ``--config`` value that is not a file names a packaged config (:func:`resolve_config`). The ``mixing`` key
+holds a :class:`~lightning_acm.callbacks.MixingCallback` (``null``: the baseline; a
+:class:`~lightning_acm.callbacks.RandomMixing` lists its ``methods`` as ``class_path``/``init_args``), added to the Trainer's
+callbacks; ``data.num_classes`` and the input channels are linked to the model.
 """
 
 from __future__ import annotations
@@ -52,24 +45,16 @@ def packaged_configs() -> list[str]:
 def resolve_config(value: str) -> str:
     """The file a ``--config`` value stands for: the value itself when it is a file, else a packaged config.
 
-    A packaged config is named by its path in :data:`CONFIG_DIR`, with or without ``.yaml`` and a
-    leading ``configs/`` (so the paths of a clone work anywhere). A value holding ``:`` or ``{`` is
-    inline YAML or JSON and is returned as it is, for the parser to read.
-
-    Args:
-        value: a path, a packaged config's name, or an inline config.
-
-    Returns:
-        ``value``, or the path of the packaged config it names.
+    A packaged config is named by its path in :data:`CONFIG_DIR`, with or without ``.yaml`` and a leading
+    ``configs/`` (so ``demo`` and ``configs/method/cutmix.yaml`` work from any directory). A value holding
+    ``:`` or ``{`` is inline YAML or JSON and is returned as it is.
 
     Raises:
         ValueError: if ``value`` is neither a file, a packaged config nor an inline config.
 
     Example::
 
-        >>> resolve_config("demo") == str(CONFIG_DIR / "demo.yaml")
-        True
-        >>> resolve_config("method/cutmix.yaml") == str(CONFIG_DIR / "method" / "cutmix.yaml")
+        >>> resolve_config("method/cutmix") == str(CONFIG_DIR / "method" / "cutmix.yaml")
         True
     """
     if Path(value).is_file() or any(char in value for char in ":{"):
@@ -102,7 +87,9 @@ class AttentiveCutMixCLI(LightningCLI):
 
     Example::
 
-        >>> cli = AttentiveCutMixCLI(args=["--data=FashionMNISTDataModule", "--print_config"], run=False)  # doctest: +SKIP
+        >>> cli = AttentiveCutMixCLI(args=["--data=FashionMNISTDataModule", "--model.arch=cifar_resnet8"], run=False)
+        >>> type(cli.datamodule).__name__, cli.model.hparams.num_classes
+        ('FashionMNISTDataModule', 10)
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -130,12 +117,8 @@ class AttentiveCutMixCLI(LightningCLI):
         parser.add_lightning_class_args(MixingCallback, "mixing", subclass_mode=True, required=False)
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.dims", "model.in_channels", compute_fn=lambda dims: dims[0], apply_on="instantiate")
-        parser.add_argument(
-            "--test_after_fit",
-            type=bool,
-            default=False,
-            help="After fit, test the best checkpoint (or the last weights) and print the test top-1.",
-        )
+        help_text = "After fit, test the best checkpoint (or the last weights) and print the test top-1."
+        parser.add_argument("--test_after_fit", type=bool, default=False, help=help_text)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # The baseline has `mixing: null`; LightningCLI would pass that None on as a callback.
@@ -147,8 +130,7 @@ class AttentiveCutMixCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self._get(self.config, "test_after_fit", default=False):
             return
-        checkpoint = self.trainer.checkpoint_callback
-        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
         accuracy: Optional[float] = results[0].get("test/acc") if results else None
         if accuracy is not None:

@@ -17,7 +17,6 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch import Tensor
@@ -203,9 +202,7 @@ class _TensorImages(Dataset):
     """``(N, H, W)`` uint8 images and ``(N,)`` labels, zero-padded to ``pad_to``, served as (PIL ``mode``, int)."""
 
     def __init__(self, images: Tensor, targets: Tensor, pad_to: int, mode: str) -> None:
-        height, width = images.shape[-2:]
-        top, left = (pad_to - height) // 2, (pad_to - width) // 2
-        self.images = F.pad(images, (left, pad_to - width - left, top, pad_to - height - top))
+        self.images = TF.center_crop(images, [pad_to])  # a crop larger than the image pads it with zeros
         self.targets, self.mode = targets.long(), mode
 
     def __len__(self) -> int:
@@ -284,9 +281,9 @@ def _take(indices: Tensor, count: Optional[int], name: str, what: str) -> Tensor
 class VisionDataModule(LightningDataModule):
     """Base for the image-classification datamodules: split, subsets, transforms and loaders.
 
-    Subclasses set ``name``, ``num_classes``, ``dims``, ``mean``, ``std`` and implement ``_check_data``
-    (raise naming the path), ``_base_dataset(train)`` (``(PIL image, int)`` samples), ``_download`` and,
-    where the defaults do not fit, ``_transforms``.
+    Subclasses set ``name``, ``num_classes``, ``dims``, ``mean``, ``std`` and implement ``_base_dataset(train)``
+    (``(PIL image, int)`` samples; raise naming the path if the data is missing), ``_download`` and, where the
+    defaults do not fit, ``_transforms``.
 
     Args:
         data_dir: the folder holding (or receiving) the data.
@@ -367,13 +364,8 @@ class VisionDataModule(LightningDataModule):
         self.train_set = self.val_set = self.test_set = self._train_base = None
         self._train_indices = self._val_indices = None
 
-    def _download(self) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot download its data.")
-
-    def _check_data(self) -> Any:
-        raise NotImplementedError
-
     def _base_dataset(self, train: bool) -> Dataset:
+        """The training or test set as ``(PIL image, int)`` samples; raises naming the path if it is missing."""
         raise NotImplementedError
 
     def _transforms(self) -> tuple[GeometryTransform, GeometryTransform, GeometryTransform]:
@@ -382,6 +374,9 @@ class VisionDataModule(LightningDataModule):
 
     def _dataset(self, base: Dataset, indices: Optional[Tensor], transform: GeometryTransform, output: str = "pair"):
         return _TransformedSet(base, indices, transform, T.Normalize(self.mean, self.std), output)
+
+    def _download(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot download its data.")
 
     @override
     def prepare_data(self) -> None:
@@ -418,7 +413,6 @@ class VisionDataModule(LightningDataModule):
             self.test_set = self._dataset(base, indices, self._transforms()[1])
 
     def _load_base(self, train: bool) -> Dataset:
-        self._check_data()
         base = self._base_dataset(train=train)
         if len(base) == 0:  # type: ignore[arg-type]
             raise ValueError(f"The {self.name} {'training' if train else 'test'} set in '{self.data_dir}' is empty.")
@@ -538,9 +532,8 @@ class CIFAR10DataModule(VisionDataModule):
         self.dataset_cls(self.data_dir, train=True, download=True)
 
     @override
-    def _check_data(self) -> None:
-        cls = self.dataset_cls
-        folder = Path(self.data_dir) / cls.base_folder
+    def _base_dataset(self, train: bool) -> Dataset:
+        cls, folder = self.dataset_cls, Path(self.data_dir) / self.dataset_cls.base_folder
         names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
@@ -550,13 +543,9 @@ class CIFAR10DataModule(VisionDataModule):
                 f"Expected `data_dir` to be a directory holding `{cls.base_folder}`, but {problem}."
                 f" Pass `download=True` (needs internet) or {self._offline_hint}"
             )
-
-    @override
-    def _base_dataset(self, train: bool) -> Dataset:
         try:
-            return self.dataset_cls(self.data_dir, train=train, download=False)
+            return cls(self.data_dir, train=train, download=False)
         except RuntimeError as err:
-            folder = f"{self.data_dir}/{self.dataset_cls.base_folder}"
             raise ValueError(
                 f"The {self.name} files in '{folder}' failed torchvision's integrity (md5) check ({err})."
                 " Delete the folder and pass `download=True`, or replace it."
@@ -628,42 +617,36 @@ class ImageNetDataModule(VisionDataModule):
         self.scale = _check_range(scale, "scale", high=1.0)
         self.dims = (3, image_size, image_size)
 
-    @property
-    def _layout_hint(self) -> str:
-        return (
+    @override
+    def _base_dataset(self, train: bool) -> Dataset:
+        hint = (
             f"Expected the layout {self.data_dir}/train/<class>/*.JPEG and {self.data_dir}/val/<class>/* (the same"
             " class folder names in both; sort the official flat val/ into class folders first)."
         )
-
-    @override
-    def _check_data(self) -> None:
         classes = []
         for folder in (Path(self.data_dir) / "train", Path(self.data_dir) / "val"):
             if not folder.is_dir():
-                raise FileNotFoundError(f"The {self.name} folder '{folder}' does not exist. {self._layout_hint}")
+                raise FileNotFoundError(f"The {self.name} folder '{folder}' does not exist. {hint}")
             classes.append(sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()))
             if not classes[-1]:
-                raise FileNotFoundError(f"'{folder}' holds no class folders. {self._layout_hint}")
-        train, val = classes
-        if train != val:
+                raise FileNotFoundError(f"'{folder}' holds no class folders. {hint}")
+        train_classes, val_classes = map(set, classes)
+        if train_classes != val_classes:
             raise ValueError(
                 "Expected the same class folders in train/ and val/ (labels follow the sorted folder names), but"
-                f" only in train {sorted(set(train) - set(val))[:5]}, only in val {sorted(set(val) - set(train))[:5]}."
-                f" {self._layout_hint}"
+                f" only in train {sorted(train_classes - val_classes)[:5]}, only in val"
+                f" {sorted(val_classes - train_classes)[:5]}. {hint}"
             )
-        if len(train) != self.num_classes:
+        if len(train_classes) != self.num_classes:
             raise ValueError(
                 f"Expected {self.num_classes} class folders (`num_classes`), but '{self.data_dir}/train'"
-                f" holds {len(train)}. Pass `num_classes={len(train)}`."
+                f" holds {len(train_classes)}. Pass `num_classes={len(train_classes)}`."
             )
-
-    @override
-    def _base_dataset(self, train: bool) -> Dataset:
         folder = Path(self.data_dir) / ("train" if train else "val")
         try:
             return tv_datasets.ImageFolder(str(folder), loader=_load_image)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"Empty class folders in '{folder}': {err} {self._layout_hint}") from err
+            raise FileNotFoundError(f"Empty class folders in '{folder}': {err} {hint}") from err
 
     @override
     def _transforms(self) -> tuple[GeometryTransform, GeometryTransform, GeometryTransform]:
@@ -729,22 +712,19 @@ class FashionMNISTDataModule(VisionDataModule):
     @override
     def _download(self) -> None:
         try:
-            self._check_data()
+            self._find_files()
         except FileNotFoundError:
             for train in (True, False):
                 tv_datasets.FashionMNIST(self.data_dir, train=train, download=True)
 
-    @override
-    def _check_data(self) -> dict[str, Path]:
+    def _find_files(self) -> dict[str, Path]:
+        """The four IDX files, by name without ``.gz``, from the first folder that holds them all."""
         looked = []
         folders = [Path(self.data_dir), Path(self.data_dir) / "FashionMNIST" / "raw"]
         for folder in folders + ([Path(self.system_dir)] if self.system_dir is not None else []):
-            found = {
-                stem: path
-                for stem in _FMNIST_FILES
-                for path in (folder / f"{stem}.gz", folder / stem)
-                if path.is_file()
-            }  # the plain file comes last, so it wins over the .gz one
+            # The plain file comes last, so it wins over the .gz one.
+            candidates = [(stem, path) for stem in _FMNIST_FILES for path in (folder / f"{stem}.gz", folder / stem)]
+            found = {stem: path for stem, path in candidates if path.is_file()}
             if len(found) == len(_FMNIST_FILES):
                 return found
             if found:
@@ -761,7 +741,7 @@ class FashionMNISTDataModule(VisionDataModule):
 
     @override
     def _base_dataset(self, train: bool) -> Dataset:
-        prefix, files = ("train" if train else "t10k"), self._check_data()
+        prefix, files = ("train" if train else "t10k"), self._find_files()
         image_path, label_path = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]
         images, labels = read_idx(image_path, expected_magic=2051), read_idx(label_path, expected_magic=2049)
         if images.shape[0] != labels.shape[0]:

@@ -383,22 +383,16 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.lr_scheduler == "none" and hp.warmup_epochs == 0:
             return optimizer
-        total_steps = self.trainer.estimated_stepping_batches
-        if hp.lr_scheduler == "cosine" and (not math.isfinite(total_steps) or total_steps <= 0):
+        total_steps, batches = self.trainer.estimated_stepping_batches, self.trainer.num_training_batches
+        per_epoch = hp.warmup_epochs > 0 or hp.lr_scheduler == "multistep"
+        cosine_unknown = hp.lr_scheduler == "cosine" and not 0 < total_steps < math.inf
+        if cosine_unknown or (per_epoch and not 0 < batches < math.inf):
             raise MisconfigurationException(
-                f"`lr_scheduler='cosine'` needs the total number of training steps, but the"
-                f" trainer estimates {total_steps}. Set `max_epochs` with a sized training"
-                " dataloader, or `max_steps`."
+                f"`lr_scheduler={hp.lr_scheduler!r}` with `warmup_epochs={hp.warmup_epochs}` needs the length of"
+                f" training, but the trainer estimates {total_steps} steps in all and {batches} batches per epoch."
+                " Use a sized training dataloader and set `max_epochs` (or `max_steps` for 'cosine')."
             )
-        steps_per_epoch, batches = 0, self.trainer.num_training_batches
-        if hp.warmup_epochs > 0 or hp.lr_scheduler == "multistep":
-            if not math.isfinite(batches) or batches <= 0:
-                raise MisconfigurationException(
-                    "`warmup_epochs` and `lr_scheduler='multistep'` need the number of"
-                    f" training batches per epoch, but the trainer reports {batches}. Use"
-                    " a sized training dataloader and a finite `max_epochs`."
-                )
-            steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
+        steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if per_epoch else 0
         warmup, milestones = hp.warmup_epochs * steps_per_epoch, [m * steps_per_epoch for m in hp.milestones]
         factor = partial(
             _lr_factor,

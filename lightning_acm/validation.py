@@ -1,8 +1,7 @@
 """Argument checks shared by the library: one check per rule, each message naming the argument and the fix.
 
-Public functions and constructors call these once; internal code trusts its callers. Each check
-returns the value in its plain Python form (numpy scalars become ``int``/``float``), so callers can
-store what it returns.
+Public functions and constructors call these once; internal code trusts its callers. A check returns the
+value in plain Python form (numpy scalars become ``int``/``float``), for the caller to store.
 
 Example::
 
@@ -24,28 +23,6 @@ from typing import Any, Optional, TypeVar, Union
 import numpy as np
 import torch
 from torch import Tensor
-
-__all__ = [
-    "check_bool",
-    "check_cell_indices",
-    "check_choice",
-    "check_features",
-    "check_generator",
-    "check_image_size",
-    "check_labels",
-    "check_shape",
-    "check_heatmaps",
-    "check_images",
-    "check_int",
-    "check_permutation",
-    "check_real",
-    "check_size2",
-    "check_top_k",
-    "is_int",
-    "check_class_indices",
-    "check_label_range",
-    "check_targets",
-]
 
 Size2 = Union[int, tuple[int, int]]
 T = TypeVar("T")
@@ -82,12 +59,9 @@ def check_real(
     ok = ok and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
+        bounds = "a finite number" if low is None else f"a finite number {'>' if low_open else '>='} {low:g}"
         if low is not None and high is not None:
             bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        elif low is not None:
-            bounds = f"a finite number {'>' if low_open else '>='} {low:g}"
-        else:
-            bounds = "a finite number"
         raise ValueError(f"Expected `{name}`{f' ({what})' if what else ''} to be {bounds}, but got {value!r}.")
     return float(value)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import urllib.error
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 import torchvision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -325,6 +327,23 @@ def test_schedulers_step_every_batch(kwargs: dict, expected: list) -> None:
     trainer.fit(model, train_dataloaders=_loader(size=16))
     assert len(recorder.lrs) == 6
     assert recorder.lrs == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "steps", "batches"),
+    [
+        ({"lr_scheduler": "cosine"}, math.inf, 10),
+        ({"lr_scheduler": "cosine", "warmup_epochs": 1}, math.inf, 10),
+        ({"lr_scheduler": "multistep", "milestones": [1]}, 100, math.inf),
+        ({"lr_scheduler": "none", "warmup_epochs": 1}, 100, math.inf),
+    ],
+)
+def test_schedule_needs_the_training_length(monkeypatch: pytest.MonkeyPatch, kwargs: dict, steps, batches) -> None:
+    model = ImageClassifier(arch="cifar_resnet8", **kwargs)
+    trainer = SimpleNamespace(estimated_stepping_batches=steps, num_training_batches=batches, accumulate_grad_batches=1)
+    monkeypatch.setattr(ImageClassifier, "trainer", property(lambda self: trainer))
+    with pytest.raises(MisconfigurationException, match=r"needs the length of training.*sized training dataloader"):
+        model.configure_optimizers()
 
 
 def test_adamw_optimizer() -> None:
