@@ -5,9 +5,9 @@ Every experiment is ``fit`` with three composable configs (data, model, method):
     lightning-acm fit --config data/cifar10 --config model/resnet18 --config method/attentive_cutmix
 
 A ``--config`` value that is not a file names a packaged config (:func:`resolve_config`). The ``mixing`` key
-holds a :class:`~lightning_acm.callbacks.MixingCallback` (``null``: the baseline; a
-:class:`~lightning_acm.callbacks.RandomMixing` lists its ``methods`` as ``class_path``/``init_args``), added to the Trainer's
-callbacks; ``data.num_classes`` and the input channels are linked to the model.
+holds a :class:`~lightning_acm.callbacks.MixingCallback` (``null``: the baseline; a ``RandomMixing`` lists
+its ``methods`` as ``class_path``/``init_args``), added to the Trainer's callbacks; ``data.num_classes``
+and the input channels are linked to the model.
 """
 
 from __future__ import annotations
