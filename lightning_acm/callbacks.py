@@ -429,6 +429,11 @@ class MixingCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._label_check.flush()  # whatever ended the fit, no queued check is left unread
 
+    def add_pasted_attention(self, shares: Tensor) -> None:
+        """Count ``(B,)`` pasted-attention shares of this batch measured by another teacher (e.g. a
+        :class:`~lightning_acm.visualize.PastedAttentionMonitor`) into the epoch's ``{log_prefix}/pasted_attention``."""
+        self._epoch_means.add("pasted_attention", shares.sum(), shares.shape[0], shares.device)
+
     def draw_permutation(self, batch_size: int, device: torch.device) -> Tensor:
         """The pairing for the current batch, from the callback's generator."""
         return AF.pairing_permutation(batch_size, generator=self._generator, device=device)

@@ -1,7 +1,7 @@
 """See what the mixing does: :func:`render_mix_grid` and :func:`render_mix` draw mixes (no Lightning),
 :class:`MixVisualizer` logs them while training, and :class:`PastedAttentionMonitor` gives CutMix the
-``pasted_attention`` metric. The callbacks read the mixing callbacks' ``last_mix`` and change nothing in them
-but the monitor's measures, counted into the mixer's epoch mean.
+``pasted_attention`` metric. The callbacks read the mixing callbacks' ``last_mix``; the monitor hands its
+measures to the mixer's :meth:`~lightning_acm.callbacks.MixingCallback.add_pasted_attention`.
 """
 
 from __future__ import annotations
@@ -344,9 +344,8 @@ class PastedAttentionMonitor(_EveryNSteps):
                 continue  # not mixed, blended (Mixup), or measured by the mixer itself
             heatmaps = self.partner_heatmaps(result)
             if heatmaps is not None:
-                # Into the mixer's own epoch mean: a RandomMixing logs the batches that measure themselves there too.
-                share = pasted_attention_share(heatmaps, result.mask)
-                mixer._epoch_means.add("pasted_attention", share.sum(), share.shape[0], share.device)
+                # One epoch mean per mixer: a RandomMixing also counts the batches that measure themselves.
+                mixer.add_pasted_attention(pasted_attention_share(heatmaps, result.mask))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
