@@ -282,14 +282,10 @@ class HeatmapCache:
         """
         positions = list(range(len(data))) if indices is None else [int(i) for i in indices]  # type: ignore[arg-type]
         device = next(attention_model.parameters(), self.maps).device
-        seen = 0
-        for batch in DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers):
-            images, keys = (
-                batch[0],
-                batch[2] if len(batch) >= 3 else torch.tensor(positions[seen : seen + len(batch[0])]),
-            )
-            self.update(torch.as_tensor(keys).flatten(), attention_model(images.to(device, non_blocking=True)))
-            seen += images.shape[0]
+        loader = DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers)
+        for start, batch in zip(range(0, len(positions), batch_size), loader):
+            keys = batch[2] if len(batch) >= 3 else positions[start : start + batch_size]
+            self.update(torch.as_tensor(keys), attention_model(batch[0].to(device, non_blocking=True)))
         return self
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -311,25 +307,20 @@ class HeatmapCache:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Expected a heatmap cache file at {path!r}, but it does not exist.")
-        state, found = None, "it holds something else"
-        try:
+        try:  # a damaged file fails in many ways: EOFError, OSError, RuntimeError, KeyError, AttributeError
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a damaged file fails in many ways: EOFError, OSError, RuntimeError, KeyError
-            found = f"it cannot be read ({type(error).__name__}: {error})"
-        if isinstance(state, dict) and state.get("version") == _FORMAT_VERSION:
-            maps, filled = state.get("maps"), state.get("filled")
-            if isinstance(maps, Tensor) and isinstance(filled, Tensor) and filled.shape == maps.shape[:1]:
-                cache = cls(maps.shape[0], tuple(maps.shape[-2:]), dtype=maps.dtype, device=device)
-                cache.maps, cache.filled, cache.meta = (
-                    maps.to(cache.device),
-                    filled.to(cache.device),
-                    dict(state.get("meta", {})),
-                )
-                return cache
-        raise ValueError(
-            f"Expected {path!r} to be a heatmap cache written by HeatmapCache.save, but {found}. Delete the"
-            " file: a cache is derived data, and a fit with `cache_path` writes it again."
-        )
+            maps, filled, meta = state["maps"], state["filled"], dict(state["meta"])
+            if state["version"] != _FORMAT_VERSION or filled.shape != maps.shape[:1]:
+                raise ValueError(f"format {state['version']}, {tuple(filled.shape)} flags, {tuple(maps.shape)} maps")
+        except Exception as error:
+            raise ValueError(
+                f"Expected {path!r} to be a heatmap cache written by HeatmapCache.save, but it cannot be read"
+                f" ({type(error).__name__}: {error}). Delete the file: a cache is derived data, and a fit with"
+                " `heatmap_cache.path` writes it again."
+            ) from error
+        cache = cls(maps.shape[0], tuple(maps.shape[-2:]), dtype=maps.dtype, device=device)
+        cache.maps, cache.filled, cache.meta = maps.to(cache.device), filled.to(cache.device), meta
+        return cache
 
 
 def regrid_attention_model(model: nn.Module, grid_size: Size2, input_size: Optional[Size2]) -> nn.Module:
@@ -446,26 +437,6 @@ def _mismatch(cache: HeatmapCache, meta: dict[str, Any], required: Tensor) -> Op
     return f"it lacks {missing} of the {required.numel()} training samples" if missing else None
 
 
-def _load_matching(
-    trainer: Any, path: str, meta: dict[str, Any], required: Tensor, owner: str
-) -> Optional[HeatmapCache]:
-    """The cache saved at ``path`` if it matches on every rank; else ``None``, after a warning."""
-    try:
-        loaded: Optional[HeatmapCache] = HeatmapCache.load(path, trainer.strategy.root_device)
-    except ValueError:
-        loaded, problem = None, "it is empty, truncated or not a heatmap cache"
-    else:
-        problem = _mismatch(loaded, meta, required)  # type: ignore[arg-type]
-    if trainer.strategy.reduce_boolean_decision(problem is None, all=True) and loaded is not None:
-        rank_zero_info(f"{owner}: loaded {meta['num_samples']} cached heatmaps from {path!r}.")
-        return loaded
-    rank_zero_warn(
-        f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
-        " it is recomputed and overwritten."
-    )
-    return None
-
-
 def cache_for_trainer(
     trainer: Any,
     teacher: nn.Module,
@@ -473,14 +444,13 @@ def cache_for_trainer(
     grid_size: Size2,
     path: Optional[str] = None,
     batch_size: int = 64,
-    meta: Optional[dict[str, Any]] = None,
     previous: Optional[HeatmapCache] = None,
     owner: str = "AttentiveCutMix",
 ) -> HeatmapCache:
     """Fill (or load) the heatmap cache of the trainer's training indices, on every rank, on the training device.
 
-    ``previous``, or the file at ``path``, is used when its ``meta`` (``meta`` plus :func:`cache_fingerprint`)
-    matches; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
+    ``previous``, or else the file at ``path``, is used when its ``meta`` (:func:`cache_fingerprint`) matches
+    on every rank; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
 
     Raises:
         MisconfigurationException: see :func:`reference_datamodule`.
@@ -493,12 +463,22 @@ def cache_for_trainer(
         torch.arange(len(reference)) if train_indices is None else torch.as_tensor(train_indices).long().flatten()
     )
     grid = check_size2(grid_size, "grid_size")
-    meta = {**(meta or {}), **cache_fingerprint(teacher, reference, grid)}
+    meta = cache_fingerprint(teacher, reference, grid)
     if previous is not None and _mismatch(previous, meta, required) is None:
         return previous
-    loaded = _load_matching(trainer, path, meta, required, owner) if path is not None and os.path.isfile(path) else None
-    if loaded is not None:
-        return loaded
+    if path is not None and os.path.isfile(path):
+        try:
+            loaded = HeatmapCache.load(path, trainer.strategy.root_device)
+            problem = _mismatch(loaded, meta, required)
+        except ValueError:
+            problem = "it is empty, truncated or not a heatmap cache"
+        if trainer.strategy.reduce_boolean_decision(problem is None, all=True):
+            rank_zero_info(f"{owner}: loaded {len(loaded)} cached heatmaps from {path!r}.")
+            return loaded
+        rank_zero_warn(
+            f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
+            " it is recomputed and overwritten."
+        )
     cache = HeatmapCache(len(reference), grid, device=trainer.strategy.root_device)
     cache.meta, world, start = meta, trainer.world_size, time.perf_counter()
     shard = required[trainer.global_rank :: world]
