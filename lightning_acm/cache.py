@@ -1,10 +1,9 @@
-"""A heatmap cache: the frozen teacher runs once per un-augmented training image instead of once per batch,
-and :func:`warp_heatmaps` moves each map through the crop and flip that the augmentation recorded.
+"""A heatmap cache: the frozen teacher runs once per un-augmented training image instead of once per batch, and
+:func:`warp_heatmaps` moves each map through the crop and flip that the augmentation recorded.
 
-``geometry`` is ``(B, 6)`` float ``[index, y0, x0, y1, x1, flipped]`` (or ``(B, 5)`` without the
-index): the augmented image is the box ``[y0, y1] x [x0, x1]`` of the un-augmented one, in
-coordinates normalised to ``[0, 1]`` (outside them: padding), resized, then flipped left-right
-when ``flipped`` is 1. Fine maps ``(B, fh, fw)`` tile the un-augmented image evenly.
+``geometry`` is ``(B, 6)`` float ``[index, y0, x0, y1, x1, flipped]`` (or ``(B, 5)`` without the index): the
+augmented image is the box ``[y0, y1] x [x0, x1]`` of the un-augmented one, in coordinates normalised to ``[0, 1]``
+(outside: padding), resized, then flipped left-right where ``flipped`` is 1. Fine maps ``(B, fh, fw)`` tile it evenly.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 1
+Device = Optional[Union[str, torch.device]]
 _STATS = ("input_mean", "input_std", "teacher_mean", "teacher_std")  # an AttentionModel's normalisation buffers
 
 
@@ -61,16 +61,11 @@ def _check_geometry(geometry: Any, batch_size: Optional[int] = None, *, with_ind
     return geometry[:, -5:].float()
 
 
-def _cell_weights(start: Tensor, end: Tensor, flipped: Tensor, cells_out: int, cells_in: int) -> Tensor:
-    """``(B, cells_out, cells_in)``: the share of output cell ``i``'s source interval (mirrored where ``flipped``)
-    lying in each input cell; a row sums to its share inside the image."""
+def _cell_weights(start: Tensor, end: Tensor, cells_out: int, cells_in: int) -> Tensor:
+    """``(B, cells_out, cells_in)``: the share of output cell ``i``'s source interval in each input cell."""
     steps = torch.arange(cells_out + 1, device=start.device, dtype=torch.float32) / cells_out
-    flip = (flipped > 0.5).unsqueeze(1)
-    low = torch.where(flip, 1.0 - steps[1:], steps[:-1])
-    high = torch.where(flip, 1.0 - steps[:-1], steps[1:])
-    span = (end - start).unsqueeze(1)
-    lo = (start.unsqueeze(1) + low * span).unsqueeze(2)
-    hi = (start.unsqueeze(1) + high * span).unsqueeze(2)
+    bounds = start.unsqueeze(1) + steps * (end - start).unsqueeze(1)
+    lo, hi = bounds[:, :-1, None], bounds[:, 1:, None]
     edges = torch.arange(cells_in + 1, device=start.device, dtype=torch.float32) / cells_in
     overlap = (torch.minimum(hi, edges[1:]) - torch.maximum(lo, edges[:-1])).clamp_min(0.0)
     return overlap / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
@@ -95,8 +90,9 @@ def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> 
     check_heatmaps(fine_maps)
     y0, x0, y1, x1, flipped = _check_geometry(geometry, fine_maps.shape[0]).to(fine_maps.device).unbind(1)
     gh, gw = check_size2(grid_size, "grid_size")
-    rows = _cell_weights(y0, y1, torch.zeros_like(flipped), gh, fine_maps.shape[1])
-    cols = _cell_weights(x0, x1, flipped, gw, fine_maps.shape[2])
+    rows = _cell_weights(y0, y1, gh, fine_maps.shape[1])
+    cols = _cell_weights(x0, x1, gw, fine_maps.shape[2])
+    cols = torch.where((flipped > 0.5).view(-1, 1, 1), cols.flip(1), cols)
     maps = fine_maps.float()
     inside = rows.sum(2).unsqueeze(2) * cols.sum(2).unsqueeze(1)
     floor = maps.flatten(1).amin(dim=1).view(-1, 1, 1)
@@ -109,8 +105,8 @@ def apply_geometry(
     """The augmented views ``(B, C, h, w)`` of ``(B, C, H, W)`` ``images`` that ``geometry`` describes.
 
     Args:
-        output_size: ``(h, w)`` or ``h``; the images' size when ``None``.
-        padding_value: the value outside the image (``-mean / std`` for images normalised after zero padding).
+        output_size: ``(h, w)`` or ``h`` (``None``: the images' size); padding_value: the value outside the image
+            (``-mean / std`` for images normalised after zero padding).
 
     Raises:
         ValueError: if the shapes do not match.
@@ -125,13 +121,9 @@ def apply_geometry(
     y0, x0, y1, x1, flipped = _check_geometry(geometry, images.shape[0]).to(images.device).unbind(1)
     height, width = images.shape[-2:] if output_size is None else check_size2(output_size, "output_size")
     sign, zero, h, w = 1.0 - 2.0 * (flipped > 0.5).float(), torch.zeros_like(y0), y1 - y0, x1 - x0
-    theta = torch.stack(
-        [torch.stack([sign * w, zero, 2 * x0 + w - 1], 1), torch.stack([zero, h, 2 * y0 + h - 1], 1)], 1
-    )
+    theta = torch.stack([sign * w, zero, 2 * x0 + w - 1, zero, h, 2 * y0 + h - 1], 1).view(-1, 2, 3)
     grid = F.affine_grid(theta, [images.shape[0], images.shape[1], height, width], align_corners=False)
-    out = F.grid_sample(
-        images.float() - padding_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    out = F.grid_sample(images.float() - padding_value, grid, align_corners=False)  # bilinear, zero padding
     return (out + padding_value).to(images.dtype)
 
 
@@ -149,10 +141,8 @@ def topk_overlap(heatmaps: Tensor, reference: Tensor, top_k: int) -> Tensor:
     check_heatmaps(heatmaps)
     check_heatmaps(reference, heatmaps.shape[0])
     if heatmaps.shape != reference.shape:
-        raise ValueError(
-            f"Expected `heatmaps` and `reference` to have the same shape, but got"
-            f" {tuple(heatmaps.shape)} and {tuple(reference.shape)}."
-        )
+        shapes = f"{tuple(heatmaps.shape)} and {tuple(reference.shape)}"
+        raise ValueError(f"Expected `heatmaps` and `reference` to have the same shape, but got {shapes}.")
     check_top_k(top_k, tuple(heatmaps.shape[1:]))
     first, second = (
         torch.zeros_like(maps.flatten(1), dtype=torch.bool).scatter_(1, topk_cell_indices(maps, top_k), True)
@@ -212,12 +202,7 @@ class HeatmapCache:
     """
 
     def __init__(
-        self,
-        num_samples: int,
-        grid_size: Size2 = 14,
-        *,
-        dtype: torch.dtype = torch.float16,
-        device: Optional[Union[str, torch.device]] = None,
+        self, num_samples: int, grid_size: Size2 = 14, *, dtype: torch.dtype = torch.float16, device: Device = None
     ) -> None:
         check_int(num_samples, "num_samples", minimum=1)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -248,9 +233,9 @@ class HeatmapCache:
         indices = torch.as_tensor(indices).to(self.device, torch.long).flatten()
         if tuple(maps.shape[-2:]) != self.grid_size or indices.shape[0] != maps.shape[0]:
             raise ValueError(
-                f"Expected one index per heatmap and heatmaps on the cache's {self.grid_size[0]}x"
-                f"{self.grid_size[1]} grid, but got {indices.shape[0]} indices and {maps.shape[0]} heatmaps"
-                f" of {maps.shape[-2]}x{maps.shape[-1]}. Build the teacher with the cache's `grid_size`."
+                f"Expected one index per heatmap and heatmaps on the cache's {self.grid_size[0]}x{self.grid_size[1]}"
+                f" grid, but got {indices.shape[0]} indices and {maps.shape[0]} heatmaps of {maps.shape[-2]}x"
+                f"{maps.shape[-1]}. Build the teacher with the cache's `grid_size`."
             )
         self.maps[indices] = maps.to(self.device, self.maps.dtype)
         self.filled[indices] = True
@@ -297,7 +282,7 @@ class HeatmapCache:
         os.replace(f"{path}.partial-{os.getpid()}", path)
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None) -> HeatmapCache:
+    def load(cls, path: Union[str, os.PathLike], device: Device = None) -> HeatmapCache:
         """Read a cache written by :meth:`save` onto ``device``.
 
         Raises:
