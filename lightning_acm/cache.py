@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -366,12 +366,13 @@ def batch_geometry(batch: Any, key: Union[int, str], batch_size: int, owner: str
     return batch[key]
 
 
-def _digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+def _digest(tensors: Mapping[str, Any]) -> str:
+    """SHA-256 of named tensors (or arrays): their names, dtypes, shapes and bytes."""
     digest = hashlib.sha256()
-    for name, tensor in tensors:
-        values = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name} {values.dtype} {tuple(tensor.shape)};".encode())
-        digest.update(values.view(torch.uint8).numpy())
+    for name, value in tensors.items():
+        tensor = (value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))).detach().cpu()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -388,15 +389,12 @@ def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) ->
         Conv2d
     """
     size = len(dataset)  # type: ignore[arg-type]
-    images = []
-    for index in sorted({0, size // 2, size - 1} if size else set()):
-        sample = dataset[index]
-        image = sample[0] if isinstance(sample, (list, tuple)) else sample
-        images.append((str(index), image if isinstance(image, Tensor) else torch.as_tensor(np.asarray(image))))
+    samples = {str(index): dataset[index] for index in sorted({0, size // 2, size - 1} if size else set())}
+    images = {name: sample[0] if isinstance(sample, (list, tuple)) else sample for name, sample in samples.items()}
     is_attention = isinstance(teacher, AttentionModel)
     fingerprint: dict[str, Any] = {
         "teacher": type(teacher.backbone if is_attention else teacher).__name__,
-        "teacher_weights": _digest(teacher.state_dict().items()),
+        "teacher_weights": _digest(teacher.state_dict()),
         "grid_size": list(check_size2(grid_size, "grid_size")),
         "num_samples": size,
         "dataset_pixels": _digest(images),
