@@ -516,22 +516,20 @@ def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
 class Teacher:
     """Settings of a frozen attention model ("teacher"): where it comes from and how it runs.
 
-    Shared by :class:`~lightning_acm.callbacks.AttentiveCutMix`, the monitor and the heatmap cache. In
-    YAML a string is enough (``teacher: paper``), or the nested form (``teacher: {source: resnet50, layer: layer3}``).
+    Shared by :class:`~lightning_acm.callbacks.AttentiveCutMix`, the monitor and the heatmap cache. In YAML a
+    string is enough (``teacher: paper``), or the nested form (``teacher: {source: resnet50, layer: layer3}``).
 
     Args:
-        source, weights, layer: as in :func:`build_attention_model` (``"efficientnet_lite0"``, the offline
-            default; ``"paper"`` = ResNet-152 ``layer4``). ``"random"`` builds no model: Attentive CutMix then
-            pastes ``top_k`` cells drawn uniformly at random, a control for whether the attention matters.
+        source, weights, layer: as in :func:`build_attention_model` (``"efficientnet_lite0"``, the offline default;
+            ``"paper"``: ResNet-152 ``layer4``). ``"random"`` builds no model: Attentive CutMix then pastes ``top_k``
+            cells drawn uniformly at random, a control for whether the attention matters.
         input_size, grid_size, reduction: as in :class:`AttentionModel` (``input_size``: the preset's when ``None``).
-        precision: run the teacher under autocast (``"bf16"``, ``"fp16"``) or in fp32 (``None``).
-        channels_last: run the teacher in ``torch.channels_last`` memory format.
-        compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
+        precision: autocast (``"bf16"``, ``"fp16"``) or fp32 (``None``); channels_last: run in that memory format;
+            compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
         input_mean, input_std: the normalisation the training images carry; the datamodule's when ``None``.
-        coldest: rank cells by lowest attention, so Attentive CutMix pastes the ``top_k`` least attended
-            cells (a control for whether the attended object matters).
-        module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any other is
-            tapped at ``layer``. :meth:`build` copies it.
+        coldest: rank cells by lowest attention, so Attentive CutMix pastes the ``top_k`` least attended cells.
+        module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any other is tapped at
+            ``layer``. :meth:`build` copies it.
 
     Raises:
         TypeError, ValueError: for a bad setting (the message names it).
@@ -633,13 +631,9 @@ class Teacher:
                 )
                 mean, std = (0.0,), (1.0,)
             settings: dict[str, Any] = dict(
-                grid_size=self.grid_size,
-                reduction=self.reduction,
-                amp_dtype=self.precision,
-                channels_last=self.channels_last,
-                input_mean=tuple(mean),
-                input_std=tuple(std),
+                grid_size=self.grid_size, reduction=self.reduction, amp_dtype=self.precision
             )
+            settings.update(channels_last=self.channels_last, input_mean=tuple(mean), input_std=tuple(std))
             if self.module is None:
                 model = build_attention_model(
                     self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings

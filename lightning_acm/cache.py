@@ -441,10 +441,8 @@ def cache_for_trainer(
     """
     datamodule = reference_datamodule(trainer, owner)
     reference = datamodule.train_reference_dataset()
-    train_indices = getattr(datamodule, "train_indices", None)
-    required = (
-        torch.arange(len(reference)) if train_indices is None else torch.as_tensor(train_indices).long().flatten()
-    )
+    indices = getattr(datamodule, "train_indices", None)
+    required = torch.as_tensor(range(len(reference)) if indices is None else indices).long().flatten()
     grid = check_size2(grid_size, "grid_size")
     meta = cache_fingerprint(teacher, reference, grid)
     if previous is not None and _mismatch(previous, meta, required) is None:
@@ -465,13 +463,8 @@ def cache_for_trainer(
     cache = HeatmapCache(len(reference), grid, device=trainer.strategy.root_device)
     cache.meta, world, start = meta, trainer.world_size, time.perf_counter()
     shard = required[trainer.global_rank :: world]
-    cache.fill(
-        teacher,
-        reference,
-        indices=shard.tolist(),
-        batch_size=batch_size,
-        num_workers=getattr(datamodule, "num_workers", 0),
-    )
+    workers = getattr(datamodule, "num_workers", 0)
+    cache.fill(teacher, reference, indices=shard.tolist(), batch_size=batch_size, num_workers=workers)
     if world > 1:  # every rank gets every shard
         local = torch.zeros(-(-required.numel() // world), *grid, dtype=torch.float32, device=cache.device)
         local[: shard.numel()] = cache.maps[shard.to(cache.device)].float()
