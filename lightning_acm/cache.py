@@ -1,10 +1,9 @@
-"""A heatmap cache: the frozen teacher runs once per un-augmented training image instead of once per batch,
-and :func:`warp_heatmaps` moves each map through the crop and flip that the augmentation recorded.
+"""A heatmap cache: the frozen teacher runs once per un-augmented training image instead of once per batch, and
+:func:`warp_heatmaps` moves each map through the crop and flip that the augmentation recorded.
 
-``geometry`` is ``(B, 6)`` float ``[index, y0, x0, y1, x1, flipped]`` (or ``(B, 5)`` without the
-index): the augmented image is the box ``[y0, y1] x [x0, x1]`` of the un-augmented one, in
-coordinates normalised to ``[0, 1]`` (outside them: padding), resized, then flipped left-right
-when ``flipped`` is 1. Fine maps ``(B, fh, fw)`` tile the un-augmented image evenly.
+``geometry`` is ``(B, 6)`` float ``[index, y0, x0, y1, x1, flipped]`` (or ``(B, 5)`` without the index): the
+augmented image is the box ``[y0, y1] x [x0, x1]`` of the un-augmented one, in coordinates normalised to ``[0, 1]``
+(outside: padding), resized, then flipped left-right where ``flipped`` is 1. Fine maps ``(B, fh, fw)`` tile it evenly.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -42,6 +41,7 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 1
+Device = Optional[Union[str, torch.device]]
 _STATS = ("input_mean", "input_std", "teacher_mean", "teacher_std")  # an AttentionModel's normalisation buffers
 
 
@@ -61,16 +61,11 @@ def _check_geometry(geometry: Any, batch_size: Optional[int] = None, *, with_ind
     return geometry[:, -5:].float()
 
 
-def _cell_weights(start: Tensor, end: Tensor, flipped: Tensor, cells_out: int, cells_in: int) -> Tensor:
-    """``(B, cells_out, cells_in)``: the share of output cell ``i``'s source interval (mirrored where ``flipped``)
-    lying in each input cell; a row sums to its share inside the image."""
+def _cell_weights(start: Tensor, end: Tensor, cells_out: int, cells_in: int) -> Tensor:
+    """``(B, cells_out, cells_in)``: the share of output cell ``i``'s source interval in each input cell."""
     steps = torch.arange(cells_out + 1, device=start.device, dtype=torch.float32) / cells_out
-    flip = (flipped > 0.5).unsqueeze(1)
-    low = torch.where(flip, 1.0 - steps[1:], steps[:-1])
-    high = torch.where(flip, 1.0 - steps[:-1], steps[1:])
-    span = (end - start).unsqueeze(1)
-    lo = (start.unsqueeze(1) + low * span).unsqueeze(2)
-    hi = (start.unsqueeze(1) + high * span).unsqueeze(2)
+    bounds = start.unsqueeze(1) + steps * (end - start).unsqueeze(1)
+    lo, hi = bounds[:, :-1, None], bounds[:, 1:, None]
     edges = torch.arange(cells_in + 1, device=start.device, dtype=torch.float32) / cells_in
     overlap = (torch.minimum(hi, edges[1:]) - torch.maximum(lo, edges[:-1])).clamp_min(0.0)
     return overlap / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
@@ -95,8 +90,9 @@ def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> 
     check_heatmaps(fine_maps)
     y0, x0, y1, x1, flipped = _check_geometry(geometry, fine_maps.shape[0]).to(fine_maps.device).unbind(1)
     gh, gw = check_size2(grid_size, "grid_size")
-    rows = _cell_weights(y0, y1, torch.zeros_like(flipped), gh, fine_maps.shape[1])
-    cols = _cell_weights(x0, x1, flipped, gw, fine_maps.shape[2])
+    rows = _cell_weights(y0, y1, gh, fine_maps.shape[1])
+    cols = _cell_weights(x0, x1, gw, fine_maps.shape[2])
+    cols = torch.where((flipped > 0.5).view(-1, 1, 1), cols.flip(1), cols)
     maps = fine_maps.float()
     inside = rows.sum(2).unsqueeze(2) * cols.sum(2).unsqueeze(1)
     floor = maps.flatten(1).amin(dim=1).view(-1, 1, 1)
@@ -109,8 +105,8 @@ def apply_geometry(
     """The augmented views ``(B, C, h, w)`` of ``(B, C, H, W)`` ``images`` that ``geometry`` describes.
 
     Args:
-        output_size: ``(h, w)`` or ``h``; the images' size when ``None``.
-        padding_value: the value outside the image (``-mean / std`` for images normalised after zero padding).
+        output_size: ``(h, w)`` or ``h`` (``None``: the images' size); padding_value: the value outside the image
+            (``-mean / std`` for images normalised after zero padding).
 
     Raises:
         ValueError: if the shapes do not match.
@@ -125,13 +121,9 @@ def apply_geometry(
     y0, x0, y1, x1, flipped = _check_geometry(geometry, images.shape[0]).to(images.device).unbind(1)
     height, width = images.shape[-2:] if output_size is None else check_size2(output_size, "output_size")
     sign, zero, h, w = 1.0 - 2.0 * (flipped > 0.5).float(), torch.zeros_like(y0), y1 - y0, x1 - x0
-    theta = torch.stack(
-        [torch.stack([sign * w, zero, 2 * x0 + w - 1], 1), torch.stack([zero, h, 2 * y0 + h - 1], 1)], 1
-    )
+    theta = torch.stack([sign * w, zero, 2 * x0 + w - 1, zero, h, 2 * y0 + h - 1], 1).view(-1, 2, 3)
     grid = F.affine_grid(theta, [images.shape[0], images.shape[1], height, width], align_corners=False)
-    out = F.grid_sample(
-        images.float() - padding_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    out = F.grid_sample(images.float() - padding_value, grid, align_corners=False)  # bilinear, zero padding
     return (out + padding_value).to(images.dtype)
 
 
@@ -149,10 +141,8 @@ def topk_overlap(heatmaps: Tensor, reference: Tensor, top_k: int) -> Tensor:
     check_heatmaps(heatmaps)
     check_heatmaps(reference, heatmaps.shape[0])
     if heatmaps.shape != reference.shape:
-        raise ValueError(
-            f"Expected `heatmaps` and `reference` to have the same shape, but got"
-            f" {tuple(heatmaps.shape)} and {tuple(reference.shape)}."
-        )
+        shapes = f"{tuple(heatmaps.shape)} and {tuple(reference.shape)}"
+        raise ValueError(f"Expected `heatmaps` and `reference` to have the same shape, but got {shapes}.")
     check_top_k(top_k, tuple(heatmaps.shape[1:]))
     first, second = (
         torch.zeros_like(maps.flatten(1), dtype=torch.bool).scatter_(1, topk_cell_indices(maps, top_k), True)
@@ -212,12 +202,7 @@ class HeatmapCache:
     """
 
     def __init__(
-        self,
-        num_samples: int,
-        grid_size: Size2 = 14,
-        *,
-        dtype: torch.dtype = torch.float16,
-        device: Optional[Union[str, torch.device]] = None,
+        self, num_samples: int, grid_size: Size2 = 14, *, dtype: torch.dtype = torch.float16, device: Device = None
     ) -> None:
         check_int(num_samples, "num_samples", minimum=1)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -248,9 +233,9 @@ class HeatmapCache:
         indices = torch.as_tensor(indices).to(self.device, torch.long).flatten()
         if tuple(maps.shape[-2:]) != self.grid_size or indices.shape[0] != maps.shape[0]:
             raise ValueError(
-                f"Expected one index per heatmap and heatmaps on the cache's {self.grid_size[0]}x"
-                f"{self.grid_size[1]} grid, but got {indices.shape[0]} indices and {maps.shape[0]} heatmaps"
-                f" of {maps.shape[-2]}x{maps.shape[-1]}. Build the teacher with the cache's `grid_size`."
+                f"Expected one index per heatmap and heatmaps on the cache's {self.grid_size[0]}x{self.grid_size[1]}"
+                f" grid, but got {indices.shape[0]} indices and {maps.shape[0]} heatmaps of {maps.shape[-2]}x"
+                f"{maps.shape[-1]}. Build the teacher with the cache's `grid_size`."
             )
         self.maps[indices] = maps.to(self.device, self.maps.dtype)
         self.filled[indices] = True
@@ -282,14 +267,10 @@ class HeatmapCache:
         """
         positions = list(range(len(data))) if indices is None else [int(i) for i in indices]  # type: ignore[arg-type]
         device = next(attention_model.parameters(), self.maps).device
-        seen = 0
-        for batch in DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers):
-            images, keys = (
-                batch[0],
-                batch[2] if len(batch) >= 3 else torch.tensor(positions[seen : seen + len(batch[0])]),
-            )
-            self.update(torch.as_tensor(keys).flatten(), attention_model(images.to(device, non_blocking=True)))
-            seen += images.shape[0]
+        loader = DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers)
+        for start, batch in zip(range(0, len(positions), batch_size), loader):
+            keys = batch[2] if len(batch) >= 3 else positions[start : start + batch_size]
+            self.update(torch.as_tensor(keys), attention_model(batch[0].to(device, non_blocking=True)))
         return self
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -301,7 +282,7 @@ class HeatmapCache:
         os.replace(f"{path}.partial-{os.getpid()}", path)
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None) -> HeatmapCache:
+    def load(cls, path: Union[str, os.PathLike], device: Device = None) -> HeatmapCache:
         """Read a cache written by :meth:`save` onto ``device``.
 
         Raises:
@@ -311,25 +292,20 @@ class HeatmapCache:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Expected a heatmap cache file at {path!r}, but it does not exist.")
-        state, found = None, "it holds something else"
-        try:
+        try:  # a damaged file fails in many ways: EOFError, OSError, RuntimeError, KeyError, AttributeError
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a damaged file fails in many ways: EOFError, OSError, RuntimeError, KeyError
-            found = f"it cannot be read ({type(error).__name__}: {error})"
-        if isinstance(state, dict) and state.get("version") == _FORMAT_VERSION:
-            maps, filled = state.get("maps"), state.get("filled")
-            if isinstance(maps, Tensor) and isinstance(filled, Tensor) and filled.shape == maps.shape[:1]:
-                cache = cls(maps.shape[0], tuple(maps.shape[-2:]), dtype=maps.dtype, device=device)
-                cache.maps, cache.filled, cache.meta = (
-                    maps.to(cache.device),
-                    filled.to(cache.device),
-                    dict(state.get("meta", {})),
-                )
-                return cache
-        raise ValueError(
-            f"Expected {path!r} to be a heatmap cache written by HeatmapCache.save, but {found}. Delete the"
-            " file: a cache is derived data, and a fit with `cache_path` writes it again."
-        )
+            maps, filled, meta = state["maps"], state["filled"], dict(state["meta"])
+            if state["version"] != _FORMAT_VERSION or filled.shape != maps.shape[:1]:
+                raise ValueError(f"format {state['version']}, {tuple(filled.shape)} flags, {tuple(maps.shape)} maps")
+        except Exception as error:
+            raise ValueError(
+                f"Expected {path!r} to be a heatmap cache written by HeatmapCache.save, but it cannot be read"
+                f" ({type(error).__name__}: {error}). Delete the file: a cache is derived data, and a fit with"
+                " `heatmap_cache.path` writes it again."
+            ) from error
+        cache = cls(maps.shape[0], tuple(maps.shape[-2:]), dtype=maps.dtype, device=device)
+        cache.maps, cache.filled, cache.meta = maps.to(cache.device), filled.to(cache.device), meta
+        return cache
 
 
 def regrid_attention_model(model: nn.Module, grid_size: Size2, input_size: Optional[Size2]) -> nn.Module:
@@ -390,12 +366,13 @@ def batch_geometry(batch: Any, key: Union[int, str], batch_size: int, owner: str
     return batch[key]
 
 
-def _digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+def _digest(tensors: Mapping[str, Any]) -> str:
+    """SHA-256 of named tensors (or arrays): their names, dtypes, shapes and bytes."""
     digest = hashlib.sha256()
-    for name, tensor in tensors:
-        values = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name} {values.dtype} {tuple(tensor.shape)};".encode())
-        digest.update(values.view(torch.uint8).numpy())
+    for name, value in tensors.items():
+        tensor = (value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))).detach().cpu()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -412,15 +389,12 @@ def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) ->
         Conv2d
     """
     size = len(dataset)  # type: ignore[arg-type]
-    images = []
-    for index in sorted({0, size // 2, size - 1} if size else set()):
-        sample = dataset[index]
-        image = sample[0] if isinstance(sample, (list, tuple)) else sample
-        images.append((str(index), image if isinstance(image, Tensor) else torch.as_tensor(np.asarray(image))))
+    samples = {str(index): dataset[index] for index in sorted({0, size // 2, size - 1} if size else set())}
+    images = {name: sample[0] if isinstance(sample, (list, tuple)) else sample for name, sample in samples.items()}
     is_attention = isinstance(teacher, AttentionModel)
     fingerprint: dict[str, Any] = {
         "teacher": type(teacher.backbone if is_attention else teacher).__name__,
-        "teacher_weights": _digest(teacher.state_dict().items()),
+        "teacher_weights": _digest(teacher.state_dict()),
         "grid_size": list(check_size2(grid_size, "grid_size")),
         "num_samples": size,
         "dataset_pixels": _digest(images),
@@ -446,26 +420,6 @@ def _mismatch(cache: HeatmapCache, meta: dict[str, Any], required: Tensor) -> Op
     return f"it lacks {missing} of the {required.numel()} training samples" if missing else None
 
 
-def _load_matching(
-    trainer: Any, path: str, meta: dict[str, Any], required: Tensor, owner: str
-) -> Optional[HeatmapCache]:
-    """The cache saved at ``path`` if it matches on every rank; else ``None``, after a warning."""
-    try:
-        loaded: Optional[HeatmapCache] = HeatmapCache.load(path, trainer.strategy.root_device)
-    except ValueError:
-        loaded, problem = None, "it is empty, truncated or not a heatmap cache"
-    else:
-        problem = _mismatch(loaded, meta, required)  # type: ignore[arg-type]
-    if trainer.strategy.reduce_boolean_decision(problem is None, all=True) and loaded is not None:
-        rank_zero_info(f"{owner}: loaded {meta['num_samples']} cached heatmaps from {path!r}.")
-        return loaded
-    rank_zero_warn(
-        f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
-        " it is recomputed and overwritten."
-    )
-    return None
-
-
 def cache_for_trainer(
     trainer: Any,
     teacher: nn.Module,
@@ -473,14 +427,13 @@ def cache_for_trainer(
     grid_size: Size2,
     path: Optional[str] = None,
     batch_size: int = 64,
-    meta: Optional[dict[str, Any]] = None,
     previous: Optional[HeatmapCache] = None,
     owner: str = "AttentiveCutMix",
 ) -> HeatmapCache:
     """Fill (or load) the heatmap cache of the trainer's training indices, on every rank, on the training device.
 
-    ``previous``, or the file at ``path``, is used when its ``meta`` (``meta`` plus :func:`cache_fingerprint`)
-    matches; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
+    ``previous``, or else the file at ``path``, is used when its ``meta`` (:func:`cache_fingerprint`) matches
+    on every rank; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
 
     Raises:
         MisconfigurationException: see :func:`reference_datamodule`.
@@ -488,27 +441,30 @@ def cache_for_trainer(
     """
     datamodule = reference_datamodule(trainer, owner)
     reference = datamodule.train_reference_dataset()
-    train_indices = getattr(datamodule, "train_indices", None)
-    required = (
-        torch.arange(len(reference)) if train_indices is None else torch.as_tensor(train_indices).long().flatten()
-    )
+    indices = getattr(datamodule, "train_indices", None)
+    required = torch.as_tensor(range(len(reference)) if indices is None else indices).long().flatten()
     grid = check_size2(grid_size, "grid_size")
-    meta = {**(meta or {}), **cache_fingerprint(teacher, reference, grid)}
+    meta = cache_fingerprint(teacher, reference, grid)
     if previous is not None and _mismatch(previous, meta, required) is None:
         return previous
-    loaded = _load_matching(trainer, path, meta, required, owner) if path is not None and os.path.isfile(path) else None
-    if loaded is not None:
-        return loaded
+    if path is not None and os.path.isfile(path):
+        try:
+            loaded = HeatmapCache.load(path, trainer.strategy.root_device)
+            problem = _mismatch(loaded, meta, required)
+        except ValueError:
+            problem = "it is empty, truncated or not a heatmap cache"
+        if trainer.strategy.reduce_boolean_decision(problem is None, all=True):
+            rank_zero_info(f"{owner}: loaded {len(loaded)} cached heatmaps from {path!r}.")
+            return loaded
+        rank_zero_warn(
+            f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
+            " it is recomputed and overwritten."
+        )
     cache = HeatmapCache(len(reference), grid, device=trainer.strategy.root_device)
     cache.meta, world, start = meta, trainer.world_size, time.perf_counter()
     shard = required[trainer.global_rank :: world]
-    cache.fill(
-        teacher,
-        reference,
-        indices=shard.tolist(),
-        batch_size=batch_size,
-        num_workers=getattr(datamodule, "num_workers", 0),
-    )
+    workers = getattr(datamodule, "num_workers", 0)
+    cache.fill(teacher, reference, indices=shard.tolist(), batch_size=batch_size, num_workers=workers)
     if world > 1:  # every rank gets every shard
         local = torch.zeros(-(-required.numel() // world), *grid, dtype=torch.float32, device=cache.device)
         local[: shard.numel()] = cache.maps[shard.to(cache.device)].float()
