@@ -239,8 +239,8 @@ class AttentionModel(nn.Module):
         if not isinstance(out, Tensor) or out.ndim != 4:
             raise ValueError(
                 f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map when the backbone"
-                f" runs, but got {getattr(out, 'shape', type(out).__name__)}. Tap a convolutional layer that the"
-                " forward uses."
+                f" runs, but got {tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}. Tap a layer that the"
+                " forward uses and that gives a feature map."
             )
         return out
 

@@ -399,3 +399,22 @@ def test_compile_features_of_an_untraceable_backbone_says_what_to_do():
     ):
         model.compile_features(backend="eager")
     assert not model.compiled and model(torch.rand(1, 3, 28, 28)).shape == (1, 7, 7)
+
+
+def test_a_tapped_layer_without_a_feature_map_is_refused():
+    flat = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.Flatten(), nn.ReLU())
+    with pytest.raises(ValueError, match=r"tapped layer '1' to give a \(B, C, h, w\) feature map.*got \(2, 196\)"):
+        attention_model_from_module(flat, "1", input_size=28)(torch.rand(2, 3, 28, 28))
+    unused = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4))
+    unused.add_module("spare", nn.Conv2d(4, 4, 1))  # registered, never called by the forward
+    unused.forward = lambda x: unused[0](x)  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=r"tapped layer 'spare'.*got NoneType\. Tap a layer that the forward uses"):
+        attention_model_from_module(unused, "spare", input_size=28)(torch.rand(2, 3, 28, 28))
+
+
+def test_grayscale_images_need_a_normalisation_of_one_value():
+    model = attention_model_from_module(
+        nn.Sequential(nn.Conv2d(3, 4, 4, stride=4)), "0", input_size=28, input_mean=(0.1, 0.2, 0.3), input_std=(1, 1, 1)
+    )
+    with pytest.raises(ValueError, match=r"input normalisation to have 1 or 1 values for 1-channel images, but got 3"):
+        model.teacher_input(torch.rand(2, 1, 28, 28))
