@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import Teacher, attention_model_from_module
-from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
+from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
 from lightning_acm.functional import attentive_cutmix, cutmix, mixup
 from lightning_acm.loss import SoftTargetLossMixin
 
@@ -66,11 +66,15 @@ def make_callbacks() -> list[MixingCallback]:
         AttentiveCutMix(teacher=Teacher(module=tiny_attention(), precision="bf16"), num_classes=NUM_CLASSES, seed=0),
         CutMix(seed=0),
         MixUp(seed=0),
+        AttentiveCutMix(teacher="random", num_classes=NUM_CLASSES, seed=0),
+        RandomMixing([CutMix(), MixUp(), AttentiveCutMix(teacher=Teacher(module=tiny_attention()))], seed=0),
     ]
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
-@pytest.mark.parametrize("index", range(4), ids=["acm", "acm-bf16-teacher", "cutmix", "mixup"])
+@pytest.mark.parametrize(
+    "index", range(6), ids=["acm", "acm-bf16-teacher", "cutmix", "mixup", "random-cells", "random-mixing"]
+)
 def test_callbacks_mix_on_the_gpu(precision: str, index: int) -> None:
     callback = make_callbacks()[index]
     data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), torch.arange(32) % NUM_CLASSES), batch_size=8)
@@ -93,7 +97,7 @@ def test_callbacks_mix_on_the_gpu(precision: str, index: int) -> None:
     assert mix.soft_targets.dtype == torch.float32
     torch.testing.assert_close(mix.soft_targets.sum(1), torch.ones(8, device="cuda"))
     assert all(d.type == "cuda" for d in model.devices_seen)
-    if isinstance(callback, AttentiveCutMix):
+    if isinstance(callback, AttentiveCutMix) and not callback.teacher.is_random:
         teacher = callback.attention_model
         assert next(teacher.parameters()).device.type == "cuda"
         torch.testing.assert_close(mix.lam, torch.full((8,), 6 / 49, device="cuda"))

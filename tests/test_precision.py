@@ -71,6 +71,7 @@ MAKERS: dict[str, Callable[..., MixingCallback]] = {
     "attentive_cutmix": lambda **kw: AttentiveCutMix(teacher=Teacher(module=teacher()), top_k=6, seed=0, **kw),
     "cutmix": lambda **kw: CutMix(seed=0, **kw),
     "mixup": lambda **kw: MixUp(alpha=0.4, seed=0, **kw),
+    "random_cells": lambda **kw: AttentiveCutMix(teacher="random", top_k=6, seed=0, **kw),
 }
 
 
@@ -221,7 +222,10 @@ def test_16_mixed_on_cpu_falls_back_to_bf16_mixed():
 def test_mixed_precision_on_cuda(method, precision, amp):
     images, labels = images_and_labels()
     data = DataLoader(TensorDataset(images, labels), batch_size=BATCH, shuffle=False)
-    callback = MAKERS[method](attention_precision=amp) if method == "attentive_cutmix" else MAKERS[method]()
+    if method == "attentive_cutmix":  # the teacher under its own autocast too
+        callback = AttentiveCutMix(teacher=Teacher(module=teacher(), precision=amp), top_k=6, seed=0)
+    else:
+        callback = MAKERS[method]()
     model = Net()
     trainer = L.Trainer(
         accelerator="cuda",
