@@ -74,6 +74,12 @@ holds the missing ones, mostly through a real ``Trainer``. The inventory (item: 
     test_functional::test_input_gradient_is_that_of_the_mask_blend
 37. ``strategy="ddp_spawn"`` (the callbacks pickle; no generator object crosses the spawn):
     test_ddp::test_ddp_spawn_fit_with_the_mixing_callbacks
+38. ``RandomMixing``: an empty list, a non-callback, a nested RandomMixing, a method listed twice, a method that
+    sets what RandomMixing decides (``p``, smoothing, seed, stops, keys), weights of the wrong length, negative,
+    non-finite or all zero: test_random_mixing::test_bad_input_fails_early_with_the_fix; a method also in the
+    Trainer's callbacks: test_random_mixing::test_a_method_also_in_the_trainer_is_refused
+39. random cells with a heatmap cache, a ``Teacher(source="random")`` with model settings, a monitor without a
+    model: test_random_cells::test_bad_random_cells_settings_fail_early
 """
 
 from __future__ import annotations
