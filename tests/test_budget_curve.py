@@ -9,18 +9,8 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "budget_curve.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("budget_curve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["budget_curve"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-budget_curve = _load()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+budget_curve = importlib.import_module("budget_curve")
 
 
 def _write_runs(folder: Path, accs: dict[str, list[float]]) -> None:
