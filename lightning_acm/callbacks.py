@@ -8,8 +8,7 @@ so reruns and resumed runs mix identically (the seed is in the callback's ``stat
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
+import inspect
 from collections import deque
 from collections.abc import MutableMapping, MutableSequence, Sequence
 from typing import Any, Optional, Union
@@ -413,7 +412,7 @@ class MixingCallback(Callback):
         self._epoch_means.add("lam", result.lam.sum(), size, images.device)
         share = result.pasted_attention()
         if share is not None:
-            self._epoch_means.add("pasted_attention", share.sum(), size, images.device)
+            self.add_pasted_attention(share)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -430,8 +429,8 @@ class MixingCallback(Callback):
         self._label_check.flush()  # whatever ended the fit, no queued check is left unread
 
     def add_pasted_attention(self, shares: Tensor) -> None:
-        """Count ``(B,)`` pasted-attention shares of this batch measured by another teacher (e.g. a
-        :class:`~lightning_acm.visualize.PastedAttentionMonitor`) into the epoch's ``{log_prefix}/pasted_attention``."""
+        """Count ``(B,)`` pasted-attention shares of this batch into the epoch's ``{log_prefix}/pasted_attention``:
+        the mixer's own, or those a :class:`~lightning_acm.visualize.PastedAttentionMonitor`'s teacher measured."""
         self._epoch_means.add("pasted_attention", shares.sum(), shares.shape[0], shares.device)
 
     def draw_permutation(self, batch_size: int, device: torch.device) -> Tensor:
@@ -647,12 +646,11 @@ class AttentiveCutMix(MixingCallback):
         permutation = self.draw_permutation(images.shape[0], images.device)
         partner_heatmaps = heatmaps.index_select(0, permutation)
         ranking = -partner_heatmaps if self.teacher.coldest else partner_heatmaps
-        mixed, lam, cells = AF._paste_topk_cells(images, ranking, self.top_k, permutation)
+        mixed, lam, cells, mask = AF._paste_topk_cells(images, ranking, self.top_k, permutation)
         soft = self.soft_targets(targets, lam, permutation, num_classes)
         if self.teacher.is_random:  # random scores are no attention: the mask alone, measured by a monitor's teacher
-            mask = AF._cell_mask(cells, self.grid_size, (images.shape[-2], images.shape[-1]))
             return MixResult(mixed, soft, lam, permutation, mask)
-        return MixResult(mixed, soft, lam, permutation, partner_heatmaps=partner_heatmaps, cell_indices=cells)
+        return MixResult(mixed, soft, lam, permutation, mask, partner_heatmaps, cell_indices=cells)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -693,16 +691,12 @@ class AttentiveCutMix(MixingCallback):
             self._attention = None
 
 
-# The MixingCallback arguments that RandomMixing decides for all its methods, at their defaults.
+# The MixingCallback arguments that RandomMixing decides for all its methods, at their defaults
+# (`num_classes` is checked apart: a method may repeat RandomMixing's).
 _GOVERNED = {
-    "p": 1.0,
-    "label_smoothing": 0.0,
-    "seed": None,
-    "stop_after_step": None,
-    "stop_after_epoch": None,
-    "image_key": None,
-    "target_key": None,
-    "log_prefix": "mix",
+    name: parameter.default
+    for name, parameter in inspect.signature(MixingCallback.__init__).parameters.items()
+    if name not in ("self", "num_classes")
 }
 
 
@@ -740,9 +734,7 @@ def _check_weights(weights: Optional[Sequence[float]], count: int) -> list[float
         return [1.0] * count
     if not isinstance(weights, (list, tuple)) or len(weights) != count:
         raise ValueError(f"Expected `weights` to be a list of {count} numbers, one per method, but got {weights!r}.")
-    if not all(
-        isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights
-    ):
+    if not all(V.is_real(w) and w >= 0 for w in weights):
         raise ValueError(f"Expected `weights` to be finite numbers >= 0, but got {weights!r}.")
     if sum(weights) <= 0:
         raise ValueError(f"Expected `weights` to have a positive sum, but got {weights!r}.")

@@ -324,11 +324,11 @@ def _prepare(
     return targets, V.check_permutation(permutation, images.shape[0]).to(images.device), generator
 
 
-def _paste_topk_cells(images: Tensor, partner_heatmaps: Tensor, top_k: int, permutation: Tensor) -> Mixed:
-    """Paste the ``top_k`` hottest cells of ``partner_heatmaps[i]`` (of ``images[p[i]]``): ``(mixed, lam, cells)``."""
+def _paste_topk_cells(images: Tensor, partner_heatmaps: Tensor, top_k: int, permutation: Tensor) -> tuple[Tensor, ...]:
+    """Paste the ``top_k`` hottest cells of ``partner_heatmaps[i]``: ``(mixed, lam, cells, mask (B, 1, H, W))``."""
     cells = topk_cell_indices(partner_heatmaps.to(images.device), top_k)
     mask = _cell_mask(cells, partner_heatmaps.shape[1:], images.shape[2:])
-    return torch.where(mask, images.index_select(0, permutation), images), _mask_share(mask), cells
+    return torch.where(mask, images.index_select(0, permutation), images), _mask_share(mask), cells, mask
 
 
 def attentive_cutmix(
@@ -358,7 +358,7 @@ def attentive_cutmix(
     """
     targets, permutation, _ = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
     V.check_heatmaps(heatmaps, images.shape[0])
-    mixed, lam, _ = _paste_topk_cells(images, heatmaps.to(images.device)[permutation], top_k, permutation)
+    mixed, lam, _, _ = _paste_topk_cells(images, heatmaps.to(images.device)[permutation], top_k, permutation)
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 

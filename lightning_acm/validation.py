@@ -33,6 +33,11 @@ def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_int(value: Any, name: str, *, minimum: Optional[int] = None, optional: bool = False, hint: str = "") -> Any:
     """``value`` as an ``int`` (``None`` passes when ``optional``); raise if it is not an int ``>= minimum``."""
     if optional and value is None:
@@ -55,8 +60,7 @@ def check_real(
     what: str = "",
 ) -> float:
     """``value`` as a finite ``float`` in ``[low, high]`` (either end open); raise otherwise."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = is_real(value) and (low is None or (value > low if low_open else value >= low))
     ok = ok and (high is None or (value < high if high_open else value <= high))
     if not ok:
         bounds = "a finite number" if low is None else f"a finite number {'>' if low_open else '>='} {low:g}"

@@ -366,7 +366,7 @@ def test_paste_topk_cells_returns_the_cells_of_attentive_cutmix(generator):
     images = torch.rand(5, 3, 28, 28, generator=generator)
     heatmaps = torch.rand(5, 7, 7, generator=generator)
     permutation = torch.tensor([2, 0, 4, 1, 3])
-    mixed, lam, cells = _paste_topk_cells(images, heatmaps[permutation], 6, permutation)
+    mixed, lam, cells, _ = _paste_topk_cells(images, heatmaps[permutation], 6, permutation)
     expected, _, expected_lam = attentive_cutmix(
         images, torch.arange(5), heatmaps, top_k=6, num_classes=5, permutation=permutation
     )
