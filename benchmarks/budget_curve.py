@@ -59,9 +59,15 @@ def curve_table(rows: dict[str, dict[int, dict[str, Any]]], epochs: Sequence[int
     """Markdown: test top-1 per method (rows) and budget (columns), and the difference to the baseline."""
     baseline = rows.get("baseline", {})
     header = "| method | " + " | ".join(f"{budget} epochs" for budget in epochs) + " |"
-    lines = [f"# {title}", "", "Test top-1 (%), mean ± sample std over seeds (n); below it, Δ vs baseline ± its", ""]
-    lines[2] += " standard error. Per-run figures: `epochs<E>/table.md`."
-    lines += [header, "|---|" + "---|" * len(epochs)]
+    lines = [
+        f"# {title}",
+        "",
+        "Test top-1 (%), mean ± sample std over seeds (n); below it, Δ vs baseline ± its standard error.",
+        "Per-run figures: `epochs<E>/table.md`.",
+        "",
+        header,
+        "|---|" + "---|" * len(epochs),
+    ]
     for method, by_budget in rows.items():
         cells, deltas = [], []
         for budget in epochs:
