@@ -120,6 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             grid.append("--report-only")
         print(f"budget_curve.py: {budget} epochs", flush=True)
         status |= reproduce.main([*grid, "--", *overrides] if overrides else grid)
+    if "--dry-run" in forwarded:
+        return status
     shown = [arg for arg in own if arg != "--report-only"] + (["--", *overrides] if overrides else [])
     command = shlex.join([Path(sys.executable).name, "benchmarks/budget_curve.py", *shown])
     title = args.title or f"test top-1 against the training budget ({out.name})"

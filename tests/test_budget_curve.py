@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 budget_curve = importlib.import_module("budget_curve")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _write_runs(folder: Path, accs: dict[str, list[float]]) -> None:
@@ -60,6 +61,28 @@ def test_report_only_reaches_every_grid(tmp_path, monkeypatch):
     budget_curve.main(["--epochs", "3", "--out", str(tmp_path), "--report-only", "--methods", "baseline"])
     assert "--report-only" in calls[0]
     assert "| method | 3 epochs |" in (tmp_path / "curve.md").read_text()
+
+
+def test_dry_run_prints_every_grid_and_builds_no_curve(tmp_path, capsys):
+    out = tmp_path / "curve"
+    argv = [
+        "--epochs",
+        "2",
+        "3",
+        "--out",
+        str(out),
+        "--data",
+        str(CONFIGS / "data/fashion_mnist.yaml"),
+        "--model",
+        str(CONFIGS / "model/cifar_resnet8.yaml"),
+        "--methods",
+        "baseline",
+    ]
+    argv += ["--seeds", "0", "--dry-run"]
+    assert budget_curve.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "--trainer.max_epochs 2" in printed and "--trainer.max_epochs 3" in printed
+    assert not (out / "curve.md").exists()
 
 
 @pytest.mark.parametrize(
