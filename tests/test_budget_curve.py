@@ -65,20 +65,8 @@ def test_report_only_reaches_every_grid(tmp_path, monkeypatch):
 
 def test_dry_run_prints_every_grid_and_builds_no_curve(tmp_path, capsys):
     out = tmp_path / "curve"
-    argv = [
-        "--epochs",
-        "2",
-        "3",
-        "--out",
-        str(out),
-        "--data",
-        str(CONFIGS / "data/fashion_mnist.yaml"),
-        "--model",
-        str(CONFIGS / "model/cifar_resnet8.yaml"),
-        "--methods",
-        "baseline",
-    ]
-    argv += ["--seeds", "0", "--dry-run"]
+    argv = ["--epochs", "2", "3", "--out", str(out), "--methods", "baseline", "--seeds", "0", "--dry-run"]
+    argv += ["--data", str(CONFIGS / "data/fashion_mnist.yaml"), "--model", str(CONFIGS / "model/cifar_resnet8.yaml")]
     assert budget_curve.main(argv) == 0
     printed = capsys.readouterr().out
     assert "--trainer.max_epochs 2" in printed and "--trainer.max_epochs 3" in printed
