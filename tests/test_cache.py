@@ -21,16 +21,17 @@ from lightning_acm.attention import Teacher, attention_model_from_module
 from lightning_acm.cache import (
     HeatmapCache,
     HeatmapCacheConfig,
-    apply_geometry,
     batch_geometry,
     cache_fingerprint,
     regrid_attention_model,
-    topk_overlap,
     warp_heatmaps,
 )
 from lightning_acm.callbacks import AttentiveCutMix
 from lightning_acm.data import FashionMNISTDataModule, RandomCropFlip, write_idx
 from lightning_acm.loss import SoftTargetLossMixin
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from fidelity import apply_geometry, topk_overlap  # noqa: E402
 
 IDENTITY = [0.0, 0.0, 1.0, 1.0, 0.0]
 
