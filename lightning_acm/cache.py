@@ -252,13 +252,8 @@ class HeatmapCache:
         return cache
 
 
-def regrid_attention_model(model: nn.Module, grid_size: Size2, input_size: Optional[Size2]) -> nn.Module:
-    """The same frozen teacher (its backbone shared) on another grid and input size, e.g. to fill a finer cache.
-
-    A model that is not an :class:`~lightning_acm.attention.AttentionModel` is returned unchanged.
-    """
-    if not isinstance(model, AttentionModel):
-        return model
+def regrid_attention_model(model: AttentionModel, grid_size: Size2, input_size: Optional[Size2]) -> AttentionModel:
+    """The same frozen teacher (its backbone shared) on another grid and input size, e.g. to fill a finer cache."""
     same = {name: getattr(model, name) for name in ("reduction", "channels", "amp_dtype", "channels_last", "relu")}
     stats = {name: getattr(model, name).flatten().tolist() for name in _STATS}
     regridded = AttentionModel(model.backbone, model.layer, input_size=input_size, grid_size=grid_size, **stats, **same)
@@ -320,39 +315,35 @@ def _digest(tensors: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
+def cache_fingerprint(teacher: AttentionModel, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
     """What a cache filled by ``teacher`` from ``dataset`` depends on, as plain values for its ``meta``.
 
-    The teacher's type, a SHA-256 of its weights and its settings, ``grid_size``, ``num_samples`` and a
-    SHA-256 of the first, middle and last images. It hashes every weight: call it once per fit.
+    The backbone's type, a SHA-256 of its weights (every weight: call it once per fit), the teacher's settings,
+    ``grid_size``, ``num_samples`` and a SHA-256 of the first, middle and last images.
 
     Example::
 
         >>> from torch.utils.data import TensorDataset
-        >>> print(cache_fingerprint(nn.Conv2d(3, 1, 4, stride=4), TensorDataset(torch.zeros(5, 3, 8, 8)), 2)["teacher"])
-        Conv2d
+        >>> teacher = AttentionModel(nn.Sequential(nn.Conv2d(3, 1, 4, stride=4)), "0", input_size=8, grid_size=2)
+        >>> print(cache_fingerprint(teacher, TensorDataset(torch.zeros(5, 3, 8, 8)), 2)["teacher"])
+        Sequential
     """
     size = len(dataset)  # type: ignore[arg-type]
     samples = {str(index): dataset[index] for index in sorted({0, size // 2, size - 1} if size else set())}
     images = {name: sample[0] if isinstance(sample, (list, tuple)) else sample for name, sample in samples.items()}
-    is_attention = isinstance(teacher, AttentionModel)
-    fingerprint: dict[str, Any] = {
-        "teacher": type(teacher.backbone if is_attention else teacher).__name__,
+    return {
+        "teacher": type(teacher.backbone).__name__,
         "teacher_weights": _digest(teacher.state_dict()),
         "grid_size": list(check_size2(grid_size, "grid_size")),
         "num_samples": size,
         "dataset_pixels": _digest(images),
+        "layer": teacher.layer,
+        "input_size": teacher.input_size and list(teacher.input_size),
+        "reduction": teacher.reduction,
+        "relu": teacher.relu,
+        "precision": str(teacher.amp_dtype),
+        "normalization": [getattr(teacher, name).flatten().tolist() for name in _STATS],
     }
-    if is_attention:
-        fingerprint.update(
-            layer=teacher.layer,
-            input_size=teacher.input_size and list(teacher.input_size),
-            reduction=teacher.reduction,
-            relu=teacher.relu,
-            precision=str(teacher.amp_dtype),
-            normalization=[getattr(teacher, name).flatten().tolist() for name in _STATS],
-        )
-    return fingerprint
 
 
 def _mismatch(cache: HeatmapCache, meta: dict[str, Any], required: Tensor) -> Optional[str]:
@@ -366,9 +357,9 @@ def _mismatch(cache: HeatmapCache, meta: dict[str, Any], required: Tensor) -> Op
 
 def cache_for_trainer(
     trainer: Any,
-    teacher: nn.Module,
+    teacher: AttentionModel,
     *,
-    grid_size: Size2,
+    grid_size: tuple[int, int],
     path: Optional[str] = None,
     batch_size: int = 64,
     previous: Optional[HeatmapCache] = None,
@@ -387,8 +378,7 @@ def cache_for_trainer(
     reference = datamodule.train_reference_dataset()
     indices = getattr(datamodule, "train_indices", None)
     required = torch.as_tensor(range(len(reference)) if indices is None else indices).long().flatten()
-    grid = check_size2(grid_size, "grid_size")
-    meta = cache_fingerprint(teacher, reference, grid)
+    meta = cache_fingerprint(teacher, reference, grid_size)
     if previous is not None and _mismatch(previous, meta, required) is None:
         return previous
     if path is not None and os.path.isfile(path):
@@ -404,13 +394,13 @@ def cache_for_trainer(
             f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
             " it is recomputed and overwritten."
         )
-    cache = HeatmapCache(len(reference), grid, device=trainer.strategy.root_device)
+    cache = HeatmapCache(len(reference), grid_size, device=trainer.strategy.root_device)
     cache.meta, world, start = meta, trainer.world_size, time.perf_counter()
     shard = required[trainer.global_rank :: world]
     workers = getattr(datamodule, "num_workers", 0)
     cache.fill(teacher, reference, indices=shard.tolist(), batch_size=batch_size, num_workers=workers)
     if world > 1:  # every rank gets every shard
-        local = torch.zeros(-(-required.numel() // world), *grid, dtype=torch.float32, device=cache.device)
+        local = torch.zeros(-(-required.numel() // world), *grid_size, dtype=torch.float32, device=cache.device)
         local[: shard.numel()] = cache.maps[shard.to(cache.device)].float()
         gathered = trainer.strategy.all_gather(local)
         for other in range(world):
@@ -421,7 +411,7 @@ def cache_for_trainer(
             " return (image, target, index) for every training index."
         )
     rank_zero_info(
-        f"{owner}: computed {required.numel()} heatmaps ({grid[0]}x{grid[1]}) in"
+        f"{owner}: computed {required.numel()} heatmaps ({grid_size[0]}x{grid_size[1]}) in"
         f" {time.perf_counter() - start:.1f} s on {world} process(es)."
     )
     if path is not None and trainer.is_global_zero:
