@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_acm.attention import AttentionModel
-from lightning_acm.validation import Size2, check_heatmaps, check_int, check_size2
+from lightning_acm.validation import Size2, check_choice, check_heatmaps, check_int, check_size2
 
 __all__ = [
     "HeatmapCache",
@@ -149,8 +149,7 @@ class HeatmapCache:
         self, num_samples: int, grid_size: Size2 = 14, *, dtype: torch.dtype = torch.float16, device: Device = None
     ) -> None:
         check_int(num_samples, "num_samples", minimum=1)
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"Expected `dtype` to be torch.float16, torch.bfloat16 or torch.float32, but got {dtype}.")
+        check_choice(dtype, "dtype", (torch.float16, torch.bfloat16, torch.float32))
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
         self.maps = torch.zeros(num_samples, *self.grid_size, dtype=dtype, device=device)
         self.filled = torch.zeros(num_samples, dtype=torch.bool, device=device)
