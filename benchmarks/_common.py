@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_acm.attention import PRESETS, AttentionModel, attention_model_from_module, build_attention_model
+from lightning_acm.attention import PRESETS, AttentionModel, build_attention_model
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -261,7 +261,7 @@ def build_teacher(
             backbone = torchvision.models.get_model(arch, weights=None)
         mean = preset.teacher_mean if preset is not None else (0.485, 0.456, 0.406)
         std = preset.teacher_std if preset is not None else (0.229, 0.224, 0.225)
-        model = attention_model_from_module(
+        model = AttentionModel(
             backbone,
             layer,
             teacher_mean=mean,

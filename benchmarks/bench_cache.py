@@ -3,7 +3,7 @@
 For each training image a crop box and flip are drawn as the datamodules draw them
 (``RandomCropFlip(32, padding=4)``, Fashion-MNIST/CIFAR style, and ``RandomResizedCropFlip``
 with scale 0.25-1, ImageNet style); the augmented view is rendered with
-``lightning_acm.cache.apply_geometry``. "direct" heatmaps come from the 7x7 teacher on that
+``fidelity.apply_geometry``. "direct" heatmaps come from the 7x7 teacher on that
 view, as without the cache. Rows compare other heatmaps with them by the top-k cells they pick:
 mean IoU and mean shared fraction (|A and B| / k). "chance" is a random heatmap.
 
@@ -35,8 +35,9 @@ from _common import (  # noqa: E402
     synchronize,
     teacher_from_args,
 )
+from fidelity import apply_geometry, topk_overlap  # noqa: E402
 
-from lightning_acm.cache import HeatmapCache, apply_geometry, regrid_attention_model, topk_overlap  # noqa: E402
+from lightning_acm.cache import HeatmapCache, regrid_attention_model  # noqa: E402
 from lightning_acm.data import RandomCropFlip, RandomResizedCropFlip  # noqa: E402
 
 

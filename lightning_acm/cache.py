@@ -17,26 +17,22 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_acm.attention import AttentionModel
-from lightning_acm.functional import topk_cell_indices
-from lightning_acm.validation import Size2, check_heatmaps, check_images, check_int, check_size2, check_top_k
+from lightning_acm.validation import Size2, check_choice, check_heatmaps, check_int, check_size2
 
 __all__ = [
     "HeatmapCache",
     "HeatmapCacheConfig",
-    "apply_geometry",
     "batch_geometry",
     "cache_fingerprint",
     "cache_for_trainer",
     "reference_datamodule",
     "regrid_attention_model",
-    "topk_overlap",
     "warp_heatmaps",
 ]
 
@@ -99,58 +95,6 @@ def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> 
     return rows @ maps @ cols.transpose(1, 2) + (1.0 - inside).clamp_min(0.0) * floor
 
 
-def apply_geometry(
-    images: Tensor, geometry: Tensor, output_size: Optional[Size2] = None, *, padding_value: float = 0.0
-) -> Tensor:
-    """The augmented views ``(B, C, h, w)`` of ``(B, C, H, W)`` ``images`` that ``geometry`` describes.
-
-    Args:
-        output_size: ``(h, w)`` or ``h`` (``None``: the images' size); padding_value: the value outside the image
-            (``-mean / std`` for images normalised after zero padding).
-
-    Raises:
-        ValueError: if the shapes do not match.
-
-    Example::
-
-        >>> image = torch.arange(4.0).view(1, 1, 1, 4)
-        >>> apply_geometry(image, torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]))
-        tensor([[[[3., 2., 1., 0.]]]])
-    """
-    check_images(images)
-    y0, x0, y1, x1, flipped = _check_geometry(geometry, images.shape[0]).to(images.device).unbind(1)
-    height, width = images.shape[-2:] if output_size is None else check_size2(output_size, "output_size")
-    sign, zero, h, w = 1.0 - 2.0 * (flipped > 0.5).float(), torch.zeros_like(y0), y1 - y0, x1 - x0
-    theta = torch.stack([sign * w, zero, 2 * x0 + w - 1, zero, h, 2 * y0 + h - 1], 1).view(-1, 2, 3)
-    grid = F.affine_grid(theta, [images.shape[0], images.shape[1], height, width], align_corners=False)
-    out = F.grid_sample(images.float() - padding_value, grid, align_corners=False)  # bilinear, zero padding
-    return (out + padding_value).to(images.dtype)
-
-
-def topk_overlap(heatmaps: Tensor, reference: Tensor, top_k: int) -> Tensor:
-    """Intersection over union ``(B,)`` of the ``top_k`` cells (as ``topk_cell_indices`` picks them) of two heatmaps.
-
-    Raises:
-        ValueError: if the shapes differ or ``top_k`` is out of range.
-
-    Example::
-
-        >>> topk_overlap(torch.tensor([[[3.0, 2.0], [1.0, 0.0]]]), torch.tensor([[[3.0, 0.0], [2.0, 1.0]]]), 2)  # 1 of 3
-        tensor([0.3333])
-    """
-    check_heatmaps(heatmaps)
-    check_heatmaps(reference, heatmaps.shape[0])
-    if heatmaps.shape != reference.shape:
-        shapes = f"{tuple(heatmaps.shape)} and {tuple(reference.shape)}"
-        raise ValueError(f"Expected `heatmaps` and `reference` to have the same shape, but got {shapes}.")
-    check_top_k(top_k, tuple(heatmaps.shape[1:]))
-    first, second = (
-        torch.zeros_like(maps.flatten(1), dtype=torch.bool).scatter_(1, topk_cell_indices(maps, top_k), True)
-        for maps in (heatmaps, reference.to(heatmaps.device))
-    )
-    return (first & second).sum(1).float() / (first | second).sum(1).float()
-
-
 @dataclass(frozen=True)
 class HeatmapCacheConfig:
     """Settings of the heatmap cache of :class:`~lightning_acm.callbacks.AttentiveCutMix`.
@@ -205,8 +149,7 @@ class HeatmapCache:
         self, num_samples: int, grid_size: Size2 = 14, *, dtype: torch.dtype = torch.float16, device: Device = None
     ) -> None:
         check_int(num_samples, "num_samples", minimum=1)
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"Expected `dtype` to be torch.float16, torch.bfloat16 or torch.float32, but got {dtype}.")
+        check_choice(dtype, "dtype", (torch.float16, torch.bfloat16, torch.float32))
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
         self.maps = torch.zeros(num_samples, *self.grid_size, dtype=dtype, device=device)
         self.filled = torch.zeros(num_samples, dtype=torch.bool, device=device)
@@ -308,13 +251,8 @@ class HeatmapCache:
         return cache
 
 
-def regrid_attention_model(model: nn.Module, grid_size: Size2, input_size: Optional[Size2]) -> nn.Module:
-    """The same frozen teacher (its backbone shared) on another grid and input size, e.g. to fill a finer cache.
-
-    A model that is not an :class:`~lightning_acm.attention.AttentionModel` is returned unchanged.
-    """
-    if not isinstance(model, AttentionModel):
-        return model
+def regrid_attention_model(model: AttentionModel, grid_size: Size2, input_size: Optional[Size2]) -> AttentionModel:
+    """The same frozen teacher (its backbone shared) on another grid and input size, e.g. to fill a finer cache."""
     same = {name: getattr(model, name) for name in ("reduction", "channels", "amp_dtype", "channels_last", "relu")}
     stats = {name: getattr(model, name).flatten().tolist() for name in _STATS}
     regridded = AttentionModel(model.backbone, model.layer, input_size=input_size, grid_size=grid_size, **stats, **same)
@@ -376,39 +314,35 @@ def _digest(tensors: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def cache_fingerprint(teacher: nn.Module, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
+def cache_fingerprint(teacher: AttentionModel, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
     """What a cache filled by ``teacher`` from ``dataset`` depends on, as plain values for its ``meta``.
 
-    The teacher's type, a SHA-256 of its weights and its settings, ``grid_size``, ``num_samples`` and a
-    SHA-256 of the first, middle and last images. It hashes every weight: call it once per fit.
+    The backbone's type, a SHA-256 of its weights (every weight: call it once per fit), the teacher's settings,
+    ``grid_size``, ``num_samples`` and a SHA-256 of the first, middle and last images.
 
     Example::
 
         >>> from torch.utils.data import TensorDataset
-        >>> print(cache_fingerprint(nn.Conv2d(3, 1, 4, stride=4), TensorDataset(torch.zeros(5, 3, 8, 8)), 2)["teacher"])
-        Conv2d
+        >>> teacher = AttentionModel(nn.Sequential(nn.Conv2d(3, 1, 4, stride=4)), "0", input_size=8, grid_size=2)
+        >>> print(cache_fingerprint(teacher, TensorDataset(torch.zeros(5, 3, 8, 8)), 2)["teacher"])
+        Sequential
     """
     size = len(dataset)  # type: ignore[arg-type]
     samples = {str(index): dataset[index] for index in sorted({0, size // 2, size - 1} if size else set())}
     images = {name: sample[0] if isinstance(sample, (list, tuple)) else sample for name, sample in samples.items()}
-    is_attention = isinstance(teacher, AttentionModel)
-    fingerprint: dict[str, Any] = {
-        "teacher": type(teacher.backbone if is_attention else teacher).__name__,
+    return {
+        "teacher": type(teacher.backbone).__name__,
         "teacher_weights": _digest(teacher.state_dict()),
         "grid_size": list(check_size2(grid_size, "grid_size")),
         "num_samples": size,
         "dataset_pixels": _digest(images),
+        "layer": teacher.layer,
+        "input_size": teacher.input_size and list(teacher.input_size),
+        "reduction": teacher.reduction,
+        "relu": teacher.relu,
+        "precision": str(teacher.amp_dtype),
+        "normalization": [getattr(teacher, name).flatten().tolist() for name in _STATS],
     }
-    if is_attention:
-        fingerprint.update(
-            layer=teacher.layer,
-            input_size=teacher.input_size and list(teacher.input_size),
-            reduction=teacher.reduction,
-            relu=teacher.relu,
-            precision=str(teacher.amp_dtype),
-            normalization=[getattr(teacher, name).flatten().tolist() for name in _STATS],
-        )
-    return fingerprint
 
 
 def _mismatch(cache: HeatmapCache, meta: dict[str, Any], required: Tensor) -> Optional[str]:
@@ -422,9 +356,9 @@ def _mismatch(cache: HeatmapCache, meta: dict[str, Any], required: Tensor) -> Op
 
 def cache_for_trainer(
     trainer: Any,
-    teacher: nn.Module,
+    teacher: AttentionModel,
     *,
-    grid_size: Size2,
+    grid_size: tuple[int, int],
     path: Optional[str] = None,
     batch_size: int = 64,
     previous: Optional[HeatmapCache] = None,
@@ -443,8 +377,7 @@ def cache_for_trainer(
     reference = datamodule.train_reference_dataset()
     indices = getattr(datamodule, "train_indices", None)
     required = torch.as_tensor(range(len(reference)) if indices is None else indices).long().flatten()
-    grid = check_size2(grid_size, "grid_size")
-    meta = cache_fingerprint(teacher, reference, grid)
+    meta = cache_fingerprint(teacher, reference, grid_size)
     if previous is not None and _mismatch(previous, meta, required) is None:
         return previous
     if path is not None and os.path.isfile(path):
@@ -460,13 +393,13 @@ def cache_for_trainer(
             f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
             " it is recomputed and overwritten."
         )
-    cache = HeatmapCache(len(reference), grid, device=trainer.strategy.root_device)
+    cache = HeatmapCache(len(reference), grid_size, device=trainer.strategy.root_device)
     cache.meta, world, start = meta, trainer.world_size, time.perf_counter()
     shard = required[trainer.global_rank :: world]
     workers = getattr(datamodule, "num_workers", 0)
     cache.fill(teacher, reference, indices=shard.tolist(), batch_size=batch_size, num_workers=workers)
     if world > 1:  # every rank gets every shard
-        local = torch.zeros(-(-required.numel() // world), *grid, dtype=torch.float32, device=cache.device)
+        local = torch.zeros(-(-required.numel() // world), *grid_size, dtype=torch.float32, device=cache.device)
         local[: shard.numel()] = cache.maps[shard.to(cache.device)].float()
         gathered = trainer.strategy.all_gather(local)
         for other in range(world):
@@ -477,7 +410,7 @@ def cache_for_trainer(
             " return (image, target, index) for every training index."
         )
     rank_zero_info(
-        f"{owner}: computed {required.numel()} heatmaps ({grid[0]}x{grid[1]}) in"
+        f"{owner}: computed {required.numel()} heatmaps ({grid_size[0]}x{grid_size[1]}) in"
         f" {time.perf_counter() - start:.1f} s on {world} process(es)."
     )
     if path is not None and trainer.is_global_zero:

@@ -16,9 +16,7 @@ from lightning_acm.attention import (
     IMAGENET_STD,
     PRESETS,
     AttentionModel,
-    attention_model_from_module,
     build_attention_model,
-    list_presets,
 )
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -96,7 +94,7 @@ def test_lite0_bundled_weights_are_loaded(lite0: AttentionModel):
 
 
 def test_presets_are_described():
-    assert "efficientnet_lite0" in list_presets() and "paper" in list_presets()
+    assert "efficientnet_lite0" in PRESETS and "paper" in PRESETS
     assert PRESETS["paper"].arch == "resnet152" and PRESETS["paper"].layer == "layer4"
     assert PRESETS["densenet121"].layer == "features" and PRESETS["densenet121"].relu
     assert PRESETS["resnet50"].teacher_mean == IMAGENET_MEAN
@@ -167,7 +165,7 @@ class _MethodNet(nn.Module):
 
 
 def test_method_layer_is_called_instead_of_forward():
-    assert attention_model_from_module(_MethodNet(), "extract", input_size=28)(torch.rand(2, 3, 8, 8)).shape == (
+    assert AttentionModel(_MethodNet(), "extract", input_size=28)(torch.rand(2, 3, 8, 8)).shape == (
         2,
         7,
         7,
@@ -184,7 +182,7 @@ def test_heatmap_is_channel_reduction_of_tapped_features():
 
 
 def test_stride16_layer_at_half_resolution_gives_7x7():
-    model = attention_model_from_module(torchvision.models.resnet18(), "layer3", input_size=112)
+    model = AttentionModel(torchvision.models.resnet18(), "layer3", input_size=112)
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 7, 7)
 
 
@@ -305,8 +303,8 @@ def test_bad_normalization_and_options():
         AttentionModel(_tiny_backbone(), "1", amp_dtype="int8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`reduction`"):
         AttentionModel(_tiny_backbone(), "1", reduction="sum")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="`module` to be an nn.Module"):
-        attention_model_from_module("resnet18", "layer4")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`backbone` to be an nn.Module"):
+        AttentionModel("resnet18", "layer4")  # type: ignore[arg-type]
 
 
 def test_missing_weights_file(tmp_path):
@@ -346,9 +344,7 @@ def test_offline_torchvision_weights_say_where_to_put_the_file(no_download):
 
 
 def test_compile_features_truncates_the_backbone_and_keeps_its_weights():
-    model = attention_model_from_module(
-        torchvision.models.resnet18(num_classes=10), "layer3", input_size=64, grid_size=4
-    )
+    model = AttentionModel(torchvision.models.resnet18(num_classes=10), "layer3", input_size=64, grid_size=4)
     images = torch.rand(3, 3, 32, 32)
     expected = model(images)
     keys, modules = list(model.state_dict()), len(list(model.modules()))
@@ -364,7 +360,7 @@ def test_compile_features_truncates_the_backbone_and_keeps_its_weights():
 
 
 def test_compile_features_of_a_method_layer():
-    model = attention_model_from_module(_MethodNet(), "extract", input_size=28)
+    model = AttentionModel(_MethodNet(), "extract", input_size=28)
     images = torch.rand(2, 3, 8, 8)
     expected = model(images)
     model.compile_features(backend="eager")
@@ -373,7 +369,7 @@ def test_compile_features_of_a_method_layer():
 
 def test_compile_features_with_inductor_matches_eager():
     backbone = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(392, 2))
-    model = attention_model_from_module(backbone, "1", input_size=28)
+    model = AttentionModel(backbone, "1", input_size=28)
     images = torch.rand(4, 3, 28, 28)
     expected = model(images)
     model.compile_features()  # the default backend, as `attention_compile=True` uses it
@@ -391,7 +387,7 @@ def test_compile_features_of_an_untraceable_backbone_says_what_to_do():
                 x = x * 2
             return self.conv(x)
 
-    model = attention_model_from_module(Branchy(), "conv", input_size=28)
+    model = AttentionModel(Branchy(), "conv", input_size=28)
     with pytest.raises(
         ValueError,
         match=r"Cannot compile the attention model: torch.fx could not trace Branchy up to"
@@ -404,16 +400,16 @@ def test_compile_features_of_an_untraceable_backbone_says_what_to_do():
 def test_a_tapped_layer_without_a_feature_map_is_refused():
     flat = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.Flatten(), nn.ReLU())
     with pytest.raises(ValueError, match=r"tapped layer '1' to give a \(B, C, h, w\) feature map.*got \(2, 196\)"):
-        attention_model_from_module(flat, "1", input_size=28)(torch.rand(2, 3, 28, 28))
+        AttentionModel(flat, "1", input_size=28)(torch.rand(2, 3, 28, 28))
     unused = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4))
     unused.add_module("spare", nn.Conv2d(4, 4, 1))  # registered, never called by the forward
     unused.forward = lambda x: unused[0](x)  # type: ignore[method-assign]
     with pytest.raises(ValueError, match=r"tapped layer 'spare'.*got NoneType\. Tap a layer that the forward uses"):
-        attention_model_from_module(unused, "spare", input_size=28)(torch.rand(2, 3, 28, 28))
+        AttentionModel(unused, "spare", input_size=28)(torch.rand(2, 3, 28, 28))
 
 
 def test_grayscale_images_need_a_normalisation_of_one_value():
-    model = attention_model_from_module(
+    model = AttentionModel(
         nn.Sequential(nn.Conv2d(3, 4, 4, stride=4)), "0", input_size=28, input_mean=(0.1, 0.2, 0.3), input_std=(1, 1, 1)
     )
     with pytest.raises(ValueError, match=r"input normalisation to have 1 or 1 values for 1-channel images, but got 3"):

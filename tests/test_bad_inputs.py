@@ -97,7 +97,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import AttentionModel, Teacher, attention_model_from_module
+from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.cache import HeatmapCacheConfig
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 from lightning_acm.loss import soft_target_cross_entropy
@@ -133,7 +133,7 @@ def conv(in_channels: int = 3, value: float = 1.0 / 48) -> nn.Module:
 def teacher(value: float = 1.0 / 48, **kwargs: Any) -> nn.Module:
     kwargs.setdefault("input_size", SIZE)
     kwargs.setdefault("grid_size", 7)
-    return attention_model_from_module(conv(value=value), "1", **kwargs)
+    return AttentionModel(conv(value=value), "1", **kwargs)
 
 
 def data(images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, **kwargs: Any) -> DataLoader:

@@ -17,20 +17,21 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import Teacher, attention_model_from_module
+from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.cache import (
     HeatmapCache,
     HeatmapCacheConfig,
-    apply_geometry,
     batch_geometry,
     cache_fingerprint,
     regrid_attention_model,
-    topk_overlap,
     warp_heatmaps,
 )
 from lightning_acm.callbacks import AttentiveCutMix
 from lightning_acm.data import FashionMNISTDataModule, RandomCropFlip, write_idx
 from lightning_acm.loss import SoftTargetLossMixin
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from fidelity import apply_geometry, topk_overlap  # noqa: E402
 
 IDENTITY = [0.0, 0.0, 1.0, 1.0, 0.0]
 
@@ -207,7 +208,7 @@ class Counting(nn.Module):
 
 def test_fill_from_datasets(generator):
     images = torch.rand(10, 3, 28, 28, generator=generator)
-    teacher = attention_model_from_module(Counting(), "act", input_size=28, grid_size=7)
+    teacher = AttentionModel(Counting(), "act", input_size=28, grid_size=7)
     expected = teacher(images)
     indexed = TensorDataset(images, torch.zeros(10), torch.arange(10))
     cache = HeatmapCache(10, 7, dtype=torch.float32).fill(teacher, indexed, indices=[9, 3], batch_size=4)
@@ -364,7 +365,7 @@ def test_cache_path_recomputes_for_a_retrained_teacher(tmp_path):
 
 def test_cache_fingerprint_fields():
     images = TensorDataset(torch.rand(5, 3, 28, 28))
-    teacher = attention_model_from_module(Counting(), "act", input_size=28, grid_size=7)
+    teacher = AttentionModel(Counting(), "act", input_size=28, grid_size=7)
     base = cache_fingerprint(teacher, images, 7)
     assert base["num_samples"] == 5 and base["teacher"] == "Counting" and base["layer"] == "act"
     changed = {

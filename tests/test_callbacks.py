@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import Teacher, attention_model_from_module
+from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, batch_generator
 from lightning_acm.loss import SoftTargetLossMixin
 
@@ -47,7 +47,7 @@ def tiny_teacher() -> nn.Module:
 
 
 def tiny_attention(**kwargs: Any) -> nn.Module:
-    return attention_model_from_module(tiny_teacher(), "1", input_size=SIZE, grid_size=7, **kwargs)
+    return AttentionModel(tiny_teacher(), "1", input_size=SIZE, grid_size=7, **kwargs)
 
 
 def loader(n: int = 16, batch_size: int = 8, seed: int = 0) -> DataLoader:
@@ -498,7 +498,7 @@ def test_uint8_images_reach_the_teacher_scaled_like_floats():
         conv = nn.Conv2d(3, 2, kernel_size=4, stride=4)
         nn.init.constant_(conv.weight, 1.0 / 48)
         nn.init.constant_(conv.bias, -0.3)
-        teacher = attention_model_from_module(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
+        teacher = AttentionModel(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
         callback = AttentiveCutMix(teacher=Teacher(module=teacher), num_classes=NUM_CLASSES, seed=0)
         fit(callback, data=DataLoader(TensorDataset(images, labels), batch_size=8))
         cache = HeatmapCache(16, (7, 7)).fill(callback.attention_model, TensorDataset(images, labels), batch_size=8)

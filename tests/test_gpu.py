@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import Teacher, attention_model_from_module
+from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
 from lightning_acm.functional import attentive_cutmix, cutmix, mixup
 from lightning_acm.loss import SoftTargetLossMixin
@@ -57,7 +57,7 @@ class DeviceRecorder(SoftTargetLossMixin, L.LightningModule):
 
 def tiny_attention() -> nn.Module:
     teacher = nn.Sequential(nn.Conv2d(3, 4, kernel_size=4, stride=4), nn.ReLU())
-    return attention_model_from_module(teacher, "1", input_size=SIZE, grid_size=7)
+    return AttentionModel(teacher, "1", input_size=SIZE, grid_size=7)
 
 
 def make_callbacks() -> list[MixingCallback]:

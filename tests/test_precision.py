@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import Teacher, attention_model_from_module
+from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp
 
 NUM_CLASSES, SIZE, BATCH = 4, 28, 8
@@ -64,7 +64,7 @@ def teacher(conv_dtypes: Optional[list[torch.dtype]] = None) -> nn.Module:
     nn.init.constant_(conv.weight, 1.0 / 48)
     if conv_dtypes is not None:
         conv.register_forward_hook(lambda _m, _i, out: conv_dtypes.append(out.dtype))
-    return attention_model_from_module(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
+    return AttentionModel(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
 
 
 MAKERS: dict[str, Callable[..., MixingCallback]] = {

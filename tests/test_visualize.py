@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_acm import functional as AF
-from lightning_acm.attention import Teacher, attention_model_from_module
+from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixResult, MixUp
 from lightning_acm.loss import SoftTargetLossMixin
 from lightning_acm.visualize import MixVisualizer, PastedAttentionMonitor, render_mix, render_mix_grid
@@ -46,7 +46,7 @@ def tiny_attention() -> nn.Module:
     """A 7x7 heatmap at 28 px that follows the image's brightness."""
     conv = nn.Conv2d(3, 2, kernel_size=4, stride=4, bias=False)
     nn.init.constant_(conv.weight, 1.0 / 48)
-    return attention_model_from_module(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
+    return AttentionModel(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
 
 
 def loader(n: int = 32, batch_size: int = 8) -> DataLoader:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_acm.attention import Teacher, attention_model_from_module
+from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
 from lightning_acm.loss import SoftTargetLossMixin
 
@@ -92,7 +92,7 @@ class Record(L.Callback):
 def teacher() -> nn.Module:
     conv = nn.Conv2d(3, 2, kernel_size=4, stride=4, bias=False)
     nn.init.constant_(conv.weight, 1.0 / 48)
-    return attention_model_from_module(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
+    return AttentionModel(nn.Sequential(conv, nn.ReLU()), "1", input_size=SIZE, grid_size=7)
 
 
 def make_callback(method: str, seed: int) -> MixingCallback:
