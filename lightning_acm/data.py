@@ -28,7 +28,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from typing_extensions import override
 
-from lightning_acm.validation import check_choice, check_int, check_real, check_size2
+from lightning_acm.validation import check_choice, check_class_indices, check_int, check_real, check_size2
 
 __all__ = [
     "CIFAR100DataModule",
@@ -179,17 +179,16 @@ class _WholeImage:
 class _TransformedSet(Dataset):
     """``base[indices[i]]`` through ``transform``, ``to_tensor``, ``normalize``; ``output``: pair, geometry or index."""
 
-    def __init__(self, base: Dataset, indices: Optional[Tensor], transform: Any, normalize: Any, output: str) -> None:
+    def __init__(self, base: Dataset, indices: Tensor, transform: Any, normalize: Any, output: str) -> None:
         # A tensor, not a list: forked workers would otherwise copy a list of Python ints page by page.
         self.base, self.indices, self.transform, self.normalize = base, indices, transform, normalize
         self.output = output
 
     def __len__(self) -> int:
-        return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
+        return len(self.indices)
 
     def __getitem__(self, item: int) -> tuple[Any, ...]:
-        # range() raises IndexError out of range (which ends iteration) and resolves negative items.
-        index = int(self.indices[item]) if self.indices is not None else range(len(self.base))[item]
+        index = int(self.indices[item])  # IndexError out of range ends iteration; negative items count from the end
         image, target = self.base[index]
         image, box = self.transform(image)
         image = self.normalize(TF.to_tensor(image))
@@ -345,9 +344,10 @@ class VisionDataModule(LightningDataModule):
         if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
             raise ValueError(f"Expected `data_dir` to be a non-empty path, but got {data_dir!r}.")
         if isinstance(val_split, float):
-            check_real(val_split, "val_split", low=0.0, high=1.0, high_open=True, what="a fraction")
+            self.val_split = check_real(val_split, "val_split", low=0.0, high=1.0, high_open=True, what="a fraction")
         else:
-            check_int(val_split, "val_split", minimum=0, hint=" Pass a count (int) or a fraction (float in [0, 1)).")
+            hint = " Pass a count (int) or a fraction (float in [0, 1))."
+            self.val_split = check_int(val_split, "val_split", minimum=0, hint=hint)
         self.data_dir = str(data_dir)
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         hint = " Pass None to use `batch_size`."
@@ -357,7 +357,6 @@ class VisionDataModule(LightningDataModule):
         hint = " Pass None to use all samples."
         self.train_subset = check_int(train_subset, "train_subset", minimum=1, optional=True, hint=hint)
         self.test_subset = check_int(test_subset, "test_subset", minimum=1, optional=True, hint=hint)
-        self.val_split = val_split
         self.pin_memory, self.persistent_workers, self.drop_last = pin_memory, persistent_workers, drop_last
         self.augment, self.record_augmentation, self.download = augment, record_augmentation, download
         # Built by `setup`: Optional[Dataset] datasets and Optional[Tensor] split indices into `_train_base`.
@@ -372,7 +371,7 @@ class VisionDataModule(LightningDataModule):
         """The training, evaluation and reference transforms."""
         return RandomCropFlip(self.dims[1:], padding=4), _WholeImage(), _WholeImage()
 
-    def _dataset(self, base: Dataset, indices: Optional[Tensor], transform: GeometryTransform, output: str = "pair"):
+    def _dataset(self, base: Dataset, indices: Tensor, transform: GeometryTransform, output: str = "pair"):
         return _TransformedSet(base, indices, transform, T.Normalize(self.mean, self.std), output)
 
     def _download(self) -> None:
@@ -406,10 +405,8 @@ class VisionDataModule(LightningDataModule):
                 self.val_set = self._dataset(base, self._val_indices, plain)
         if stage in (None, "test", "predict") and self.test_set is None:
             base = self._load_base(train=False)
-            indices = None
-            if self.test_subset is not None:
-                permutation = self._permutation(len(base))  # type: ignore[arg-type]
-                indices = _take(permutation, self.test_subset, "test_subset", "test samples").sort().values
+            permutation = self._permutation(len(base))  # type: ignore[arg-type]
+            indices = _take(permutation, self.test_subset, "test_subset", "test samples").sort().values
             self.test_set = self._dataset(base, indices, self._transforms()[1])
 
     def _load_base(self, train: bool) -> Dataset:
@@ -467,7 +464,8 @@ class VisionDataModule(LightningDataModule):
         Raises:
             FileNotFoundError: if the training data is missing.
         """
-        return self._dataset(self._training_base(), None, self._transforms()[2], output="index")
+        base = self._training_base()
+        return self._dataset(base, torch.arange(len(base)), self._transforms()[2], output="index")  # type: ignore[arg-type]
 
     def _data_loader(self, stage: str) -> Union[DataLoader, list]:
         """The loader of ``stage``'s dataset, built by ``setup(stage)`` where needed; ``[]`` without one."""
@@ -749,10 +747,7 @@ class FashionMNISTDataModule(VisionDataModule):
                 f"Expected as many labels as images, but '{image_path}' holds {images.shape[0]} images"
                 f" and '{label_path}' {labels.shape[0]} labels."
             )
-        if labels.numel() and int(labels.max()) >= self.num_classes:
-            raise ValueError(
-                f"Expected labels in [0, {self.num_classes - 1}] in '{label_path}', but found {int(labels.max())}."
-            )
+        check_class_indices(labels, self.num_classes, where=f" in '{label_path}'")
         if max(images.shape[1:]) > self.pad_to:
             raise ValueError(
                 f"Expected `pad_to` to be at least the image size {tuple(images.shape[1:])} of"

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from lightning_acm.validation import check_real
 
-__all__ = ["SoftTargetLossMixin", "dominant_class", "soft_target_cross_entropy"]
+__all__ = ["SoftTargetLossMixin", "soft_target_cross_entropy"]
 
 
 def soft_target_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -47,11 +47,6 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: 
     return -(probabilities * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
-def dominant_class(targets: Tensor) -> Tensor:
-    """Class indices ``(B,)``: index targets unchanged, soft targets reduced by ``argmax`` (the larger share)."""
-    return targets.argmax(dim=1) if targets.ndim == 2 else targets.long()
-
-
 class SoftTargetLossMixin:
     """Mixin for a ``LightningModule``: one loss method for index targets and mixed soft targets.
 
@@ -75,5 +70,5 @@ class SoftTargetLossMixin:
 
     @staticmethod
     def hard_targets(targets: Tensor) -> Tensor:
-        """:func:`dominant_class`, for accuracy metrics on possibly mixed batches."""
-        return dominant_class(targets)
+        """Class indices ``(B,)`` for accuracy metrics: index targets as they are, soft targets by ``argmax``."""
+        return targets.argmax(dim=1) if targets.ndim == 2 else targets.long()

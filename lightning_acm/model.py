@@ -393,13 +393,12 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
                 " Use a sized training dataloader and set `max_epochs` (or `max_steps` for 'cosine')."
             )
         steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches) if per_epoch else 0
-        warmup, milestones = hp.warmup_epochs * steps_per_epoch, [m * steps_per_epoch for m in hp.milestones]
         factor = partial(
             _lr_factor,
             schedule=hp.lr_scheduler,
-            warmup_steps=warmup,
+            warmup_steps=hp.warmup_epochs * steps_per_epoch,
             total_steps=total_steps,
-            milestone_steps=milestones,
+            milestone_steps=[m * steps_per_epoch for m in hp.milestones],
             gamma=hp.gamma,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -326,7 +326,9 @@ def test_fmnist_corrupt_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"'.*t10k-labels-idx1-ubyte' to have magic number 2049, but got 2051"):
         fmnist(tmp_path).setup("test")
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", torch.full((N_TEST,), 10, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"labels in \[0, 9\] in '.*t10k-labels-idx1-ubyte', but found 10"):
+    with pytest.raises(
+        ValueError, match=r"`targets` in \[0, 10\), but got values in \[10, 10\] in '.*t10k-labels-idx1-ubyte'. Check"
+    ):
         fmnist(tmp_path).setup("test")
     raw = (tmp_path / "t10k-images-idx3-ubyte").read_bytes()
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[:-100])

@@ -1,4 +1,4 @@
-"""Tests for ``lightning_acm.loss``: soft-target cross-entropy, ``dominant_class`` and the mixin."""
+"""Tests for ``lightning_acm.loss``: soft-target cross-entropy, the mixin and its ``hard_targets``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_acm.functional import attentive_cutmix, mixup
-from lightning_acm.loss import SoftTargetLossMixin, dominant_class, soft_target_cross_entropy
+from lightning_acm.loss import SoftTargetLossMixin, soft_target_cross_entropy
 
 
 def reference_soft_cross_entropy(logits: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
@@ -118,14 +118,15 @@ def test_error_target_shapes():
         soft_target_cross_entropy(logits, torch.zeros(4))
 
 
-def test_dominant_class():
+def test_hard_targets():
     labels = torch.tensor([3, 0, 2], dtype=torch.int32)
-    assert torch.equal(dominant_class(labels), labels.long()) and dominant_class(labels).dtype == torch.long
+    hard = SoftTargetLossMixin.hard_targets(labels)
+    assert torch.equal(hard, labels.long()) and hard.dtype == torch.long
     soft = torch.tensor([[0.3, 0.0, 0.7], [0.0, 0.6, 0.4], [0.5, 0.5, 0.0]])
-    assert torch.equal(dominant_class(soft), torch.tensor([2, 1, 0]))
+    assert torch.equal(SoftTargetLossMixin.hard_targets(soft), torch.tensor([2, 1, 0]))
 
 
-def test_dominant_class_of_a_mixed_batch_is_the_canvas_label_when_lam_is_small(generator):
+def test_hard_targets_of_a_mixed_batch_is_the_canvas_label_when_lam_is_small(generator):
     labels = torch.tensor([0, 1, 2, 3])
     _, soft, lam = attentive_cutmix(
         torch.rand(4, 3, 14, 14),
@@ -136,7 +137,7 @@ def test_dominant_class_of_a_mixed_batch_is_the_canvas_label_when_lam_is_small(g
         generator=np.random.default_rng(0),
     )
     assert (lam < 0.5).all()
-    assert torch.equal(dominant_class(soft), labels)
+    assert torch.equal(SoftTargetLossMixin.hard_targets(soft), labels)
 
 
 class _Net(SoftTargetLossMixin, L.LightningModule):
