@@ -362,12 +362,14 @@ def attentive_cutmix(
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 
-def _cutmix_paste(images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator) -> Mixed:
-    """Draw CutMix's boxes (areas, then centres) and paste them: ``(mixed, lam, boxes (B, 4))``."""
+def _cutmix_paste(
+    images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator
+) -> tuple[Tensor, ...]:
+    """Draw CutMix's boxes (areas, then centres) and paste them: ``(mixed, lam, boxes (B, 4), mask (B, 1, H, W))``."""
     size = (images.shape[2], images.shape[3])
     boxes = _cutmix_boxes(generator.beta(alpha, alpha, images.shape[0]), size, generator).to(images.device)
     mask = _box_mask(boxes, size)
-    return torch.where(mask, images.index_select(0, permutation), images), _mask_share(mask), boxes
+    return torch.where(mask, images.index_select(0, permutation), images), _mask_share(mask), boxes, mask
 
 
 def cutmix(
@@ -391,7 +393,7 @@ def cutmix(
     """
     alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
     targets, permutation, rng = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
-    mixed, lam, _ = _cutmix_paste(images, permutation, alpha, rng)
+    mixed, lam, _, _ = _cutmix_paste(images, permutation, alpha, rng)
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 
