@@ -132,7 +132,6 @@ class _EpochMeans:
             if count > 0:
                 # Already global: sync_dist only averages equal values (and keeps Lightning from warning).
                 pl_module.log(f"{prefix}/{name}", total / count, on_step=False, on_epoch=True, sync_dist=True)
-        self.reset()
 
 
 class _LabelRangeCheck:
@@ -175,16 +174,6 @@ class _LabelRangeCheck:
 
 def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Union[int, str], Union[int, str]]:
     """Where the images and targets are in ``batch`` (a mutable list or dict), with defaults for ``None`` keys."""
-    if isinstance(batch, MutableMapping):
-        image_key = "image" if image_key is None else image_key
-        target_key = "target" if target_key is None else target_key
-        for key, name in ((image_key, "image_key"), (target_key, "target_key")):
-            if key not in batch:
-                raise KeyError(
-                    f"{owner}: the dict batch has no key {key!r} (`{name}`); its keys are"
-                    f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key."
-                )
-        return image_key, target_key
     if isinstance(batch, tuple):
         fields = getattr(batch, "_fields", None)
         fix = (
@@ -195,26 +184,32 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
         )
         kind = f"a namedtuple {type(batch).__name__}" if fields else "a tuple"
         raise TypeError(f"{owner} mixes the batch in place, but the batch is {kind}, which cannot be changed. {fix}")
-    if isinstance(batch, MutableSequence) and len(batch) >= 2:
-        image_key = 0 if image_key is None else image_key
-        target_key = 1 if target_key is None else target_key
-        for key, name in ((image_key, "image_key"), (target_key, "target_key")):
-            if isinstance(key, str):
-                raise ValueError(
-                    f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a"
-                    f" key of a dict batch. Pass `{name}=` with the position in the list, or None for"
-                    " the default."
-                )
-            if not -len(batch) <= key < len(batch):
-                raise ValueError(
-                    f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but got {key}."
-                )
-        return image_key, target_key
-    raise TypeError(
-        f"{owner} expects a batch list [images, targets, ...] or a dict with `image_key` and `target_key`, but got"
-        f" {type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, Sequence) else ''}."
-        " Make the dataset return (image, target) samples, or collate batches into such a list or dict."
-    )
+    is_dict = isinstance(batch, MutableMapping)
+    if not is_dict and not (isinstance(batch, MutableSequence) and len(batch) >= 2):
+        raise TypeError(
+            f"{owner} expects a batch list [images, targets, ...] or a dict with `image_key` and `target_key`, but"
+            f" got {type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, Sequence) else ''}."
+            " Make the dataset return (image, target) samples, or collate batches into such a list or dict."
+        )
+    image_key = ("image" if is_dict else 0) if image_key is None else image_key
+    target_key = ("target" if is_dict else 1) if target_key is None else target_key
+    for key, name in ((image_key, "image_key"), (target_key, "target_key")):
+        if is_dict and key not in batch:
+            raise KeyError(
+                f"{owner}: the dict batch has no key {key!r} (`{name}`); its keys are"
+                f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key."
+            )
+        if not is_dict and isinstance(key, str):
+            raise ValueError(
+                f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a"
+                f" key of a dict batch. Pass `{name}=` with the position in the list, or None for"
+                " the default."
+            )
+        if not is_dict and not -len(batch) <= key < len(batch):
+            raise ValueError(
+                f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but got {key}."
+            )
+    return image_key, target_key
 
 
 class MixingCallback(Callback):
