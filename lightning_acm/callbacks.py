@@ -1,7 +1,6 @@
 """Lightning callbacks that mix training batches in place: Attentive CutMix, CutMix and Mixup.
 
-The module needs only a soft-target loss (:class:`~lightning_acm.loss.SoftTargetLossMixin`). Each
-batch is mixed with a numpy generator seeded by ``SeedSequence([seed, rank, epoch, batch index])``,
+Each batch is mixed with a numpy generator seeded by ``SeedSequence([seed, rank, epoch, batch index])``,
 so reruns and resumed runs mix identically (the seed is in the callback's ``state_dict``).
 """
 
@@ -43,6 +42,7 @@ def batch_generator(*keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(key) & ((1 << 64) - 1) for key in keys]))
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class MixResult:
     """What one mixed batch is made of.
 
@@ -52,7 +52,7 @@ class MixResult:
         partner_heatmaps, cell_indices: ``(B, gh, gw)`` partner attention and ``(B, k)`` row-major cells pasted.
         boxes: ``(B, 4)`` ``(top, bottom, left, right)`` pasted box, bottom/right exclusive (CutMix).
         source, source_targets: the batch's own images and targets before mixing.
-        mask: ``(B, 1, H, W)`` pasted region (``None`` for Mixup), built on first read.
+        mask: ``(B, 1, H, W)`` bool pasted region (``None`` for Mixup), built from the cells or boxes if not given.
 
     Example::
 
@@ -63,42 +63,31 @@ class MixResult:
         (True, 4)
     """
 
-    def __init__(
-        self,
-        mixed: Tensor,
-        soft_targets: Tensor,
-        lam: Tensor,
-        permutation: Tensor,
-        mask: Optional[Tensor] = None,
-        partner_heatmaps: Optional[Tensor] = None,
-        *,
-        cell_indices: Optional[Tensor] = None,
-        boxes: Optional[Tensor] = None,
-        source: Optional[Tensor] = None,
-        source_targets: Optional[Tensor] = None,
-    ) -> None:
-        if cell_indices is not None and partner_heatmaps is None:
-            raise ValueError("`cell_indices` need the `partner_heatmaps` whose grid they index.")
-        self.mixed, self.soft_targets, self.lam, self.permutation = mixed, soft_targets, lam, permutation
-        self.partner_heatmaps, self.cell_indices, self.boxes, self._mask = partner_heatmaps, cell_indices, boxes, mask
-        self.source, self.source_targets = source, source_targets
+    mixed: Tensor
+    soft_targets: Tensor
+    lam: Tensor
+    permutation: Tensor
+    mask: Optional[Tensor] = None
+    partner_heatmaps: Optional[Tensor] = None
+    _: dataclasses.KW_ONLY
+    cell_indices: Optional[Tensor] = None
+    boxes: Optional[Tensor] = None
+    source: Optional[Tensor] = None
+    source_targets: Optional[Tensor] = None
 
-    @property
-    def mask(self) -> Optional[Tensor]:
-        """``(B, 1, H, W)`` bool pasted region, or ``None`` for Mixup."""
-        if self._mask is None:
-            image_size = (self.mixed.shape[-2], self.mixed.shape[-1])
-            if self.cell_indices is not None and self.partner_heatmaps is not None:
-                grid = (self.partner_heatmaps.shape[-2], self.partner_heatmaps.shape[-1])
-                self._mask = AF._cell_mask(self.cell_indices, grid, image_size)
-            elif self.boxes is not None:
-                self._mask = AF._box_mask(self.boxes, image_size)
-        return self._mask
+    def __post_init__(self) -> None:
+        if self.cell_indices is not None and self.partner_heatmaps is None:
+            raise ValueError("`cell_indices` need the `partner_heatmaps` whose grid they index.")
+        if self.mask is None and self.cell_indices is not None:
+            grid = self.partner_heatmaps.shape[-2:]  # type: ignore[union-attr]
+            self.mask = AF._cell_mask(self.cell_indices, grid, self.mixed.shape[-2:])  # type: ignore[arg-type]
+        elif self.mask is None and self.boxes is not None:
+            self.mask = AF._box_mask(self.boxes, self.mixed.shape[-2:])  # type: ignore[arg-type]
 
     @property
     def has_region(self) -> bool:
         """Whether a region of the partner was pasted (CutMix, Attentive CutMix) rather than blended in (Mixup)."""
-        return self.cell_indices is not None or self.boxes is not None or self._mask is not None
+        return self.mask is not None
 
     def __repr__(self) -> str:
         kind = "cells" if self.cell_indices is not None else "box" if self.has_region else "blend"
@@ -112,7 +101,7 @@ class MixResult:
             return self.lam
         if self.partner_heatmaps is None:
             return None
-        return AF.pasted_attention_share(self.partner_heatmaps, self.mask)  # type: ignore[arg-type]
+        return AF.pasted_attention_share(self.partner_heatmaps, self.mask)
 
 
 class _EpochMeans:
@@ -143,7 +132,6 @@ class _EpochMeans:
             if count > 0:
                 # Already global: sync_dist only averages equal values (and keeps Lightning from warning).
                 pl_module.log(f"{prefix}/{name}", total / count, on_step=False, on_epoch=True, sync_dist=True)
-        self.reset()
 
 
 class _LabelRangeCheck:
@@ -186,16 +174,6 @@ class _LabelRangeCheck:
 
 def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Union[int, str], Union[int, str]]:
     """Where the images and targets are in ``batch`` (a mutable list or dict), with defaults for ``None`` keys."""
-    if isinstance(batch, MutableMapping):
-        image_key = "image" if image_key is None else image_key
-        target_key = "target" if target_key is None else target_key
-        for key, name in ((image_key, "image_key"), (target_key, "target_key")):
-            if key not in batch:
-                raise KeyError(
-                    f"{owner}: the dict batch has no key {key!r} (`{name}`); its keys are"
-                    f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key."
-                )
-        return image_key, target_key
     if isinstance(batch, tuple):
         fields = getattr(batch, "_fields", None)
         fix = (
@@ -206,26 +184,32 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
         )
         kind = f"a namedtuple {type(batch).__name__}" if fields else "a tuple"
         raise TypeError(f"{owner} mixes the batch in place, but the batch is {kind}, which cannot be changed. {fix}")
-    if isinstance(batch, MutableSequence) and len(batch) >= 2:
-        image_key = 0 if image_key is None else image_key
-        target_key = 1 if target_key is None else target_key
-        for key, name in ((image_key, "image_key"), (target_key, "target_key")):
-            if isinstance(key, str):
-                raise ValueError(
-                    f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a"
-                    f" key of a dict batch. Pass `{name}=` with the position in the list, or None for"
-                    " the default."
-                )
-            if not -len(batch) <= key < len(batch):
-                raise ValueError(
-                    f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but got {key}."
-                )
-        return image_key, target_key
-    raise TypeError(
-        f"{owner} expects a batch list [images, targets, ...] or a dict with `image_key` and `target_key`, but got"
-        f" {type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, Sequence) else ''}."
-        " Make the dataset return (image, target) samples, or collate batches into such a list or dict."
-    )
+    is_dict = isinstance(batch, MutableMapping)
+    if not is_dict and not (isinstance(batch, MutableSequence) and len(batch) >= 2):
+        raise TypeError(
+            f"{owner} expects a batch list [images, targets, ...] or a dict with `image_key` and `target_key`, but"
+            f" got {type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, Sequence) else ''}."
+            " Make the dataset return (image, target) samples, or collate batches into such a list or dict."
+        )
+    image_key = ("image" if is_dict else 0) if image_key is None else image_key
+    target_key = ("target" if is_dict else 1) if target_key is None else target_key
+    for key, name in ((image_key, "image_key"), (target_key, "target_key")):
+        if is_dict and key not in batch:
+            raise KeyError(
+                f"{owner}: the dict batch has no key {key!r} (`{name}`); its keys are"
+                f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key."
+            )
+        if not is_dict and isinstance(key, str):
+            raise ValueError(
+                f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a"
+                f" key of a dict batch. Pass `{name}=` with the position in the list, or None for"
+                " the default."
+            )
+        if not is_dict and not -len(batch) <= key < len(batch):
+            raise ValueError(
+                f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but got {key}."
+            )
+    return image_key, target_key
 
 
 class MixingCallback(Callback):
@@ -303,18 +287,9 @@ class MixingCallback(Callback):
         return self._generate_state_key(**self.state_key_arguments())
 
     def state_key_arguments(self) -> dict[str, Any]:
-        """The arguments that make up :attr:`state_key` (subclasses add theirs)."""
-        names = (
-            "p",
-            "num_classes",
-            "label_smoothing",
-            "stop_after_step",
-            "stop_after_epoch",
-            "image_key",
-            "target_key",
-            "log_prefix",
-        )
-        return {name: getattr(self, name) for name in names}
+        """The arguments that make up :attr:`state_key` (subclasses add theirs): every one of ``__init__`` but ``seed``."""
+        names = inspect.signature(MixingCallback.__init__).parameters
+        return {name: getattr(self, name) for name in names if name not in ("self", "seed")}
 
     @property
     def last_mix(self) -> Optional[MixResult]:
@@ -398,17 +373,16 @@ class MixingCallback(Callback):
 
         where = f" (training batch {batch_idx} of epoch {trainer.current_epoch})"
         checked = self._label_check(V.check_targets(targets, num_classes, size), num_classes, where)
+        self._epoch_means.add("mixed", float(size) if mix_now else 0.0, size, images.device)
         if not mix_now:
             if self.label_smoothing > 0:
                 batch[target_slot] = AF._probabilities(checked, num_classes, self.label_smoothing)  # type: ignore[index]
-            self._epoch_means.add("mixed", 0.0, size, images.device)
             return
         result = self.mix(images, checked, num_classes, batch)
         batch[image_slot], batch[target_slot] = result.mixed, result.soft_targets  # type: ignore[index]
         result.source, result.source_targets = images, targets
         self._last_mix = result
         self.batches_mixed += 1
-        self._epoch_means.add("mixed", float(size), size, images.device)
         self._epoch_means.add("lam", result.lam.sum(), size, images.device)
         share = result.pasted_attention()
         if share is not None:
@@ -474,9 +448,10 @@ class CutMix(_BetaMixingCallback):
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
         permutation = self.draw_permutation(images.shape[0], images.device)
-        mixed, lam, boxes = AF._cutmix_paste(images, permutation, self.alpha, self._generator)
-        soft = self.soft_targets(targets, lam, permutation, num_classes)
-        return MixResult(mixed, soft, lam, permutation, boxes=boxes)
+        mixed, lam, boxes, mask = AF._cutmix_paste(images, permutation, self.alpha, self._generator)
+        return MixResult(
+            mixed, self.soft_targets(targets, lam, permutation, num_classes), lam, permutation, mask, boxes=boxes
+        )
 
 
 class MixUp(_BetaMixingCallback):
@@ -510,8 +485,7 @@ class AttentiveCutMix(MixingCallback):
             ``Teacher(coldest=True)`` pastes the least attended cells.
         heatmap_cache: ``True`` or a :class:`~lightning_acm.cache.HeatmapCacheConfig`: run the
             teacher once per un-augmented training image and warp the maps by the recorded geometry.
-        **kwargs: ``p``, ``num_classes``, ``seed``, ``label_smoothing``, ``stop_after_step``,
-            ``stop_after_epoch``, ``image_key``, ``target_key``, ``log_prefix``: see :class:`MixingCallback`.
+        **kwargs: see :class:`MixingCallback`.
 
     Raises:
         ValueError: for a ``top_k`` outside the grid, a cache grid coarser than the teacher's, or a
@@ -621,6 +595,13 @@ class AttentiveCutMix(MixingCallback):
                 f" ({images.shape[0]}, gh, gw), one per image of the batch, but got {got}."
                 " Check its forward: it must map (B, C, H, W) images to (B, gh, gw) heatmaps."
             )
+        gh, gw = heatmaps.shape[-2:]
+        if (gh, gw) != self.grid_size:
+            raise ValueError(
+                f"The attention model returned a {gh}x{gw} grid but `grid_size` is"
+                f" {self.grid_size[0]}x{self.grid_size[1]}. Build the given `module` with the same"
+                " `grid_size`, or give the Teacher its grid."
+            )
         return heatmaps
 
     def random_heatmaps(self, batch_size: int, device: torch.device) -> Tensor:
@@ -631,18 +612,11 @@ class AttentiveCutMix(MixingCallback):
     @override
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
         if self.teacher.is_random:
-            return self._paste(images, targets, num_classes, self.random_heatmaps(images.shape[0], images.device))
-        heatmaps = self.heatmaps(images) if self.heatmap_cache is None else self.cached_heatmaps(batch, images.shape[0])
-        gh, gw = heatmaps.shape[-2:]
-        if (gh, gw) != self.grid_size:
-            raise ValueError(
-                f"The attention model returned a {gh}x{gw} grid but `grid_size` is"
-                f" {self.grid_size[0]}x{self.grid_size[1]}. Build the given `module` with the same"
-                " `grid_size`, or give the Teacher its grid."
-            )
-        return self._paste(images, targets, num_classes, heatmaps)
-
-    def _paste(self, images: Tensor, targets: Tensor, num_classes: int, heatmaps: Tensor) -> MixResult:
+            heatmaps = self.random_heatmaps(images.shape[0], images.device)
+        elif self.heatmap_cache is None:
+            heatmaps = self.heatmaps(images)
+        else:
+            heatmaps = self.cached_heatmaps(batch, images.shape[0])
         permutation = self.draw_permutation(images.shape[0], images.device)
         partner_heatmaps = heatmaps.index_select(0, permutation)
         ranking = -partner_heatmaps if self.teacher.coldest else partner_heatmaps
@@ -757,14 +731,10 @@ class RandomMixing(MixingCallback):
     """Mix each batch with one of several methods, picked at random per batch (timm's ``Mixup`` with
     ``switch_prob``, torchvision's ``RandomChoice([CutMix(...), MixUp(...)])``).
 
-    The pick is drawn from the batch's generator, which the picked method then uses for its own draws, so
-    picks are seeded like any mixing (reruns and resumed runs repeat them, ranks differ). Only the picked
-    method runs: an Attentive CutMix teacher runs on the batches it mixes. The methods belong to this
-    callback: do not add them to the Trainer, and set the arguments that apply to every batch (``p``,
-    ``label_smoothing``, ``seed``, ``stop_after_*``, keys, ``num_classes``, ``log_prefix``) here, not on them.
-    Label smoothing is applied once, here. Besides ``{log_prefix}/mixed``, ``/lam`` and
-    ``/pasted_attention``, it logs ``{log_prefix}/picked/<name>``: the share of the epoch's mixed images
-    that each method mixed (the shares sum to 1), named as in :attr:`names`.
+    The pick comes from the batch's generator, which the picked method then draws from, so picks are seeded
+    like any mix; only the picked method runs. The methods belong to this callback: do not add them to the
+    Trainer, and set the :class:`MixingCallback` arguments here, not on them. It also logs
+    ``{log_prefix}/picked/<name>``, the share of the epoch's mixed images that each method mixed.
 
     Args:
         methods: the mixing callbacks to pick from, e.g. ``[CutMix(alpha=1.0), MixUp(alpha=0.8)]``.
@@ -792,7 +762,7 @@ class RandomMixing(MixingCallback):
         self.probabilities = tuple(w / sum(self.weights) for w in self.weights)
         #: the name of each method in the logged ``{log_prefix}/picked/<name>``
         self.names = _method_names(self.methods)
-        self._picked = _EpochMeans(self.names)
+        self._epoch_means = _EpochMeans((*self._epoch_means.names, *(f"picked/{name}" for name in self.names)))
 
     @override
     def state_key_arguments(self) -> dict[str, Any]:
@@ -831,15 +801,5 @@ class RandomMixing(MixingCallback):
             result.soft_targets = AF._probabilities(result.soft_targets, num_classes, self.label_smoothing)
         size = images.shape[0]
         for index, name in enumerate(self.names):
-            self._picked.add(name, float(size if index == picked else 0), size, images.device)
+            self._epoch_means.add(f"picked/{name}", float(size if index == picked else 0), size, images.device)
         return result
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self._picked.reset()
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        self._picked.log(trainer, pl_module, f"{self.log_prefix}/picked")

@@ -1,20 +1,16 @@
 """Pure tensor ops for Attentive CutMix, CutMix and Mixup (no Lightning import).
 
-Conventions used throughout this module:
-
 * images are ``(B, C, H, W)``, heatmaps ``(B, gh, gw)``, masks boolean ``(B, 1, H, W)``.
-* ``permutation`` ``p`` pairs sample ``i`` with its *partner* ``p[i]``: the partner is the pasted image
-  ``images[p[i]]`` and ``images[i]`` is the canvas.
-* ``lam[i]`` is the fraction of ``mixed[i]`` that came from the partner: a pasted image is
+* ``permutation`` ``p`` pairs sample ``i`` (the canvas) with its *partner* ``images[p[i]]`` (pasted in).
+* ``lam[i]`` (float32) is the fraction of ``mixed[i]`` from the partner: a paste is
   ``mask * images[p] + (1 - mask) * images`` (gradients flow to both), a blend uses ``lam`` as the mask,
   and ``soft_targets[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``.
-* targets are class indices ``(B,)`` or ``(B, 1)`` (these need ``num_classes``) or float probabilities
-  ``(B, K)``; soft targets come back at least float32, ``lam`` as float32.
-* randomness comes from a ``numpy.random.Generator`` on the CPU (the same mixes on every device); without
-  one, a generator is seeded from torch's global RNG (``torch.manual_seed`` makes it reproducible).
+* targets are class indices ``(B,)`` or ``(B, 1)`` (with ``num_classes``) or float probabilities ``(B, K)``.
+* randomness comes from a ``numpy.random.Generator`` (the same mixes on every device); without one, a
+  generator is seeded from torch's global RNG.
 * the mixing ops take ``num_classes``, ``permutation`` (a :func:`pairing_permutation` when ``None``),
   ``generator`` and ``label_smoothing`` (``eps``: ``y`` becomes ``(1 - eps) * y + eps / K``) and return
-  ``(mixed (B, C, H, W), soft_targets (B, K), lam (B,))``.
+  ``(mixed, soft_targets (B, K), lam (B,))``.
 """
 
 from __future__ import annotations
@@ -362,12 +358,14 @@ def attentive_cutmix(
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 
-def _cutmix_paste(images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator) -> Mixed:
-    """Draw CutMix's boxes (areas, then centres) and paste them: ``(mixed, lam, boxes (B, 4))``."""
+def _cutmix_paste(
+    images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator
+) -> tuple[Tensor, ...]:
+    """Draw CutMix's boxes (areas, then centres) and paste them: ``(mixed, lam, boxes (B, 4), mask (B, 1, H, W))``."""
     size = (images.shape[2], images.shape[3])
     boxes = _cutmix_boxes(generator.beta(alpha, alpha, images.shape[0]), size, generator).to(images.device)
     mask = _box_mask(boxes, size)
-    return torch.where(mask, images.index_select(0, permutation), images), _mask_share(mask), boxes
+    return torch.where(mask, images.index_select(0, permutation), images), _mask_share(mask), boxes, mask
 
 
 def cutmix(
@@ -391,7 +389,7 @@ def cutmix(
     """
     alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
     targets, permutation, rng = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
-    mixed, lam, _ = _cutmix_paste(images, permutation, alpha, rng)
+    mixed, lam, _, _ = _cutmix_paste(images, permutation, alpha, rng)
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 
@@ -404,7 +402,7 @@ def _mixup_blend(
             f"Expected floating-point `images` for mixup, but got dtype {images.dtype}."
             " Convert the batch first, e.g. `images.float() / 255`."
         )
-    lam = sample_beta(alpha, images.shape[0], generator=generator, device=images.device)
+    lam = torch.from_numpy(generator.beta(alpha, alpha, images.shape[0])).float().to(images.device)
     return images.lerp(images.index_select(0, permutation), lam.to(images.dtype).view(-1, 1, 1, 1)), lam
 
 
@@ -427,6 +425,7 @@ def mixup(
         >>> mixed.shape, lam.shape
         (torch.Size([8, 3, 32, 32]), torch.Size([8]))
     """
+    alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
     targets, permutation, rng = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
     mixed, lam = _mixup_blend(images, permutation, alpha, rng)
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam

@@ -1,7 +1,5 @@
 """See what the mixing does: :func:`render_mix_grid` and :func:`render_mix` draw mixes (no Lightning),
-:class:`MixVisualizer` logs them while training, and :class:`PastedAttentionMonitor` gives CutMix the
-``pasted_attention`` metric. The callbacks read the mixing callbacks' ``last_mix``; the monitor hands its
-measures to the mixer's :meth:`~lightning_acm.callbacks.MixingCallback.add_pasted_attention`.
+:class:`MixVisualizer` logs them while training, :class:`PastedAttentionMonitor` measures CutMix's ``pasted_attention``.
 """
 
 from __future__ import annotations
@@ -84,11 +82,7 @@ def _outline(mask: Tensor, width: int) -> Tensor:
 def _check_shapes(x_a: Tensor, others: dict[str, Tensor], lam: Any, mask: Any, heatmaps: Any) -> None:
     batch, _, height, width = x_a.shape
     for name, other in others.items():
-        if other.shape != x_a.shape:
-            raise ValueError(
-                f"Expected `{name}` to have the shape of `partners`, but the shapes do not match:"
-                f" {tuple(other.shape)} != {tuple(x_a.shape)}."
-            )
+        V.check_shape(other, name, tuple(x_a.shape))
     V.check_shape(lam, "lam", (batch,))
     if mask is not None:
         V.check_shape(mask, "mask", (batch, 1, height, width))
@@ -191,9 +185,8 @@ def render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None, 
     """:func:`render_mix_grid` of a :class:`~lightning_acm.callbacks.MixResult` (which is not changed).
 
     ``x_B`` is ``result.source``, ``x_A`` is ``result.source[result.permutation]``, labels come from
-    ``result.source_targets``; ``partner_heatmaps`` are drawn when the result has none of its own.
-    ``options`` are the keyword arguments of :func:`render_mix_grid` (``class_names``, ``mean``, ``std``,
-    ``max_samples``, ``alpha``, ``scale``, ``outline_color``).
+    ``result.source_targets``; ``partner_heatmaps`` are drawn when the result has none of its own;
+    ``options`` are :func:`render_mix_grid`'s keyword arguments.
 
     Raises:
         ValueError: if ``result.source`` is ``None``, or as :func:`render_mix_grid`.
@@ -257,13 +250,10 @@ class _EveryNSteps(Callback):
 
 
 class PastedAttentionMonitor(_EveryNSteps):
-    """Log ``{log_prefix}/pasted_attention`` for CutMix with a frozen teacher of its own.
+    """Log ``{log_prefix}/pasted_attention`` for CutMix (and random cells) with a frozen teacher of its own.
 
-    The metric is the share of the partner's attention mass inside the pasted region
-    (:func:`~lightning_acm.functional.pasted_attention_share`), averaged over the epoch. This callback
-    measures the mixers that paste without heatmaps (CutMix, random cells): one teacher forward on the unmixed
-    batch of their ``last_mix`` per measured batch, counted into the mixer's own epoch mean (so a
-    :class:`~lightning_acm.callbacks.RandomMixing` logs one mean over the batches that each method mixed).
+    One teacher forward on the unmixed batch of the mixer's ``last_mix`` per measured batch; the
+    :func:`~lightning_acm.functional.pasted_attention_share` goes into the mixer's epoch mean.
     :class:`MixVisualizer` borrows these heatmaps.
 
     Args:
@@ -411,11 +401,7 @@ class MixVisualizer(_EveryNSteps):
         self._monitors: list[PastedAttentionMonitor] = []
         self._pending: list[bool] = []
         self._png_dir: Optional[str] = None
-        self._options: dict[str, Any] = {
-            "class_names": self.class_names,
-            "max_samples": self.max_samples,
-            "alpha": self.alpha,
-        }
+        self._options: dict[str, Any] = {}  # render_mix's, set in `setup`
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -427,10 +413,10 @@ class MixVisualizer(_EveryNSteps):
         # `trainer.log_dir` broadcasts, so every rank asks for it here, not in the rank-zero hook.
         self._png_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "mixes")
         mean, std = self._normalization(trainer)
-        classes = getattr(getattr(trainer, "datamodule", None), "classes", None)
-        if self.class_names is None and isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
-            self._options["class_names"] = list(classes)
-        self._options.update(mean=mean, std=std)
+        classes, names = getattr(getattr(trainer, "datamodule", None), "classes", None), self.class_names
+        if names is None and isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
+            names = list(classes)
+        self._options = dict(class_names=names, max_samples=self.max_samples, alpha=self.alpha, mean=mean, std=std)
 
     def _normalization(self, trainer: pl.Trainer) -> tuple[Any, Any]:
         """The given ``mean``/``std``, else the datamodule's, else an Attentive CutMix teacher's."""

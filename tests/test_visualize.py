@@ -212,7 +212,10 @@ def test_labels_and_lam_are_captions_under_the_panels():
         ({"max_samples": 0}, "`max_samples` to be a positive int"),
         ({"alpha": 1.5}, r"`alpha` to be in \[0, 1\]"),
         ({"scale": 0}, "`scale` to be None or a positive int"),
-        ({"canvases": torch.rand(2, 3, SIZE, 14)}, "`canvases` to have the shape of `partners`"),
+        (
+            {"canvases": torch.rand(2, 3, SIZE, 14)},
+            r"`canvases` to have shape \(2, 3, 28, 28\), but got shape \(2, 3, 28, 14\)",
+        ),
         ({"lam": torch.zeros(3)}, r"`lam` to have shape \(2,\)"),
         ({"mask": torch.zeros(2, SIZE, SIZE, dtype=torch.bool)}, r"`mask` to have shape \(2, 1, 28, 28\)"),
         ({"partner_heatmaps": torch.rand(3, 7, 7)}, "one map per image"),
