@@ -9,10 +9,11 @@ and ``<out>/curve.png`` draws it.
 Example (the CPU curve of the README)::
 
     python benchmarks/budget_curve.py --epochs 5 15 30 --out results/budget_curve_cpu \\
-        --data configs/data/fashion_mnist.yaml --model configs/model/cifar_resnet20.yaml \\
+        --data configs/data/fashion_mnist.yaml --model configs/model/cifar_resnet8.yaml \\
         --methods baseline cutmix random_cells attentive_cutmix_offline_112 --seeds 0 1 \\
         --jobs 2 --threads 1 --heatmap-cache \\
-        -- --data.init_args.data_dir /usr/share/datasets/fashion-mnist --data.init_args.train_subset 3000
+        -- --data.init_args.data_dir /usr/share/datasets/fashion-mnist --data.init_args.train_subset 3000 \\
+        --data.init_args.val_split 2000
 """
 
 from __future__ import annotations
