@@ -163,8 +163,8 @@ class AttentionModel(nn.Module):
 
     def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Set the normalisation the incoming batches carry (raises ValueError as the constructor does)."""
-        self.input_mean = _stats(mean, "mean", self.channels).to(self.input_mean.device)
-        self.input_std = _stats(std, "std", self.channels).to(self.input_std.device)
+        self.input_mean = _stats(mean, "input_mean", self.channels).to(self.input_mean.device)
+        self.input_std = _stats(std, "input_std", self.channels).to(self.input_std.device)
 
     def train(self, mode: bool = True) -> AttentionModel:
         """Stay in eval mode whatever ``mode`` is: the teacher is frozen, BatchNorm uses running stats."""

@@ -16,6 +16,7 @@ from lightning_acm.attention import (
     IMAGENET_STD,
     PRESETS,
     AttentionModel,
+    Teacher,
     build_attention_model,
 )
 
@@ -289,16 +290,19 @@ def test_bad_channel_count():
     with pytest.raises(ValueError, match=r"3 channels \(the attention model's `channels`\), but got 2.*`channels=2`"):
         model(torch.rand(1, 2, 28, 28))
     gray_teacher = AttentionModel(_tiny_backbone(channels=1), "1", channels=1, teacher_mean=(0.5,), teacher_std=(0.5,))
-    with pytest.raises(ValueError, match=r"`mean` to have 1 value \(one per channel\), but got 3"):
+    with pytest.raises(ValueError, match=r"`input_mean` to have 1 value \(one per channel\), but got 3"):
         gray_teacher.set_input_normalization((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
 
 
 def test_bad_normalization_and_options():
     model = AttentionModel(_tiny_backbone(), "1", input_size=28)
-    with pytest.raises(ValueError, match=r"`std` to be > 0 for every channel"):
+    with pytest.raises(ValueError, match=r"`input_std` to be > 0 for every channel"):
         model.set_input_normalization((0.5,), (0.5, 0.0, 0.5))
-    with pytest.raises(ValueError, match=r"`mean` to have 1 or 3 values"):
+    with pytest.raises(ValueError, match=r"`input_mean` to have 1 or 3 values"):
         model.set_input_normalization((0.5, 0.5), (0.5,))
+    teacher = Teacher(module=_tiny_backbone(), layer="1", input_mean=(0.5, 0.5), input_std=(0.5,))
+    with pytest.raises(ValueError, match=r"`input_mean` to have 1 or 3 values"):
+        teacher.build()
     with pytest.raises(ValueError, match="`amp_dtype`"):
         AttentionModel(_tiny_backbone(), "1", amp_dtype="int8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`reduction`"):
