@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="results folder: one sub-folder per budget, curve.md, curve.png")
     parser.add_argument("--title", default=None, help="title of the table and the plot")
     parser.add_argument("--report-only", action="store_true", help="only rebuild curve.md/png from finished runs")
+    parser.add_argument("--dry-run", action="store_true", help="print each budget's run commands and exit")
     return parser
 
 
@@ -119,9 +120,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         grid = [*forwarded, "--max-epochs", str(budget), "--out", str(out / f"epochs{budget}")]
         if args.report_only:
             grid.append("--report-only")
+        if args.dry_run:
+            grid.append("--dry-run")
         print(f"budget_curve.py: {budget} epochs", flush=True)
         status |= reproduce.main([*grid, "--", *overrides] if overrides else grid)
-    if "--dry-run" in forwarded:
+    if args.dry_run:
         return status
     shown = [arg for arg in own if arg != "--report-only"] + (["--", *overrides] if overrides else [])
     command = shlex.join([Path(sys.executable).name, "benchmarks/budget_curve.py", *shown])
