@@ -95,6 +95,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from trainers import quiet_trainer
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import AttentionModel, Teacher
@@ -147,16 +148,7 @@ def fit(
     callback: MixingCallback, loader: DataLoader, model: Optional[Net] = None, **kwargs: Any
 ) -> tuple[L.Trainer, Net]:
     model = model or Net()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = quiet_trainer(callbacks=[callback], **kwargs)
     trainer.fit(model, train_dataloaders=loader)
     return trainer, model
 
@@ -419,15 +411,7 @@ class NumpyClasses(L.LightningDataModule):
 
 def test_numpy_num_classes_on_the_datamodule_is_found():
     callback = CutMix(seed=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(callbacks=[callback])
     model = Net()
     del model.num_classes
     trainer.fit(model, datamodule=NumpyClasses())

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from trainers import quiet_trainer
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import AttentionModel, Teacher
@@ -255,16 +256,7 @@ def fashion_datamodule(root: str, *, pixels_seed: int = 0, **kwargs: Any) -> Fas
 
 def fit(callback: AttentiveCutMix, datamodule: Any, epochs: int = 2, **kwargs: Any) -> tuple[L.Trainer, Recorder]:
     model = Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[callback], **kwargs)
     trainer.fit(model, datamodule=datamodule)
     return trainer, model
 
@@ -404,14 +396,7 @@ def test_misconfiguration_names_the_fix(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"data\.record_augmentation: true"):
         fit(cached_callback(Counting()), fashion_datamodule(str(tmp_path)), epochs=1)
     loader = DataLoader(TensorDataset(torch.rand(8, 3, 28, 28), torch.arange(8) % 10), batch_size=4)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=[cached_callback(Counting())],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(callbacks=[cached_callback(Counting())], enable_checkpointing=True)
     with pytest.raises(MisconfigurationException, match="train_reference_dataset"):
         trainer.fit(Recorder(), train_dataloaders=loader)
 

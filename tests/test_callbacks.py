@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from trainers import quiet_trainer
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import AttentionModel, Teacher
@@ -59,16 +60,7 @@ def loader(n: int = 16, batch_size: int = 8, seed: int = 0) -> DataLoader:
 
 def fit(callback: Optional[MixingCallback], model: Optional[Recorder] = None, data: Any = None, **trainer_kwargs: Any):
     model = model or Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=trainer_kwargs.pop("max_epochs", 1),
-        callbacks=[callback] if callback is not None else [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(callbacks=[callback] if callback is not None else [], **trainer_kwargs)
     trainer.fit(model, train_dataloaders=data if data is not None else loader())
     return trainer, model
 
@@ -109,15 +101,7 @@ def test_attentive_cutmix_training_step_sees_mixed_batch():
 def test_attention_model_is_frozen_and_not_part_of_the_module(tmp_path):
     callback = AttentiveCutMix(teacher=Teacher(module=tiny_attention()), num_classes=NUM_CLASSES, seed=0)
     model = Recorder()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(callbacks=[callback], default_root_dir=tmp_path, enable_checkpointing=True)
     params_before = sum(p.numel() for p in model.parameters())
     trainer.fit(model, train_dataloaders=loader())
     teacher = callback.attention_model
@@ -359,15 +343,7 @@ def test_num_classes_from_module_or_datamodule_or_error():
             return loader()
 
     callback = CutMix(seed=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(callbacks=[callback])
     trainer.fit(NoClasses(), datamodule=DataWithClasses())
     assert callback._num_classes == NUM_CLASSES
 
@@ -400,15 +376,7 @@ def test_plain_module_with_layer_and_datamodule_normalisation():
             return loader()
 
     callback = AttentiveCutMix(teacher=Teacher(module=tiny_teacher(), layer="1", input_size=SIZE), seed=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(callbacks=[callback])
     trainer.fit(Recorder(), datamodule=Normalised())
     assert callback.last_mix is not None
     torch.testing.assert_close(callback.last_mix.lam, torch.full((8,), 6 / 49))

@@ -663,6 +663,7 @@ def test_imagenet_argument_errors(imagenet_dir: Path) -> None:
 
 def test_trainer_sees_geometry_batches(fmnist_dir: Path) -> None:
     import lightning as L
+    from trainers import quiet_trainer
 
     seen: list[int] = []
 
@@ -684,16 +685,7 @@ def test_trainer_sees_geometry_batches(fmnist_dir: Path) -> None:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(limit_train_batches=3, limit_val_batches=1)
     trainer.fit(Tiny(), datamodule=fmnist(fmnist_dir, record_augmentation=True))
     assert seen == [16, 16, 16]
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from trainers import quiet_trainer
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import AttentionModel, Teacher
@@ -79,17 +80,7 @@ def test_callbacks_mix_on_the_gpu(precision: str, index: int) -> None:
     callback = make_callbacks()[index]
     data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), torch.arange(32) % NUM_CLASSES), batch_size=8)
     model = DeviceRecorder()
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision=precision,
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(accelerator="gpu", devices=1, precision=precision, callbacks=[callback])
     trainer.fit(model, train_dataloaders=data)
     mix = callback.last_mix
     assert mix is not None
@@ -181,15 +172,8 @@ def test_callbacks_make_no_host_device_sync_per_batch(index: int) -> None:
     callback = make_callbacks()[index]
     syncs: list[list[str]] = []
     data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), torch.arange(32) % NUM_CLASSES), batch_size=8)
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SyncProbe(True, syncs), callback, SyncProbe(False, syncs)],
+    trainer = quiet_trainer(
+        accelerator="gpu", devices=1, callbacks=[SyncProbe(True, syncs), callback, SyncProbe(False, syncs)]
     )
     trainer.fit(DeviceRecorder(), train_dataloaders=data)
     assert len(syncs) == 4 and callback.batches_mixed == 4
@@ -217,16 +201,7 @@ def test_bad_labels_on_the_gpu_raise_naming_their_batch(
     labels = torch.arange(32) % NUM_CLASSES
     labels[index] = value
     data = DataLoader(TensorDataset(torch.rand(32, 3, SIZE, SIZE), labels), batch_size=8)
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[make_callback()],
-        **limit,
-    )
+    trainer = quiet_trainer(accelerator="gpu", devices=1, callbacks=[make_callback()], **limit)
     with pytest.raises(ValueError, match=match):
         trainer.fit(DeviceRecorder(), train_dataloaders=data)
     assert torch.ones(2, device="cuda").sum().item() == 2.0  # no device-side assert: the GPU is still usable

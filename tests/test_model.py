@@ -13,6 +13,7 @@ import torchvision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from trainers import quiet_trainer
 
 from lightning_acm.model import DENSENET264_CONFIG, ImageClassifier, _lr_factor, build_classifier
 
@@ -21,16 +22,6 @@ pytestmark = [
     pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`:UserWarning"),
     pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
 ]
-
-_TRAINER_KWARGS = dict(
-    accelerator="cpu",
-    devices=1,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
 
 
 @pytest.fixture(autouse=True)
@@ -295,7 +286,7 @@ def test_lr_factor() -> None:
 
 def test_fit_and_test_with_trainer() -> None:
     model = ImageClassifier(arch="resnet18", num_classes=10, small_input=True, lr=0.05)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, **_TRAINER_KWARGS)
+    trainer = quiet_trainer(limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0)
     trainer.fit(model, train_dataloaders=_loader(), val_dataloaders=_loader(n=16))
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_top5"} <= set(trainer.callback_metrics)
     (results,) = trainer.test(model, dataloaders=_loader(n=16), verbose=False)
@@ -321,8 +312,8 @@ def test_fit_and_test_with_trainer() -> None:
 def test_schedulers_step_every_batch(kwargs: dict, expected: list) -> None:
     model = ImageClassifier(arch="resnet18", num_classes=10, lr=0.1, **kwargs)
     recorder = _LrRecorder()
-    trainer = L.Trainer(
-        max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[recorder], **_TRAINER_KWARGS
+    trainer = quiet_trainer(
+        max_epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[recorder], num_sanity_val_steps=0
     )
     trainer.fit(model, train_dataloaders=_loader(size=16))
     assert len(recorder.lrs) == 6

@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from trainers import quiet_trainer
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import AttentionModel, Teacher
@@ -89,16 +90,7 @@ def fit(callback: MixingCallback, precision: str = "32-true", dtype: torch.dtype
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
             mixes.append(callback.last_mix)
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision=precision,
-        max_epochs=1,
-        callbacks=[callback, Keep()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(precision=precision, callbacks=[callback, Keep()])
     model = Net()
     trainer.fit(model, train_dataloaders=data)
     return model, mixes
@@ -227,17 +219,7 @@ def test_mixed_precision_on_cuda(method, precision, amp):
     else:
         callback = MAKERS[method]()
     model = Net()
-    trainer = L.Trainer(
-        accelerator="cuda",
-        devices=1,
-        precision=precision,
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(accelerator="cuda", devices=1, precision=precision, callbacks=[callback])
     trainer.fit(model, train_dataloaders=data)
     assert model.logit_dtypes == [{"fp16": torch.float16, "bf16": torch.bfloat16}[amp]] * 2
     mix = callback.last_mix

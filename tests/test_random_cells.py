@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from trainers import quiet_trainer
 
 from lightning_acm.attention import Teacher
 from lightning_acm.callbacks import AttentiveCutMix
@@ -103,10 +103,7 @@ def test_coldest_cells_paste_the_least_attended_cells():
 def test_a_monitor_measures_the_attention_that_random_cells_paste():
     monitor = PastedAttentionMonitor(teacher=Teacher(module=tiny_attention()))
     callback = AttentiveCutMix(teacher="random", num_classes=NUM_CLASSES, seed=0)
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, callbacks=[callback, monitor], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = quiet_trainer(callbacks=[callback, monitor])  # fmt: skip
     trainer.fit(Recorder(), train_dataloaders=loader())
     share = float(trainer.callback_metrics["mix/pasted_attention"])
     assert 0.0 < share < 1.0

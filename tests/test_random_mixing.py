@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from trainers import quiet_trainer
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import Teacher
@@ -33,10 +34,7 @@ from tests.test_callbacks import NUM_CLASSES, Recorder, fit, loader, tiny_attent
 
 def fit_all(callbacks: list[L.Callback], data: Any, **trainer_kwargs: Any) -> L.Trainer:
     """``fit`` with several callbacks."""
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
-    )  # fmt: skip
+    trainer = quiet_trainer(callbacks=callbacks, **trainer_kwargs)
     trainer.fit(Recorder(), train_dataloaders=data)
     return trainer
 

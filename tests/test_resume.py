@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from trainers import quiet_trainer
 
 from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
@@ -117,15 +118,11 @@ def fit(
         callbacks.append(
             ModelCheckpoint(dirpath=root / "steps", every_n_train_steps=every_n_train_steps, save_top_k=-1)
         )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=max_epochs,
         max_steps=max_steps,
         callbacks=callbacks,
         default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=True,
         num_sanity_val_steps=0,
     )
@@ -221,15 +218,12 @@ def test_resume_without_the_callback_state_would_not_match(tmp_path):
 def fit_pair(root: Path, *, max_epochs: int, ckpt_path: Optional[str] = None) -> tuple[list[MixingCallback], Net]:
     """Two CutMix callbacks of other ``alpha`` on one Trainer, seeded from the global seed."""
     callbacks: list[MixingCallback] = [CutMix(alpha=1.0, p=0.5), CutMix(alpha=0.2, p=0.5)]
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=max_epochs,
         callbacks=list(callbacks),
         default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
+        enable_checkpointing=True,
     )
     model = Net()
     trainer.fit(model, train_dataloaders=distinct_data(), ckpt_path=ckpt_path)

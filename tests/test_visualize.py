@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from trainers import quiet_trainer
 
 from lightning_acm import functional as AF
 from lightning_acm.attention import AttentionModel, Teacher
@@ -57,17 +58,7 @@ def loader(n: int = 32, batch_size: int = 8) -> DataLoader:
 
 
 def fit(callbacks: list[Any], logger: Any = False, root: Optional[str] = None, **kwargs: Any) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=callbacks,
-        logger=logger,
-        default_root_dir=root,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    trainer = quiet_trainer(callbacks=callbacks, logger=logger, default_root_dir=root, **kwargs)
     trainer.fit(Classifier(), train_dataloaders=loader())
     return trainer
 
@@ -368,15 +359,7 @@ def test_monitor_builds_its_teacher_with_the_datamodule_normalisation():
             self.stats = [monitor._model.input_mean.flatten().tolist(), monitor._model.input_std.flatten().tolist()]
 
     monitor, peek = PastedAttentionMonitor(teacher=Teacher(module=tiny_attention())), Peek()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        callbacks=[CutMix(seed=0), monitor, peek],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=1, callbacks=[CutMix(seed=0), monitor, peek])
     trainer.fit(Classifier(), datamodule=Data())
     assert peek.stats == [[0.5], [0.25]]
 
