@@ -6,10 +6,10 @@ Every argument except ``--epochs``, ``--out`` and ``--title`` goes to ``benchmar
 test top-1 (mean ± sample std over seeds) per method and budget with the difference to the baseline,
 and ``<out>/curve.png`` draws it.
 
-Example (the CPU curve of the README)::
+Example (the README's CPU curve; ``results/budget_curve_cpu`` is the same with ``cifar_resnet8``)::
 
-    python benchmarks/budget_curve.py --epochs 5 15 30 --out results/budget_curve_cpu \\
-        --data configs/data/fashion_mnist.yaml --model configs/model/cifar_resnet8.yaml \\
+    python benchmarks/budget_curve.py --epochs 5 15 30 --out results/budget_curve_resnet20_cpu \\
+        --data configs/data/fashion_mnist.yaml --model configs/model/cifar_resnet20.yaml \\
         --methods baseline cutmix random_cells attentive_cutmix_offline_112 --seeds 0 1 \\
         --jobs 2 --threads 1 --heatmap-cache \\
         -- --data.init_args.data_dir /usr/share/datasets/fashion-mnist --data.init_args.train_subset 3000 \\
