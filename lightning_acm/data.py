@@ -47,7 +47,6 @@ __all__ = [
 #: Where ``apt-get install dataset-fashion-mnist`` puts the four IDX files.
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
-# A geometry transform maps an image to (image, float32 [y0, x0, y1, x1, flipped]).
 GeometryTransform = Callable[[Any], tuple[Any, Tensor]]
 
 
@@ -222,7 +221,6 @@ def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) ->
     """A uint8 tensor from an unsigned-byte IDX file (the MNIST format), gzipped when the name ends in ``.gz``.
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
         ValueError: naming ``path`` if it is not valid gzip, its magic number is not ``expected_magic``
             (2051 for images, 2049 for labels) or its size does not match its header.
 
@@ -259,11 +257,7 @@ def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) ->
 
 
 def write_idx(path: Union[str, Path], data: Tensor) -> None:
-    """Write a uint8 tensor as an IDX file (gzipped when ``path`` ends in ``.gz``); the inverse of :func:`read_idx`.
-
-    Raises:
-        ValueError: if ``data`` is not a uint8 tensor with 1 to 255 dimensions.
-    """
+    """Write a uint8 tensor (1 to 255 dimensions) as an IDX file, gzipped when ``path`` ends in ``.gz``."""
     if not isinstance(data, Tensor) or data.dtype != torch.uint8 or not 1 <= data.ndim <= 255:
         raise ValueError(f"Expected `data` to be a uint8 tensor with at least one dimension, but got {data!r:.80}.")
     header = bytes([0, 0, 8, data.ndim]) + np.asarray(data.shape, dtype=">u4").tobytes()
@@ -278,11 +272,10 @@ def _take(indices: Tensor, count: Optional[int], name: str, what: str) -> Tensor
 
 
 class VisionDataModule(LightningDataModule):
-    """Base for the image-classification datamodules: split, subsets, transforms and loaders.
+    """Base for the image-classification datamodules: a seeded split, subsets, transforms and one loader factory.
 
-    Subclasses set ``name``, ``num_classes``, ``dims``, ``mean``, ``std`` and implement ``_base_dataset(train)``
-    (``(PIL image, int)`` samples; raise naming the path if the data is missing), ``_download`` and, where the
-    defaults do not fit, ``_transforms``.
+    Subclasses set ``name``, ``num_classes``, ``dims``, ``mean`` and ``std``, implement ``_base_dataset(train)``
+    and, where they can, ``_download``; they override ``_transforms`` where the defaults do not fit.
 
     Args:
         data_dir: the folder holding (or receiving) the data.
@@ -296,23 +289,7 @@ class VisionDataModule(LightningDataModule):
         record_augmentation: training samples become ``(image, target, geometry)`` (see the module docs).
         download, drop_last: let ``prepare_data`` download (needs internet); drop the last short training batch.
 
-    Raises:
-        ValueError: if an argument is out of range (the message names it).
-
-    Example::
-
-        >>> import tempfile, torch
-        >>> root = tempfile.mkdtemp()
-        >>> for split, n in (("train", 120), ("t10k", 30)):
-        ...     write_idx(f"{root}/{split}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8))
-        ...     write_idx(f"{root}/{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
-        >>> dm = FashionMNISTDataModule(root, val_split=20, batch_size=16, record_augmentation=True)
-        >>> dm.setup("fit")
-        >>> images, targets, geometry = next(iter(dm.train_dataloader()))
-        >>> images.shape, targets.shape, geometry.shape, dm.dims, dm.num_classes
-        (torch.Size([16, 3, 32, 32]), torch.Size([16]), torch.Size([16, 6]), (3, 32, 32), 10)
-        >>> len(dm.train_set), len(dm.val_set)
-        (100, 20)
+    See :class:`FashionMNISTDataModule` for an example.
     """
 
     name: ClassVar[str] = "vision"
@@ -359,23 +336,33 @@ class VisionDataModule(LightningDataModule):
         self.test_subset = check_int(test_subset, "test_subset", minimum=1, optional=True, hint=hint)
         self.pin_memory, self.persistent_workers, self.drop_last = pin_memory, persistent_workers, drop_last
         self.augment, self.record_augmentation, self.download = augment, record_augmentation, download
-        # Built by `setup`: Optional[Dataset] datasets and Optional[Tensor] split indices into `_train_base`.
-        self.train_set = self.val_set = self.test_set = self._train_base = None
-        self._train_indices = self._val_indices = None
+        # Built by `setup`: Optional[Dataset] datasets and Optional[Tensor] split indices into the training set.
+        self.train_set = self.val_set = self.test_set = self._train_indices = self._val_indices = None
+        self._bases: dict[bool, Dataset] = {}  # the training (True) and test (False) sets, loaded once
 
     def _base_dataset(self, train: bool) -> Dataset:
         """The training or test set as ``(PIL image, int)`` samples; raises naming the path if it is missing."""
         raise NotImplementedError
 
+    def _download(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot download its data.")
+
     def _transforms(self) -> tuple[GeometryTransform, GeometryTransform, GeometryTransform]:
         """The training, evaluation and reference transforms."""
         return RandomCropFlip(self.dims[1:], padding=4), _WholeImage(), _WholeImage()
 
-    def _dataset(self, base: Dataset, indices: Tensor, transform: GeometryTransform, output: str = "pair"):
-        return _TransformedSet(base, indices, transform, T.Normalize(self.mean, self.std), output)
+    def _base(self, train: bool) -> Dataset:
+        """``_base_dataset(train)``, loaded once and checked to be non-empty."""
+        if train not in self._bases:
+            base = self._base_dataset(train)
+            if len(base) == 0:  # type: ignore[arg-type]
+                split = "training" if train else "test"
+                raise ValueError(f"The {self.name} {split} set in '{self.data_dir}' is empty.")
+            self._bases[train] = base
+        return self._bases[train]
 
-    def _download(self) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot download its data.")
+    def _dataset(self, train: bool, indices: Tensor, transform: GeometryTransform, output: str = "pair") -> Dataset:
+        return _TransformedSet(self._base(train), indices, transform, T.Normalize(self.mean, self.std), output)
 
     @override
     def prepare_data(self) -> None:
@@ -388,40 +375,20 @@ class VisionDataModule(LightningDataModule):
 
     @override
     def setup(self, stage: Optional[str] = None) -> None:
-        """Build the datasets for ``stage`` (``None`` for all).
-
-        Raises:
-            FileNotFoundError: if the data is missing (the message says how to get it).
-            ValueError: if the split, the subsets or the batch size do not fit the dataset size.
-        """
+        """Build the datasets of ``stage`` (``None``: all); raises if the data is missing or the split does not fit."""
         check_choice(stage, "stage", (None, "fit", "validate", "test", "predict"))
+        augmented, plain, _ = self._transforms()
         if stage in (None, "fit", "validate") and self.train_set is None:
-            base = self._training_base()
-            self._train_indices, self._val_indices = self._split(len(base))  # type: ignore[arg-type]
-            augmented, plain, _ = self._transforms()
+            self._train_indices, self._val_indices = self._split(len(self._base(train=True)))  # type: ignore[arg-type]
             output = "geometry" if self.record_augmentation else "pair"
-            self.train_set = self._dataset(base, self._train_indices, augmented if self.augment else plain, output)
+            self.train_set = self._dataset(True, self._train_indices, augmented if self.augment else plain, output)
             if len(self._val_indices):
-                self.val_set = self._dataset(base, self._val_indices, plain)
+                self.val_set = self._dataset(True, self._val_indices, plain)
         if stage in (None, "test", "predict") and self.test_set is None:
-            base = self._load_base(train=False)
-            permutation = self._permutation(len(base))  # type: ignore[arg-type]
+            size = len(self._base(train=False))  # type: ignore[arg-type]
+            permutation = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
             indices = _take(permutation, self.test_subset, "test_subset", "test samples").sort().values
-            self.test_set = self._dataset(base, indices, self._transforms()[1])
-
-    def _load_base(self, train: bool) -> Dataset:
-        base = self._base_dataset(train=train)
-        if len(base) == 0:  # type: ignore[arg-type]
-            raise ValueError(f"The {self.name} {'training' if train else 'test'} set in '{self.data_dir}' is empty.")
-        return base
-
-    def _training_base(self) -> Dataset:
-        if self._train_base is None:
-            self._train_base = self._load_base(train=True)
-        return self._train_base
-
-    def _permutation(self, size: int) -> Tensor:
-        return torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
+            self.test_set = self._dataset(False, indices, plain)
 
     def _split(self, size: int) -> tuple[Tensor, Tensor]:
         """Seeded, disjoint ``(train, val)`` indices into the full training set, each sorted."""
@@ -436,7 +403,7 @@ class VisionDataModule(LightningDataModule):
                 f"Expected `val_split` to leave training samples, but it takes {num_val} of the {size}"
                 " training samples. Pass a smaller count or a fraction such as 0.1."
             )
-        permutation = self._permutation(size)
+        permutation = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
         what = "training samples left after the validation split"
         train_indices = _take(permutation[num_val:], self.train_subset, "train_subset", what)
         if self.drop_last and len(train_indices) < self.batch_size:
@@ -459,13 +426,9 @@ class VisionDataModule(LightningDataModule):
         return self._val_indices  # type: ignore[return-value]
 
     def train_reference_dataset(self) -> Dataset:
-        """The full training set without random crop or flip, the frame of ``geometry``: ``(image, target, index)``.
-
-        Raises:
-            FileNotFoundError: if the training data is missing.
-        """
-        base = self._training_base()
-        return self._dataset(base, torch.arange(len(base)), self._transforms()[2], output="index")  # type: ignore[arg-type]
+        """The full training set without random crop or flip, the frame of ``geometry``: ``(image, target, index)``."""
+        indices = torch.arange(len(self._base(train=True)))  # type: ignore[arg-type]
+        return self._dataset(True, indices, self._transforms()[2], output="index")
 
     def _data_loader(self, stage: str) -> Union[DataLoader, list]:
         """The loader of ``stage``'s dataset, built by ``setup(stage)`` where needed; ``[]`` without one."""
@@ -497,9 +460,7 @@ class VisionDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._data_loader("test")  # type: ignore[return-value]
 
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return self._data_loader("predict")  # type: ignore[return-value]
+    predict_dataloader = test_dataloader  # prediction runs over the test set
 
 
 class CIFAR10DataModule(VisionDataModule):
@@ -672,14 +633,17 @@ class FashionMNISTDataModule(VisionDataModule):
         system_dir: last folder to look in; ``None`` skips it.
         data_dir, **kwargs: as in :class:`VisionDataModule`.
 
-    Raises:
-        ValueError: if ``channels`` or ``pad_to`` is out of range.
-
     Example::
 
-        >>> dm = FashionMNISTDataModule("data", channels=1, pad_to=28)
-        >>> dm.dims, dm.mean, dm.std
-        ((1, 28, 28), (0.286,), (0.353,))
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> for split in ("train", "t10k"):
+        ...     write_idx(f"{root}/{split}-images-idx3-ubyte", torch.zeros(40, 28, 28, dtype=torch.uint8))
+        ...     write_idx(f"{root}/{split}-labels-idx1-ubyte", torch.zeros(40, dtype=torch.uint8))
+        >>> dm = FashionMNISTDataModule(root, val_split=8, batch_size=16, record_augmentation=True)
+        >>> images, targets, geometry = next(iter(dm.train_dataloader()))
+        >>> images.shape, geometry.shape, len(dm.train_set), len(dm.val_set)
+        (torch.Size([16, 3, 32, 32]), torch.Size([16, 6]), 32, 8)
     """
 
     name = "fashion_mnist"
