@@ -574,7 +574,7 @@ class ImageNetDataModule(VisionDataModule):
             resize_size, "resize_size", minimum=self.image_size, hint=" Pass None or at least `image_size`."
         )
         self.scale = _check_range(scale, "scale", high=1.0)
-        self.dims = (3, image_size, image_size)
+        self.dims = (3, self.image_size, self.image_size)
 
     @override
     def _base_dataset(self, train: bool) -> Dataset:
@@ -586,10 +586,10 @@ class ImageNetDataModule(VisionDataModule):
         for folder in (Path(self.data_dir) / "train", Path(self.data_dir) / "val"):
             if not folder.is_dir():
                 raise FileNotFoundError(f"The {self.name} folder '{folder}' does not exist. {hint}")
-            classes.append(sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()))
+            classes.append({entry.name for entry in os.scandir(folder) if entry.is_dir()})
             if not classes[-1]:
                 raise FileNotFoundError(f"'{folder}' holds no class folders. {hint}")
-        train_classes, val_classes = map(set, classes)
+        train_classes, val_classes = classes
         if train_classes != val_classes:
             raise ValueError(
                 "Expected the same class folders in train/ and val/ (labels follow the sorted folder names), but"
@@ -676,8 +676,7 @@ class FashionMNISTDataModule(VisionDataModule):
         try:
             self._find_files()
         except FileNotFoundError:
-            for train in (True, False):
-                tv_datasets.FashionMNIST(self.data_dir, train=train, download=True)
+            tv_datasets.FashionMNIST(self.data_dir, download=True)  # fetches the test files too
 
     def _find_files(self) -> dict[str, Path]:
         """The four IDX files, by name without ``.gz``, from the first folder that holds them all."""

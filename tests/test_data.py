@@ -391,8 +391,8 @@ def test_prepare_data_downloads_only_when_asked(
 ) -> None:
     calls = []
 
-    def fake_fashion_mnist(root, train, download):
-        calls.append((root, train, download))
+    def fake_fashion_mnist(root, download):
+        calls.append((root, download))
         write_fmnist(Path(root) / "FashionMNIST" / "raw")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_fashion_mnist)
@@ -401,11 +401,11 @@ def test_prepare_data_downloads_only_when_asked(
     assert calls == []
     dm = fmnist(tmp_path / "b", download=True)
     dm.prepare_data()
-    assert calls == [(str(tmp_path / "b"), True, True), (str(tmp_path / "b"), False, True)]
+    assert calls == [(str(tmp_path / "b"), True)]
     dm.setup("test")
     assert len(dm.test_set) == N_TEST
 
-    def offline(root, train, download):
+    def offline(root, download):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
