@@ -44,20 +44,18 @@ def batch_generator(*keys: int) -> np.random.Generator:
 
 @dataclasses.dataclass(eq=False, repr=False)
 class MixResult:
-    """What one mixed batch is made of.
+    """What one mixed batch is made of (``lam``: the fraction of each image taken from its partner).
 
     Attributes:
-        mixed, soft_targets, lam, permutation: ``(B, C, H, W)`` mixed images, ``(B, K)`` targets,
-            ``(B,)`` fraction taken from the partner, ``(B,)`` partner index of each sample.
+        mixed, soft_targets, lam, permutation: ``(B, C, H, W)``, ``(B, K)``, ``(B,)`` and ``(B,)`` partner indices.
+        mask: ``(B, 1, H, W)`` bool pasted region (``None`` for Mixup), built from the cells or boxes if not given.
         partner_heatmaps, cell_indices: ``(B, gh, gw)`` partner attention and ``(B, k)`` row-major cells pasted.
         boxes: ``(B, 4)`` ``(top, bottom, left, right)`` pasted box, bottom/right exclusive (CutMix).
         source, source_targets: the batch's own images and targets before mixing.
-        mask: ``(B, 1, H, W)`` bool pasted region (``None`` for Mixup), built from the cells or boxes if not given.
 
     Example::
 
-        >>> images = torch.rand(2, 3, 4, 4)
-        >>> result = MixResult(images, torch.eye(2), torch.full((2,), 0.25), torch.tensor([1, 0]),
+        >>> result = MixResult(torch.rand(2, 3, 4, 4), torch.eye(2), torch.full((2,), 0.25), torch.tensor([1, 0]),
         ...                    partner_heatmaps=torch.rand(2, 2, 2), cell_indices=torch.tensor([[0], [3]]))
         >>> result.mask[1, 0, 2:, 2:].all().item(), result.mask[1].sum().item()
         (True, 4)
@@ -109,25 +107,22 @@ class _EpochMeans:
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = tuple(names)
-        self.reset()
+        self.reset(torch.device("cpu"))
 
-    def reset(self) -> None:
-        self._sums: Optional[Tensor] = None
+    def reset(self, device: torch.device) -> None:
+        self._sums = torch.zeros(len(self.names), device=device)
         self._counts = [0] * len(self.names)
 
-    def add(self, name: str, total: Union[Tensor, float], count: int, device: torch.device) -> None:
+    def add(self, name: str, total: Union[Tensor, float], count: int) -> None:
         """Count ``total``, the sum of ``count`` values of ``name``."""
-        if self._sums is None:
-            self._sums = torch.zeros(len(self.names), device=device)
         row = self.names.index(name)
         self._sums[row].add_(total)
         self._counts[row] += count
 
     def log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str) -> None:
         """Log ``{prefix}/{name}`` for every name with values on some rank; every rank must call it."""
-        sums = self._sums if self._sums is not None else torch.zeros(len(self.names), device=pl_module.device)
-        counts = torch.tensor(self._counts, dtype=sums.dtype, device=sums.device)
-        totals = trainer.strategy.reduce(torch.stack([sums, counts]), reduce_op="sum")
+        counts = torch.tensor(self._counts, dtype=self._sums.dtype, device=self._sums.device)
+        totals = trainer.strategy.reduce(torch.stack([self._sums, counts]), reduce_op="sum")
         for name, total, count in zip(self.names, *totals.tolist(), strict=True):
             if count > 0:
                 # Already global: sync_dist only averages equal values (and keeps Lightning from warning).
@@ -137,8 +132,7 @@ class _EpochMeans:
 class _LabelRangeCheck:
     """Checks that class-index labels lie in ``[0, num_classes)``, without a host-device sync on CUDA: there
     the min and max go to pinned memory and are checked once landed (at a later batch or in :meth:`flush`),
-    the labels clamped meanwhile so that the soft-target scatters stay in bounds.
-    """
+    the labels clamped meanwhile so that the soft-target scatters stay in bounds."""
 
     def __init__(self) -> None:
         self._pending: deque[tuple[Tensor, Any, int, str]] = deque()
@@ -201,9 +195,8 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
             )
         if not is_dict and isinstance(key, str):
             raise ValueError(
-                f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a"
-                f" key of a dict batch. Pass `{name}=` with the position in the list, or None for"
-                " the default."
+                f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a key of a dict"
+                f" batch. Pass `{name}=` with the position in the list, or None for the default."
             )
         if not is_dict and not -len(batch) <= key < len(batch):
             raise ValueError(
@@ -213,25 +206,20 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
 
 
 class MixingCallback(Callback):
-    """Base of the mixing callbacks: when to mix, where the batch lives, seeding, logging.
+    """Base of the mixing callbacks (subclasses implement :meth:`mix`): when to mix, where the batch is, seeding.
 
-    Subclasses implement :meth:`mix`. Several mixing callbacks run in order, each mixing what the previous
-    made. Class-index labels are checked to lie in ``[0, num_classes)`` (on CUDA a few batches late).
+    Several mixing callbacks run in order, each mixing what the previous made. Class-index labels are checked
+    to lie in ``[0, num_classes)`` (on CUDA a few batches late).
 
     Args:
         p: probability that a batch is mixed.
         num_classes: number of classes; from ``trainer.datamodule`` or the LightningModule when ``None``.
         seed: base seed; ``None`` takes ``torch.initial_seed()`` at the setup of each fit.
         label_smoothing: smoothing folded into the targets of every batch, mixed or not.
-        stop_after_step, stop_after_epoch: stop mixing at this global step / (0-based) epoch;
-            targets are still checked and smoothed.
-        image_key, target_key: position in a list batch or key of a dict batch; ``None`` means
-            ``0``/``"image"`` and ``1``/``"target"``.
+        stop_after_step, stop_after_epoch: stop mixing (not the checks and smoothing) at this step / 0-based epoch.
+        image_key, target_key: position in a list batch or key of a dict batch (default ``0``/``"image"``,
+            ``1``/``"target"``).
         log_prefix: prefix of the logged epoch means ``{prefix}/mixed``, ``/lam`` and ``/pasted_attention``.
-
-    Raises:
-        ValueError: for an argument out of range.
-        TypeError: for an ``image_key``/``target_key`` that is neither an int nor a str.
 
     Example::
 
@@ -263,8 +251,8 @@ class MixingCallback(Callback):
         for key, name in ((image_key, "image_key"), (target_key, "target_key")):
             if key is not None and not V.is_int(key) and not isinstance(key, str):
                 raise TypeError(
-                    f"Expected `{name}` to be None, an int (a position in a list batch) or a str (a key"
-                    f" of a dict batch), but got {key!r}."
+                    f"Expected `{name}` to be None, an int (a position in a list batch) or a str (a key of a dict"
+                    f" batch), but got {key!r}."
                 )
         if image_key is not None and image_key == target_key:
             raise ValueError(f"Expected `image_key` and `target_key` to differ, but both are {image_key!r}.")
@@ -300,7 +288,17 @@ class MixingCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._num_classes = self._resolve_num_classes(trainer, pl_module)
+        self._num_classes = self.num_classes
+        if self._num_classes is None:
+            owners = (getattr(trainer, "datamodule", None), pl_module, pl_module.hparams)
+            found = [n for n in (getattr(owner, "num_classes", None) for owner in owners) if V.is_int(n) and n >= 2]
+            if not found:
+                raise MisconfigurationException(
+                    f"{type(self).__name__} needs the number of classes to build soft targets, but `num_classes` is"
+                    " None and neither the datamodule nor the LightningModule has a `num_classes` attribute. Pass"
+                    f" `{type(self).__name__}(num_classes=K)`."
+                )
+            self._num_classes = int(found[0])
         # Taken anew for every fit; a resumed fit then restores the saved seed in `load_state_dict`.
         self._seed = self.seed if self.seed is not None else torch.initial_seed() & ((1 << 63) - 1)
         self._rank = trainer.global_rank
@@ -310,23 +308,6 @@ class MixingCallback(Callback):
                 f" {type(pl_module).__name__}(label_smoothing={pl_module.label_smoothing}) smooths them again in"
                 " its loss. Set one of the two to 0."
             )
-
-    def _resolve_num_classes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        if self.num_classes is not None:
-            return self.num_classes
-        hparams = getattr(pl_module, "hparams", {})
-        for found in (
-            getattr(getattr(trainer, "datamodule", None), "num_classes", None),
-            getattr(pl_module, "num_classes", None),
-            getattr(hparams, "get", lambda _k: None)("num_classes"),
-        ):
-            if V.is_int(found) and found >= 2:
-                return int(found)
-        raise MisconfigurationException(
-            f"{type(self).__name__} needs the number of classes to build soft targets, but `num_classes` is None and"
-            f" neither the datamodule nor the LightningModule has a `num_classes` attribute. Pass `{type(self).__name__}"
-            "(num_classes=K)`."
-        )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -346,9 +327,8 @@ class MixingCallback(Callback):
         if not isinstance(images, Tensor) or images.ndim != 4:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(
-                f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}. Make the"
-                " dataset return (C, H, W) image tensors (not flattened), or point `image_key` at the images"
-                " of a dict batch."
+                f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}. Make the dataset"
+                " return (C, H, W) image tensors (not flattened), or point `image_key` at the images of a dict batch."
             )
         num_classes = self._num_classes
         if num_classes is None:
@@ -373,7 +353,7 @@ class MixingCallback(Callback):
 
         where = f" (training batch {batch_idx} of epoch {trainer.current_epoch})"
         checked = self._label_check(V.check_targets(targets, num_classes, size), num_classes, where)
-        self._epoch_means.add("mixed", float(size) if mix_now else 0.0, size, images.device)
+        self._epoch_means.add("mixed", float(size) if mix_now else 0.0, size)
         if not mix_now:
             if self.label_smoothing > 0:
                 batch[target_slot] = AF._probabilities(checked, num_classes, self.label_smoothing)  # type: ignore[index]
@@ -383,14 +363,14 @@ class MixingCallback(Callback):
         result.source, result.source_targets = images, targets
         self._last_mix = result
         self.batches_mixed += 1
-        self._epoch_means.add("lam", result.lam.sum(), size, images.device)
+        self._epoch_means.add("lam", result.lam.sum(), size)
         share = result.pasted_attention()
         if share is not None:
             self.add_pasted_attention(share)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_means.reset()
+        self._epoch_means.reset(pl_module.device)
         self._label_check.clear()
 
     @override
@@ -405,7 +385,7 @@ class MixingCallback(Callback):
     def add_pasted_attention(self, shares: Tensor) -> None:
         """Count ``(B,)`` pasted-attention shares of this batch into the epoch's ``{log_prefix}/pasted_attention``:
         the mixer's own, or those a :class:`~lightning_acm.visualize.PastedAttentionMonitor`'s teacher measured."""
-        self._epoch_means.add("pasted_attention", shares.sum(), shares.shape[0], shares.device)
+        self._epoch_means.add("pasted_attention", shares.sum(), shares.shape[0])
 
     def draw_permutation(self, batch_size: int, device: torch.device) -> Tensor:
         """The pairing for the current batch, from the callback's generator."""
@@ -449,9 +429,8 @@ class CutMix(_BetaMixingCallback):
     def mix(self, images: Tensor, targets: Tensor, num_classes: int, batch: Any) -> MixResult:
         permutation = self.draw_permutation(images.shape[0], images.device)
         mixed, lam, boxes, mask = AF._cutmix_paste(images, permutation, self.alpha, self._generator)
-        return MixResult(
-            mixed, self.soft_targets(targets, lam, permutation, num_classes), lam, permutation, mask, boxes=boxes
-        )
+        soft = self.soft_targets(targets, lam, permutation, num_classes)
+        return MixResult(mixed, soft, lam, permutation, mask, boxes=boxes)
 
 
 class MixUp(_BetaMixingCallback):
@@ -479,18 +458,13 @@ class AttentiveCutMix(MixingCallback):
 
     Args:
         top_k: cells pasted (6 of a 7x7 grid in the paper).
-        teacher: a :class:`~lightning_acm.attention.Teacher` or its ``source``; its grid is the
-            mixing grid, its normalisation defaults to ``trainer.datamodule.mean``/``std``. ``"random"``
-            runs no teacher and pastes ``top_k`` cells drawn uniformly per sample (the control method);
-            ``Teacher(coldest=True)`` pastes the least attended cells.
-        heatmap_cache: ``True`` or a :class:`~lightning_acm.cache.HeatmapCacheConfig`: run the
-            teacher once per un-augmented training image and warp the maps by the recorded geometry.
+        teacher: a :class:`~lightning_acm.attention.Teacher` or its ``source``; its grid is the mixing grid, its
+            normalisation defaults to ``trainer.datamodule.mean``/``std``. ``"random"`` runs no teacher and pastes
+            ``top_k`` cells drawn uniformly per sample (the control method); ``Teacher(coldest=True)`` pastes the
+            least attended cells.
+        heatmap_cache: ``True`` or a :class:`~lightning_acm.cache.HeatmapCacheConfig`: run the teacher once per
+            un-augmented training image and warp the maps by the recorded geometry.
         **kwargs: see :class:`MixingCallback`.
-
-    Raises:
-        ValueError: for a ``top_k`` outside the grid, a cache grid coarser than the teacher's, or a
-            cache with random cells.
-        TypeError: for a ``teacher`` or ``heatmap_cache`` of another type.
 
     Example::
 
@@ -539,17 +513,11 @@ class AttentiveCutMix(MixingCallback):
 
     @override
     def state_key_arguments(self) -> dict[str, Any]:
-        teacher = {
-            f.name: getattr(self.teacher, f.name) for f in dataclasses.fields(self.teacher) if f.name != "module"
-        }
-        if self.teacher.module is not None:
+        teacher = {f.name: getattr(self.teacher, f.name) for f in dataclasses.fields(self.teacher)}
+        if teacher.pop("module") is not None:  # the module's class, not its weights
             teacher["module"] = type(self.teacher.module).__name__
-        return {
-            **super().state_key_arguments(),
-            "top_k": self.top_k,
-            "teacher": teacher,
-            "heatmap_cache": None if self.heatmap_cache is None else dataclasses.asdict(self.heatmap_cache),
-        }
+        cache = None if self.heatmap_cache is None else dataclasses.asdict(self.heatmap_cache)
+        return {**super().state_key_arguments(), "top_k": self.top_k, "teacher": teacher, "heatmap_cache": cache}
 
     @property
     def attention_model(self) -> Optional[nn.Module]:
@@ -595,12 +563,11 @@ class AttentiveCutMix(MixingCallback):
                 f" ({images.shape[0]}, gh, gw), one per image of the batch, but got {got}."
                 " Check its forward: it must map (B, C, H, W) images to (B, gh, gw) heatmaps."
             )
-        gh, gw = heatmaps.shape[-2:]
-        if (gh, gw) != self.grid_size:
+        if heatmaps.shape[-2:] != self.grid_size:
+            (gh, gw), (h, w) = heatmaps.shape[-2:], self.grid_size
             raise ValueError(
-                f"The attention model returned a {gh}x{gw} grid but `grid_size` is"
-                f" {self.grid_size[0]}x{self.grid_size[1]}. Build the given `module` with the same"
-                " `grid_size`, or give the Teacher its grid."
+                f"The attention model returned a {gh}x{gw} grid but `grid_size` is {h}x{w}. Build the given"
+                " `module` with the same `grid_size`, or give the Teacher its grid."
             )
         return heatmaps
 
@@ -631,14 +598,13 @@ class AttentiveCutMix(MixingCallback):
         config = self.heatmap_cache
         if config is None or self._attention is None:
             return
-        sizes: Any = (config.input_size, config.input_size)
-        if config.input_size is None:
-            size = getattr(self._attention, "input_size", None)
-            if size is None:
-                size = tuple(trainer.datamodule.train_reference_dataset()[0][0].shape[-2:])  # type: ignore[attr-defined]
-            scales = zip(self.cache_grid_size, self.grid_size, strict=True)
-            sizes = tuple(round(side * fine / coarse) for side, (fine, coarse) in zip(size, scales, strict=True))
-        model = regrid_attention_model(self._attention, self.cache_grid_size, sizes)
+        size: Any = config.input_size
+        if size is None:  # the teacher's input size (or else the images'), scaled like the grid
+            reference = trainer.datamodule.train_reference_dataset  # type: ignore[attr-defined]
+            size = getattr(self._attention, "input_size", None) or reference()[0][0].shape[-2:]
+            sides = zip(size, self.cache_grid_size, self.grid_size, strict=True)
+            size = tuple(round(side * fine / coarse) for side, fine, coarse in sides)
+        model = regrid_attention_model(self._attention, self.cache_grid_size, size)  # type: ignore[arg-type]
         self._cache = cache_for_trainer(
             trainer,
             model,
@@ -702,22 +668,8 @@ def _check_methods(methods: Any, num_classes: Optional[int]) -> list[MixingCallb
     return list(methods)
 
 
-def _check_weights(weights: Optional[Sequence[float]], count: int) -> list[float]:
-    """``weights`` (``None``: equal) as floats, one per method, finite, >= 0 and not all zero."""
-    if weights is None:
-        return [1.0] * count
-    if not isinstance(weights, (list, tuple)) or len(weights) != count:
-        raise ValueError(f"Expected `weights` to be a list of {count} numbers, one per method, but got {weights!r}.")
-    if not all(V.is_real(w) and w >= 0 for w in weights):
-        raise ValueError(f"Expected `weights` to be finite numbers >= 0, but got {weights!r}.")
-    if sum(weights) <= 0:
-        raise ValueError(f"Expected `weights` to have a positive sum, but got {weights!r}.")
-    return [float(w) for w in weights]
-
-
 def _method_names(methods: Sequence[MixingCallback]) -> tuple[str, ...]:
-    """A metric name per method: its class in lower case, ``attentive_cutmix`` or ``random_cells``; repeats get
-    ``_1``, ``_2``, ... (``cutmix``, ``cutmix_1``)."""
+    """Metric names: the class in lower case (``attentive_cutmix``, ``random_cells``), repeats numbered (``cutmix_1``)."""
     bases = [
         ("random_cells" if m.teacher.is_random else "attentive_cutmix")
         if isinstance(m, AttentiveCutMix)
@@ -728,24 +680,18 @@ def _method_names(methods: Sequence[MixingCallback]) -> tuple[str, ...]:
 
 
 class RandomMixing(MixingCallback):
-    """Mix each batch with one of several methods, picked at random per batch (timm's ``Mixup`` with
-    ``switch_prob``, torchvision's ``RandomChoice([CutMix(...), MixUp(...)])``).
+    """Mix each batch with one of several methods, picked at random per batch (like timm's ``Mixup`` with
+    ``switch_prob`` or torchvision's ``RandomChoice([CutMix(...), MixUp(...)])``).
 
-    The pick comes from the batch's generator, which the picked method then draws from, so picks are seeded
-    like any mix; only the picked method runs. The methods belong to this callback: do not add them to the
-    Trainer, and set the :class:`MixingCallback` arguments here, not on them. It also logs
-    ``{log_prefix}/picked/<name>``, the share of the epoch's mixed images that each method mixed.
+    The pick and then the picked method draw from the batch's generator, so picks are seeded like any mix.
+    The methods belong to this callback: do not add them to the Trainer, and set the :class:`MixingCallback`
+    arguments here, not on them. It also logs ``{log_prefix}/picked/<name>``, each method's share of the
+    epoch's mixed images.
 
     Args:
         methods: the mixing callbacks to pick from, e.g. ``[CutMix(alpha=1.0), MixUp(alpha=0.8)]``.
         weights: relative probability of each method (normalised); ``None`` picks them equally often.
         **kwargs: see :class:`MixingCallback`.
-
-    Raises:
-        TypeError: if ``methods`` is not a list of mixing callbacks.
-        ValueError: for an empty list, a nested RandomMixing, a method listed twice, a method that sets
-            an argument decided here, or ``weights`` of the wrong length, negative, non-finite or all zero.
-        MisconfigurationException: from ``setup`` when a method is also among the Trainer's callbacks.
 
     Example::
 
@@ -757,7 +703,17 @@ class RandomMixing(MixingCallback):
     def __init__(self, methods: list[MixingCallback], weights: Optional[list[float]] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.methods = _check_methods(methods, self.num_classes)
-        self.weights = _check_weights(weights, len(self.methods))
+        count = len(self.methods)
+        weights = [1.0] * count if weights is None else weights
+        if not isinstance(weights, (list, tuple)) or len(weights) != count:
+            raise ValueError(
+                f"Expected `weights` to be a list of {count} numbers, one per method, but got {weights!r}."
+            )
+        if not all(V.is_real(w) and w >= 0 for w in weights):
+            raise ValueError(f"Expected `weights` to be finite numbers >= 0, but got {weights!r}.")
+        if sum(weights) <= 0:
+            raise ValueError(f"Expected `weights` to have a positive sum, but got {weights!r}.")
+        self.weights = [float(w) for w in weights]
         #: the probability of picking each method (the normalised weights)
         self.probabilities = tuple(w / sum(self.weights) for w in self.weights)
         #: the name of each method in the logged ``{log_prefix}/picked/<name>``
@@ -801,5 +757,5 @@ class RandomMixing(MixingCallback):
             result.soft_targets = AF._probabilities(result.soft_targets, num_classes, self.label_smoothing)
         size = images.shape[0]
         for index, name in enumerate(self.names):
-            self._epoch_means.add(f"picked/{name}", float(size if index == picked else 0), size, images.device)
+            self._epoch_means.add(f"picked/{name}", float(size if index == picked else 0), size)
         return result

@@ -336,6 +336,15 @@ def test_num_classes_from_module_or_datamodule_or_error():
     with pytest.raises(MisconfigurationException, match=r"`num_classes` is None.*CutMix\(num_classes=K\)"):
         fit(CutMix(seed=0), model=NoClasses())
 
+    class ClassesInHparams(NoClasses):
+        def __init__(self) -> None:
+            super().__init__()
+            self.save_hyperparameters({"num_classes": NUM_CLASSES})
+
+    callback = CutMix(seed=0)
+    fit(callback, model=ClassesInHparams())
+    assert callback._num_classes == NUM_CLASSES
+
     class DataWithClasses(L.LightningDataModule):
         num_classes = NUM_CLASSES
 
