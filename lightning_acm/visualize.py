@@ -67,6 +67,21 @@ def _captions(side: str, labels: Any, name: str, batch: int, n: int, class_names
     return [f"{side}: {i}" + (f" {names[i]}" if 0 <= i < len(names) else "") for i in indices]
 
 
+def _overlay_heatmaps(x_a: Tensor, heatmaps: Any, batch: int, alpha: float) -> Tensor:
+    """``x_a`` ``(n, 3, H, W)`` under its first ``n`` heatmaps, min-max scaled in the "jet" colormap."""
+    if not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or len(heatmaps) != batch:
+        raise ValueError(
+            f"Expected `partner_heatmaps` to have shape ({batch}, gh, gw), one map per image, but got"
+            f" {shape_of(heatmaps)}."
+        )
+    n, _, height, width = x_a.shape
+    heat = heatmaps[:n, None].detach().cpu().float().nan_to_num(0.0)
+    low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
+    heat = F.interpolate((heat - low) / (high - low).clamp_min(1e-12), size=(height, width), mode="nearest")
+    jet = (1.5 - (4.0 * heat - torch.tensor([3.0, 2.0, 1.0]).view(1, 3, 1, 1)).abs()).clamp(0.0, 1.0)
+    return (1.0 - alpha) * x_a + alpha * jet
+
+
 def render_mix_grid(
     partners: Tensor,
     canvases: Tensor,
@@ -128,16 +143,7 @@ def render_mix_grid(
     )
     x_a, x_b, x_m = x_a[:n], x_b[:n], x_m[:n]
     if partner_heatmaps is not None:
-        if not isinstance(partner_heatmaps, Tensor) or partner_heatmaps.ndim != 3 or len(partner_heatmaps) != batch:
-            raise ValueError(
-                f"Expected `partner_heatmaps` to have shape ({batch}, gh, gw), one map per image, but got"
-                f" {shape_of(partner_heatmaps)}."
-            )
-        heat = partner_heatmaps[:n, None].detach().cpu().float().nan_to_num(0.0)
-        low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
-        heat = F.interpolate((heat - low) / (high - low).clamp_min(1e-12), size=(height, width), mode="nearest")
-        jet = (1.5 - (4.0 * heat - torch.tensor([3.0, 2.0, 1.0]).view(1, 3, 1, 1)).abs()).clamp(0.0, 1.0)
-        x_a = (1.0 - alpha) * x_a + alpha * jet  # the "jet" colormap
+        x_a = _overlay_heatmaps(x_a, partner_heatmaps, batch, alpha)
     scale = scale or max(1, math.ceil(_MIN_PANEL / max(height, width)))
     panels = F.interpolate(torch.cat([x_a, x_b, x_m]), scale_factor=scale, mode="nearest")
     panels = (panels * 255.0).round().to(torch.uint8).view(3, n, 3, height * scale, width * scale)
