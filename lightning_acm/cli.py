@@ -1,13 +1,5 @@
-"""The ``lightning-acm`` command line: a LightningCLI with a mixing method as a first-class key.
-
-Every experiment is ``fit`` with three composable configs (data, model, method)::
-
-    lightning-acm fit --config data/cifar10 --config model/resnet18 --config method/attentive_cutmix
-
-A ``--config`` value that is not a file names a packaged config (:func:`resolve_config`). The ``mixing`` key
-holds a :class:`~lightning_acm.callbacks.MixingCallback` (``null``: the baseline; a ``RandomMixing`` lists
-its ``methods`` as ``class_path``/``init_args``), added to the Trainer's callbacks; ``data.num_classes``
-and the input channels are linked to the model.
+"""The ``lightning-acm`` command line: a LightningCLI with a mixing method as a first-class key, e.g.
+``lightning-acm fit --config data/cifar10 --config model/resnet18 --config method/attentive_cutmix``.
 """
 
 from __future__ import annotations
@@ -47,10 +39,7 @@ def resolve_config(value: str) -> str:
 
     A packaged config is named by its path in :data:`CONFIG_DIR`, with or without ``.yaml`` and a leading
     ``configs/`` (so ``demo`` and ``configs/method/cutmix.yaml`` work from any directory). A value holding
-    ``:`` or ``{`` is inline YAML or JSON and is returned as it is.
-
-    Raises:
-        ValueError: if ``value`` is neither a file, a packaged config nor an inline config.
+    ``:`` or ``{`` is inline YAML or JSON and is returned as it is; any other value raises a ``ValueError``.
 
     Example::
 
@@ -84,6 +73,9 @@ def _resolve_config_args(args: list[str]) -> list[str]:
 
 class AttentiveCutMixCLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` on any :class:`VisionDataModule`, with a ``mixing`` method.
+
+    The ``mixing`` key holds a :class:`~lightning_acm.callbacks.MixingCallback` added to the Trainer's callbacks
+    (``null``: the baseline); ``data.num_classes`` and the input channels are linked to the model.
 
     Example::
 

@@ -13,12 +13,8 @@ __all__ = ["SoftTargetLossMixin", "soft_target_cross_entropy"]
 def soft_target_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Mean cross-entropy of ``(B, K)`` logits against index ``(B,)`` or probability ``(B, K)`` targets.
 
-    The loss is computed in float32 whatever the logits' dtype (bf16/fp16 autocast included).
-    ``label_smoothing`` ``eps`` replaces the targets by ``(1 - eps) * y + eps / K`` (as
-    ``torch.nn.functional.cross_entropy`` does for index targets).
-
-    Raises:
-        ValueError: if the shapes do not match or ``label_smoothing`` is outside ``[0, 1)``.
+    :func:`torch.nn.functional.cross_entropy` in float32 whatever the logits' dtype (bf16/fp16 autocast
+    included); ``label_smoothing`` ``eps`` replaces the targets by ``(1 - eps) * y + eps / K``.
 
     Example::
 
@@ -35,30 +31,26 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: 
                 f"Expected one target per row of `logits`, but the batch sizes do not match:"
                 f" {targets.shape[0]} != {logits.shape[0]}."
             )
-        return F.cross_entropy(logits.float(), targets.long(), label_smoothing=label_smoothing)
-    if targets.shape != logits.shape:
+        targets = targets.long()
+    elif targets.shape != logits.shape:
         raise ValueError(
             "Expected soft `targets` with the shape of `logits` (B, K), but the shapes do not match:"
             f" {tuple(targets.shape)} != {tuple(logits.shape)}."
         )
-    probabilities = targets.float()
-    if label_smoothing > 0:
-        probabilities = probabilities * (1.0 - label_smoothing) + label_smoothing / probabilities.shape[1]
-    return -(probabilities * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+    else:
+        targets = targets.float()
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
 class SoftTargetLossMixin:
-    """Mixin for a ``LightningModule``: one loss method for index targets and mixed soft targets.
-
-    The same ``training_step`` then works with or without a mixing callback.
+    """Mixin for a ``LightningModule``: one loss for index and soft targets, with or without a mixing callback.
 
     Example::
 
         >>> import lightning as L, torch
         >>> class Net(SoftTargetLossMixin, L.LightningModule):
         ...     label_smoothing = 0.1
-        >>> logits = torch.zeros(2, 3)
-        >>> float(Net().soft_target_loss(logits, torch.tensor([0, 1]))), Net.hard_targets(torch.eye(3)[[2, 0]])
+        >>> float(Net().soft_target_loss(torch.zeros(2, 3), torch.arange(2))), Net.hard_targets(torch.eye(3)[[2, 0]])
         (1.0986..., tensor([2, 0]))
     """
 

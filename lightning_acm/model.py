@@ -1,7 +1,4 @@
-"""The image classifier ``LightningModule`` used by the CLI: a torchvision classifier, SGD/AdamW, warmup + schedule.
-
-Images are ``(B, C, H, W)``; targets are class indices ``(B,)`` or soft targets ``(B, K)``.
-"""
+"""The image classifier ``LightningModule`` used by the CLI: a torchvision classifier, SGD/AdamW, warmup + schedule."""
 
 from __future__ import annotations
 
@@ -39,9 +36,8 @@ CIFAR_RESNET_BLOCKS: dict[str, int] = {"cifar_resnet8": 1, "cifar_resnet20": 3}
 
 
 class CifarResNet(nn.Module):
-    """The CIFAR ResNet of He et al. (2016, section 4.2) for 32 px inputs, depth ``6 * blocks + 2``.
-
-    A 3x3 stem, three stages of ``blocks`` basic blocks (``width``, ``2 * width``, ``4 * width`` channels).
+    """The CIFAR ResNet of He et al. (2016, section 4.2) for 32 px inputs: a 3x3 stem, then three stages of
+    ``blocks`` basic blocks (``width``, ``2 * width``, ``4 * width`` channels); depth ``6 * blocks + 2``.
 
     Example::
 
@@ -116,24 +112,20 @@ def _replace_head(model: nn.Module, num_classes: int, arch: str) -> None:
     model.set_submodule(name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
 
 
-# Family -> (first convolution, stem pooling, init keyword arguments) replaced by `small_input`.
-_SMALL_STEMS: dict[type, tuple[str, str, dict[str, str]]] = {
-    torchvision.models.ResNet: ("conv1", "maxpool", {"mode": "fan_out", "nonlinearity": "relu"}),
-    torchvision.models.DenseNet: ("features.conv0", "features.pool0", {}),
-}
-
-
 def _make_small_input(model: nn.Module, arch: str) -> None:
+    """A stride-1 stem without pooling; the new 3x3 convolution is initialised as the family does."""
     if isinstance(model, torchvision.models.EfficientNet):
         model.features[0][0].stride = (1, 1)
         return
-    stem = next((value for family, value in _SMALL_STEMS.items() if isinstance(model, family)), None)
-    if stem is None:
+    if isinstance(model, torchvision.models.ResNet):
+        conv_name, pool_name, init = "conv1", "maxpool", {"mode": "fan_out", "nonlinearity": "relu"}
+    elif isinstance(model, torchvision.models.DenseNet):
+        conv_name, pool_name, init = "features.conv0", "features.pool0", {}
+    else:
         raise ValueError(
             "Expected `arch` to be a ResNet, DenseNet or EfficientNet when `small_input=True`, but got"
             f" {arch!r} ({type(model).__name__})."
         )
-    conv_name, pool_name, init = stem
     old = model.get_submodule(conv_name)
     conv = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(conv.weight, **init)
@@ -175,11 +167,8 @@ def build_classifier(
         num_classes: outputs; with ``weights``, a pretrained head of another size is replaced.
         in_channels: input channels; when not 3, the first convolution's weights are summed (1) or tiled.
         small_input: stride-1 stem without pooling for 32 px inputs (ResNet, DenseNet, EfficientNet).
-        weights: a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), or None for random init.
-
-    Raises:
-        ValueError: if ``arch`` or ``weights`` is unknown, or ``small_input`` is set for another family.
-        RuntimeError: if the weights cannot be downloaded (offline); the message says where to put the file.
+        weights: a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), or None for random init;
+            offline, the ``RuntimeError`` says where to put the weights file.
 
     Example::
 
@@ -196,16 +185,15 @@ def build_classifier(
     if arch in CIFAR_RESNET_BLOCKS:
         # Already a small-input network: `small_input` has nothing to change.
         return CifarResNet(CIFAR_RESNET_BLOCKS[arch], num_classes=num_classes, in_channels=in_channels)
+    kwargs = _BUILDER_KWARGS.get(arch, {})
     if arch == "densenet264":
         model = torchvision.models.DenseNet(**DENSENET264_CONFIG, num_classes=num_classes)
+    elif resolved is None:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     else:
-        kwargs = _BUILDER_KWARGS.get(arch, {})
-        if resolved is None:
-            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-        else:
-            model = _load_pretrained(arch, resolved, **kwargs)
-            if len(resolved.meta["categories"]) != num_classes:
-                _replace_head(model, num_classes, arch)
+        model = _load_pretrained(arch, resolved, **kwargs)
+        if len(resolved.meta["categories"]) != num_classes:
+            _replace_head(model, num_classes, arch)
     if small_input:
         _make_small_input(model, arch)
     if in_channels != 3:
@@ -228,18 +216,18 @@ def _lr_factor(
 
 
 def _unpack(batch: Any, *, with_target: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-    if isinstance(batch, dict):
-        return batch["image"], batch["target"] if with_target else batch.get("target")
-    if isinstance(batch, (list, tuple)) and (len(batch) >= 2 or not with_target):
-        return batch[0], batch[1] if len(batch) > 1 else None
-    if isinstance(batch, (list, tuple)):
-        raise ValueError(f"Expected a batch of at least (images, targets), but got {len(batch)} element(s).")
     if isinstance(batch, Tensor) and not with_target:
         return batch, None
-    raise TypeError(
-        "Expected a batch as a tuple/list (images, targets, ...) or a dict with 'image' and 'target' keys,"
-        f" but got {type(batch).__name__}."
-    )
+    if isinstance(batch, dict):
+        return batch["image"], batch["target"] if with_target else batch.get("target")
+    if not isinstance(batch, (list, tuple)):
+        raise TypeError(
+            "Expected a batch as a tuple/list (images, targets, ...) or a dict with 'image' and 'target' keys,"
+            f" but got {type(batch).__name__}."
+        )
+    if with_target and len(batch) < 2:
+        raise ValueError(f"Expected a batch of at least (images, targets), but got {len(batch)} element(s).")
+    return batch[0], batch[1] if len(batch) > 1 else None
 
 
 class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
@@ -258,18 +246,14 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         no_weight_decay_on_bn_and_bias: no weight decay on parameters with at most one dimension.
         lr_scheduler: ``"cosine"`` (to 0), ``"multistep"`` (times ``gamma`` at ``milestones``) or ``"none"``.
         milestones, gamma: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma`` in ``(0, 1]``.
-        warmup_epochs: epochs of linear warmup to ``lr``, before any schedule (updated every step).
-
-    Raises:
-        ValueError: if an argument is out of range, or from :func:`build_classifier`.
-        MisconfigurationException: from ``configure_optimizers`` if the schedule needs a length the trainer lacks.
+        warmup_epochs: epochs of linear warmup to ``lr``, before any schedule (updated every step); warmup and
+            schedules need a sized training loader (``configure_optimizers`` raises a ``MisconfigurationException``).
 
     Example::
 
         >>> model = ImageClassifier(arch="resnet18", num_classes=10, small_input=True)
         >>> images, targets = torch.randn(2, 3, 32, 32), torch.tensor([[0.7, 0.3] + [0.0] * 8, [0.0] * 9 + [1.0]])
-        >>> loss = model.training_step((images, targets), 0)
-        >>> bool(torch.isfinite(loss))
+        >>> bool(torch.isfinite(model.training_step((images, targets), 0)))
         True
     """
 
@@ -373,14 +357,13 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        groups = self.parameter_groups()
-        if hp.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(
+        hp, groups = self.hparams, self.parameter_groups()
+        if hp.optimizer == "adamw":
+            optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
                 groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
             )
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.lr_scheduler == "none" and hp.warmup_epochs == 0:
             return optimizer
         total_steps, batches = self.trainer.estimated_stepping_batches, self.trainer.num_training_batches

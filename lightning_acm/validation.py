@@ -1,16 +1,6 @@
 """Argument checks shared by the library: one check per rule, each message naming the argument and the fix.
 
-Public functions and constructors call these once; internal code trusts its callers. A check returns the
-value in plain Python form (numpy scalars become ``int``/``float``), for the caller to store.
-
-Example::
-
-    >>> check_int(3, "top_k", minimum=1)
-    3
-    >>> check_size2(7, "grid_size")
-    (7, 7)
-    >>> check_real(0.5, "p", low=0.0, high=1.0)
-    0.5
+Public functions and constructors call these once; internals trust them. Checks return plain ``int``/``float``.
 """
 
 from __future__ import annotations
@@ -38,14 +28,18 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def shape_of(value: Any) -> Any:
+    """The shape of ``value`` as a tuple if it is a tensor, else the name of its type (for error messages)."""
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+
+
 def check_int(value: Any, name: str, *, minimum: Optional[int] = None, optional: bool = False, hint: str = "") -> Any:
     """``value`` as an ``int`` (``None`` passes when ``optional``); raise if it is not an int ``>= minimum``."""
     if optional and value is None:
         return None
     if not is_int(value) or (minimum is not None and value < minimum):
         kind = "an int" if minimum is None else ("a positive int" if minimum == 1 else f"an int >= {minimum}")
-        prefix = "None or " if optional else ""
-        raise ValueError(f"Expected `{name}` to be {prefix}{kind}, but got {value!r}.{hint}")
+        raise ValueError(f"Expected `{name}` to be {'None or ' if optional else ''}{kind}, but got {value!r}.{hint}")
     return int(value)
 
 
@@ -88,15 +82,12 @@ def check_size2(value: Any, name: str, *, optional: bool = False) -> Any:
     """An int or a pair of ints ``(h, w)``, all positive, as a ``tuple[int, int]``."""
     if optional and value is None:
         return None
-    if is_int(value):
-        pair = (int(value), int(value))
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
-        pair = (int(value[0]), int(value[1]))
-    else:
+    pair = (value, value) if is_int(value) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(is_int(v) for v in pair):
         raise TypeError(f"Expected `{name}` to be an int or a pair of ints (h, w), but got {value!r}.")
     if min(pair) < 1:
         raise ValueError(f"Expected `{name}` to be positive, but got {value!r}.")
-    return pair
+    return int(pair[0]), int(pair[1])
 
 
 def check_top_k(top_k: Any, grid: tuple[int, int]) -> int:
@@ -110,8 +101,7 @@ def check_top_k(top_k: Any, grid: tuple[int, int]) -> int:
 def check_features(features: Any, grid_size: Any) -> tuple[int, int]:
     """``grid_size`` as ``(gh, gw)``; raise unless ``features`` is a ``(B, C, h, w)`` map at least that fine."""
     if not isinstance(features, Tensor) or features.ndim != 4:
-        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"Expected `features` to be a 4-D feature map (B, C, h, w), but got {shape}.")
+        raise ValueError(f"Expected `features` to be a 4-D feature map (B, C, h, w), but got {shape_of(features)}.")
     (gh, gw), (h, w) = check_size2(grid_size, "grid_size"), features.shape[-2:]
     if gh > h or gw > w:
         raise ValueError(
@@ -134,12 +124,9 @@ def check_image_size(image_size: Any, grid: tuple[int, int]) -> tuple[int, int]:
 
 def check_cell_indices(cell_indices: Any, grid: tuple[int, int]) -> Tensor:
     """``cell_indices`` if it is an integer ``(B, k)`` tensor of cells of the ``(gh, gw)`` grid; raise otherwise."""
-    (gh, gw), ok = grid, isinstance(cell_indices, Tensor) and cell_indices.ndim == 2
-    if (
-        not ok
-        or cell_indices.is_floating_point()
-        or (cell_indices.numel() and not 0 <= cell_indices.min() <= cell_indices.max() < gh * gw)
-    ):
+    gh, gw = grid
+    ok = isinstance(cell_indices, Tensor) and cell_indices.ndim == 2 and not cell_indices.is_floating_point()
+    if not ok or (cell_indices.numel() and not 0 <= cell_indices.min() <= cell_indices.max() < gh * gw):
         raise ValueError(
             f"Expected `cell_indices` to be integers (B, k) in [0, {gh * gw}) for a {gh}x{gw} grid, e.g. from"
             f" `topk_cell_indices`, but got {cell_indices!r:.80}."
@@ -150,8 +137,7 @@ def check_cell_indices(cell_indices: Any, grid: tuple[int, int]) -> Tensor:
 def check_shape(value: Any, name: str, shape: tuple[int, ...]) -> None:
     """Raise unless ``value`` is a tensor of ``shape``."""
     if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-        found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"Expected `{name}` to have shape {shape}, but got shape {found}.")
+        raise ValueError(f"Expected `{name}` to have shape {shape}, but got shape {shape_of(value)}.")
 
 
 def check_generator(generator: Any) -> np.random.Generator:

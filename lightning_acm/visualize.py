@@ -20,11 +20,10 @@ from torchvision.transforms.v2.functional import to_dtype, to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 from typing_extensions import override
 
-from lightning_acm import validation as V
 from lightning_acm.attention import Teacher
 from lightning_acm.callbacks import AttentiveCutMix, MixingCallback, MixResult, MixUp, RandomMixing
 from lightning_acm.functional import pasted_attention_share
-from lightning_acm.validation import check_int, check_real
+from lightning_acm.validation import check_int, check_real, check_shape, shape_of
 
 __all__ = ["MixVisualizer", "PastedAttentionMonitor", "render_mix", "render_mix_grid"]
 
@@ -33,29 +32,24 @@ _CAPTION_HEIGHT = 14  # one line of PIL's default font
 _MIN_PANEL = 96  # small images are upscaled by an integer factor to at least this
 
 
-def _shape(value: Any) -> Any:
-    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-
-
 def _unit_images(images: Tensor, name: str, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> Tensor:
-    """``(B, C, H, W)`` images as float ``(B, 3, H, W)`` in [0, 1] on the CPU: integers scaled by their
-    dtype's maximum (as ``ToDtype(scale=True)``), floats un-normalised with ``mean``/``std``."""
+    """Float ``(B, 3, H, W)`` in [0, 1] on the CPU: integers scaled as ``ToDtype(scale=True)``, floats un-normalised."""
     if not isinstance(images, Tensor) or images.ndim != 4:
-        raise ValueError(f"Expected `{name}` to be a batch (B, C, H, W), but got {_shape(images)}.")
+        raise ValueError(f"Expected `{name}` to be a batch (B, C, H, W), but got {shape_of(images)}.")
     if (channels := images.shape[1]) not in (1, 3):
         raise ValueError(f"Expected `{name}` to have 1 or 3 channels, but got {channels}.")
-    x = images.detach().cpu()
-    if not x.is_floating_point():
-        return to_dtype(x, torch.float32, scale=True).clamp(0.0, 1.0).expand(-1, 3, -1, -1)
-    x = x.float()
+    if not images.is_floating_point():
+        return to_dtype(images.detach().cpu(), torch.float32, scale=True).clamp(0.0, 1.0).expand(-1, 3, -1, -1)
     for stats, label in ((std, "std"), (mean, "mean")):
-        if stats is not None:
-            if len(stats) not in (1, channels):
-                raise ValueError(
-                    f"Expected `{label}` to have 1 or {channels} values (one per channel), but got {len(stats)}."
-                )
-            value = torch.tensor([float(v) for v in stats]).view(1, -1, 1, 1)
-            x = x * value if label == "std" else x + value
+        if stats is not None and len(stats) not in (1, channels):
+            raise ValueError(
+                f"Expected `{label}` to have 1 or {channels} values (one per channel), but got {len(stats)}."
+            )
+    x = images.detach().cpu().float()
+    if std is not None:
+        x = x * torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
+    if mean is not None:
+        x = x + torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
     return x.clamp(0.0, 1.0).expand(-1, 3, -1, -1)
 
 
@@ -65,32 +59,27 @@ def _captions(side: str, labels: Any, name: str, batch: int, n: int, class_names
         return [side] * n
     if not isinstance(labels, Tensor) or labels.ndim not in (1, 2) or labels.shape[0] != batch:
         raise ValueError(
-            f"Expected `{name}` to be class indices ({batch},) or probabilities ({batch}, K), but got {_shape(labels)}."
+            f"Expected `{name}` to be class indices ({batch},) or probabilities ({batch}, K), but got"
+            f" {shape_of(labels)}."
         )
-    labels = labels.detach().cpu()
     indices = (labels.argmax(dim=1) if labels.ndim == 2 else labels)[:n].long().tolist()
     names = class_names or []
     return [f"{side}: {i}" + (f" {names[i]}" if 0 <= i < len(names) else "") for i in indices]
 
 
-def _outline(mask: Tensor, width: int) -> Tensor:
-    """``(B, 1, H, W)`` bool region → ``(B, H, W)`` its pixels within ``width`` of the outside (the border counts)."""
-    eroded = -F.max_pool2d(-F.pad(mask.float(), (width,) * 4), 2 * width + 1, stride=1)
-    return (mask & (eroded < 0.5))[:, 0]
-
-
-def _check_shapes(x_a: Tensor, others: dict[str, Tensor], lam: Any, mask: Any, heatmaps: Any) -> None:
-    batch, _, height, width = x_a.shape
-    for name, other in others.items():
-        V.check_shape(other, name, tuple(x_a.shape))
-    V.check_shape(lam, "lam", (batch,))
-    if mask is not None:
-        V.check_shape(mask, "mask", (batch, 1, height, width))
-    if heatmaps is not None and (not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or len(heatmaps) != batch):
+def _overlay_heatmaps(x_a: Tensor, heatmaps: Any, batch: int, alpha: float) -> Tensor:
+    """``x_a`` ``(n, 3, H, W)`` under its first ``n`` heatmaps, min-max scaled in the "jet" colormap."""
+    if not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or len(heatmaps) != batch:
         raise ValueError(
             f"Expected `partner_heatmaps` to have shape ({batch}, gh, gw), one map per image, but got"
-            f" {_shape(heatmaps)}."
+            f" {shape_of(heatmaps)}."
         )
+    n, _, height, width = x_a.shape
+    heat = heatmaps[:n, None].detach().cpu().float().nan_to_num(0.0)
+    low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
+    heat = F.interpolate((heat - low) / (high - low).clamp_min(1e-12), size=(height, width), mode="nearest")
+    jet = (1.5 - (4.0 * heat - torch.tensor([3.0, 2.0, 1.0]).view(1, 3, 1, 1)).abs()).clamp(0.0, 1.0)
+    return (1.0 - alpha) * x_a + alpha * jet
 
 
 def render_mix_grid(
@@ -111,28 +100,21 @@ def render_mix_grid(
     scale: Optional[int] = None,
     outline_color: tuple[int, int, int] = (255, 255, 255),
 ) -> Tensor:
-    """Draw mixes as one image, a row per sample: ``x_A`` with its heatmap, ``x_B``, the mix.
+    """Draw mixes as one ``(3, H', W')`` uint8 image (as ``SummaryWriter.add_image`` takes), a row per sample.
 
-    The pasted region is outlined on ``x_A`` and on the mix; captions read ``A: <class of x_A>``,
+    A row holds ``x_A`` with its heatmap, ``x_B`` and the mix, laid out by :func:`torchvision.utils.make_grid`;
+    the pasted region is outlined on ``x_A`` and on the mix; captions read ``A: <class of x_A>``,
     ``B: <class of x_B>`` and ``lam = <lam>`` (the mix's label is ``lam * y_A + (1 - lam) * y_B``).
-    Panels are laid out by :func:`torchvision.utils.make_grid`, 3 per row, 2 px apart.
 
     Args:
-        partners: ``(B, C, H, W)`` pasted images ``x_A``, C in {1, 3}: integer (scaled by the dtype's
-            maximum), or float normalised with ``mean``/``std`` (in [0, 1] when they are ``None``).
-        canvases: ``x_B``, and mixed: the mixes, as ``partners``; lam: ``(B,)`` share of ``x_A`` in each mix.
-        partner_labels: ``y_A``, class indices ``(B,)`` or probabilities ``(B, K)``; canvas_labels: ``y_B``.
-        partner_heatmaps: ``(B, gh, gw)`` attention overlaid on ``x_A`` (min-max scaled, "jet").
-        mask: ``(B, 1, H, W)`` boolean pasted region (``None`` for Mixup), outlined in ``outline_color``.
-        class_names: names shown after the class indices.
-        max_samples: rows drawn; alpha: opacity of the heatmap overlay, in [0, 1].
-        scale: integer upscaling; by default the smallest that makes the panels at least 96 px.
-
-    Returns:
-        ``(3, H', W')`` uint8 image (CHW, as ``SummaryWriter.add_image`` takes).
-
-    Raises:
-        ValueError: for shapes that do not match or arguments out of range.
+        partners, canvases, mixed: ``(B, C, H, W)`` images ``x_A`` (pasted), ``x_B`` and the mixes, C in {1, 3}:
+            integers (scaled by the dtype's maximum) or floats normalised with ``mean``/``std`` ([0, 1] if ``None``).
+        lam: ``(B,)`` share of ``x_A`` in each mix; mask: ``(B, 1, H, W)`` boolean pasted region (``None`` for
+            Mixup), outlined in ``outline_color``.
+        partner_labels, canvas_labels: ``y_A`` and ``y_B``, class indices ``(B,)`` or probabilities ``(B, K)``,
+            shown with their ``class_names``.
+        partner_heatmaps: ``(B, gh, gw)`` attention overlaid on ``x_A`` (min-max scaled, "jet") with opacity ``alpha``.
+        max_samples: rows drawn; scale: integer upscaling, by default the smallest that makes panels at least 96 px.
 
     Example::
 
@@ -146,8 +128,12 @@ def render_mix_grid(
     check_int(scale, "scale", minimum=1, optional=True)
     x_a = _unit_images(partners, "partners", mean, std)
     x_b, x_m = _unit_images(canvases, "canvases", mean, std), _unit_images(mixed, "mixed", mean, std)
-    _check_shapes(x_a, {"canvases": x_b, "mixed": x_m}, lam, mask, partner_heatmaps)
     batch, _, height, width = x_a.shape
+    check_shape(x_b, "canvases", tuple(x_a.shape))
+    check_shape(x_m, "mixed", tuple(x_a.shape))
+    check_shape(lam, "lam", (batch,))
+    if mask is not None:
+        check_shape(mask, "mask", (batch, 1, height, width))
     n = min(max_samples, batch)
     captions = zip(
         _captions("A", partner_labels, "partner_labels", batch, n, class_names),
@@ -157,18 +143,16 @@ def render_mix_grid(
     )
     x_a, x_b, x_m = x_a[:n], x_b[:n], x_m[:n]
     if partner_heatmaps is not None:
-        heat = partner_heatmaps[:n, None].detach().cpu().float().nan_to_num(0.0)
-        low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
-        heat = F.interpolate((heat - low) / (high - low).clamp_min(1e-12), size=(height, width), mode="nearest")
-        jet = (1.5 - (4.0 * heat - torch.tensor([3.0, 2.0, 1.0]).view(1, 3, 1, 1)).abs()).clamp(0.0, 1.0)
-        x_a = (1.0 - alpha) * x_a + alpha * jet  # the "jet" colormap
+        x_a = _overlay_heatmaps(x_a, partner_heatmaps, batch, alpha)
     scale = scale or max(1, math.ceil(_MIN_PANEL / max(height, width)))
     panels = F.interpolate(torch.cat([x_a, x_b, x_m]), scale_factor=scale, mode="nearest")
     panels = (panels * 255.0).round().to(torch.uint8).view(3, n, 3, height * scale, width * scale)
     panels = F.pad(panels, (0, 0, 0, _CAPTION_HEIGHT), value=_BACKGROUND)
-    if mask is not None:
+    if mask is not None:  # the outline: pasted pixels within `thick` px of the outside (the border counts)
         big_mask = F.interpolate(mask[:n].detach().cpu().float(), scale_factor=scale, mode="nearest") > 0.5
-        edges = F.pad(_outline(big_mask, max(1, round(scale * max(height, width) / 112))), (0, 0, 0, _CAPTION_HEIGHT))
+        thick = max(1, round(scale * max(height, width) / 112))
+        eroded = -F.max_pool2d(-F.pad(big_mask.float(), (thick,) * 4), 2 * thick + 1, stride=1)
+        edges = F.pad((big_mask & (eroded < 0.5))[:, 0], (0, 0, 0, _CAPTION_HEIGHT))
     caption_box = torch.tensor([[0, height * scale, width * scale - 1, height * scale + _CAPTION_HEIGHT - 1]])
     tiles = []
     for i, row in enumerate(captions):
@@ -182,14 +166,11 @@ def render_mix_grid(
 
 
 def render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None, **options: Any) -> Tensor:
-    """:func:`render_mix_grid` of a :class:`~lightning_acm.callbacks.MixResult` (which is not changed).
+    """:func:`render_mix_grid` of a :class:`~lightning_acm.callbacks.MixResult` with a ``source`` (not changed).
 
     ``x_B`` is ``result.source``, ``x_A`` is ``result.source[result.permutation]``, labels come from
     ``result.source_targets``; ``partner_heatmaps`` are drawn when the result has none of its own;
     ``options`` are :func:`render_mix_grid`'s keyword arguments.
-
-    Raises:
-        ValueError: if ``result.source`` is ``None``, or as :func:`render_mix_grid`.
     """
     if result.source is None:
         raise ValueError(
@@ -197,42 +178,37 @@ def render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None, 
             " Build the MixResult with `source=` (the mixing callbacks do)."
         )
     permutation, targets = result.permutation.to(result.source.device), result.source_targets
+    labels = None if targets is None else targets[permutation.to(targets.device)]  # the partners'
     heatmaps = result.partner_heatmaps if result.partner_heatmaps is not None else partner_heatmaps
-    partner_labels = None if targets is None else targets[permutation.to(targets.device)]
+    images = (result.source[permutation], result.source, result.mixed, result.lam)
     return render_mix_grid(
-        result.source[permutation],
-        result.source,
-        result.mixed,
-        result.lam,
-        mask=result.mask,
-        partner_labels=partner_labels,
-        canvas_labels=targets,
-        partner_heatmaps=heatmaps,
-        **options,
+        *images, mask=result.mask, partner_labels=labels, canvas_labels=targets, partner_heatmaps=heatmaps, **options
     )
 
 
-def _mixing_callbacks(trainer: pl.Trainer, owner: str) -> list[MixingCallback]:
-    mixers = [callback for callback in trainer.callbacks if isinstance(callback, MixingCallback)]  # type: ignore[attr-defined]
-    if not mixers:
-        raise MisconfigurationException(
-            f"{owner} reads the batches of a mixing callback, but the Trainer has none."
-            " Add AttentiveCutMix, CutMix or MixUp to `Trainer(callbacks=[...])`."
-        )
-    return mixers
-
-
-def _datamodule_normalization(trainer: pl.Trainer) -> tuple[Any, Any]:
-    datamodule = getattr(trainer, "datamodule", None)
-    return getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-
-
-class _EveryNSteps(Callback):
-    """Counts training batches for a callback that acts on one in ``every_n_steps``; the count is resumable."""
+class _MixReader(Callback):
+    """A callback that reads the batches of the Trainer's mixing callbacks, on one training batch in
+    ``every_n_steps`` (a resumable count); subclasses set up in ``_setup_fit``."""
 
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1)
         self._batches = 0
+        self._mixers: list[MixingCallback] = []
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._mixers = [c for c in trainer.callbacks if isinstance(c, MixingCallback)]  # type: ignore[attr-defined]
+        if not self._mixers:
+            raise MisconfigurationException(
+                f"{type(self).__name__} reads the batches of a mixing callback, but the Trainer has none."
+                " Add AttentiveCutMix, CutMix or MixUp to `Trainer(callbacks=[...])`."
+            )
+        self._setup_fit(trainer)
+
+    def _setup_fit(self, trainer: pl.Trainer) -> None:
+        raise NotImplementedError
 
     def _count_batch(self) -> bool:
         """Count one training batch; whether it is due (the first batch and every ``every_n_steps`` after)."""
@@ -249,30 +225,24 @@ class _EveryNSteps(Callback):
         self._batches = state_dict["batches"]
 
 
-class PastedAttentionMonitor(_EveryNSteps):
+class PastedAttentionMonitor(_MixReader):
     """Log ``{log_prefix}/pasted_attention`` for CutMix (and random cells) with a frozen teacher of its own.
 
     One teacher forward on the unmixed batch of the mixer's ``last_mix`` per measured batch; the
     :func:`~lightning_acm.functional.pasted_attention_share` goes into the mixer's epoch mean.
-    :class:`MixVisualizer` borrows these heatmaps.
+    :class:`MixVisualizer` borrows these heatmaps. Without a mixing callback, ``setup`` raises.
 
     Args:
-        teacher: a :class:`~lightning_acm.attention.Teacher`, or the name of its ``source``; its
-            ``input_mean``/``input_std`` default to the datamodule's ``mean``/``std``.
+        teacher: a :class:`~lightning_acm.attention.Teacher` with a model (not ``"random"`` nor ``coldest``), or
+            the name of its ``source``; its ``input_mean``/``input_std`` default to the datamodule's ``mean``/``std``.
         every_n_steps: measure one training batch in ``every_n_steps``.
-
-    Raises:
-        TypeError: if ``teacher`` is neither a str nor a Teacher.
-        ValueError: for an argument out of range, or a teacher without a model (``"random"``, ``coldest``).
-        MisconfigurationException: from ``setup`` when the Trainer has no mixing callback.
 
     Example::
 
-        >>> import lightning as L, torch
         >>> from lightning_acm.callbacks import CutMix
-        >>> tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU())
+        >>> tiny = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU())
         >>> monitor = PastedAttentionMonitor(teacher=Teacher(module=tiny, layer="1", input_size=28))
-        >>> trainer = L.Trainer(callbacks=[CutMix(seed=0), monitor], accelerator="cpu", logger=False)
+        >>> trainer = pl.Trainer(callbacks=[CutMix(seed=0), monitor], accelerator="cpu", logger=False)
     """
 
     def __init__(self, *, teacher: Union[str, Teacher] = "efficientnet_lite0", every_n_steps: int = 1) -> None:
@@ -286,15 +256,10 @@ class PastedAttentionMonitor(_EveryNSteps):
                 f"{' with coldest=True' if self.teacher.coldest else ''}. Pass e.g. teacher='efficientnet_lite0'."
             )
         self._model: Optional[nn.Module] = None
-        self._mixers: list[MixingCallback] = []
         self._measured: Optional[tuple[MixResult, Tensor]] = None  # the last result measured and its heatmaps
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        mixers = _mixing_callbacks(trainer, type(self).__name__)
-        self._mixers = [mixer for mixer in mixers if not _measures_itself(mixer)]
+    def _setup_fit(self, trainer: pl.Trainer) -> None:
+        self._mixers = [mixer for mixer in self._mixers if not _measures_itself(mixer)]
         if not self._mixers:
             rank_zero_warn(
                 f"{type(self).__name__}: the mixing callbacks (Attentive CutMix with a teacher, Mixup) log"
@@ -302,7 +267,7 @@ class PastedAttentionMonitor(_EveryNSteps):
                 " or use it with CutMix or random cells."
             )
         elif self._model is None:
-            mean, std = _datamodule_normalization(trainer)
+            mean, std = getattr(trainer.datamodule, "mean", None), getattr(trainer.datamodule, "std", None)
             self._model = self.teacher.build(
                 trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__
             )
@@ -346,38 +311,31 @@ class PastedAttentionMonitor(_EveryNSteps):
 
 
 def _measures_itself(mixer: MixingCallback) -> bool:
-    """Whether ``mixer`` logs ``pasted_attention`` itself: Mixup, Attentive CutMix with a teacher, and a
-    RandomMixing of these."""
+    """Whether ``mixer`` logs ``pasted_attention`` itself: Mixup, Attentive CutMix with a teacher, a mix of these."""
     if isinstance(mixer, RandomMixing):
         return all(map(_measures_itself, mixer.methods))
     return isinstance(mixer, MixUp) or (isinstance(mixer, AttentiveCutMix) and not mixer.teacher.is_random)
 
 
-class MixVisualizer(_EveryNSteps):
+class MixVisualizer(_MixReader):
     """Log a picture of the mixed batch every ``every_n_steps`` training batches (rank zero only).
 
-    One image per mixing callback (see :func:`render_mix_grid`), tagged ``{log_prefix}/mixes``, to
-    every logger with ``experiment.add_image``, else as PNG in ``{trainer.log_dir}/mixes/``. A due
-    picture waits for the next mixed batch; a :class:`PastedAttentionMonitor` lends CutMix heatmaps.
+    One image per mixing callback (``setup`` raises without one; see :func:`render_mix_grid`), tagged
+    ``{log_prefix}/mixes``, to every logger with ``experiment.add_image``, else as PNG in ``{trainer.log_dir}/mixes/``.
+    A due picture waits for the next mixed batch; a :class:`PastedAttentionMonitor` lends CutMix heatmaps.
 
     Args:
         every_n_steps: training batches between two pictures (the first batch is drawn).
-        max_samples: rows per picture.
+        max_samples: rows per picture; alpha: opacity of the heatmap overlay.
         class_names: names shown with the class indices; ``trainer.datamodule.classes`` when ``None``.
-        alpha: opacity of the heatmap overlay.
         mean: the training images' per-channel normalisation mean, to undo it; the datamodule's
             ``mean`` (or an Attentive CutMix teacher's ``input_mean``) when ``None``; std: as ``mean``.
 
-    Raises:
-        ValueError: for an argument out of range.
-        MisconfigurationException: from ``setup`` when the Trainer has no mixing callback.
-
     Example::
 
-        >>> import lightning as L
         >>> from lightning_acm.callbacks import CutMix
         >>> visualizer = MixVisualizer(every_n_steps=100, max_samples=4)
-        >>> trainer = L.Trainer(callbacks=[CutMix(seed=0), visualizer], accelerator="cpu", logger=False)
+        >>> trainer = pl.Trainer(callbacks=[CutMix(seed=0), visualizer], accelerator="cpu", logger=False)
     """
 
     def __init__(
@@ -397,23 +355,18 @@ class MixVisualizer(_EveryNSteps):
             raise ValueError("Expected `mean` and `std` to be given together, but got only one of them.")
         self.class_names = list(class_names) if class_names is not None else None
         self.mean, self.std = mean, std
-        self._mixers: list[MixingCallback] = []
         self._monitors: list[PastedAttentionMonitor] = []
         self._pending: list[bool] = []
         self._png_dir: Optional[str] = None
         self._options: dict[str, Any] = {}  # render_mix's, set in `setup`
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._mixers = _mixing_callbacks(trainer, type(self).__name__)
+    def _setup_fit(self, trainer: pl.Trainer) -> None:
         self._monitors = [cb for cb in trainer.callbacks if isinstance(cb, PastedAttentionMonitor)]  # type: ignore[attr-defined]
         self._pending = [False] * len(self._mixers)
         # `trainer.log_dir` broadcasts, so every rank asks for it here, not in the rank-zero hook.
         self._png_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "mixes")
         mean, std = self._normalization(trainer)
-        classes, names = getattr(getattr(trainer, "datamodule", None), "classes", None), self.class_names
+        classes, names = getattr(trainer.datamodule, "classes", None), self.class_names
         if names is None and isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
             names = list(classes)
         self._options = dict(class_names=names, max_samples=self.max_samples, alpha=self.alpha, mean=mean, std=std)
@@ -422,7 +375,8 @@ class MixVisualizer(_EveryNSteps):
         """The given ``mean``/``std``, else the datamodule's, else an Attentive CutMix teacher's."""
         methods = [method for mixer in self._mixers for method in getattr(mixer, "methods", [mixer])]
         settings = [getattr(method, "teacher", method) for method in methods]  # a Teacher, or the mixer's own
-        candidates = [(self.mean, self.std), _datamodule_normalization(trainer)]
+        datamodule = trainer.datamodule
+        candidates = [(self.mean, self.std), (getattr(datamodule, "mean", None), getattr(datamodule, "std", None))]
         candidates += [(getattr(s, "input_mean", None), getattr(s, "input_std", None)) for s in settings]
         return next(((tuple(m), tuple(s)) for m, s in candidates if m is not None and s is not None), (None, None))
 
@@ -430,17 +384,14 @@ class MixVisualizer(_EveryNSteps):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not trainer.is_global_zero:
             return
-        due = self._count_batch()
+        if self._count_batch():
+            self._pending = [True] * len(self._mixers)
         for index, mixer in enumerate(self._mixers):
-            self._pending[index] = self._pending[index] or due
-            result = mixer.last_mix
-            if not self._pending[index] or result is None:
-                continue
-            heatmaps = next((h for m in self._monitors if (h := m.partner_heatmaps(result)) is not None), None)
-            self._log_image(
-                trainer, f"{mixer.log_prefix}/mixes", render_mix(result, partner_heatmaps=heatmaps, **self._options)
-            )
-            self._pending[index] = False
+            if self._pending[index] and (result := mixer.last_mix) is not None:
+                heatmaps = next((h for m in self._monitors if (h := m.partner_heatmaps(result)) is not None), None)
+                image = render_mix(result, partner_heatmaps=heatmaps, **self._options)
+                self._log_image(trainer, f"{mixer.log_prefix}/mixes", image)
+                self._pending[index] = False
 
     def _log_image(self, trainer: pl.Trainer, tag: str, image: Tensor) -> None:
         adders = [getattr(getattr(logger, "experiment", None), "add_image", None) for logger in trainer.loggers]
@@ -448,6 +399,5 @@ class MixVisualizer(_EveryNSteps):
             add_image(tag, image, global_step=trainer.global_step)
         if not any(map(callable, adders)) and self._png_dir is not None:
             os.makedirs(self._png_dir, exist_ok=True)
-            to_pil_image(image).save(
-                os.path.join(self._png_dir, f"{tag.replace('/', '_')}_step{trainer.global_step:07d}.png")
-            )
+            path = os.path.join(self._png_dir, f"{tag.replace('/', '_')}_step{trainer.global_step:07d}.png")
+            to_pil_image(image).save(path)
