@@ -342,3 +342,16 @@ def test_gpu_control_grid_script_plans_the_five_methods(tmp_path: Path) -> None:
     assert [line.split(":")[0] for line in lines] == [f"[todo] {m}/seed{s}" for s in (0, 1) for m in methods]
     assert all("--trainer.accelerator gpu" in line and "--trainer.precision bf16-mixed" in line for line in lines)
     assert "--mixing.init_args.heatmap_cache" in lines[4] and "heatmap_cache" not in lines[3]  # random cells: none
+
+
+def test_table_says_how_often_the_cache_was_filled() -> None:
+    def cached(seed: int, fill: float) -> dict:
+        return {**_record("acm", seed, 0.9), "wall_s": 60.0 + fill, "cache_fill_s": fill}
+
+    grid = {"runs_ok": 3, "runs_total": 3, "span": "1 min", "jobs": 1, "example_run": "x", "load": "-", "code": []}
+    once = reproduce.summarize([cached(0, 120.0), _record("acm", 1, 0.9)], ["acm"])
+    twice = reproduce.summarize([cached(0, 120.0), _record("acm", 1, 0.9), cached(2, 60.0)], ["acm"])
+    table = reproduce.markdown_table(once, title="t", command="c", info={}, grid=grid)
+    assert "| 1.0 min (+ 2.0 min once: teacher heatmap cache) |" in table
+    table = reproduce.markdown_table(twice, title="t", command="c", info={}, grid=grid)
+    assert "| 1.0 min (+ 3.0 min in 2 fills: teacher heatmap cache) |" in table
