@@ -42,8 +42,12 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _LITE0 = "efficientnet_lite0"
 
 
-class _StopForward(Exception):  # raised by the tap hook: the backbone does not run past the tapped layer
-    pass
+class _StopForward(Exception):
+    """Carries the tapped layer's output out of the backbone, which does not run past that layer."""
+
+
+def _stop_forward(module: nn.Module, args: Any, output: Any) -> None:
+    raise _StopForward(output)
 
 
 class AttentionModel(nn.Module):
@@ -54,27 +58,21 @@ class AttentionModel(nn.Module):
 
     Args:
         backbone, layer: the teacher network and its submodule (``"layer4"``) or method (``"extract_features"``)
-            that gives the ``(B, C, h, w)`` feature map.
-        input_mean, input_std, teacher_mean, teacher_std: the normalisation the batch carries and the one the
-            teacher was trained with (1 or ``channels`` values each).
+            that gives the ``(B, C, h, w)`` feature map (an unknown name raises, suggesting close ones).
+        input_mean, input_std: the normalisation the batch carries (1 or ``channels`` values each).
+        teacher_mean, teacher_std: the normalisation the teacher was trained with.
         input_size: teacher input size ``H`` or ``(H, W)`` (``None``: the batch's); grid_size: cells per side.
-        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels; channels: those the teacher takes
-            (a 1-channel batch is repeated, with a warning).
-        amp_dtype: autocast dtype (``"bf16"``, ``"fp16"`` or that ``torch.dtype``) or ``None``; channels_last:
-            run in ``torch.channels_last``; relu: ReLU the tapped features (DenseNet's ``features`` end before it).
-
-    Raises:
-        TypeError, ValueError: for a bad setting or an unknown ``layer`` (close names are suggested).
+        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels.
+        channels: those the teacher takes (a 1-channel batch is repeated, with a warning).
+        amp_dtype: autocast dtype (``"bf16"``, ``"fp16"`` or that ``torch.dtype``), or ``None`` for fp32.
+        channels_last: run in ``torch.channels_last``; relu: ReLU the tapped features (DenseNet's end before it).
 
     Example::
 
         >>> backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.ReLU(), torch.nn.Flatten())
         >>> model = AttentionModel(backbone, "1", input_size=56, input_mean=(0.5,), input_std=(0.25,))
-        >>> model.use_channels_last(); model.compile_features(backend="eager")
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 7, 7])
-        >>> model.train().training, any(p.requires_grad for p in model.parameters())
-        (False, False)
     """
 
     def __init__(
@@ -106,8 +104,7 @@ class AttentionModel(nn.Module):
         self.channels_last, self.relu, self._warned_grayscale = False, bool(relu), False
         self.backbone = backbone
         # The statistics follow the backbone's device, so a module already on the GPU works as given.
-        first = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
-        device = first.device if first is not None else torch.device("cpu")
+        device = next(itertools.chain(backbone.parameters(), backbone.buffers()), torch.empty(0)).device
         stats = dict(input_mean=input_mean, input_std=input_std, teacher_mean=teacher_mean, teacher_std=teacher_std)
         for name, values in stats.items():
             self.register_buffer(name, _stats(values, name, channels).to(device), persistent=False)
@@ -121,10 +118,9 @@ class AttentionModel(nn.Module):
         self.backbone.to(memory_format=torch.channels_last)
 
     def compile_features(self, **compile_kwargs: Any) -> None:
-        """Run the backbone truncated at ``layer`` (it shares the parameters) through ``torch.compile(**compile_kwargs)``.
+        """Run the backbone truncated at ``layer`` (sharing its parameters) through ``torch.compile(**compile_kwargs)``.
 
-        Raises:
-            ValueError: if ``torch.fx`` cannot trace the backbone up to ``layer``.
+        Raises ValueError if ``torch.fx`` cannot trace the backbone up to ``layer``.
         """
         if self._is_method:
             extractor: Any = getattr(self.backbone, self.layer)
@@ -213,35 +209,29 @@ class AttentionModel(nn.Module):
 
     def _features(self, x: Tensor) -> Tensor:
         compiled = self.__dict__.get("_compiled_features")
+        out = None
         if compiled is not None or self._is_method:
             out = (compiled or getattr(self.backbone, self.layer))(x)
         else:
-            captured: list[Any] = [None]
-
-            def tap(module: nn.Module, args: Any, output: Any) -> None:
-                captured[0] = output
-                raise _StopForward
-
-            handle = self.backbone.get_submodule(self.layer).register_forward_hook(tap)
+            handle = self.backbone.get_submodule(self.layer).register_forward_hook(_stop_forward)
             try:
-                self.backbone(x)
-            except _StopForward:
-                pass
+                self.backbone(x)  # leaves `out` None when the forward does not reach the layer
+            except _StopForward as stop:
+                out = stop.args[0]
             finally:
                 handle.remove()
-            out = captured[0]
         if not isinstance(out, Tensor) or out.ndim != 4:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
                 f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map when the backbone"
-                f" runs, but got {tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}. Tap a layer that the"
-                " forward uses and that gives a feature map."
+                f" runs, but got {got}. Tap a layer that the forward uses and that gives a feature map."
             )
         return out
 
 
 @dataclass(frozen=True)
 class AttentionPreset:
-    """A named attention model; ``weights`` is the torchvision weights member used by default (``"bundled"``: a file)."""
+    """A named attention model; ``weights`` is its default torchvision weights member (``"bundled"``: a file)."""
 
     arch: str
     layer: str
@@ -285,14 +275,14 @@ def build_attention_model(
         source: a preset of :data:`PRESETS` or a torchvision classifier name (then ``layer`` is required).
         weights: ``None``/``"DEFAULT"`` for the preset's (or torchvision's default) weights, a torchvision weights
             member (``"IMAGENET1K_V2"``), or the path of a state_dict or checkpoint (its ``"state_dict"`` or
-            ``"model"`` entry); weights_prefix: the backbone's key prefix there, the most common one when ``None``.
-        layer: the layer or method to tap; the preset's when ``None``. device: where to put the model.
+            ``"model"`` entry).
+        weights_prefix: the backbone's key prefix in that file; the most common one when ``None``.
+        layer: the layer or method to tap; the preset's when ``None``.
+        device: where to put the model.
         kwargs: arguments of :class:`AttentionModel`; ``input_size``, ``teacher_mean`` and ``teacher_std``
             that are missing or ``None`` are the preset's (or the weights' crop size and normalisation).
 
     Raises:
-        ValueError: for an unknown source, layer or weights name (close names are suggested), a missing ``layer``,
-            or a weights file that is corrupt or does not fit. FileNotFoundError: a missing weights file.
         RuntimeError: if torchvision weights are neither cached nor downloadable (it says where to put the file).
 
     Example::
@@ -309,8 +299,8 @@ def build_attention_model(
     if preset is None:
         names = torchvision.models.list_models(module=torchvision.models)
         if source not in names:
-            close = difflib.get_close_matches(source, sorted(set(PRESETS) | set(names)), n=4, cutoff=0.6)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            close = ", ".join(map(repr, difflib.get_close_matches(source, sorted({*PRESETS, *names}), n=4, cutoff=0.6)))
+            hint = f" Did you mean {close}?" if close else ""
             raise ValueError(
                 f"Expected `source` to be a preset ({', '.join(sorted(PRESETS))}) or a torchvision classification"
                 f" model name, but got {source!r}.{hint}"
@@ -330,8 +320,7 @@ def build_attention_model(
         kwargs[name] = getattr(preset, name) if kwargs.get(name) is None else kwargs[name]
     key = preset.weights if weights is None else weights
     backbone = _backbone(preset.arch, layer, key, weights_prefix, kwargs["input_size"])
-    model = AttentionModel(backbone, layer, relu=preset.relu and layer == preset.layer, **kwargs)
-    return model.to(device) if device is not None else model
+    return AttentionModel(backbone, layer, relu=preset.relu and layer == preset.layer, **kwargs).to(device)
 
 
 def _backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str], input_size: Size2) -> nn.Module:
@@ -406,12 +395,9 @@ def _resolve_layer(backbone: nn.Module, layer: str) -> bool:
         return False
     if callable(getattr(type(backbone), layer, None)) and not isinstance(getattr(backbone, layer, None), nn.Module):
         return True
-    close = difflib.get_close_matches(layer, modules, n=5, cutoff=0.6)
-    hint = (
-        f"Did you mean {', '.join(map(repr, close))}?"
-        if close
-        else f"Top-level layers: {', '.join(n for n, _ in backbone.named_children())}."
-    )
+    close = ", ".join(map(repr, difflib.get_close_matches(layer, modules, n=5, cutoff=0.6)))
+    children = ", ".join(name for name, _ in backbone.named_children())
+    hint = f"Did you mean {close}?" if close else f"Top-level layers: {children}."
     raise ValueError(
         f"Expected `layer` to name a submodule or method of {type(backbone).__name__}, but got {layer!r}. {hint}"
     )
@@ -476,25 +462,21 @@ def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
 
 @dataclass(frozen=True)
 class Teacher:
-    """Settings of a frozen attention model ("teacher"): where it comes from and how it runs.
+    """Settings of a frozen attention model ("teacher"), shared by AttentiveCutMix, the monitor and the heatmap cache.
 
-    Shared by :class:`~lightning_acm.callbacks.AttentiveCutMix`, the monitor and the heatmap cache. In YAML a
-    string is enough (``teacher: paper``), or the nested form (``teacher: {source: resnet50, layer: layer3}``).
+    In YAML a string is enough (``teacher: paper``), or the nested form ``teacher: {source: resnet50, layer: layer3}``.
 
     Args:
         source, weights, layer: as in :func:`build_attention_model` (``"efficientnet_lite0"``, the offline default;
             ``"paper"``: ResNet-152 ``layer4``). ``"random"`` builds no model: Attentive CutMix then pastes ``top_k``
             cells drawn uniformly at random, a control for whether the attention matters.
         input_size, grid_size, reduction: as in :class:`AttentionModel` (``input_size``: the preset's when ``None``).
-        precision: autocast (``"bf16"``, ``"fp16"``) or fp32 (``None``); channels_last: run in that memory format;
-            compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
+        precision: autocast (``"bf16"``, ``"fp16"``) or fp32 (``None``); channels_last: run in that memory format.
+        compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
         input_mean, input_std: the normalisation the training images carry; the datamodule's when ``None``.
         coldest: rank cells by lowest attention, so Attentive CutMix pastes the ``top_k`` least attended cells.
-        module: (Python only) a ready module: an :class:`AttentionModel` is used as it is, any other is tapped at
-            ``layer``. :meth:`build` copies it.
-
-    Raises:
-        TypeError, ValueError: for a bad setting (the message names it).
+        module: (Python only) a ready module, copied by :meth:`build`: an :class:`AttentionModel` is used as it
+            is, any other is tapped at ``layer``.
 
     Example::
 
@@ -527,9 +509,8 @@ class Teacher:
         check_choice(self.precision, "precision", (None, "bf16", "fp16"))
         check_bool(self.channels_last, "channels_last")
         check_bool(self.coldest, "coldest")
-        if not isinstance(self.compile, bool) and not (
-            isinstance(self.compile, dict) and all(isinstance(key, str) for key in self.compile)
-        ):
+        keys = self.compile if isinstance(self.compile, dict) else ()
+        if not isinstance(self.compile, (bool, dict)) or not all(isinstance(key, str) for key in keys):
             raise TypeError(
                 "Expected `compile` to be a bool or a dict of torch.compile arguments (e.g."
                 f" {{'mode': 'max-autotune'}}), but got {self.compile!r}."
@@ -578,14 +559,14 @@ class Teacher:
         if isinstance(self.module, AttentionModel):
             model = copy.deepcopy(self.module)
         elif self.module is not None:
-            module = copy.deepcopy(self.module)
-            model = AttentionModel(module, str(self.layer), input_size=self.input_size or 224, **settings)
+            model = AttentionModel(
+                copy.deepcopy(self.module), str(self.layer), input_size=self.input_size or 224, **settings
+            )
         else:
             model = build_attention_model(
                 self.source, weights=self.weights, layer=self.layer, input_size=self.input_size, **settings
             )
-        mean = self.input_mean if self.input_mean is not None else input_mean
-        std = self.input_std if self.input_std is not None else input_std
+        mean, std = (self.input_mean, self.input_std) if self.input_mean is not None else (input_mean, input_std)
         if mean is not None and std is not None:
             model.set_input_normalization(mean, std)
         elif not isinstance(self.module, AttentionModel):

@@ -48,7 +48,8 @@ def _check_geometry(geometry: Any, batch_size: Optional[int] = None, *, with_ind
     if geometry.ndim != 2 or geometry.shape[1] not in ((6,) if with_index else (5, 6)):
         kind = "with the dataset index first" if with_index else "or (B, 5) without the index"
         raise ValueError(
-            f"Expected `geometry` of shape (B, 6) [index, y0, x0, y1, x1, flipped] {kind}, but got {tuple(geometry.shape)}."
+            f"Expected `geometry` of shape (B, 6) [index, y0, x0, y1, x1, flipped] {kind}, but got"
+            f" {tuple(geometry.shape)}."
         )
     if batch_size is not None and geometry.shape[0] != batch_size:
         raise ValueError(
@@ -68,15 +69,13 @@ def _cell_weights(start: Tensor, end: Tensor, cells_out: int, cells_in: int) -> 
 
 
 def warp_heatmaps(fine_maps: Tensor, geometry: Tensor, grid_size: Size2 = 7) -> Tensor:
-    """Move heatmaps of un-augmented images through each sample's crop and flip, onto ``grid_size`` cells.
+    """Move heatmaps of un-augmented images through each sample's crop and flip, onto ``(B, gh, gw)`` float32 cells.
 
     A cell is the area-weighted mean of the fine map over what lands in it, padding counting as the
     map's minimum (the identity box gives ``F.adaptive_avg_pool2d``).
 
     Args:
         fine_maps: ``(B, fh, fw)`` heatmaps; geometry: ``(B, 6)`` or ``(B, 5)``; grid_size: int or ``(gh, gw)``.
-
-    Returns ``(B, gh, gw)`` float32 heatmaps. Raises ValueError if the shapes do not match.
 
     Example::
 
@@ -106,8 +105,6 @@ class HeatmapCacheConfig:
         batch_size: teacher batch size while filling.
         geometry_key: where a batch holds the recorded geometry: an int indexes a list batch, a str keys a
             dict batch (a batch of the other kind uses its default, position 2 or ``"geometry"``).
-
-    Example: ``HeatmapCacheConfig(path="heatmaps.pt", grid_size=14)``.
     """
 
     grid_size: Optional[Union[int, tuple[int, int]]] = None
@@ -133,9 +130,6 @@ class HeatmapCache:
 
     Args:
         num_samples: ``N``; grid_size: fine cells per side; dtype: float16, bfloat16 or float32; device: where it lives.
-
-    Raises:
-        ValueError: for a non-positive ``num_samples`` or a non-float ``dtype``.
 
     Example::
 
@@ -203,10 +197,9 @@ class HeatmapCache:
         batch_size: int = 64,
         num_workers: int = 0,
     ) -> HeatmapCache:
-        """Store the heatmaps ``attention_model`` gives for ``indices`` (all when ``None``) of ``data``; return ``self``.
+        """Store ``attention_model``'s heatmaps for ``indices`` (all when ``None``) of ``data``; return ``self``.
 
         ``data`` yields ``(image, target, index)`` samples, or ``(image, target)`` ones keyed by position.
-        Raises ValueError if the heatmaps are not on the cache's grid.
         """
         positions = list(range(len(data))) if indices is None else [int(i) for i in indices]  # type: ignore[arg-type]
         device = next(attention_model.parameters(), self.maps).device
@@ -226,12 +219,7 @@ class HeatmapCache:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Device = None) -> HeatmapCache:
-        """Read a cache written by :meth:`save` onto ``device``.
-
-        Raises:
-            FileNotFoundError: if ``path`` does not exist.
-            ValueError: if the file is empty, truncated or not a heatmap cache.
-        """
+        """Read a cache written by :meth:`save` onto ``device`` (ValueError if the file is damaged)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Expected a heatmap cache file at {path!r}, but it does not exist.")
@@ -260,11 +248,7 @@ def regrid_attention_model(model: AttentionModel, grid_size: Size2, input_size: 
 
 
 def reference_datamodule(trainer: Any, owner: str) -> Any:
-    """The trainer's datamodule, checked to record augmentation and to give reference images.
-
-    Raises:
-        MisconfigurationException: if there is no such datamodule or ``record_augmentation`` is off.
-    """
+    """The trainer's datamodule, checked to record augmentation and to give reference images (else misconfigured)."""
     datamodule = getattr(trainer, "datamodule", None)
     if not callable(getattr(datamodule, "train_reference_dataset", None)):
         found = "no datamodule" if datamodule is None else f"{type(datamodule).__name__} without it"
@@ -280,12 +264,8 @@ def reference_datamodule(trainer: Any, owner: str) -> Any:
 
 
 def batch_geometry(batch: Any, key: Union[int, str], batch_size: int, owner: str) -> Tensor:
-    """The ``(B, 6)`` geometry of a training batch: ``batch[key]``, an int key indexing a list batch and a str
-    key a dict batch (a batch of the other kind uses position 2 or ``"geometry"``).
-
-    Raises:
-        KeyError: if a dict batch has no such key. ValueError: if a list batch is too short or the shape is wrong.
-    """
+    """The checked ``(B, 6)`` geometry of a training batch: ``batch[key]``, an int key indexing a list batch and a
+    str key a dict batch (a batch of the other kind uses position 2 or ``"geometry"``)."""
     if isinstance(batch, dict):
         key = key if isinstance(key, str) else "geometry"
         if key not in batch:
@@ -368,10 +348,6 @@ def cache_for_trainer(
 
     ``previous``, or else the file at ``path``, is used when its ``meta`` (:func:`cache_fingerprint`) matches
     on every rank; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
-
-    Raises:
-        MisconfigurationException: see :func:`reference_datamodule`.
-        RuntimeError: if a training sample is still missing after filling.
     """
     datamodule = reference_datamodule(trainer, owner)
     reference = datamodule.train_reference_dataset()
@@ -400,10 +376,9 @@ def cache_for_trainer(
     cache.fill(teacher, reference, indices=shard.tolist(), batch_size=batch_size, num_workers=workers)
     if world > 1:  # every rank gets every shard
         local = torch.zeros(-(-required.numel() // world), *grid_size, dtype=torch.float32, device=cache.device)
-        local[: shard.numel()] = cache.maps[shard.to(cache.device)].float()
-        gathered = trainer.strategy.all_gather(local)
-        for other in range(world):
-            cache.update(required[other::world], gathered[other, : required[other::world].numel()])
+        local[: shard.numel()] = cache.lookup(shard)
+        for other, maps in enumerate(trainer.strategy.all_gather(local)):
+            cache.update(required[other::world], maps[: required[other::world].numel()])
     if problem := _mismatch(cache, meta, required):
         raise RuntimeError(
             f"{owner}: the filled heatmap cache is incomplete ({problem}); the reference dataset must"
