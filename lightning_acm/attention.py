@@ -22,7 +22,15 @@ from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_acm.functional import attention_grid
-from lightning_acm.validation import Size2, check_bool, check_choice, check_images, check_int, check_size2
+from lightning_acm.validation import (
+    Size2,
+    check_bool,
+    check_choice,
+    check_images,
+    check_int,
+    check_size2,
+    shape_of,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -221,10 +229,9 @@ class AttentionModel(nn.Module):
             finally:
                 handle.remove()
         if not isinstance(out, Tensor) or out.ndim != 4:
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
                 f"Expected the tapped layer {self.layer!r} to give a (B, C, h, w) feature map when the backbone"
-                f" runs, but got {got}. Tap a layer that the forward uses and that gives a feature map."
+                f" runs, but got {shape_of(out)}. Tap a layer that the forward uses and that gives a feature map."
             )
         return out
 

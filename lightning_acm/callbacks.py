@@ -325,10 +325,10 @@ class MixingCallback(Callback):
         image_slot, target_slot = _locate(batch, self.image_key, self.target_key, type(self).__name__)
         images, targets = batch[image_slot], batch[target_slot]  # type: ignore[index]
         if not isinstance(images, Tensor) or images.ndim != 4:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(
-                f"{type(self).__name__} expects images of shape (B, C, H, W), but got {shape}. Make the dataset"
-                " return (C, H, W) image tensors (not flattened), or point `image_key` at the images of a dict batch."
+                f"{type(self).__name__} expects images of shape (B, C, H, W), but got {V.shape_of(images)}. Make the"
+                " dataset return (C, H, W) image tensors (not flattened), or point `image_key` at the images of a dict"
+                " batch."
             )
         num_classes = self._num_classes
         if num_classes is None:
