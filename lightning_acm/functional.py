@@ -29,11 +29,8 @@ from lightning_acm.validation import Size2
 __all__ = [
     "attention_grid",
     "attentive_cutmix",
-    "cell_index_maps",
-    "cell_mask",
     "cutmix",
     "cutmix_box_mask",
-    "expand_grid",
     "mix_targets",
     "mix_with_mask",
     "mixup",
@@ -41,17 +38,17 @@ __all__ = [
     "paste",
     "pasted_attention_share",
     "sample_beta",
-    "to_probabilities",
     "topk_cell_indices",
     "topk_cell_mask",
 ]
 
-Generator = Optional[np.random.Generator]
+Rng = np.random.Generator
+Generator = Optional[Rng]
 Device = Optional[torch.device]
 Mixed = tuple[Tensor, Tensor, Tensor]
 
 
-def _rng(generator: Generator) -> np.random.Generator:
+def _rng(generator: Generator) -> Rng:
     """``generator``, or a new one seeded from torch's global RNG (so ``torch.manual_seed`` controls it)."""
     if generator is None:
         return np.random.default_rng(int(torch.randint(0, 2**62, ())))
@@ -86,10 +83,7 @@ def sample_beta(alpha: float, size: int, *, generator: Generator = None, device:
 
 def attention_grid(features: Tensor, grid_size: Size2 = 7, reduction: Literal["mean", "max"] = "mean") -> Tensor:
     """Reduce ``(B, C, h, w)`` features over channels (``"mean"``, the paper, or ``"max"``) to ``(B, gh, gw)``,
-    averaging the feature cells that each grid cell covers; the dtype is kept.
-
-    Raises:
-        ValueError: if ``features`` is not 4-D, ``reduction`` is unknown or the grid is finer than ``(h, w)``.
+    averaging the feature cells that each grid cell covers (the grid may not be finer); the dtype is kept.
 
     Example::
 
@@ -102,41 +96,18 @@ def attention_grid(features: Tensor, grid_size: Size2 = 7, reduction: Literal["m
     return (reduced if (gh, gw) == (h, w) else F.adaptive_avg_pool2d(reduced, (gh, gw))).squeeze(1)
 
 
-def cell_index_maps(grid: tuple[int, int], image_size: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(row_cells (H,), col_cells (W,))``: pixel row ``r`` lies in cell row ``floor(r * gh / H)`` (columns
-    alike), so cells differ by at most one pixel when the grid does not divide the image.
-
-    Example::
-
-        >>> cell_index_maps((2, 3), (4, 5), torch.device("cpu"))
-        (tensor([0, 0, 1, 1]), tensor([0, 0, 1, 1, 2]))
-    """
-    (gh, gw), (height, width) = grid, image_size
-    return torch.arange(height, device=device) * gh // height, torch.arange(width, device=device) * gw // width
-
-
-def expand_grid(heatmaps: Tensor, image_size: Size2) -> Tensor:
-    """Nearest-cell upsampling of ``(B, gh, gw)`` grids to ``(B, 1, H, W)`` on the tiling of :func:`cell_index_maps`.
-
-    Example::
-
-        >>> expand_grid(torch.arange(4.0).view(1, 2, 2), (2, 4))[0, 0].tolist()
-        [[0.0, 0.0, 1.0, 1.0], [2.0, 2.0, 3.0, 3.0]]
-    """
-    V.check_heatmaps(heatmaps)
-    rows, cols = cell_index_maps(
-        heatmaps.shape[1:], V.check_image_size(image_size, heatmaps.shape[1:]), heatmaps.device
-    )
-    return heatmaps.index_select(1, rows).index_select(2, cols).unsqueeze(1)
+def _expand_grid(grids: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Nearest-cell upsampling of ``(B, gh, gw)`` to ``(B, 1, H, W)``: pixel row ``r`` in cell row ``r * gh // H``."""
+    (gh, gw), (height, width) = grids.shape[1:], image_size
+    rows = torch.arange(height, device=grids.device) * gh // height
+    cols = torch.arange(width, device=grids.device) * gw // width
+    return grids.index_select(1, rows).index_select(2, cols).unsqueeze(1)
 
 
 def topk_cell_indices(heatmaps: Tensor, top_k: int) -> Tensor:
     """Row-major indices ``r * gw + c`` ``(B, top_k)`` of the ``top_k`` highest cells of each heatmap, hottest first.
 
     Ties go to the cell first in row-major order and NaN ranks below every number.
-
-    Raises:
-        ValueError: if ``top_k`` is not in ``[1, gh * gw]``.
 
     Example::
 
@@ -152,25 +123,16 @@ def topk_cell_indices(heatmaps: Tensor, top_k: int) -> Tensor:
     return order.gather(1, nan_last)[:, :top_k]
 
 
-def _cell_mask(cell_indices: Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
+def _cell_mask(cell_indices: Tensor, grid: tuple[int, int], image_size: Size2) -> Tensor:
+    """``(B, 1, H, W)`` bool union of the ``(B, k)`` row-major cells; raises if the image is smaller than the grid."""
     chosen = torch.zeros(cell_indices.shape[0], grid[0] * grid[1], dtype=torch.bool, device=cell_indices.device)
-    return expand_grid(chosen.scatter_(1, cell_indices.long(), True).view(-1, *grid), image_size)
-
-
-def cell_mask(cell_indices: Tensor, grid_size: Size2, image_size: Size2) -> Tensor:
-    """``(B, 1, H, W)`` bool union of the ``(B, k)`` row-major cells of a grid, tiled as :func:`cell_index_maps`.
-
-    Example::
-
-        >>> cell_mask(torch.tensor([[2]]), grid_size=2, image_size=(2, 4))[0, 0].int().tolist()
-        [[0, 0, 0, 0], [1, 1, 0, 0]]
-    """
-    grid = V.check_size2(grid_size, "grid_size")
-    return _cell_mask(V.check_cell_indices(cell_indices, grid), grid, V.check_size2(image_size, "image_size"))
+    chosen.scatter_(1, cell_indices.long(), True)
+    return _expand_grid(chosen.view(-1, *grid), V.check_image_size(image_size, grid))
 
 
 def topk_cell_mask(heatmaps: Tensor, top_k: int, image_size: Size2) -> Tensor:
-    """``cell_mask(topk_cell_indices(heatmaps, top_k), (gh, gw), image_size)``: the union of the hottest cells.
+    """``(B, 1, H, W)`` bool union of the ``top_k`` hottest cells (:func:`topk_cell_indices`) of each heatmap; the
+    grid tiles the image as evenly as it can, pixel row ``r`` in cell row ``r * gh // H`` (columns alike).
 
     Example::
 
@@ -194,7 +156,7 @@ def _box_mask(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     return (in_rows.unsqueeze(2) & in_cols.unsqueeze(1)).unsqueeze(1)
 
 
-def _cutmix_boxes(area: np.ndarray, image_size: tuple[int, int], generator: np.random.Generator) -> Tensor:
+def _cutmix_boxes(area: np.ndarray, image_size: tuple[int, int], generator: Rng) -> Tensor:
     """``(B, 4)`` int64 boxes of the image's aspect ratio and ``area``, centred uniformly, clipped to the border."""
     (height, width), side = image_size, np.sqrt(np.clip(area, 0.0, 1.0)) / 2
     centre_y, centre_x = generator.uniform(0, height, area.shape[0]), generator.uniform(0, width, area.shape[0])
@@ -235,7 +197,7 @@ def paste(images: Tensor, mask: Tensor, permutation: Tensor) -> Tensor:
 
 
 def _probabilities(targets: Tensor, num_classes: Optional[int], label_smoothing: float) -> Tensor:
-    """Targets checked by ``check_targets`` as float probabilities ``(B, K)``, smoothed."""
+    """Targets checked by ``check_targets`` as float probabilities ``(B, K)``, smoothed by ``label_smoothing``."""
     if targets.ndim == 1:
         probabilities = F.one_hot(targets.long(), int(num_classes)).float()  # type: ignore[arg-type]
     else:
@@ -243,21 +205,6 @@ def _probabilities(targets: Tensor, num_classes: Optional[int], label_smoothing:
     if label_smoothing > 0:
         probabilities = probabilities * (1.0 - label_smoothing) + label_smoothing / probabilities.shape[1]
     return probabilities
-
-
-def to_probabilities(targets: Tensor, num_classes: Optional[int] = None, *, label_smoothing: float = 0.0) -> Tensor:
-    """Class indices ``(B,)`` or ``(B, 1)`` in ``[0, num_classes)``, or probabilities ``(B, K)`` (rows that sum to 1
-    within ``max(0.01, 4 * eps)`` of their dtype), as float ``(B, K)``.
-
-    Raises:
-        TypeError, ValueError: for a non-tensor, a missing ``num_classes``, out-of-range labels, or bad soft targets.
-
-    Example::
-
-        >>> to_probabilities(torch.tensor([[1]]), 3, label_smoothing=0.3)
-        tensor([[0.1000, 0.8000, 0.1000]])
-    """
-    return _probabilities(V.check_labels(targets, num_classes, None, label_smoothing), num_classes, label_smoothing)
 
 
 def _mix_targets(
@@ -272,7 +219,10 @@ def _mix_targets(
 def mix_targets(
     targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: Optional[int] = None, label_smoothing: float = 0.0
 ) -> Tensor:
-    """``soft[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``, ``y`` from :func:`to_probabilities` (same errors).
+    """``soft[i] = lam[i] * y[p[i]] + (1 - lam[i]) * y[i]``, ``y`` the targets as float probabilities ``(B, K)``.
+
+    Targets are class indices ``(B,)`` or ``(B, 1)`` in ``[0, num_classes)``, or probabilities ``(B, K)`` whose
+    rows sum to 1 within ``max(0.01, 4 * eps)`` of their dtype.
 
     Example::
 
@@ -296,7 +246,7 @@ def mix_with_mask(
 
     Example::
 
-        >>> mask = cell_mask(torch.tensor([[0], [3]]), 2, 4)
+        >>> mask = torch.arange(16).view(1, 1, 4, 4) < 4  # the top row, for both images
         >>> mix_with_mask(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), mask, torch.tensor([1, 0]), 2)[2]
         tensor([0.2500, 0.2500])
     """
@@ -311,7 +261,7 @@ def _prepare(
     permutation: Optional[Tensor],
     generator: Generator,
     eps: float,
-) -> tuple[Tensor, Tensor, np.random.Generator]:
+) -> tuple[Tensor, Tensor, Rng]:
     """The mixing ops' checks and pairing: ``(targets, permutation, generator)``."""
     V.check_images(images)
     targets, generator = V.check_labels(targets, num_classes, images.shape[0], eps), _rng(generator)
@@ -341,9 +291,6 @@ def attentive_cutmix(
     """Attentive CutMix (Walawalkar et al., 2020): ``mixed[i]`` is ``images[p[i]]`` inside the ``top_k`` hottest
     cells of ``heatmaps[p[i]]`` (the attention of the pasted image) and ``images[i]`` outside.
 
-    Raises:
-        ValueError: for bad shapes, ``top_k``, targets (see :func:`to_probabilities`) or ``permutation``.
-
     Example::
 
         >>> images, heatmaps = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)]), torch.eye(2).expand(2, 2, 2)
@@ -358,9 +305,7 @@ def attentive_cutmix(
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 
-def _cutmix_paste(
-    images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator
-) -> tuple[Tensor, ...]:
+def _cutmix_paste(images: Tensor, permutation: Tensor, alpha: float, generator: Rng) -> tuple[Tensor, ...]:
     """Draw CutMix's boxes (areas, then centres) and paste them: ``(mixed, lam, boxes (B, 4), mask (B, 1, H, W))``."""
     size = (images.shape[2], images.shape[3])
     boxes = _cutmix_boxes(generator.beta(alpha, alpha, images.shape[0]), size, generator).to(images.device)
@@ -393,9 +338,7 @@ def cutmix(
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
 
 
-def _mixup_blend(
-    images: Tensor, permutation: Tensor, alpha: float, generator: np.random.Generator
-) -> tuple[Tensor, Tensor]:
+def _mixup_blend(images: Tensor, permutation: Tensor, alpha: float, generator: Rng) -> tuple[Tensor, Tensor]:
     """Draw Mixup's ``lam`` and blend: ``(lam * images[p] + (1 - lam) * images, lam)``."""
     if not images.is_floating_point():
         raise TypeError(
@@ -442,7 +385,8 @@ def pasted_attention_share(partner_heatmaps: Tensor, mask: Tensor) -> Tensor:
         tensor([1.])
     """
     V.check_heatmaps(partner_heatmaps, mask.shape[0])
-    dense = expand_grid(partner_heatmaps.float().nan_to_num(0.0), tuple(mask.shape[-2:])).flatten(1)
+    size = V.check_image_size(mask.shape[-2:], partner_heatmaps.shape[1:])
+    dense = _expand_grid(partner_heatmaps.float().nan_to_num(0.0), size).flatten(1)
     dense, inside = dense - dense.amin(dim=1, keepdim=True), mask.flatten(1)
     total = dense.sum(dim=1)
     share = (dense * inside).sum(dim=1) / total.clamp_min(torch.finfo(torch.float32).tiny)

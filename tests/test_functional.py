@@ -18,21 +18,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lightning_acm.functional import (
+    _cell_mask,
+    _expand_grid,
     _paste_topk_cells,
+    _probabilities,
     attention_grid,
     attentive_cutmix,
-    cell_index_maps,
-    cell_mask,
     cutmix,
     cutmix_box_mask,
-    expand_grid,
     mix_targets,
     mixup,
     pairing_permutation,
     paste,
     pasted_attention_share,
     sample_beta,
-    to_probabilities,
     topk_cell_indices,
     topk_cell_mask,
 )
@@ -211,10 +210,9 @@ def test_topk_mask_non_divisible_tiling(grid, size):
     assert torch.equal(masks.unsqueeze(1), reference_topk_mask(heatmaps, 1, size))
 
 
-def test_cell_index_maps_are_exact_when_divisible():
-    rows, cols = cell_index_maps((7, 4), (224, 64), torch.device("cpu"))
-    assert torch.equal(rows, torch.arange(224) // 32)
-    assert torch.equal(cols, torch.arange(64) // 16)
+def test_expanded_grid_cells_are_exact_when_divisible():
+    cells = _expand_grid(torch.arange(28).view(1, 7, 4), (224, 64))[0, 0]
+    assert torch.equal(cells, (torch.arange(224) // 32).view(-1, 1) * 4 + torch.arange(64) // 16)
 
 
 def test_topk_mask_ties_go_to_the_first_cell_in_row_major_order():
@@ -280,7 +278,7 @@ def test_topk_mask_accepts_heatmaps_of_any_dtype(dtype, generator):
 def test_topk_mask_matches_thresholding_the_expanded_heatmap(generator):
     heatmaps = torch.rand(5, 4, 6, generator=generator)
     kth = heatmaps.flatten(1).topk(7, dim=1).values[:, -1].view(5, 1, 1, 1)
-    assert torch.equal(topk_cell_mask(heatmaps, 7, (17, 23)), expand_grid(heatmaps, (17, 23)) >= kth)
+    assert torch.equal(topk_cell_mask(heatmaps, 7, (17, 23)), _expand_grid(heatmaps, (17, 23)) >= kth)
 
 
 @given(
@@ -357,7 +355,7 @@ def test_paste_copies_infinities_nan_and_signed_zeros_bit_for_bit(size):
     values = torch.tensor([INF, -INF, NAN, -0.0])
     images = values.view(4, 1, 1, 1).expand(4, 2, *size).contiguous()
     cells, permutation = torch.tensor([[0], [1], [2], [3]]), torch.tensor([1, 2, 3, 0])
-    mask = cell_mask(cells, (1, 4), size)
+    mask = _cell_mask(cells, (1, 4), size)
     expected = torch.where(mask, images[permutation], images)
     assert torch.equal(paste(images, mask, permutation).view(torch.int32), expected.view(torch.int32))
 
@@ -390,7 +388,7 @@ def test_pasted_attention_share_of_cells_matches_a_per_cell_reference(grid, size
         pasted = sum(area[i] for i in chosen)
         inside = sum(float(heat.flatten()[i]) * area[i] for i in chosen)
         expected.append(inside / total if total > 0 else pasted / (size[0] * size[1]))
-    share = pasted_attention_share(heatmaps, cell_mask(cells, grid, size))
+    share = pasted_attention_share(heatmaps, _cell_mask(cells, grid, size))
     torch.testing.assert_close(share, torch.tensor(expected, dtype=torch.float32))
 
 
@@ -669,7 +667,7 @@ def test_common_soft_targets_follow_lam(augment, kind, label_smoothing, generato
         generator=rng(generator),
         label_smoothing=label_smoothing,
     )
-    y = to_probabilities(targets, 5) * (1 - label_smoothing) + label_smoothing / 5
+    y = _probabilities(targets, 5, 0.0) * (1 - label_smoothing) + label_smoothing / 5
     torch.testing.assert_close(soft, lam[:, None] * y[permutation] + (1 - lam[:, None]) * y)
     torch.testing.assert_close(soft.sum(1), torch.ones(5))
     torch.testing.assert_close(soft, mix_targets(targets, lam, permutation, 5, label_smoothing=label_smoothing))
@@ -966,7 +964,7 @@ def test_error_image_smaller_than_grid():
     with pytest.raises(ValueError, match=r"at least the grid size 7x7, but got 6x6"):
         _acm(images=torch.rand(4, 3, 6, 6))
     with pytest.raises(ValueError, match=r"at least the grid size 2x2, but got 1x4"):
-        expand_grid(torch.rand(1, 2, 2), (1, 4))
+        pasted_attention_share(torch.rand(1, 2, 2), torch.ones(1, 1, 1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"`image_size` to be positive"):
         topk_cell_mask(torch.rand(1, 7, 7), 1, (0, 9))
 
@@ -1110,7 +1108,7 @@ def test_input_gradient_is_that_of_the_mask_blend(op, size, layout):
     heatmaps = torch.rand(4, 7, 7, generator=torch.Generator().manual_seed(1))
     permutation, labels = torch.tensor([1, 2, 3, 0]), torch.arange(4)
     if op == "paste":
-        mask = cell_mask(torch.tensor([[0, 8], [3, 4], [48, 10], [20, 21]]), 7, size)
+        mask = _cell_mask(torch.tensor([[0, 8], [3, 4], [48, 10], [20, 21]]), (7, 7), (size, size))
         mixed, lam = paste(images, mask, permutation), None
         weight = mask.float()
     else:
@@ -1186,7 +1184,8 @@ def test_class_indices_of_shape_b_1_are_squeezed(name):
     column = AUGMENTATIONS[name](images, labels.unsqueeze(1), **{**kwargs, "generator": np.random.default_rng(0)})
     for a, b in zip(flat, column, strict=True):
         assert torch.equal(a, b)
-    assert torch.equal(to_probabilities(labels.unsqueeze(1), 3), F.one_hot(labels, 3).float())
+    no_mix = mix_targets(labels.unsqueeze(1), torch.zeros(4), torch.tensor([1, 2, 3, 0]), 3)
+    assert torch.equal(no_mix, F.one_hot(labels, 3).float())
     with pytest.raises(ValueError, match=r"`num_classes` for class-index targets"):
         AUGMENTATIONS[name](images, labels.unsqueeze(1))  # never one-class "probabilities"
 
@@ -1201,7 +1200,7 @@ def test_error_integer_targets_wider_than_one(name):
     ):
         AUGMENTATIONS[name](torch.rand(4, 3, 16, 16), one_hot, num_classes=3)
     with pytest.raises(ValueError, match=r"integer tensor of shape \(4, 3\)"):
-        to_probabilities(one_hot)
+        mix_targets(one_hot, torch.zeros(4), torch.arange(4))
 
 
 @pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
@@ -1224,7 +1223,7 @@ def test_error_soft_targets_that_are_not_probabilities(name, targets):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_soft_targets_within_the_rounding_of_their_dtype_are_accepted(dtype):
     targets = torch.softmax(torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)), 1).to(dtype)
-    smoothed = to_probabilities(torch.arange(4), 1000, label_smoothing=0.1).to(dtype)
+    smoothed = _probabilities(torch.arange(4), 1000, 0.1).to(dtype)
     for probabilities in (targets, smoothed):
         soft = mix_targets(probabilities, torch.full((4,), 0.3), torch.tensor([1, 2, 3, 0]), 1000, label_smoothing=0.1)
         mix_targets(soft, torch.full((4,), 0.6), torch.tensor([3, 0, 1, 2]))  # mixed targets mix again
