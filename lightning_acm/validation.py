@@ -122,18 +122,6 @@ def check_image_size(image_size: Any, grid: tuple[int, int]) -> tuple[int, int]:
     return height, width
 
 
-def check_cell_indices(cell_indices: Any, grid: tuple[int, int]) -> Tensor:
-    """``cell_indices`` if it is an integer ``(B, k)`` tensor of cells of the ``(gh, gw)`` grid; raise otherwise."""
-    gh, gw = grid
-    ok = isinstance(cell_indices, Tensor) and cell_indices.ndim == 2 and not cell_indices.is_floating_point()
-    if not ok or (cell_indices.numel() and not 0 <= cell_indices.min() <= cell_indices.max() < gh * gw):
-        raise ValueError(
-            f"Expected `cell_indices` to be integers (B, k) in [0, {gh * gw}) for a {gh}x{gw} grid, e.g. from"
-            f" `topk_cell_indices`, but got {cell_indices!r:.80}."
-        )
-    return cell_indices
-
-
 def check_shape(value: Any, name: str, shape: tuple[int, ...]) -> None:
     """Raise unless ``value`` is a tensor of ``shape``."""
     if not isinstance(value, Tensor) or tuple(value.shape) != shape:
