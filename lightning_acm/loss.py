@@ -25,20 +25,18 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: 
     check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
     if logits.ndim != 2:
         raise ValueError(f"Expected `logits` of shape (B, K), but got shape {tuple(logits.shape)}.")
-    if targets.ndim == 1 and not targets.is_floating_point():
-        if targets.shape[0] != logits.shape[0]:
-            raise ValueError(
-                f"Expected one target per row of `logits`, but the batch sizes do not match:"
-                f" {targets.shape[0]} != {logits.shape[0]}."
-            )
-        targets = targets.long()
-    elif targets.shape != logits.shape:
+    indices = targets.ndim == 1 and not targets.is_floating_point()
+    if indices and targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            "Expected one target per row of `logits`, but the batch sizes do not match:"
+            f" {targets.shape[0]} != {logits.shape[0]}."
+        )
+    if not indices and targets.shape != logits.shape:
         raise ValueError(
             "Expected soft `targets` with the shape of `logits` (B, K), but the shapes do not match:"
             f" {tuple(targets.shape)} != {tuple(logits.shape)}."
         )
-    else:
-        targets = targets.float()
+    targets = targets.long() if indices else targets.float()
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
