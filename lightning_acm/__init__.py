@@ -1,11 +1,4 @@
-"""lightning_acm: Attentive CutMix, CutMix and Mixup for PyTorch Lightning.
-
-Example::
-
-    >>> import lightning as L
-    >>> from lightning_acm import AttentiveCutMix
-    >>> trainer = L.Trainer(callbacks=[AttentiveCutMix(top_k=6)], accelerator="cpu", logger=False)
-"""
+"""lightning_acm: Attentive CutMix, CutMix and Mixup for PyTorch Lightning (see ``AttentiveCutMix``)."""
 
 from lightning_acm.attention import AttentionModel, Teacher, build_attention_model
 from lightning_acm.cache import HeatmapCache, HeatmapCacheConfig

@@ -48,17 +48,17 @@ class MixResult:
 
     Attributes:
         mixed, soft_targets, lam, permutation: ``(B, C, H, W)``, ``(B, K)``, ``(B,)`` and ``(B,)`` partner indices.
-        mask: ``(B, 1, H, W)`` bool pasted region (``None`` for Mixup), built from the cells or boxes if not given.
+        mask: ``(B, 1, H, W)`` bool pasted region, ``None`` for Mixup.
         partner_heatmaps, cell_indices: ``(B, gh, gw)`` partner attention and ``(B, k)`` row-major cells pasted.
         boxes: ``(B, 4)`` ``(top, bottom, left, right)`` pasted box, bottom/right exclusive (CutMix).
         source, source_targets: the batch's own images and targets before mixing.
 
     Example::
 
-        >>> result = MixResult(torch.rand(2, 3, 4, 4), torch.eye(2), torch.full((2,), 0.25), torch.tensor([1, 0]),
-        ...                    partner_heatmaps=torch.rand(2, 2, 2), cell_indices=torch.tensor([[0], [3]]))
-        >>> result.mask[1, 0, 2:, 2:].all().item(), result.mask[1].sum().item()
-        (True, 4)
+        >>> mask = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+        >>> result = MixResult(torch.rand(2, 3, 4, 4), torch.eye(2), torch.full((2,), 0.0), torch.tensor([1, 0]), mask)
+        >>> result.has_region, result
+        (True, MixResult(batch=2, region=box, mean_lam=0.000))
     """
 
     mixed: Tensor
@@ -73,15 +73,6 @@ class MixResult:
     source: Optional[Tensor] = None
     source_targets: Optional[Tensor] = None
 
-    def __post_init__(self) -> None:
-        if self.cell_indices is not None and self.partner_heatmaps is None:
-            raise ValueError("`cell_indices` need the `partner_heatmaps` whose grid they index.")
-        if self.mask is None and self.cell_indices is not None:
-            grid = self.partner_heatmaps.shape[-2:]  # type: ignore[union-attr]
-            self.mask = AF._cell_mask(self.cell_indices, grid, self.mixed.shape[-2:])  # type: ignore[arg-type]
-        elif self.mask is None and self.boxes is not None:
-            self.mask = AF._box_mask(self.boxes, self.mixed.shape[-2:])  # type: ignore[arg-type]
-
     @property
     def has_region(self) -> bool:
         """Whether a region of the partner was pasted (CutMix, Attentive CutMix) rather than blended in (Mixup)."""
@@ -89,17 +80,13 @@ class MixResult:
 
     def __repr__(self) -> str:
         kind = "cells" if self.cell_indices is not None else "box" if self.has_region else "blend"
-        return (
-            f"{type(self).__name__}(batch={self.mixed.shape[0]}, region={kind}, mean_lam={float(self.lam.mean()):.3f})"
-        )
+        return f"{type(self).__name__}(batch={len(self.mixed)}, region={kind}, mean_lam={float(self.lam.mean()):.3f})"
 
     def pasted_attention(self) -> Optional[Tensor]:
         """``(B,)`` share of each partner's attention that reaches the mixed image (``lam`` for Mixup), or ``None``."""
         if not self.has_region:
             return self.lam
-        if self.partner_heatmaps is None:
-            return None
-        return AF.pasted_attention_share(self.partner_heatmaps, self.mask)
+        return None if self.partner_heatmaps is None else AF.pasted_attention_share(self.partner_heatmaps, self.mask)
 
 
 class _EpochMeans:
@@ -130,9 +117,8 @@ class _EpochMeans:
 
 
 class _LabelRangeCheck:
-    """Checks that class-index labels lie in ``[0, num_classes)``, without a host-device sync on CUDA: there
-    the min and max go to pinned memory and are checked once landed (at a later batch or in :meth:`flush`),
-    the labels clamped meanwhile so that the soft-target scatters stay in bounds."""
+    """Checks class-index labels against ``[0, num_classes)``; on CUDA without a host sync: their bounds are checked
+    once landed in pinned memory (a later batch or :meth:`flush`), the labels clamped meanwhile for the scatters."""
 
     def __init__(self) -> None:
         self._pending: deque[tuple[Tensor, Any, int, str]] = deque()
@@ -162,9 +148,6 @@ class _LabelRangeCheck:
             self._pending.popleft()
             V.check_label_range(*bounds.tolist(), num_classes, where)
 
-    def clear(self) -> None:
-        self._pending.clear()
-
 
 def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Union[int, str], Union[int, str]]:
     """Where the images and targets are in ``batch`` (a mutable list or dict), with defaults for ``None`` keys."""
@@ -193,14 +176,11 @@ def _locate(batch: Any, image_key: Any, target_key: Any, owner: str) -> tuple[Un
                 f"{owner}: the dict batch has no key {key!r} (`{name}`); its keys are"
                 f" {sorted(map(str, batch))}. Pass `{name}=...` with the right key."
             )
-        if not is_dict and isinstance(key, str):
+        if not is_dict and (isinstance(key, str) or not -len(batch) <= key < len(batch)):
             raise ValueError(
-                f"Expected `{name}` to be an int (a position) for a list batch, but got {key!r}, a key of a dict"
-                f" batch. Pass `{name}=` with the position in the list, or None for the default."
-            )
-        if not is_dict and not -len(batch) <= key < len(batch):
-            raise ValueError(
-                f"Expected `{name}` to be a position in the list batch of length {len(batch)}, but got {key}."
+                f"Expected `{name}` to be an int (a position) in the list batch of length {len(batch)}, but got"
+                f" {key!r}. Pass `{name}=` with the position in the list (a str is the key of a dict batch), or"
+                " None for the default."
             )
     return image_key, target_key
 
@@ -217,8 +197,7 @@ class MixingCallback(Callback):
         seed: base seed; ``None`` takes ``torch.initial_seed()`` at the setup of each fit.
         label_smoothing: smoothing folded into the targets of every batch, mixed or not.
         stop_after_step, stop_after_epoch: stop mixing (not the checks and smoothing) at this step / 0-based epoch.
-        image_key, target_key: position in a list batch or key of a dict batch (default ``0``/``"image"``,
-            ``1``/``"target"``).
+        image_key, target_key: list-batch position or dict-batch key (default ``0``/``1`` or ``"image"``/``"target"``).
         log_prefix: prefix of the logged epoch means ``{prefix}/mixed``, ``/lam`` and ``/pasted_attention``.
 
     Example::
@@ -276,8 +255,7 @@ class MixingCallback(Callback):
 
     def state_key_arguments(self) -> dict[str, Any]:
         """The arguments that make up :attr:`state_key` (subclasses add theirs): every one of ``__init__`` but ``seed``."""
-        names = inspect.signature(MixingCallback.__init__).parameters
-        return {name: getattr(self, name) for name in names if name not in ("self", "seed")}
+        return {name: getattr(self, name) for name in _BASE_DEFAULTS if name != "seed"}
 
     @property
     def last_mix(self) -> Optional[MixResult]:
@@ -364,14 +342,13 @@ class MixingCallback(Callback):
         self._last_mix = result
         self.batches_mixed += 1
         self._epoch_means.add("lam", result.lam.sum(), size)
-        share = result.pasted_attention()
-        if share is not None:
+        if (share := result.pasted_attention()) is not None:
             self.add_pasted_attention(share)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_means.reset(pl_module.device)
-        self._label_check.clear()
+        self._label_check = _LabelRangeCheck()  # drops the checks an interrupted epoch left queued
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -398,6 +375,14 @@ class MixingCallback(Callback):
     def soft_targets(self, targets: Tensor, lam: Tensor, permutation: Tensor, num_classes: int) -> Tensor:
         """:func:`~lightning_acm.functional.mix_targets` with the callback's label smoothing."""
         return AF._mix_targets(targets, lam, permutation, num_classes, self.label_smoothing)
+
+
+#: MixingCallback's arguments and their defaults.
+_BASE_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(MixingCallback.__init__).parameters.items()
+    if name != "self"
+}
 
 
 class _BetaMixingCallback(MixingCallback):
@@ -458,10 +443,9 @@ class AttentiveCutMix(MixingCallback):
 
     Args:
         top_k: cells pasted (6 of a 7x7 grid in the paper).
-        teacher: a :class:`~lightning_acm.attention.Teacher` or its ``source``; its grid is the mixing grid, its
-            normalisation defaults to ``trainer.datamodule.mean``/``std``. ``"random"`` runs no teacher and pastes
-            ``top_k`` cells drawn uniformly per sample (the control method); ``Teacher(coldest=True)`` pastes the
-            least attended cells.
+        teacher: a :class:`~lightning_acm.attention.Teacher` or its ``source``, normalised by default as
+            ``trainer.datamodule.mean``/``std``; its grid is the mixing grid. ``"random"`` pastes uniformly drawn
+            cells (the control method); ``Teacher(coldest=True)`` pastes the least attended cells.
         heatmap_cache: ``True`` or a :class:`~lightning_acm.cache.HeatmapCacheConfig`: run the teacher once per
             un-augmented training image and warp the maps by the recorded geometry.
         **kwargs: see :class:`MixingCallback`.
@@ -500,14 +484,13 @@ class AttentiveCutMix(MixingCallback):
                 "Expected `heatmap_cache=False` with `teacher='random'`: random cells run no teacher, so there is"
                 " nothing to cache."
             )
-        self.cache_grid_size = self.grid_size
-        if self.heatmap_cache is not None and self.heatmap_cache.grid_size is not None:
-            self.cache_grid_size = V.check_size2(self.heatmap_cache.grid_size, "grid_size")
-            if self.cache_grid_size[0] < self.grid_size[0] or self.cache_grid_size[1] < self.grid_size[1]:
-                raise ValueError(
-                    "Expected `heatmap_cache.grid_size` to be at least the teacher's `grid_size`"
-                    f" {self.grid_size[0]}x{self.grid_size[1]}, but got {self.heatmap_cache.grid_size!r}."
-                )
+        cache_grid = None if self.heatmap_cache is None else self.heatmap_cache.grid_size
+        self.cache_grid_size = self.grid_size if cache_grid is None else V.check_size2(cache_grid, "grid_size")
+        if self.cache_grid_size[0] < self.grid_size[0] or self.cache_grid_size[1] < self.grid_size[1]:
+            raise ValueError(
+                "Expected `heatmap_cache.grid_size` to be at least the teacher's `grid_size`"
+                f" {self.grid_size[0]}x{self.grid_size[1]}, but got {cache_grid!r}."
+            )
         self._attention: Optional[nn.Module] = None
         self._cache: Optional[HeatmapCache] = None
 
@@ -536,16 +519,11 @@ class AttentiveCutMix(MixingCallback):
             return
         if self.heatmap_cache is not None:
             reference_datamodule(trainer, type(self).__name__)
-        if self._attention is None and not self.teacher.is_random:
-            self._attention = self.build_attention(trainer)
-
-    def build_attention(self, trainer: pl.Trainer) -> nn.Module:
-        """The frozen teacher on the training device, normalised as the datamodule says (called by ``setup``)."""
-        datamodule = getattr(trainer, "datamodule", None)
-        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-        return self.teacher.build(
-            trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__
-        )
+        if self._attention is None and not self.teacher.is_random:  # normalised as the datamodule says
+            mean, std = getattr(trainer.datamodule, "mean", None), getattr(trainer.datamodule, "std", None)
+            self._attention = self.teacher.build(
+                trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__
+            )
 
     @torch.no_grad()
     def heatmaps(self, images: Tensor) -> Tensor:
@@ -556,18 +534,13 @@ class AttentiveCutMix(MixingCallback):
         if (first := next(model.parameters(), None)) is not None and first.device != images.device:
             model.to(images.device)
         heatmaps = model(images)
-        if not isinstance(heatmaps, Tensor) or heatmaps.ndim != 3 or heatmaps.shape[0] != images.shape[0]:
-            got = f"shape {tuple(heatmaps.shape)}" if isinstance(heatmaps, Tensor) else type(heatmaps).__name__
+        (gh, gw), expected = self.grid_size, (images.shape[0], *self.grid_size)
+        if not isinstance(heatmaps, Tensor) or heatmaps.shape != expected:
             raise ValueError(
-                f"Expected the attention model {type(model).__name__} to return heatmaps of shape"
-                f" ({images.shape[0]}, gh, gw), one per image of the batch, but got {got}."
-                " Check its forward: it must map (B, C, H, W) images to (B, gh, gw) heatmaps."
-            )
-        if heatmaps.shape[-2:] != self.grid_size:
-            (gh, gw), (h, w) = heatmaps.shape[-2:], self.grid_size
-            raise ValueError(
-                f"The attention model returned a {gh}x{gw} grid but `grid_size` is {h}x{w}. Build the given"
-                " `module` with the same `grid_size`, or give the Teacher its grid."
+                f"Expected the attention model {type(model).__name__} to return heatmaps of shape {expected}, one per"
+                f" image of the batch on the {gh}x{gw} `grid_size`, but got {V.shape_of(heatmaps)}. Check its"
+                " forward: it must map (B, C, H, W) images to (B, gh, gw) heatmaps; build a given `module` with the"
+                " same `grid_size`."
             )
         return heatmaps
 
@@ -631,15 +604,6 @@ class AttentiveCutMix(MixingCallback):
             self._attention = None
 
 
-# The MixingCallback arguments that RandomMixing decides for all its methods, at their defaults
-# (`num_classes` is checked apart: a method may repeat RandomMixing's).
-_GOVERNED = {
-    name: parameter.default
-    for name, parameter in inspect.signature(MixingCallback.__init__).parameters.items()
-    if name not in ("self", "num_classes")
-}
-
-
 def _check_methods(methods: Any, num_classes: Optional[int]) -> list[MixingCallback]:
     """``methods`` as a list of plain, distinct mixing callbacks that leave the governed arguments alone."""
     if not isinstance(methods, (list, tuple)) or not all(isinstance(m, MixingCallback) for m in methods):
@@ -658,7 +622,8 @@ def _check_methods(methods: Any, num_classes: Optional[int]) -> list[MixingCallb
             )
         if any(method is other for other in methods[:i]):
             raise ValueError(f"Expected `methods` to hold distinct callbacks, but {name} is listed twice.")
-        governed = {**_GOVERNED, "num_classes": num_classes if method.num_classes is not None else None}
+        # RandomMixing decides these for all its methods; a method may repeat its `num_classes`.
+        governed = {**_BASE_DEFAULTS, "num_classes": num_classes if method.num_classes is not None else None}
         for arg, default in governed.items():
             if getattr(method, arg) != default:
                 raise ValueError(
@@ -681,9 +646,8 @@ def _method_names(methods: Sequence[MixingCallback]) -> tuple[str, ...]:
 
 class RandomMixing(MixingCallback):
     """Mix each batch with one of several methods, picked at random per batch (like timm's ``Mixup`` with
-    ``switch_prob`` or torchvision's ``RandomChoice([CutMix(...), MixUp(...)])``).
+    ``switch_prob`` or torchvision's ``RandomChoice``), from the batch's generator.
 
-    The pick and then the picked method draw from the batch's generator, so picks are seeded like any mix.
     The methods belong to this callback: do not add them to the Trainer, and set the :class:`MixingCallback`
     arguments here, not on them. It also logs ``{log_prefix}/picked/<name>``, each method's share of the
     epoch's mixed images.
@@ -709,10 +673,8 @@ class RandomMixing(MixingCallback):
             raise ValueError(
                 f"Expected `weights` to be a list of {count} numbers, one per method, but got {weights!r}."
             )
-        if not all(V.is_real(w) and w >= 0 for w in weights):
-            raise ValueError(f"Expected `weights` to be finite numbers >= 0, but got {weights!r}.")
-        if sum(weights) <= 0:
-            raise ValueError(f"Expected `weights` to have a positive sum, but got {weights!r}.")
+        if not all(V.is_real(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"Expected `weights` to be finite numbers >= 0 with a positive sum, but got {weights!r}.")
         self.weights = [float(w) for w in weights]
         #: the probability of picking each method (the normalised weights)
         self.probabilities = tuple(w / sum(self.weights) for w in self.weights)

@@ -17,39 +17,24 @@ from lightning_acm.callbacks import MixingCallback
 from lightning_acm.data import VisionDataModule
 from lightning_acm.model import ImageClassifier
 
-__all__ = ["CONFIG_DIR", "AttentiveCutMixCLI", "main", "packaged_configs", "resolve_config"]
+__all__ = ["CONFIG_DIR", "AttentiveCutMixCLI", "main"]
 
 #: The YAML configs shipped inside the package (``configs/`` in a clone links here).
 CONFIG_DIR = Path(__file__).resolve().with_name("configs")
 
 
-def packaged_configs() -> list[str]:
-    """The names of the packaged configs: their paths in :data:`CONFIG_DIR` without ``.yaml``.
-
-    Example::
-
-        >>> {"demo", "data/cifar10", "method/cutmix"} <= set(packaged_configs())
-        True
-    """
+def _packaged_configs() -> list[str]:
+    """The packaged configs' paths in :data:`CONFIG_DIR`, without ``.yaml``."""
     return sorted(path.relative_to(CONFIG_DIR).with_suffix("").as_posix() for path in CONFIG_DIR.rglob("*.yaml"))
 
 
-def resolve_config(value: str) -> str:
-    """The file a ``--config`` value stands for: the value itself when it is a file, else a packaged config.
-
-    A packaged config is named by its path in :data:`CONFIG_DIR`, with or without ``.yaml`` and a leading
-    ``configs/`` (so ``demo`` and ``configs/method/cutmix.yaml`` work from any directory). A value holding
-    ``:`` or ``{`` is inline YAML or JSON and is returned as it is; any other value raises a ``ValueError``.
-
-    Example::
-
-        >>> resolve_config("method/cutmix") == str(CONFIG_DIR / "method" / "cutmix.yaml")
-        True
-    """
+def _resolve_config(value: str) -> str:
+    """The file a ``--config`` value stands for: a file or inline YAML (holding ``:`` or ``{``) as it is, else the
+    packaged config of that name (with or without ``.yaml`` and a leading ``configs/``)."""
     if Path(value).is_file() or any(char in value for char in ":{"):
         return value
     name = value.removeprefix("configs/").removesuffix(".yaml")
-    names = packaged_configs()
+    names = _packaged_configs()
     if name in names:
         return str(CONFIG_DIR / f"{name}.yaml")
     raise ValueError(
@@ -64,9 +49,9 @@ def _resolve_config_args(args: list[str]) -> list[str]:
     for i, arg in enumerate(args):
         flag, sep, value = arg.partition("=")
         if sep and flag in ("--config", "-c"):
-            arg = f"{flag}={resolve_config(value)}"
+            arg = f"{flag}={_resolve_config(value)}"
         elif i > 0 and args[i - 1] in ("--config", "-c"):
-            arg = resolve_config(arg)
+            arg = _resolve_config(arg)
         resolved.append(arg)
     return resolved
 
@@ -75,7 +60,9 @@ class AttentiveCutMixCLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` on any :class:`VisionDataModule`, with a ``mixing`` method.
 
     The ``mixing`` key holds a :class:`~lightning_acm.callbacks.MixingCallback` added to the Trainer's callbacks
-    (``null``: the baseline); ``data.num_classes`` and the input channels are linked to the model.
+    (``null``: the baseline); ``data.num_classes`` and the input channels are linked to the model. A ``--config``
+    value is a file, inline YAML, or the name of a packaged config in :data:`CONFIG_DIR` (``demo``,
+    ``method/cutmix``), so that the packaged configs work from any directory.
 
     Example::
 
@@ -99,8 +86,7 @@ class AttentiveCutMixCLI(LightningCLI):
             resolved = _resolve_config_args(list(sys.argv[1:] if args is None else args))
         except ValueError as err:
             parser.error(str(err))
-        if args is None:
-            # Parsed here: given any args, super() warns that sys.argv holds arguments too.
+        if args is None:  # parsed here: given any args, super() warns that sys.argv holds arguments too
             self.config = parser.parse_args(resolved)
         else:
             super().parse_arguments(parser, resolved)

@@ -267,7 +267,9 @@ def test_grid_finer_than_the_teachers_map_through_the_callback():
 def test_grid_finer_than_the_teachers_map_given_a_ready_attention_model():
     callback = AttentiveCutMix(teacher=Teacher(module=teacher(), grid_size=5), top_k=6, seed=0)
     with pytest.raises(
-        ValueError, match=r"returned a 7x7 grid but `grid_size` is 5x5\. Build the given `module` with the same"
+        ValueError,
+        match=r"heatmaps of shape \(8, 5, 5\), one per image of the batch on the 5x5 `grid_size`, but got"
+        r" \(8, 7, 7\)\. .*build a given `module` with the same `grid_size`",
     ):
         fit(callback, data())
 
@@ -373,8 +375,8 @@ def test_a_teacher_returning_the_wrong_number_of_heatmaps_is_named():
     callback = AttentiveCutMix(teacher=Teacher(module=WrongCount(conv(), "1", input_size=SIZE)), seed=0)
     with pytest.raises(
         ValueError,
-        match=r"attention model WrongCount to return heatmaps of shape \(8, gh, gw\), one per"
-        r" image of the batch, but got shape \(7, 7, 7\)\. Check its forward",
+        match=r"attention model WrongCount to return heatmaps of shape \(8, 7, 7\), one per"
+        r" image of the batch on the 7x7 `grid_size`, but got \(7, 7, 7\)\. Check its forward",
     ):
         fit(callback, data())
 
@@ -425,8 +427,8 @@ def test_numpy_num_classes_on_the_datamodule_is_found():
 def test_a_string_key_on_a_list_batch_is_refused():
     with pytest.raises(
         ValueError,
-        match=r"`image_key` to be an int \(a position\) for a list batch, but got 'image', a key"
-        r" of a dict batch\. Pass `image_key=` with the position",
+        match=r"`image_key` to be an int \(a position\) in the list batch of length 2, but got 'image'\. Pass"
+        r" `image_key=` with the position in the list \(a str is the key of a dict batch\), or None",
     ):
         fit(CutMix(seed=0, image_key="image"), data())
     with pytest.raises(TypeError, match=r"`target_key` to be None, an int .* or a str .*, but got 1\.5\."):

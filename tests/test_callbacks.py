@@ -515,9 +515,13 @@ def test_integer_keys_index_list_batches():
     labels = torch.arange(8, 16) % NUM_CLASSES
     expected = AF.mix_targets(labels, mix.lam, mix.permutation, NUM_CLASSES)
     torch.testing.assert_close(model.seen[-1][1], expected)
-    with pytest.raises(ValueError, match=r"`target_key` to be an int \(a position\) for a list batch, but got 'label'"):
+    with pytest.raises(
+        ValueError, match=r"`target_key` to be an int \(a position\) in the list batch of length 2, but got 'label'"
+    ):
         fit(CutMix(seed=0, target_key="label"), data=loader())
-    with pytest.raises(ValueError, match=r"`target_key` to be a position in the list batch of length 2, but got 2\."):
+    with pytest.raises(
+        ValueError, match=r"`target_key` to be an int \(a position\) in the list batch of length 2, but got 2\."
+    ):
         fit(CutMix(seed=0, target_key=2), data=loader())
 
 

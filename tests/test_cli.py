@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
-from lightning_acm.cli import CONFIG_DIR, AttentiveCutMixCLI, packaged_configs, resolve_config
+from lightning_acm.cli import CONFIG_DIR, AttentiveCutMixCLI, _packaged_configs, _resolve_config
 from lightning_acm.data import FASHION_MNIST_SYSTEM_DIR, FashionMNISTDataModule, read_idx, write_idx
 from lightning_acm.model import ImageClassifier
 
@@ -74,23 +74,23 @@ def test_method_configs_instantiate(method: Path):
 
 def test_every_packaged_config_is_checked_here_and_the_clone_links_to_them():
     checked = {"demo"} | {f"{p.parent.name}/{p.stem}" for p in (*DATA, *MODELS, *METHODS)}
-    assert set(packaged_configs()) == checked
+    assert set(_packaged_configs()) == checked
     assert (Path(__file__).resolve().parents[1] / "configs").resolve() == CONFIG_DIR
 
 
 @pytest.mark.parametrize("value", ["demo", "demo.yaml", "configs/demo.yaml"])
 def test_a_packaged_name_resolves_to_its_file(value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)  # away from the clone, as after a pip install
-    assert resolve_config(value) == str(CONFIG_DIR / "demo.yaml")
-    assert resolve_config("method/cutmix") == str(CONFIG_DIR / "method" / "cutmix.yaml")
+    assert _resolve_config(value) == str(CONFIG_DIR / "demo.yaml")
+    assert _resolve_config("method/cutmix") == str(CONFIG_DIR / "method" / "cutmix.yaml")
 
 
 def test_files_and_inline_configs_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").write_text("seed_everything: 1\n")  # a file wins over the packaged name
-    assert resolve_config("demo") == "demo"
-    assert resolve_config("{seed_everything: 1}") == "{seed_everything: 1}"
-    assert resolve_config("seed_everything: 1") == "seed_everything: 1"
+    assert _resolve_config("demo") == "demo"
+    assert _resolve_config("{seed_everything: 1}") == "{seed_everything: 1}"
+    assert _resolve_config("seed_everything: 1") == "seed_everything: 1"
 
 
 def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -98,7 +98,7 @@ def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path: Path, monkeypa
     with pytest.raises(
         ValueError, match=r"packaged config \(data/cifar10, .*demo, .*model/resnet34\), but got 'demoo'"
     ):
-        resolve_config("demoo")
+        _resolve_config("demoo")
 
 
 @pytest.mark.parametrize("form", ["--config NAME", "--config=NAME", "-c NAME", "-c=NAME"])

@@ -240,7 +240,11 @@ def test_a_method_also_in_the_trainer_is_refused():
         (lambda: RandomMixing([CutMix(), MixUp()], weights=[1, math.nan]), ValueError, r"finite numbers >= 0.*nan"),
         (lambda: RandomMixing([CutMix(), MixUp()], weights=[1, math.inf]), ValueError, r"finite numbers >= 0.*inf"),
         (lambda: RandomMixing([CutMix(), MixUp()], weights=[1, "a"]), ValueError, r"finite numbers >= 0.*'a'"),
-        (lambda: RandomMixing([CutMix(), MixUp()], weights=[0, 0.0]), ValueError, r"`weights` to have a positive sum"),
+        (
+            lambda: RandomMixing([CutMix(), MixUp()], weights=[0, 0.0]),
+            ValueError,
+            r"`weights` to be finite numbers >= 0 with a positive sum, but got \[0, 0.0\]",
+        ),
         (lambda: RandomMixing([CutMix()], p=2.0), ValueError, r"`p`.* to be in \[0, 1\], but got 2.0"),
     ],
 )
