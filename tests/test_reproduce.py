@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_acm.data import write_idx
+from lightning_acm.data import _write_idx
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "reproduce.py"
@@ -39,8 +39,8 @@ def fake_fashion_mnist(tmp_path: Path) -> Path:
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 200), ("t10k", 40)):
         images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
+        _write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
     return root
 
 
