@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
-from torchvision.datasets.folder import default_loader
+from torchvision.datasets.folder import default_loader, find_classes
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from typing_extensions import override
@@ -38,10 +38,7 @@ __all__ = [
     "ImageNetDataModule",
     "RandomCropFlip",
     "RandomResizedCropFlip",
-    "ResizeCenterCrop",
     "VisionDataModule",
-    "read_idx",
-    "write_idx",
 ]
 
 #: Where ``apt-get install dataset-fashion-mnist`` puts the four IDX files.
@@ -134,26 +131,11 @@ class RandomResizedCropFlip:
 
 
 @dataclass
-class ResizeCenterCrop:
-    """Resize the shorter side to ``resize_size``, then center-crop ``crop_size``; returns ``(image, box)``.
-
-    Example::
-
-        >>> image, box = ResizeCenterCrop(8, 4)(torch.rand(3, 16, 16))
-        >>> image.shape, box.tolist()
-        (torch.Size([3, 4, 4]), [0.25, 0.25, 0.75, 0.75, 0.0])
-    """
+class _ResizeCenterCrop:
+    """Resize the shorter side to ``resize_size``, then center-crop ``crop_size``; returns ``(image, box)``."""
 
     resize_size: int
     crop_size: int
-
-    def __post_init__(self) -> None:
-        self.resize_size = check_int(self.resize_size, "resize_size", minimum=1)
-        self.crop_size = check_int(self.crop_size, "crop_size", minimum=1)
-        if self.crop_size > self.resize_size:
-            raise ValueError(
-                f"Expected `crop_size` to be at most `resize_size`, but got {self.crop_size} > {self.resize_size}."
-            )
 
     def __call__(self, image: Any) -> tuple[Any, Tensor]:
         resized = TF.resize(image, [self.resize_size], antialias=True)
@@ -217,33 +199,16 @@ def _load_image(path: str) -> Image.Image:
         raise OSError(f"Could not read the image file '{path}' ({type(err).__name__}: {err}). Replace it.") from err
 
 
-def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) -> Tensor:
-    """A uint8 tensor from an unsigned-byte IDX file (the MNIST format), gzipped when the name ends in ``.gz``.
-
-    Raises:
-        ValueError: naming ``path`` if it is not valid gzip, its magic number is not ``expected_magic``
-            (2051 for images, 2049 for labels) or its size does not match its header.
-
-    Example::
-
-        >>> import tempfile, torch
-        >>> path = tempfile.mkdtemp() + "/labels-idx1-ubyte"
-        >>> write_idx(path, torch.tensor([3, 1, 4], dtype=torch.uint8))
-        >>> read_idx(path, expected_magic=2049)
-        tensor([3, 1, 4], dtype=torch.uint8)
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"IDX file '{path}' does not exist.")
+def _read_idx(path: Path, magic: int) -> Tensor:
+    """A uint8 tensor from an IDX file (the MNIST format) with magic number ``magic``, gzipped if named ``*.gz``."""
+    raw = path.read_bytes()
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
     except (OSError, EOFError) as err:
         raise ValueError(f"Could not read the IDX file '{path}' ({err}): corrupt or truncated. Replace it.") from err
-    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
-    if magic is None or raw[:3] != b"\x00\x00\x08" or raw[3] == 0:
-        raise ValueError(f"Expected '{path}' to be an unsigned-byte IDX file (magic 0x000008nd), but got {magic!r}.")
-    if expected_magic is not None and magic != expected_magic:
-        raise ValueError(f"Expected the IDX file '{path}' to have magic number {expected_magic}, but got {magic}.")
+    found = int.from_bytes(raw[:4], "big")
+    if len(raw) < 4 or found != magic:
+        raise ValueError(f"Expected the IDX file '{path}' to have magic number {magic}, but got {found}. Replace it.")
     header = 4 + 4 * raw[3]
     shape = tuple(np.frombuffer(raw[4:header], dtype=">u4").tolist()) if len(raw) >= header else None
     needed = header + (math.prod(shape) if shape else 0)
@@ -256,10 +221,8 @@ def read_idx(path: Union[str, Path], *, expected_magic: Optional[int] = None) ->
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
-def write_idx(path: Union[str, Path], data: Tensor) -> None:
-    """Write a uint8 tensor (1 to 255 dimensions) as an IDX file, gzipped when ``path`` ends in ``.gz``."""
-    if not isinstance(data, Tensor) or data.dtype != torch.uint8 or not 1 <= data.ndim <= 255:
-        raise ValueError(f"Expected `data` to be a uint8 tensor with at least one dimension, but got {data!r:.80}.")
+def _write_idx(path: Union[str, Path], data: Tensor) -> None:
+    """Write a uint8 tensor as an IDX file, gzipped when ``path`` ends in ``.gz``."""
     header = bytes([0, 0, 8, data.ndim]) + np.asarray(data.shape, dtype=">u4").tobytes()
     payload = header + data.contiguous().numpy().tobytes()
     Path(path).write_bytes(gzip.compress(payload) if Path(path).suffix == ".gz" else payload)
@@ -582,13 +545,10 @@ class ImageNetDataModule(VisionDataModule):
             f"Expected the layout {self.data_dir}/train/<class>/*.JPEG and {self.data_dir}/val/<class>/* (the same"
             " class folder names in both; sort the official flat val/ into class folders first)."
         )
-        classes = []
-        for folder in (Path(self.data_dir) / "train", Path(self.data_dir) / "val"):
-            if not folder.is_dir():
-                raise FileNotFoundError(f"The {self.name} folder '{folder}' does not exist. {hint}")
-            classes.append({entry.name for entry in os.scandir(folder) if entry.is_dir()})
-            if not classes[-1]:
-                raise FileNotFoundError(f"'{folder}' holds no class folders. {hint}")
+        try:  # a missing folder, a file or a folder without class folders
+            classes = [set(find_classes(f"{self.data_dir}/{split}")[0]) for split in ("train", "val")]
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise FileNotFoundError(f"{err} {hint}") from err
         train_classes, val_classes = classes
         if train_classes != val_classes:
             raise ValueError(
@@ -612,7 +572,7 @@ class ImageNetDataModule(VisionDataModule):
         size = self.image_size
         return (
             RandomResizedCropFlip(size, scale=self.scale),
-            ResizeCenterCrop(self.resize_size, size),
+            _ResizeCenterCrop(self.resize_size, size),
             _WholeImage((size, size)),
         )
 
@@ -635,15 +595,9 @@ class FashionMNISTDataModule(VisionDataModule):
 
     Example::
 
-        >>> import tempfile
-        >>> root = tempfile.mkdtemp()
-        >>> for split in ("train", "t10k"):
-        ...     write_idx(f"{root}/{split}-images-idx3-ubyte", torch.zeros(40, 28, 28, dtype=torch.uint8))
-        ...     write_idx(f"{root}/{split}-labels-idx1-ubyte", torch.zeros(40, dtype=torch.uint8))
-        >>> dm = FashionMNISTDataModule(root, val_split=8, batch_size=16, record_augmentation=True)
-        >>> images, targets, geometry = next(iter(dm.train_dataloader()))
-        >>> images.shape, geometry.shape, len(dm.train_set), len(dm.val_set)
-        (torch.Size([16, 3, 32, 32]), torch.Size([16, 6]), 32, 8)
+        >>> dm = FashionMNISTDataModule("data", channels=1, pad_to=28, batch_size=64)
+        >>> dm.dims, dm.num_classes, dm.mean
+        ((1, 28, 28), 10, (0.286,))
     """
 
     name = "fashion_mnist"
@@ -704,7 +658,7 @@ class FashionMNISTDataModule(VisionDataModule):
     def _base_dataset(self, train: bool) -> Dataset:
         prefix, files = ("train" if train else "t10k"), self._find_files()
         image_path, label_path = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]
-        images, labels = read_idx(image_path, expected_magic=2051), read_idx(label_path, expected_magic=2049)
+        images, labels = _read_idx(image_path, 2051), _read_idx(label_path, 2049)
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"Expected as many labels as images, but '{image_path}' holds {images.shape[0]} images"

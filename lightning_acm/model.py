@@ -23,7 +23,7 @@ from typing_extensions import override
 from lightning_acm.loss import SoftTargetLossMixin, soft_target_cross_entropy
 from lightning_acm.validation import check_choice, check_int, check_real, is_int
 
-__all__ = ["CifarResNet", "ImageClassifier", "available_archs", "build_classifier"]
+__all__ = ["CifarResNet", "ImageClassifier"]
 
 #: DenseNet-264 (Huang et al., 2017) of the Attentive CutMix paper; torchvision has no such configuration.
 DENSENET264_CONFIG: dict[str, Any] = {"growth_rate": 32, "block_config": (6, 12, 64, 48), "num_init_features": 64}
@@ -72,11 +72,6 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def available_archs() -> list[str]:
-    """Names accepted by ``arch``: torchvision's classification models, ``"densenet264"`` and the CIFAR ResNets."""
-    return sorted([*torchvision.models.list_models(module=torchvision.models), "densenet264", *CIFAR_RESNET_BLOCKS])
-
-
 def _resolve_weights(arch: str, weights: str) -> torchvision.models.WeightsEnum:
     if arch == "densenet264" or arch in CIFAR_RESNET_BLOCKS:
         what = "DenseNet-264" if arch == "densenet264" else "weights for it"
@@ -87,18 +82,6 @@ def _resolve_weights(arch: str, weights: str) -> torchvision.models.WeightsEnum:
     if (prefix and prefix != enum.__name__) or name not in names:
         raise ValueError(f"Expected `weights` to be one of {names} for `arch={arch!r}`, but got {weights!r}.")
     return enum[name]
-
-
-def _load_pretrained(arch: str, weights: torchvision.models.WeightsEnum, **kwargs: Any) -> nn.Module:
-    try:
-        return torchvision.models.get_model(arch, weights=weights, **kwargs)
-    except (OSError, RuntimeError) as err:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
-        raise RuntimeError(
-            f"Could not load the `weights={weights.name!r}` of `arch={arch!r}` ({type(err).__name__}:"
-            f" {err}). Without internet, download {weights.url} elsewhere and put the file at {path}"
-            " (`torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it)."
-        ) from err
 
 
 def _replace_head(model: nn.Module, num_classes: int, arch: str) -> None:
@@ -151,32 +134,12 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     model.set_submodule(name, new)
 
 
-def build_classifier(
-    arch: str = "resnet18",
-    *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    small_input: bool = False,
-    weights: Optional[str] = None,
+def _build_classifier(
+    arch: str, *, num_classes: int = 10, in_channels: int = 3, small_input: bool = False, weights: Optional[str] = None
 ) -> nn.Module:
-    """Build a torchvision classifier by name, optionally pretrained, for ``(B, in_channels, H, W)`` inputs.
-
-    Args:
-        arch: a name from :func:`available_archs` (case-insensitive); ``"densenet264"`` and the CIFAR
-            ResNets have no pretrained weights.
-        num_classes: outputs; with ``weights``, a pretrained head of another size is replaced.
-        in_channels: input channels; when not 3, the first convolution's weights are summed (1) or tiled.
-        small_input: stride-1 stem without pooling for 32 px inputs (ResNet, DenseNet, EfficientNet).
-        weights: a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), or None for random init;
-            offline, the ``RuntimeError`` says where to put the weights file.
-
-    Example::
-
-        >>> build_classifier("resnet18", num_classes=10, small_input=True)(torch.randn(2, 3, 32, 32)).shape
-        torch.Size([2, 10])
-    """
+    """The classifier of :class:`ImageClassifier`'s arguments."""
     arch = arch.lower()
-    names = available_archs()
+    names = sorted([*torchvision.models.list_models(module=torchvision.models), "densenet264", *CIFAR_RESNET_BLOCKS])
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
         hint = f" Did you mean one of {close}?" if close else ""
@@ -191,7 +154,15 @@ def build_classifier(
     elif resolved is None:
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     else:
-        model = _load_pretrained(arch, resolved, **kwargs)
+        try:
+            model = torchvision.models.get_model(arch, weights=resolved, **kwargs)
+        except (OSError, RuntimeError) as err:
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(resolved.url).path))
+            raise RuntimeError(
+                f"Could not load the `weights={resolved.name!r}` of `arch={arch!r}` ({type(err).__name__}:"
+                f" {err}). Without internet, download {resolved.url} elsewhere and put the file at {path}"
+                " (`torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it)."
+            ) from err
         if len(resolved.meta["categories"]) != num_classes:
             _replace_head(model, num_classes, arch)
     if small_input:
@@ -237,7 +208,13 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
     ``train/loss`` per step; ``train/acc`` (dominant label), ``{val,test}/{loss,acc,acc_top5}`` per epoch.
 
     Args:
-        arch, num_classes, in_channels, small_input, weights: see :func:`build_classifier`.
+        arch: a torchvision classification model name (case-insensitive), ``"densenet264"`` (no pretrained
+            weights) or a CIFAR ResNet (``"cifar_resnet8"``, ``"cifar_resnet20"``, no pretrained weights).
+        num_classes: outputs; with ``weights``, a pretrained head of another size is replaced.
+        in_channels: input channels; when not 3, the first convolution's weights are summed (1) or tiled.
+        small_input: stride-1 stem without pooling for 32 px inputs (ResNet, DenseNet, EfficientNet).
+        weights: a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``), or None for random init;
+            offline, the ``RuntimeError`` says where to put the weights file.
         label_smoothing: ``eps`` in ``[0, 1)`` for the training loss.
         optimizer: ``"sgd"`` or ``"adamw"`` (``momentum`` and ``nesterov`` unused; ``lr`` near 1e-3).
         lr: base learning rate (the peak after warmup).
@@ -298,7 +275,7 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
             rank_zero_warn(f"`lr={lr}` is large for AdamW; values near 1e-3 are usual. Set `lr` explicitly.")
         self.save_hyperparameters()
         self.label_smoothing = label_smoothing
-        self.net = build_classifier(
+        self.net = _build_classifier(
             arch, num_classes=num_classes, in_channels=in_channels, small_input=small_input, weights=weights
         )
         top1, top5 = (MulticlassAccuracy(num_classes, top_k=k, average="micro") for k in (1, min(5, num_classes)))

@@ -28,7 +28,7 @@ from lightning_acm.cache import (
     warp_heatmaps,
 )
 from lightning_acm.callbacks import AttentiveCutMix
-from lightning_acm.data import FashionMNISTDataModule, RandomCropFlip, write_idx
+from lightning_acm.data import FashionMNISTDataModule, RandomCropFlip, _write_idx
 from lightning_acm.loss import SoftTargetLossMixin
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -248,8 +248,8 @@ def fashion_datamodule(root: str, *, pixels_seed: int = 0, **kwargs: Any) -> Fas
         g = torch.Generator().manual_seed(pixels_seed)
         for split, n in (("train", 40), ("t10k", 8)):
             images = torch.randint(0, 256, (n, 24, 24), generator=g).to(torch.uint8)
-            write_idx(f"{root}/{split}-images-idx3-ubyte.gz", images)
-            write_idx(f"{root}/{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
+            _write_idx(f"{root}/{split}-images-idx3-ubyte.gz", images)
+            _write_idx(f"{root}/{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
     options: dict[str, Any] = {"val_split": 0, "train_subset": 24, "batch_size": 8, "pad_to": 28, "system_dir": None}
     return FashionMNISTDataModule(root, **{**options, **kwargs})
 

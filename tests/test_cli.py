@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixingCallback, MixUp, RandomMixing
 from lightning_acm.cli import CONFIG_DIR, AttentiveCutMixCLI, _packaged_configs, _resolve_config
-from lightning_acm.data import FASHION_MNIST_SYSTEM_DIR, FashionMNISTDataModule, read_idx, write_idx
+from lightning_acm.data import FASHION_MNIST_SYSTEM_DIR, FashionMNISTDataModule, _read_idx, _write_idx
 from lightning_acm.model import ImageClassifier
 
 CONFIGS = CONFIG_DIR
@@ -139,13 +139,13 @@ def tiny_fashion_mnist(tmp_path: Path) -> Path:
     system = Path(FASHION_MNIST_SYSTEM_DIR)
     for split, n in (("train", 300), ("t10k", 100)):
         if (system / f"{split}-images-idx3-ubyte.gz").exists():
-            images = read_idx(system / f"{split}-images-idx3-ubyte.gz")[:n]
-            labels = read_idx(system / f"{split}-labels-idx1-ubyte.gz")[:n]
+            images = _read_idx(system / f"{split}-images-idx3-ubyte.gz", 2051)[:n]
+            labels = _read_idx(system / f"{split}-labels-idx1-ubyte.gz", 2049)[:n]
         else:
             images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
             labels = torch.arange(n, dtype=torch.uint8) % 10
-        write_idx(out / f"{split}-images-idx3-ubyte", images)
-        write_idx(out / f"{split}-labels-idx1-ubyte", labels)
+        _write_idx(out / f"{split}-images-idx3-ubyte", images)
+        _write_idx(out / f"{split}-labels-idx1-ubyte", labels)
     return out
 
 

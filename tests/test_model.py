@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from trainers import quiet_trainer
 
-from lightning_acm.model import DENSENET264_CONFIG, ImageClassifier, _lr_factor, build_classifier
+from lightning_acm.model import DENSENET264_CONFIG, ImageClassifier, _build_classifier, _lr_factor
 
 pytestmark = [
     # Steps called outside a Trainer log nothing; that is what these unit tests want.
@@ -55,24 +55,24 @@ def test_small_input_forward(arch: str) -> None:
 
 
 def test_small_input_changes_the_stem() -> None:
-    resnet = build_classifier("resnet18", small_input=True)
+    resnet = _build_classifier("resnet18", small_input=True)
     assert resnet.conv1.kernel_size == (3, 3) and resnet.conv1.stride == (1, 1)
     assert isinstance(resnet.maxpool, nn.Identity)
-    densenet = build_classifier("densenet121", small_input=True)
+    densenet = _build_classifier("densenet121", small_input=True)
     assert densenet.features.conv0.kernel_size == (3, 3) and densenet.features.conv0.stride == (1, 1)
     assert isinstance(densenet.features.pool0, nn.Identity)
-    efficientnet = build_classifier("efficientnet_b0", small_input=True)
+    efficientnet = _build_classifier("efficientnet_b0", small_input=True)
     assert efficientnet.features[0][0].stride == (1, 1)
 
 
 def test_small_input_unknown_family_raises() -> None:
     with pytest.raises(ValueError, match="ResNet, DenseNet or EfficientNet when `small_input=True`"):
-        build_classifier("mobilenet_v3_small", small_input=True)
+        _build_classifier("mobilenet_v3_small", small_input=True)
 
 
 @pytest.mark.parametrize("in_channels", [1, 4])
 def test_in_channels(in_channels: int) -> None:
-    model = build_classifier("resnet18", num_classes=10, in_channels=in_channels, small_input=True).eval()
+    model = _build_classifier("resnet18", num_classes=10, in_channels=in_channels, small_input=True).eval()
     assert model.conv1.in_channels == in_channels
     with torch.no_grad():
         assert model(torch.randn(2, in_channels, 32, 32)).shape == (2, 10)
@@ -80,14 +80,14 @@ def test_in_channels(in_channels: int) -> None:
 
 def test_one_input_channel_sums_the_stem() -> None:
     torch.manual_seed(1)
-    reference = build_classifier("resnet18")
+    reference = _build_classifier("resnet18")
     torch.manual_seed(1)
-    gray = build_classifier("resnet18", in_channels=1)
+    gray = _build_classifier("resnet18", in_channels=1)
     torch.testing.assert_close(gray.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
 
 
 def test_densenet264_config() -> None:
-    model = build_classifier("densenet264", num_classes=1000)
+    model = _build_classifier("densenet264", num_classes=1000)
     assert isinstance(model, torchvision.models.DenseNet)
     blocks = [m for name, m in model.features.named_children() if name.startswith("denseblock")]
     assert [len(block) for block in blocks] == list(DENSENET264_CONFIG["block_config"]) == [6, 12, 64, 48]
@@ -98,7 +98,7 @@ def test_densenet264_config() -> None:
 
 def test_densenet264_has_no_weights() -> None:
     with pytest.raises(ValueError, match="torchvision has no pretrained DenseNet-264"):
-        build_classifier("densenet264", weights="DEFAULT")
+        _build_classifier("densenet264", weights="DEFAULT")
 
 
 @pytest.mark.parametrize(("arch", "close"), [("resnet19", "resnet18"), ("densenet-121", "densenet121")])
@@ -109,14 +109,14 @@ def test_unknown_arch_suggests_close_names(arch: str, close: str) -> None:
 
 def test_unknown_arch_without_close_names() -> None:
     with pytest.raises(ValueError, match=r"but got 'zzzzzz'\.$"):
-        build_classifier("zzzzzz")
+        _build_classifier("zzzzzz")
 
 
 def test_unknown_weights_name() -> None:
     with pytest.raises(ValueError, match=r"Expected `weights` to be one of \['DEFAULT', 'IMAGENET1K_V1'\]"):
-        build_classifier("resnet18", weights="IMAGENET1K_V9")
+        _build_classifier("resnet18", weights="IMAGENET1K_V9")
     with pytest.raises(ValueError, match="Expected `weights` to be one of"):
-        build_classifier("resnet18", weights="ResNet50_Weights.IMAGENET1K_V1")
+        _build_classifier("resnet18", weights="ResNet50_Weights.IMAGENET1K_V1")
 
 
 def test_weights_offline_error_names_the_checkpoint_path(tmp_path, monkeypatch) -> None:
@@ -139,10 +139,10 @@ def test_pretrained_weights_from_local_file_replace_the_head(tmp_path, monkeypat
     checkpoints.mkdir(parents=True)
     source = torchvision.models.resnet18()
     torch.save(source.state_dict(), checkpoints / "resnet18-f37072fd.pth")
-    model = build_classifier("resnet18", num_classes=10, weights="IMAGENET1K_V1")
+    model = _build_classifier("resnet18", num_classes=10, weights="IMAGENET1K_V1")
     torch.testing.assert_close(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
     assert model.fc.out_features == 10
-    same = build_classifier("resnet18", num_classes=1000, weights="ResNet18_Weights.IMAGENET1K_V1")
+    same = _build_classifier("resnet18", num_classes=1000, weights="ResNet18_Weights.IMAGENET1K_V1")
     torch.testing.assert_close(same.fc.weight, source.fc.weight)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_acm.data import write_idx
+from lightning_acm.data import _write_idx
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "reproduce.py"
@@ -39,8 +39,8 @@ def fake_fashion_mnist(tmp_path: Path) -> Path:
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 200), ("t10k", 40)):
         images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
+        _write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
     return root
 
 
@@ -294,16 +294,16 @@ def test_tiny_grid_writes_outputs_and_resumes(
 
 
 def test_cifar_resnet_students() -> None:
-    from lightning_acm.model import CifarResNet, build_classifier
+    from lightning_acm.model import CifarResNet, _build_classifier
 
-    resnet8 = build_classifier("cifar_resnet8", num_classes=10, small_input=True)
-    resnet20 = build_classifier("cifar_resnet20", num_classes=10, in_channels=1)
+    resnet8 = _build_classifier("cifar_resnet8", num_classes=10, small_input=True)
+    resnet20 = _build_classifier("cifar_resnet20", num_classes=10, in_channels=1)
     assert isinstance(resnet8, CifarResNet) and sum(p.numel() for p in resnet8.parameters()) == 78042
     assert sum(p.numel() for p in resnet20.parameters()) == 272474 - 2 * 16 * 9  # the stem sees one channel
     assert resnet8(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert resnet20(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError, match="Expected `weights` to be None for `arch='cifar_resnet8'`"):
-        build_classifier("cifar_resnet8", weights="DEFAULT")
+        _build_classifier("cifar_resnet8", weights="DEFAULT")
     with pytest.raises(ValueError, match="Expected `blocks` to be a positive int"):
         CifarResNet(0)
 
