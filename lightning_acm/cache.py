@@ -29,7 +29,6 @@ __all__ = [
     "HeatmapCache",
     "HeatmapCacheConfig",
     "batch_geometry",
-    "cache_fingerprint",
     "cache_for_trainer",
     "reference_datamodule",
     "regrid_attention_model",
@@ -147,7 +146,7 @@ class HeatmapCache:
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
         self.maps = torch.zeros(num_samples, *self.grid_size, dtype=dtype, device=device)
         self.filled = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        self.meta: dict[str, Any] = {}  # how the maps were made, saved with them (see cache_fingerprint)
+        self.meta: dict[str, Any] = {}  # how the maps were made, saved with them
 
     def __len__(self) -> int:
         return self.maps.shape[0]
@@ -294,19 +293,8 @@ def _digest(tensors: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def cache_fingerprint(teacher: AttentionModel, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
-    """What a cache filled by ``teacher`` from ``dataset`` depends on, as plain values for its ``meta``.
-
-    The backbone's type, a SHA-256 of its weights (every weight: call it once per fit), the teacher's settings,
-    ``grid_size``, ``num_samples`` and a SHA-256 of the first, middle and last images.
-
-    Example::
-
-        >>> from torch.utils.data import TensorDataset
-        >>> teacher = AttentionModel(nn.Sequential(nn.Conv2d(3, 1, 4, stride=4)), "0", input_size=8, grid_size=2)
-        >>> print(cache_fingerprint(teacher, TensorDataset(torch.zeros(5, 3, 8, 8)), 2)["teacher"])
-        Sequential
-    """
+def _fingerprint(teacher: AttentionModel, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
+    """A cache's ``meta``: the teacher (a hash of all its weights) and its settings, and a hash of three images."""
     size = len(dataset)  # type: ignore[arg-type]
     samples = {str(index): dataset[index] for index in sorted({0, size // 2, size - 1} if size else set())}
     images = {name: sample[0] if isinstance(sample, (list, tuple)) else sample for name, sample in samples.items()}
@@ -346,14 +334,14 @@ def cache_for_trainer(
 ) -> HeatmapCache:
     """Fill (or load) the heatmap cache of the trainer's training indices, on every rank, on the training device.
 
-    ``previous``, or else the file at ``path``, is used when its ``meta`` (:func:`cache_fingerprint`) matches
+    ``previous``, or else the file at ``path``, is used when its ``meta`` (:func:`_fingerprint`) matches
     on every rank; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
     """
     datamodule = reference_datamodule(trainer, owner)
     reference = datamodule.train_reference_dataset()
     indices = getattr(datamodule, "train_indices", None)
     required = torch.as_tensor(range(len(reference)) if indices is None else indices).long().flatten()
-    meta = cache_fingerprint(teacher, reference, grid_size)
+    meta = _fingerprint(teacher, reference, grid_size)
     if previous is not None and _mismatch(previous, meta, required) is None:
         return previous
     if path is not None and os.path.isfile(path):
