@@ -65,13 +65,11 @@ class AttentionModel(nn.Module):
     scaled to ``[0, 1]`` by its dtype's maximum first), under ``torch.no_grad()``, up to ``layer`` only.
 
     Args:
-        backbone, layer: the teacher network and its submodule (``"layer4"``) or method (``"extract_features"``)
-            that gives the ``(B, C, h, w)`` feature map (an unknown name raises, suggesting close ones).
+        backbone, layer: the teacher and its submodule (``"layer4"``) or method that gives the ``(B, C, h, w)`` map.
         input_mean, input_std: the normalisation the batch carries (1 or ``channels`` values each).
         teacher_mean, teacher_std: the normalisation the teacher was trained with.
         input_size: teacher input size ``H`` or ``(H, W)`` (``None``: the batch's); grid_size: cells per side.
-        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels.
-        channels: those the teacher takes (a 1-channel batch is repeated, with a warning).
+        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels; channels: those the teacher takes.
         amp_dtype: autocast dtype (``"bf16"``, ``"fp16"`` or that ``torch.dtype``), or ``None`` for fp32.
         channels_last: run in ``torch.channels_last``; relu: ReLU the tapped features (DenseNet's end before it).
 
@@ -109,14 +107,14 @@ class AttentionModel(nn.Module):
         self.input_size: Optional[tuple[int, int]] = check_size2(input_size, "input_size", optional=True)
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
         self.amp_dtype = _AMP.get(check_choice(amp_dtype, "amp_dtype", (None, *_AMP, *_AMP.values())), amp_dtype)
-        self.channels_last, self.relu, self._warned_grayscale = False, bool(relu), False
+        self.channels_last, self.relu, self._warned_grayscale = False, check_bool(relu, "relu"), False
         self.backbone = backbone
         # The statistics follow the backbone's device, so a module already on the GPU works as given.
         device = next(itertools.chain(backbone.parameters(), backbone.buffers()), torch.empty(0)).device
         stats = dict(input_mean=input_mean, input_std=input_std, teacher_mean=teacher_mean, teacher_std=teacher_std)
         for name, values in stats.items():
             self.register_buffer(name, _stats(values, name, channels).to(device), persistent=False)
-        if channels_last:
+        if check_bool(channels_last, "channels_last"):
             self.use_channels_last()
         self.requires_grad_(False).train(False)
 
@@ -280,12 +278,10 @@ def build_attention_model(
 
     Args:
         source: a preset of :data:`PRESETS` or a torchvision classifier name (then ``layer`` is required).
-        weights: ``None``/``"DEFAULT"`` for the preset's (or torchvision's default) weights, a torchvision weights
-            member (``"IMAGENET1K_V2"``), or the path of a state_dict or checkpoint (its ``"state_dict"`` or
-            ``"model"`` entry).
+        weights: ``None``/``"DEFAULT"`` (the preset's or torchvision's default), a torchvision weights member
+            (``"IMAGENET1K_V2"``), or the path of a state_dict or checkpoint.
         weights_prefix: the backbone's key prefix in that file; the most common one when ``None``.
-        layer: the layer or method to tap; the preset's when ``None``.
-        device: where to put the model.
+        layer: the layer or method to tap (the preset's when ``None``); device: where to put the model.
         kwargs: arguments of :class:`AttentionModel`; ``input_size``, ``teacher_mean`` and ``teacher_std``
             that are missing or ``None`` are the preset's (or the weights' crop size and normalisation).
 
