@@ -102,8 +102,7 @@ class HeatmapCacheConfig:
         input_size: teacher input size while filling; ``None`` scales the teacher's with ``grid_size``.
         path: a file to load the cache from when its fingerprint matches, and to save it to otherwise.
         batch_size: teacher batch size while filling.
-        geometry_key: where a batch holds the recorded geometry: an int indexes a list batch, a str keys a
-            dict batch (a batch of the other kind uses its default, position 2 or ``"geometry"``).
+        geometry_key: the geometry's index in a list batch (an int; else 2) or key in a dict batch (else "geometry").
     """
 
     grid_size: Optional[Union[int, tuple[int, int]]] = None
@@ -197,9 +196,7 @@ class HeatmapCache:
         num_workers: int = 0,
     ) -> HeatmapCache:
         """Store ``attention_model``'s heatmaps for ``indices`` (all when ``None``) of ``data``; return ``self``.
-
-        ``data`` yields ``(image, target, index)`` samples, or ``(image, target)`` ones keyed by position.
-        """
+        ``data`` yields ``(image, target, index)`` samples, or ``(image, target)`` ones keyed by position."""
         positions = list(range(len(data))) if indices is None else [int(i) for i in indices]  # type: ignore[arg-type]
         device = next(attention_model.parameters(), self.maps).device
         loader = DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers)
@@ -334,8 +331,8 @@ def cache_for_trainer(
 ) -> HeatmapCache:
     """Fill (or load) the heatmap cache of the trainer's training indices, on every rank, on the training device.
 
-    ``previous``, or else the file at ``path``, is used when its ``meta`` (:func:`_fingerprint`) matches
-    on every rank; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
+    ``previous`` is used when its ``meta`` matches (as it does on every rank), else the file at ``path`` when it
+    matches on every rank; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
     """
     datamodule = reference_datamodule(trainer, owner)
     reference = datamodule.train_reference_dataset()

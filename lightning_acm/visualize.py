@@ -102,11 +102,9 @@ def render_mix_grid(
 
     Args:
         partners, canvases, mixed: ``(B, C, H, W)`` images ``x_A`` (pasted), ``x_B`` and the mixes, C in {1, 3}:
-            integers (scaled by the dtype's maximum) or floats normalised with ``mean``/``std`` ([0, 1] if ``None``).
-        lam: ``(B,)`` share of ``x_A`` in each mix; mask: ``(B, 1, H, W)`` boolean pasted region (``None`` for
-            Mixup), outlined in ``outline_color``.
-        partner_labels, canvas_labels: ``y_A`` and ``y_B``, class indices ``(B,)`` or probabilities ``(B, K)``,
-            shown with their ``class_names``.
+            integers, or floats normalised with ``mean``/``std`` (in [0, 1] if ``None``).
+        lam: ``(B,)`` share of ``x_A``; mask: ``(B, 1, H, W)`` pasted region (``None`` for Mixup), in ``outline_color``.
+        partner_labels, canvas_labels: class indices ``(B,)`` or probabilities ``(B, K)``, named by ``class_names``.
         partner_heatmaps: ``(B, gh, gw)`` attention overlaid on ``x_A`` (min-max scaled, "jet") with opacity ``alpha``.
         max_samples: rows drawn; scale: integer upscaling, by default the smallest that makes panels at least 96 px.
 
@@ -160,12 +158,8 @@ def render_mix_grid(
 
 
 def _render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None, **options: Any) -> Tensor:
-    """:func:`render_mix_grid` of ``result`` (not changed), with ``partner_heatmaps`` if it has none of its own."""
-    if result.source is None:
-        raise ValueError(
-            "Expected `result.source` (the batch before mixing) to render the partners, but got None."
-            " Build the MixResult with `source=` (the mixing callbacks do)."
-        )
+    """:func:`render_mix_grid` of a mixing callback's ``result`` (which has a ``source``; not changed), with
+    ``partner_heatmaps`` if it has none of its own."""
     permutation, targets = result.permutation.to(result.source.device), result.source_targets
     labels = None if targets is None else targets[permutation.to(targets.device)]  # the partners'
     heatmaps = result.partner_heatmaps if result.partner_heatmaps is not None else partner_heatmaps
@@ -221,8 +215,8 @@ class PastedAttentionMonitor(_MixReader):
     into the mixer's epoch mean, and :class:`MixVisualizer` borrows its heatmaps. ``setup`` raises without a mixer.
 
     Args:
-        teacher: a :class:`~lightning_acm.attention.Teacher` with a model (not ``"random"`` nor ``coldest``), or
-            the name of its ``source``; its ``input_mean``/``input_std`` default to the datamodule's ``mean``/``std``.
+        teacher: a :class:`Teacher` with a model (not ``"random"`` nor ``coldest``) or its ``source``, by default
+            normalised as the datamodule's ``mean``/``std``.
         every_n_steps: measure one training batch in ``every_n_steps``.
 
     Example::

@@ -224,12 +224,10 @@ def test_render_rejects_bad_arguments(change: dict[str, Any], match: str):
         render_mix_grid(**batch)
 
 
-def test_render_mix_needs_the_source_uses_the_permutation_and_changes_nothing():
+def test_render_mix_uses_the_permutation_and_changes_nothing():
     batch = one_cell_batch([(1, 2)])
     heat = batch["partner_heatmaps"]
     result = MixResult(batch["mixed"], torch.zeros(2, 2), batch["lam"], torch.tensor([1, 0]), batch["mask"])
-    with pytest.raises(ValueError, match="Build the MixResult with `source=`"):
-        _render_mix(result)
     result.source, result.source_targets = batch["canvases"], torch.tensor([0, 1])
     expected = render_mix_grid(**batch, partner_labels=torch.tensor([1, 0]), canvas_labels=torch.tensor([0, 1]))
     assert torch.equal(_render_mix(result, partner_heatmaps=heat), expected)
