@@ -45,7 +45,7 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-AmpDtype = Union[torch.dtype, Literal["bf16", "fp16"], None]
+_NORMALIZATION = ("input_mean", "input_std", "teacher_mean", "teacher_std")  # an AttentionModel's buffers
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _LITE0 = "efficientnet_lite0"
 
@@ -66,8 +66,7 @@ class AttentionModel(nn.Module):
 
     Args:
         backbone, layer: the teacher and its submodule (``"layer4"``) or method that gives the ``(B, C, h, w)`` map.
-        input_mean, input_std: the normalisation the batch carries (1 or ``channels`` values each).
-        teacher_mean, teacher_std: the normalisation the teacher was trained with.
+        input_mean, input_std, teacher_mean, teacher_std: the batch's normalisation, then the teacher's training one.
         input_size: teacher input size ``H`` or ``(H, W)`` (``None``: the batch's); grid_size: cells per side.
         reduction: ``"mean"`` (the paper) or ``"max"`` over the channels; channels: those the teacher takes.
         amp_dtype: autocast dtype (``"bf16"``, ``"fp16"`` or that ``torch.dtype``), or ``None`` for fp32.
@@ -94,7 +93,7 @@ class AttentionModel(nn.Module):
         grid_size: Size2 = 7,
         reduction: Literal["mean", "max"] = "mean",
         channels: int = 3,
-        amp_dtype: AmpDtype = None,
+        amp_dtype: Union[torch.dtype, Literal["bf16", "fp16"], None] = None,
         channels_last: bool = False,
         relu: bool = False,
     ) -> None:
@@ -111,8 +110,7 @@ class AttentionModel(nn.Module):
         self.backbone = backbone
         # The statistics follow the backbone's device, so a module already on the GPU works as given.
         device = next(itertools.chain(backbone.parameters(), backbone.buffers()), torch.empty(0)).device
-        stats = dict(input_mean=input_mean, input_std=input_std, teacher_mean=teacher_mean, teacher_std=teacher_std)
-        for name, values in stats.items():
+        for name, values in zip(_NORMALIZATION, (input_mean, input_std, teacher_mean, teacher_std)):
             self.register_buffer(name, _stats(values, name, channels).to(device), persistent=False)
         if check_bool(channels_last, "channels_last"):
             self.use_channels_last()
@@ -273,8 +271,7 @@ def build_attention_model(
         weights: ``None`` (the preset's), a torchvision weights member (``"IMAGENET1K_V2"``) or a state_dict file.
         weights_prefix: the backbone's key prefix in that file; the most common one when ``None``.
         layer: the layer or method to tap (the preset's when ``None``); device: where to put the model.
-        kwargs: of :class:`AttentionModel`; ``input_size``, ``teacher_mean``, ``teacher_std``: the preset's (or
-            the weights') when ``None``.
+        kwargs: of :class:`AttentionModel`; ``input_size`` and ``teacher_mean``/``std`` default to the preset's.
 
     Raises:
         RuntimeError: torchvision weights neither cached nor downloadable (the message says where to put the file).
@@ -383,7 +380,7 @@ def _resolve_layer(backbone: nn.Module, layer: str) -> bool:
     modules = [name for name, _ in backbone.named_modules() if name]
     if layer in modules:
         return False
-    if callable(getattr(type(backbone), layer, None)) and not isinstance(getattr(backbone, layer, None), nn.Module):
+    if callable(getattr(type(backbone), layer, None)):  # a method (a submodule is never a class attribute)
         return True
     close = ", ".join(map(repr, difflib.get_close_matches(layer, modules, n=5, cutoff=0.6)))
     children = ", ".join(name for name, _ in backbone.named_children())
@@ -536,9 +533,8 @@ class Teacher:
         input_std: Optional[Sequence[float]] = None,
         owner: str = "Teacher",
     ) -> AttentionModel:
-        """The frozen teacher on ``device``, normalised by ``input_mean``/``input_std`` (e.g. the datamodule's) when it
-        has none of its own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them.
-        """
+        """The frozen teacher on ``device``, normalised by its own ``input_mean``/``input_std``, else by these (e.g. the
+        datamodule's), else for images in [0, 1] with a warning naming ``owner``."""
         if self.is_random:
             raise ValueError(
                 f"{owner}: Teacher(source='random') has no model to build; it stands for random cells in"

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_acm.attention import AttentionModel
+from lightning_acm.attention import _NORMALIZATION, AttentionModel
 from lightning_acm.validation import Size2, check_choice, check_heatmaps, check_int, check_size2
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
 
 _FORMAT_VERSION = 1
 Device = Optional[Union[str, torch.device]]
-_STATS = ("input_mean", "input_std", "teacher_mean", "teacher_std")  # an AttentionModel's normalisation buffers
 
 
 def _check_geometry(geometry: Any, batch_size: Optional[int] = None, *, with_index: bool = False) -> Tensor:
@@ -99,9 +98,8 @@ class HeatmapCacheConfig:
 
     Args:
         grid_size: cells per side of the cached maps (the teacher's grid when ``None``).
-        input_size: teacher input size while filling; ``None`` scales the teacher's with ``grid_size``.
+        input_size, batch_size: the teacher's input size (``None``: scaled with ``grid_size``) and batch while filling.
         path: a file to load the cache from when its fingerprint matches, and to save it to otherwise.
-        batch_size: teacher batch size while filling.
         geometry_key: the geometry's index in a list batch (an int; else 2) or key in a dict batch (else "geometry").
     """
 
@@ -123,8 +121,6 @@ class HeatmapCacheConfig:
 
 class HeatmapCache:
     """``maps`` ``(N, fh, fw)`` and ``filled`` ``(N,)`` flags: one fine heatmap per training sample, by dataset index.
-
-    Derived data: :meth:`save` and :meth:`load` it, but keep it out of checkpoints.
 
     Args:
         num_samples: ``N``; grid_size: fine cells per side; dtype: float16, bfloat16 or float32; device: where it lives.
@@ -206,8 +202,7 @@ class HeatmapCache:
         return self
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the maps, flags and ``meta`` to ``path`` (a ``torch.save`` file, written atomically)."""
-        path = os.fspath(path)
+        """Write the maps, flags and ``meta`` to ``path`` atomically (derived data: a file, not checkpoint state)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         state = {"version": _FORMAT_VERSION, "maps": self.maps.cpu(), "filled": self.filled.cpu(), "meta": self.meta}
         torch.save(state, f"{path}.partial-{os.getpid()}")
@@ -238,7 +233,7 @@ class HeatmapCache:
 def regrid_attention_model(model: AttentionModel, grid_size: Size2, input_size: Optional[Size2]) -> AttentionModel:
     """The same frozen teacher (its backbone shared) on another grid and input size, e.g. to fill a finer cache."""
     same = {name: getattr(model, name) for name in ("reduction", "channels", "amp_dtype", "channels_last", "relu")}
-    stats = {name: getattr(model, name).flatten().tolist() for name in _STATS}
+    stats = {name: getattr(model, name).flatten().tolist() for name in _NORMALIZATION}
     regridded = AttentionModel(model.backbone, model.layer, input_size=input_size, grid_size=grid_size, **stats, **same)
     return regridded.to(model.input_mean.device)
 
@@ -306,7 +301,7 @@ def _fingerprint(teacher: AttentionModel, dataset: Dataset, grid_size: Size2) ->
         "reduction": teacher.reduction,
         "relu": teacher.relu,
         "precision": str(teacher.amp_dtype),
-        "normalization": [getattr(teacher, name).flatten().tolist() for name in _STATS],
+        "normalization": [getattr(teacher, name).flatten().tolist() for name in _NORMALIZATION],
     }
 
 

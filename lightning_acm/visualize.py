@@ -170,8 +170,7 @@ def _render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None,
 
 
 class _MixReader(Callback):
-    """A callback that reads the batches of the Trainer's mixing callbacks, on one training batch in
-    ``every_n_steps`` (a resumable count); subclasses set up in ``_setup_fit``."""
+    """A callback that reads the mixers' batches, one training batch in ``every_n_steps`` (a resumable count)."""
 
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1)
@@ -215,8 +214,7 @@ class PastedAttentionMonitor(_MixReader):
     into the mixer's epoch mean, and :class:`MixVisualizer` borrows its heatmaps. ``setup`` raises without a mixer.
 
     Args:
-        teacher: a :class:`Teacher` with a model (not ``"random"`` nor ``coldest``) or its ``source``, by default
-            normalised as the datamodule's ``mean``/``std``.
+        teacher: a :class:`Teacher` with a model (not ``"random"`` nor ``coldest``) or its ``source``.
         every_n_steps: measure one training batch in ``every_n_steps``.
 
     Example::
@@ -279,10 +277,9 @@ class PastedAttentionMonitor(_MixReader):
             result = mixer.last_mix
             if result is None or not result.has_region or result.partner_heatmaps is not None:
                 continue  # not mixed, blended (Mixup), or measured by the mixer itself
-            heatmaps = self.partner_heatmaps(result)
-            if heatmaps is not None:
-                # One epoch mean per mixer: a RandomMixing also counts the batches that measure themselves.
-                mixer.add_pasted_attention(pasted_attention_share(heatmaps, result.mask))
+            # One epoch mean per mixer: a RandomMixing also counts the batches that measure themselves.
+            heatmaps = self.partner_heatmaps(result)  # not None: the teacher is built, and a mix has its source
+            mixer.add_pasted_attention(pasted_attention_share(heatmaps, result.mask))  # type: ignore[arg-type]
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -302,9 +299,8 @@ def _measures_itself(mixer: MixingCallback) -> bool:
 class MixVisualizer(_MixReader):
     """Log a picture of the mixed batch every ``every_n_steps`` training batches (rank zero only).
 
-    One image per mixing callback (``setup`` raises without one; see :func:`render_mix_grid`), tagged
-    ``{log_prefix}/mixes``, to every logger with ``experiment.add_image``, else as PNG in ``{trainer.log_dir}/mixes/``.
-    A due picture waits for the next mixed batch; a :class:`PastedAttentionMonitor` lends CutMix heatmaps.
+    One :func:`render_mix_grid` image per mixer, tagged ``{log_prefix}/mixes``, to every logger with
+    ``experiment.add_image``, else as PNG in ``{trainer.log_dir}/mixes/``; a due picture waits for the next mix.
 
     Args:
         every_n_steps: training batches between two pictures (the first batch is drawn).
