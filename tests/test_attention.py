@@ -309,6 +309,10 @@ def test_bad_normalization_and_options():
         AttentionModel(_tiny_backbone(), "1", reduction="sum")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`backbone` to be an nn.Module"):
         AttentionModel("resnet18", "layer4")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`relu` to be a bool, but got 1"):
+        AttentionModel(_tiny_backbone(), "1", relu=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`channels_last` to be a bool, but got 'no'"):
+        AttentionModel(_tiny_backbone(), "1", channels_last="no")  # type: ignore[arg-type]
 
 
 def test_missing_weights_file(tmp_path):

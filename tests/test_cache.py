@@ -22,8 +22,8 @@ from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.cache import (
     HeatmapCache,
     HeatmapCacheConfig,
+    _fingerprint,
     batch_geometry,
-    cache_fingerprint,
     regrid_attention_model,
     warp_heatmaps,
 )
@@ -358,23 +358,21 @@ def test_cache_path_recomputes_for_a_retrained_teacher(tmp_path):
 def test_cache_fingerprint_fields():
     images = TensorDataset(torch.rand(5, 3, 28, 28))
     teacher = AttentionModel(Counting(), "act", input_size=28, grid_size=7)
-    base = cache_fingerprint(teacher, images, 7)
+    base = _fingerprint(teacher, images, 7)
     assert base["num_samples"] == 5 and base["teacher"] == "Counting" and base["layer"] == "act"
     changed = {
-        "dataset_pixels": cache_fingerprint(teacher, TensorDataset(images.tensors[0].flip(0)), 7),
-        "grid_size": cache_fingerprint(teacher, images, 14),
-        "input_size": cache_fingerprint(regrid_attention_model(teacher, 7, 56), images, 7),
+        "dataset_pixels": _fingerprint(teacher, TensorDataset(images.tensors[0].flip(0)), 7),
+        "grid_size": _fingerprint(teacher, images, 14),
+        "input_size": _fingerprint(regrid_attention_model(teacher, 7, 56), images, 7),
     }
     for field, fingerprint in changed.items():
         assert [key for key in base if base[key] != fingerprint[key]] == [field]
     # the middle sample counts too, and the student's normalisation the teacher undoes
     middle = images.tensors[0].clone()
     middle[2] += 1
-    assert cache_fingerprint(teacher, TensorDataset(middle), 7)["dataset_pixels"] != base["dataset_pixels"]
+    assert _fingerprint(teacher, TensorDataset(middle), 7)["dataset_pixels"] != base["dataset_pixels"]
     teacher.set_input_normalization((0.5,), (0.25,))
-    assert [key for key, value in cache_fingerprint(teacher, images, 7).items() if base[key] != value] == [
-        "normalization"
-    ]
+    assert [key for key, value in _fingerprint(teacher, images, 7).items() if base[key] != value] == ["normalization"]
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])

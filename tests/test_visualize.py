@@ -19,7 +19,7 @@ from lightning_acm import functional as AF
 from lightning_acm.attention import AttentionModel, Teacher
 from lightning_acm.callbacks import AttentiveCutMix, CutMix, MixResult, MixUp
 from lightning_acm.loss import SoftTargetLossMixin
-from lightning_acm.visualize import MixVisualizer, PastedAttentionMonitor, render_mix, render_mix_grid
+from lightning_acm.visualize import MixVisualizer, PastedAttentionMonitor, _render_mix, render_mix_grid
 
 NUM_CLASSES = 4
 SIZE = 28  # 7 cells of 4 px
@@ -224,18 +224,16 @@ def test_render_rejects_bad_arguments(change: dict[str, Any], match: str):
         render_mix_grid(**batch)
 
 
-def test_render_mix_needs_the_source_uses_the_permutation_and_changes_nothing():
+def test_render_mix_uses_the_permutation_and_changes_nothing():
     batch = one_cell_batch([(1, 2)])
     heat = batch["partner_heatmaps"]
     result = MixResult(batch["mixed"], torch.zeros(2, 2), batch["lam"], torch.tensor([1, 0]), batch["mask"])
-    with pytest.raises(ValueError, match="Build the MixResult with `source=`"):
-        render_mix(result)
     result.source, result.source_targets = batch["canvases"], torch.tensor([0, 1])
     expected = render_mix_grid(**batch, partner_labels=torch.tensor([1, 0]), canvas_labels=torch.tensor([0, 1]))
-    assert torch.equal(render_mix(result, partner_heatmaps=heat), expected)
+    assert torch.equal(_render_mix(result, partner_heatmaps=heat), expected)
     assert result.partner_heatmaps is None
     with pytest.raises(ValueError, match="`max_samples` to be a positive int"):
-        render_mix(result, max_samples=0)
+        _render_mix(result, max_samples=0)
 
 
 # --------------------------------------------------------------------------- MixVisualizer in a Trainer
