@@ -326,25 +326,29 @@ def cache_for_trainer(
 ) -> HeatmapCache:
     """Fill (or load) the heatmap cache of the trainer's training indices, on every rank, on the training device.
 
-    ``previous`` is used when its ``meta`` matches (as it does on every rank), else the file at ``path`` when it
-    matches on every rank; otherwise each rank computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
+    ``previous``, else the file at ``path``, is used when its ``meta`` matches on every rank; otherwise each rank
+    computes its shard (all-gathered under DDP) and rank 0 writes ``path``.
     """
     datamodule = reference_datamodule(trainer, owner)
     reference = datamodule.train_reference_dataset()
     indices = getattr(datamodule, "train_indices", None)
     required = torch.as_tensor(range(len(reference)) if indices is None else indices).long().flatten()
     meta = _fingerprint(teacher, reference, grid_size)
+    found, problem = None, None
     if previous is not None and _mismatch(previous, meta, required) is None:
-        return previous
-    if path is not None and os.path.isfile(path):
+        found = previous
+    elif path is not None and os.path.isfile(path):
         try:
-            loaded = HeatmapCache.load(path, trainer.strategy.root_device)
-            problem = _mismatch(loaded, meta, required)
+            found = HeatmapCache.load(path, trainer.strategy.root_device)
+            problem = _mismatch(found, meta, required)
         except ValueError:
             problem = "it is empty, truncated or not a heatmap cache"
-        if trainer.strategy.reduce_boolean_decision(problem is None, all=True):
-            rank_zero_info(f"{owner}: loaded {len(loaded)} cached heatmaps from {path!r}.")
-            return loaded
+    # Every rank takes part, so that all ranks use a cache or all fill one (filling all-gathers).
+    if trainer.strategy.reduce_boolean_decision(found is not None and problem is None, all=True):
+        if found is not previous:
+            rank_zero_info(f"{owner}: loaded {len(found)} cached heatmaps from {path!r}.")
+        return found
+    if path is not None and os.path.isfile(path):
         rank_zero_warn(
             f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
             " it is recomputed and overwritten."

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -317,6 +318,22 @@ def test_cache_path_is_written_then_loaded(tmp_path):
     with pytest.warns(UserWarning, match="recomputed and overwritten"):
         fit(third, datamodule, epochs=1)
     assert third.attention_model.backbone.images_seen == 24
+
+
+def test_every_rank_joins_the_decision_to_use_a_cache(tmp_path, monkeypatch):
+    """Whether a rank has the file or a previous cache, all ranks decide together (a fill all-gathers)."""
+    decisions = []
+
+    def decide(self, decision, all=True):  # noqa: A002 - Lightning's name
+        decisions.append(decision)
+        return decision
+
+    monkeypatch.setattr(SingleDeviceStrategy, "reduce_boolean_decision", decide)
+    datamodule = fashion_datamodule(str(tmp_path), record_augmentation=True)
+    callback = cached_callback(Counting(), path=str(tmp_path / "missing" / "heat.pt"))
+    fit(callback, datamodule, epochs=1)  # no file yet
+    fit(callback, datamodule, epochs=1)  # the previous fit's cache
+    assert decisions == [False, True]
 
 
 def test_cache_path_recomputes_for_another_dataset_of_the_same_size(tmp_path, caplog):

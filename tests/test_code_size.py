@@ -49,7 +49,6 @@ def _definition_sizes(path: Path) -> list[tuple[str, str, int]]:
     return sizes
 
 
-@pytest.mark.xfail(strict=True, reason="lightning_acm/ is still about 4,200 lines; remove this mark once it is cut")
 def test_the_package_size():
     total = sum(_lines(path) for path in FILES)
     assert total <= MAX_PACKAGE_LINES, f"lightning_acm/ has {total} lines; the limit is {MAX_PACKAGE_LINES}."
