@@ -563,7 +563,7 @@ class AttentiveCutMix(MixingCallback):
         mixed, lam, cells, mask = AF._paste_topk_cells(images, ranking, self.top_k, permutation)
         soft = self.soft_targets(targets, lam, permutation, num_classes)
         if self.teacher.is_random:  # random scores are no attention: the mask alone, measured by a monitor's teacher
-            return MixResult(mixed, soft, lam, permutation, mask)
+            return MixResult(mixed, soft, lam, permutation, mask, cell_indices=cells)
         return MixResult(mixed, soft, lam, permutation, mask, partner_heatmaps, cell_indices=cells)
 
     @override

@@ -49,6 +49,7 @@ def test_random_cells_build_no_teacher_and_paste_like_attentive_cutmix(monkeypat
     one_hot = nn.functional.one_hot(y, NUM_CLASSES).float()
     torch.testing.assert_close(targets, mix.lam[:, None] * one_hot[mix.permutation] + (1 - mix.lam[:, None]) * one_hot)
     assert mix.partner_heatmaps is None and mix.pasted_attention() is None  # random scores are not attention
+    assert "region=cells" in repr(mix) and mix.cell_indices.shape == (8, 6)
 
 
 def test_random_cells_are_uniform_over_many_draws():

@@ -44,9 +44,10 @@ class Net(SoftTargetLossMixin, L.LightningModule):
 class CountingAttentiveCutMix(AttentiveCutMix):
     builds = 0
 
-    def build_attention(self, trainer: L.Trainer) -> nn.Module:
-        type(self).builds += 1
-        return super().build_attention(trainer)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        before = self.attention_model
+        super().setup(trainer, pl_module, stage)
+        type(self).builds += self.attention_model is not before
 
 
 class Record(L.Callback):
