@@ -28,6 +28,7 @@ from lightning_acm.validation import (
     check_choice,
     check_images,
     check_int,
+    check_reduction,
     check_size2,
     shape_of,
 )
@@ -101,7 +102,7 @@ class AttentionModel(nn.Module):
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"Expected `backbone` to be an nn.Module, but got {type(backbone).__name__}.")
         self.channels = check_int(channels, "channels", minimum=1)
-        self.reduction: Literal["mean", "max"] = check_choice(reduction, "reduction", ("mean", "max"))
+        self.reduction: Literal["mean", "max"] = check_reduction(reduction)
         self.layer, self._is_method = layer, _resolve_layer(backbone, layer)
         self.input_size: Optional[tuple[int, int]] = check_size2(input_size, "input_size", optional=True)
         self.grid_size: tuple[int, int] = check_size2(grid_size, "grid_size")
@@ -491,7 +492,7 @@ class Teacher:
         check_int(self.input_size, "input_size", minimum=1, optional=True)
         gh, gw = check_size2(self.grid_size, "grid_size")
         object.__setattr__(self, "grid_size", gh if gh == gw else (gh, gw))
-        check_choice(self.reduction, "reduction", ("mean", "max"))
+        check_reduction(self.reduction)
         check_choice(self.precision, "precision", (None, "bf16", "fp16"))
         check_bool(self.channels_last, "channels_last")
         check_bool(self.coldest, "coldest")

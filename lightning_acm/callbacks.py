@@ -224,7 +224,7 @@ class MixingCallback(Callback):
         self.p = V.check_real(p, "p", low=0.0, high=1.0, what="the probability that a batch is mixed")
         self.num_classes = V.check_int(num_classes, "num_classes", minimum=2, optional=True)
         self.seed = V.check_int(seed, "seed", optional=True)
-        self.label_smoothing = V.check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
+        self.label_smoothing = V.check_label_smoothing(label_smoothing)
         self.stop_after_step = V.check_int(stop_after_step, "stop_after_step", minimum=0, optional=True)
         self.stop_after_epoch = V.check_int(stop_after_epoch, "stop_after_epoch", minimum=0, optional=True)
         for key, name in ((image_key, "image_key"), (target_key, "target_key")):
@@ -390,7 +390,7 @@ class _BetaMixingCallback(MixingCallback):
 
     def __init__(self, *, alpha: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
+        self.alpha = V.check_beta_alpha(alpha)
 
     @override
     def state_key_arguments(self) -> dict[str, Any]:

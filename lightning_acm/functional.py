@@ -77,7 +77,7 @@ def sample_beta(alpha: float, size: int, *, generator: Generator = None, device:
         >>> sample_beta(1.0, 3, generator=np.random.default_rng(0)).shape
         torch.Size([3])
     """
-    alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
+    alpha = V.check_beta_alpha(alpha)
     return torch.from_numpy(_rng(generator).beta(alpha, alpha, size)).float().to(device)
 
 
@@ -91,7 +91,7 @@ def attention_grid(features: Tensor, grid_size: Size2 = 7, reduction: Literal["m
         torch.Size([2, 7, 7])
     """
     (gh, gw), (h, w) = V.check_features(features, grid_size), features.shape[-2:]
-    V.check_choice(reduction, "reduction", ("mean", "max"))
+    V.check_reduction(reduction)
     reduced = features.mean(dim=1, keepdim=True) if reduction == "mean" else features.amax(dim=1, keepdim=True)
     return (reduced if (gh, gw) == (h, w) else F.adaptive_avg_pool2d(reduced, (gh, gw))).squeeze(1)
 
@@ -332,7 +332,7 @@ def cutmix(
         >>> torch.allclose(soft.sum(1), torch.ones(8))
         True
     """
-    alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
+    alpha = V.check_beta_alpha(alpha)
     targets, permutation, rng = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
     mixed, lam, _, _ = _cutmix_paste(images, permutation, alpha, rng)
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam
@@ -368,7 +368,7 @@ def mixup(
         >>> mixed.shape, lam.shape
         (torch.Size([8, 3, 32, 32]), torch.Size([8]))
     """
-    alpha = V.check_real(alpha, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
+    alpha = V.check_beta_alpha(alpha)
     targets, permutation, rng = _prepare(images, targets, num_classes, permutation, generator, label_smoothing)
     mixed, lam = _mixup_blend(images, permutation, alpha, rng)
     return mixed, _mix_targets(targets, lam, permutation, num_classes, label_smoothing), lam

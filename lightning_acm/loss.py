@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_acm.validation import check_real
+from lightning_acm.validation import check_label_smoothing
 
 __all__ = ["SoftTargetLossMixin", "soft_target_cross_entropy"]
 
@@ -22,7 +22,7 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: 
         >>> float(soft_target_cross_entropy(torch.zeros(2, 4), torch.full((2, 4), 0.25)))  # log(4)
         1.3862...
     """
-    check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
+    check_label_smoothing(label_smoothing)
     if logits.ndim != 2:
         raise ValueError(f"Expected `logits` of shape (B, K), but got shape {tuple(logits.shape)}.")
     indices = targets.ndim == 1 and not targets.is_floating_point()

@@ -21,7 +21,7 @@ from torchvision.models.resnet import BasicBlock
 from typing_extensions import override
 
 from lightning_acm.loss import SoftTargetLossMixin, soft_target_cross_entropy
-from lightning_acm.validation import check_choice, check_int, check_real, is_int
+from lightning_acm.validation import check_choice, check_int, check_label_smoothing, check_real, is_int
 
 __all__ = ["CifarResNet", "ImageClassifier"]
 
@@ -256,7 +256,7 @@ class ImageClassifier(SoftTargetLossMixin, L.LightningModule):
         super().__init__()
         check_int(num_classes, "num_classes", minimum=2)
         check_int(in_channels, "in_channels", minimum=1)
-        check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
+        check_label_smoothing(label_smoothing)
         check_choice(optimizer, "optimizer", ("sgd", "adamw"))
         check_real(lr, "lr", low=0.0, low_open=True)
         check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)

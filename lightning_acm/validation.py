@@ -90,6 +90,21 @@ def check_size2(value: Any, name: str, *, optional: bool = False) -> Any:
     return int(pair[0]), int(pair[1])
 
 
+def check_label_smoothing(value: Any) -> float:
+    """``label_smoothing`` as a float in ``[0, 1)``."""
+    return check_real(value, "label_smoothing", low=0.0, high=1.0, high_open=True)
+
+
+def check_beta_alpha(value: Any) -> float:
+    """``alpha`` of ``Beta(alpha, alpha)`` as a float ``> 0``."""
+    return check_real(value, "alpha", low=0.0, low_open=True, what="the Beta(alpha, alpha) parameter")
+
+
+def check_reduction(value: Any) -> Any:
+    """``reduction`` if it is ``"mean"`` or ``"max"`` (over a feature map's channels)."""
+    return check_choice(value, "reduction", ("mean", "max"))
+
+
 def check_top_k(top_k: Any, grid: tuple[int, int]) -> int:
     """``top_k`` as an int in ``[1, gh * gw]`` for a ``(gh, gw)`` grid."""
     gh, gw = grid
@@ -240,7 +255,7 @@ def check_targets(targets: Tensor, num_classes: Optional[int], batch_size: Optio
 
 def check_labels(targets: Any, num_classes: Optional[int], batch_size: Optional[int], smoothing: float) -> Tensor:
     """The public mixing functions' target checks: :func:`check_targets`, the class-index range, ``label_smoothing``."""
-    check_real(smoothing, "label_smoothing", low=0.0, high=1.0, high_open=True)
+    check_label_smoothing(smoothing)
     targets = check_targets(targets, num_classes, batch_size)
     if targets.ndim == 1:
         check_class_indices(targets, int(num_classes))  # type: ignore[arg-type]
