@@ -334,10 +334,10 @@ def cache_for_trainer(
     indices = getattr(datamodule, "train_indices", None)
     required = torch.as_tensor(range(len(reference)) if indices is None else indices).long().flatten()
     meta = _fingerprint(teacher, reference, grid_size)
-    found, problem = None, None
+    found, problem, on_disk = None, None, path is not None and os.path.isfile(path)
     if previous is not None and _mismatch(previous, meta, required) is None:
         found = previous
-    elif path is not None and os.path.isfile(path):
+    elif on_disk:
         try:
             found = HeatmapCache.load(path, trainer.strategy.root_device)
             problem = _mismatch(found, meta, required)
@@ -348,7 +348,7 @@ def cache_for_trainer(
         if found is not previous:
             rank_zero_info(f"{owner}: loaded {len(found)} cached heatmaps from {path!r}.")
         return found
-    if path is not None and os.path.isfile(path):
+    if on_disk:
         rank_zero_warn(
             f"{owner}: not using the heatmap cache {path!r}: {problem or 'another process cannot'};"
             " it is recomputed and overwritten."

@@ -89,6 +89,12 @@ class MixResult:
         return None if self.partner_heatmaps is None else AF.pasted_attention_share(self.partner_heatmaps, self.mask)
 
 
+def _build_teacher(teacher: Teacher, trainer: pl.Trainer, owner: str) -> nn.Module:
+    """``teacher`` built on the training device, normalised as ``trainer.datamodule``'s ``mean``/``std`` say."""
+    mean, std = getattr(trainer.datamodule, "mean", None), getattr(trainer.datamodule, "std", None)
+    return teacher.build(trainer.strategy.root_device, input_mean=mean, input_std=std, owner=owner)
+
+
 class _EpochMeans:
     """Epoch means of per-image metrics over all ranks: sums stay on the device, one ``reduce`` per epoch."""
 
@@ -519,11 +525,8 @@ class AttentiveCutMix(MixingCallback):
             return
         if self.heatmap_cache is not None:
             reference_datamodule(trainer, type(self).__name__)
-        if self._attention is None and not self.teacher.is_random:  # normalised as the datamodule says
-            mean, std = getattr(trainer.datamodule, "mean", None), getattr(trainer.datamodule, "std", None)
-            self._attention = self.teacher.build(
-                trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__
-            )
+        if self._attention is None and not self.teacher.is_random:
+            self._attention = _build_teacher(self.teacher, trainer, type(self).__name__)
 
     @torch.no_grad()
     def heatmaps(self, images: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make
 from typing_extensions import override
 
 from lightning_acm.attention import Teacher, _stats
-from lightning_acm.callbacks import AttentiveCutMix, MixingCallback, MixResult, MixUp, RandomMixing
+from lightning_acm.callbacks import AttentiveCutMix, MixingCallback, MixResult, MixUp, RandomMixing, _build_teacher
 from lightning_acm.functional import pasted_attention_share
 from lightning_acm.validation import check_int, check_real, check_shape, shape_of
 
@@ -247,10 +247,7 @@ class PastedAttentionMonitor(_MixReader):
                 " or use it with CutMix or random cells."
             )
         elif self._model is None:
-            mean, std = getattr(trainer.datamodule, "mean", None), getattr(trainer.datamodule, "std", None)
-            self._model = self.teacher.build(
-                trainer.strategy.root_device, input_mean=mean, input_std=std, owner=type(self).__name__
-            )
+            self._model = _build_teacher(self.teacher, trainer, type(self).__name__)
 
     @torch.no_grad()
     def partner_heatmaps(self, result: MixResult) -> Optional[Tensor]:
