@@ -341,23 +341,30 @@ def _backbone(arch: str, layer: str, key: str, weights_prefix: Optional[str], in
     _resolve_layer(skeleton, layer)
     enum = torchvision.models.get_model_weights(arch)
     if key in enum.__members__:
-        member = enum[key]
-        try:  # through the builder, which also converts old checkpoint layouts (DenseNet's keys)
-            return torchvision.models.get_model(arch, weights=member)
-        except Exception as error:  # no network, proxy, truncated file...: all end in the same advice
-            target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(member.url).path))
-            raise RuntimeError(
-                f"Could not load the torchvision weights {member} ({type(error).__name__}: {error}). Download"
-                f" {member.url} on a machine with internet access and put it at {target} (torch hub's checkpoint"
-                " directory; set TORCH_HOME to move it), or pass `weights='/path/to/file.pth'`, or use the offline"
-                " default 'efficientnet_lite0'."
-            ) from error
+        advice = ", or pass `weights='/path/to/file.pth'`, or use the offline default 'efficientnet_lite0'"
+        return _load_torchvision(arch, enum[key], advice)
     if not (os.path.dirname(key) or os.path.splitext(key)[1] or os.path.exists(key)):
         members = ", ".join(["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")])
         raise ValueError(
             f"Expected `weights` for {arch!r} to be one of {members} or the path of a weights file, but got {key!r}."
         )
     return _load_weights(torchvision.models.get_model(arch), key, weights_prefix)
+
+
+def _load_torchvision(arch: str, weights: Any, advice: str = "", **kwargs: Any) -> nn.Module:
+    """torchvision's ``arch`` with its ``weights`` member; if they cannot be loaded, an error says where to put the
+    file (then ``advice``)."""
+    import torchvision
+
+    try:  # through the builder, which also converts old checkpoint layouts (DenseNet's keys)
+        return torchvision.models.get_model(arch, weights=weights, **kwargs)
+    except Exception as error:  # no network, proxy, truncated file...: all end in the same advice
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+        raise RuntimeError(
+            f"Could not load the torchvision weights {weights} of {arch!r} ({type(error).__name__}: {error})."
+            f" Without internet, download {weights.url} elsewhere and put the file at {target} (torch hub's"
+            f" checkpoint directory; set TORCH_HOME to move it){advice}."
+        ) from error
 
 
 def _stats(values: Sequence[float], name: str, channels: int) -> Tensor:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal, Optional
-from urllib.parse import urlparse
 
 import lightning as L
 import torch
@@ -20,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models.resnet import BasicBlock
 from typing_extensions import override
 
+from lightning_acm.attention import _load_torchvision
 from lightning_acm.loss import SoftTargetLossMixin, soft_target_cross_entropy
 from lightning_acm.validation import check_choice, check_int, check_label_smoothing, check_real, is_int
 
@@ -154,15 +153,7 @@ def _build_classifier(
     elif resolved is None:
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     else:
-        try:
-            model = torchvision.models.get_model(arch, weights=resolved, **kwargs)
-        except (OSError, RuntimeError) as err:
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(resolved.url).path))
-            raise RuntimeError(
-                f"Could not load the `weights={resolved.name!r}` of `arch={arch!r}` ({type(err).__name__}:"
-                f" {err}). Without internet, download {resolved.url} elsewhere and put the file at {path}"
-                " (`torch.hub.get_dir()/checkpoints/`; set TORCH_HOME to move it)."
-            ) from err
+        model = _load_torchvision(arch, resolved, **kwargs)
         if len(resolved.meta["categories"]) != num_classes:
             _replace_head(model, num_classes, arch)
     if small_input:

@@ -344,7 +344,7 @@ def test_unknown_weights_name(no_download):
 
 def test_offline_torchvision_weights_say_where_to_put_the_file(no_download):
     expected = no_download / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    with pytest.raises(RuntimeError, match=rf"put it at {expected}.*weights='/path/to/file.pth'"):
+    with pytest.raises(RuntimeError, match=rf"put the file at {expected}.*weights='/path/to/file.pth'"):
         build_attention_model("resnet18")
 
 
